@@ -1,0 +1,253 @@
+"""Datasets as device-resident uint8 tensors, split once, augmented on the device.
+
+Every dataset yields the same three splits for a given seed:
+  * train - what students and teachers learn from;
+  * val   - a seeded slice held out of the training set (default 10%);
+            Optuna tunes on it;
+  * test  - the dataset's official test set (or a fixed held-out slice for
+            datasets without one); Optuna never sees it.
+
+Training batches come from :meth:`DeviceData.epoch`, a stream seeded by
+(seed, epoch): the permutation, crop offsets and flips are drawn on the CPU
+from that seed (cheap, identical on every device) and applied to the whole
+batch on the device. Every trial of every method therefore sees exactly the
+same augmented batches, and no per-sample Python transform runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+# Batch size used for evaluation passes: large, since no gradients are kept.
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Augment:
+    pad: int = 0  # random crop of the original size from a zero-padded image
+    flip: bool = False  # random horizontal flip
+
+    def describe(self) -> str:
+        parts = ([f"crop(pad={self.pad})"] if self.pad else []) + (["hflip"] if self.flip else [])
+        return "+".join(parts) or "none"
+
+
+@dataclass
+class RawData:
+    """A dataset as loaded: uint8 images (N, C, H, W) and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    augment: Augment
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    load: Callable[[Path, int | None], RawData]
+    teacher: str  # default pair
+    student: str
+    teacher_epochs: int
+    epochs: int  # default student epochs per trial
+    batch_size: int
+    summary: str
+
+
+def default_data_dir() -> Path:
+    """Where real datasets are looked for (and downloaded to): $KDSWEEP_DATA or ~/.cache/kdsweep/data."""
+    env = os.environ.get("KDSWEEP_DATA")
+    return Path(env) if env else Path.home() / ".cache" / "kdsweep" / "data"
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if size is None or size >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:size]
+    return x[idx], y[idx]
+
+
+def _torchvision(cls_name: str, label: str, mean, std, augment: Augment):
+    def load(root: Path, size: int | None) -> RawData:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, cls_name)
+        splits = {}
+        for train in (True, False):
+            try:
+                try:
+                    ds = cls(str(root), train=train, download=False)
+                except RuntimeError:  # not there yet: try the network once
+                    ds = cls(str(root), train=train, download=True)
+            except Exception as e:
+                raise UserError(
+                    f"{label} not found in {root} and could not be downloaded ({type(e).__name__}); "
+                    f"put the torchvision copy there, or pass --data-dir DIR, or use --dataset digits/synthetic offline"
+                ) from None
+            x = torch.as_tensor(ds.data)
+            x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+            splits[train] = (x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+        (trx, try_), (tex, tey) = splits[True], splits[False]
+        trx, try_ = _subset(trx, try_, size, 0)
+        return RawData(trx, try_, tex, tey, mean, std, int(tey.max()) + 1, augment)
+
+    return load
+
+
+def _digits(root: Path, size: int | None) -> RawData:
+    """scikit-learn's bundled 8x8 digits (1797 images, offline); 20% fixed test slice."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
+    y = torch.as_tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # fixed: test never moves
+    n_test = len(y) // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    trx, try_ = _subset(x[tr], y[tr], size, 0)
+    return RawData(trx, try_, x[te], y[te], (0.3,), (0.37,), 10, Augment(pad=1))
+
+
+def make_synthetic(n: int, seed: int = 0, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-shaped (3x32x32 uint8) images with learnable class structure.
+
+    Each class has a smooth random colour pattern; a sample is its class
+    pattern at a random contrast and shift, plus a smooth distractor and pixel
+    noise, so a conv net learns it well but not instantly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    protos = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=32, mode="bicubic", align_corners=False)
+    y = torch.randint(num_classes, (n,), generator=g)
+    out = torch.empty(n, 3, 32, 32, dtype=torch.uint8)
+    for i in range(0, n, 4096):  # chunked: bounded memory for large n
+        yy = y[i : i + 4096]
+        b = len(yy)
+        img = protos[yy] * (0.6 + 0.8 * torch.rand(b, 1, 1, 1, generator=g))
+        shift = torch.randint(-3, 4, (2,), generator=g).tolist()
+        img = torch.roll(img, shifts=shift, dims=(2, 3))
+        img = img + 0.8 * F.interpolate(torch.randn(b, 3, 2, 2, generator=g), size=32, mode="bilinear", align_corners=False)
+        img = img + 0.5 * torch.randn(b, 3, 32, 32, generator=g)
+        out[i : i + b] = (img * 40 + 128).clamp(0, 255).to(torch.uint8)
+    return out, y
+
+
+def _synthetic(root: Path, size: int | None) -> RawData:
+    n = size or 5000
+    x, y = make_synthetic(n + max(500, n // 5), seed=0)
+    return RawData(x[:n], y[:n], x[n:], y[n:], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10, Augment(pad=4, flip=True))
+
+
+_CIFAR_AUG = Augment(pad=4, flip=True)
+DATASETS: dict[str, DatasetSpec] = {
+    s.name: s
+    for s in [
+        DatasetSpec("cifar10", _torchvision("CIFAR10", "CIFAR-10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _CIFAR_AUG),
+                    "resnet18", "smallnet", 30, 10, 128, "CIFAR-10 (torchvision), 50k train / 10k test, crop+flip"),
+        DatasetSpec("cifar100", _torchvision("CIFAR100", "CIFAR-100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), _CIFAR_AUG),
+                    "resnet18", "smallnet", 30, 10, 128, "CIFAR-100 (torchvision), 100 classes, crop+flip"),
+        DatasetSpec("mnist", _torchvision("MNIST", "MNIST", (0.1307,), (0.3081,), Augment()),
+                    "mlp1200", "mlp800", 10, 10, 128, "MNIST (torchvision), Hinton's MLP pair"),
+        DatasetSpec("digits", _digits, "digitnet_l", "digitnet_s", 30, 10, 32,
+                    "scikit-learn's bundled 8x8 digits: real, offline, seconds on CPU"),
+        DatasetSpec("synthetic", _synthetic, "resnet18", "smallnet", 5, 5, 128,
+                    "generated CIFAR-shaped data (size: --data-size, default 5000): tests and benchmarks"),
+    ]
+}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+class DeviceData:
+    """The three splits of a dataset, resident on one device, with the seeded batch stream."""
+
+    def __init__(self, raw: RawData, seed: int, val_fraction: float, device: torch.device):
+        if not 0 < val_fraction < 1:
+            raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+        n = len(raw.train_y)
+        n_val = max(1, int(round(val_fraction * n)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        self.device, self.seed = device, seed
+        self.augment, self.num_classes = raw.augment, raw.num_classes
+        self.in_shape = tuple(raw.train_x.shape[1:])
+        put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        self.train_x, self.train_y = put(raw.train_x[train_idx]), put(raw.train_y[train_idx])
+        self.val_x, self.val_y = put(raw.train_x[val_idx]), put(raw.train_y[val_idx])
+        self.test_x, self.test_y = put(raw.test_x), put(raw.test_y)
+        # Normalisation folded into one multiply-add: x_uint8 * scale + shift.
+        std = torch.tensor(raw.std)
+        self._scale = put((1.0 / (255.0 * std)).view(1, -1, 1, 1))
+        self._shift = put((-torch.tensor(raw.mean) / std).view(1, -1, 1, 1))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_y)
+
+    def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
+        return x_u8.float() * self._scale + self._shift
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, self.n_train // batch_size)
+
+    def epoch_plan(self, epoch: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (permutation, crop offsets, flips) of one epoch, from the (seed, epoch) stream."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = self.n_train
+        perm = torch.randperm(n, generator=g)
+        p = self.augment.pad
+        offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=g) if p else torch.zeros(n, 2, dtype=torch.long)
+        flips = torch.rand(n, generator=g) < 0.5 if self.augment.flip else torch.zeros(n, dtype=torch.bool)
+        return perm, offsets, flips
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised, augmented training batches of one epoch (last partial batch dropped)."""
+        batch_size = min(batch_size, self.n_train)
+        perm, offsets, flips = (t.to(self.device, non_blocking=True) for t in self.epoch_plan(epoch, batch_size))
+        for i in range(self.steps_per_epoch(batch_size)):
+            sl = slice(i * batch_size, (i + 1) * batch_size)
+            idx = perm[sl]
+            x = self._augment(self.train_x[idx], offsets[sl], flips[sl])
+            yield self.normalize(x), self.train_y[idx]
+
+    def _augment(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        p = self.augment.pad
+        if p:
+            b, c, h, w = x.shape
+            xp = F.pad(x, (p, p, p, p))
+            rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+            cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+            bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+            ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+            x = xp[bi, ci, rows, cols]
+        if self.augment.flip:
+            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
+        return x
+
+    def eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        for i in range(0, len(y), EVAL_BATCH):
+            yield self.normalize(x[i : i + EVAL_BATCH]), y[i : i + EVAL_BATCH]
+
+
+def load_data(name: str, data_dir: Path | None, size: int | None, seed: int, val_fraction: float, device: torch.device) -> DeviceData:
+    spec = get_dataset(name)
+    if size is not None and size < 10:
+        raise UserError(f"--data-size must be at least 10, got {size}")
+    raw = spec.load(Path(data_dir) if data_dir else default_data_dir(), size)
+    return DeviceData(raw, seed, val_fraction, device)

@@ -1,0 +1,39 @@
+"""The registry of distillation methods.
+
+Every module in this package that defines a :class:`Method` subclass and
+decorates it with ``@register`` is discovered at import: adding a method is
+adding one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ..errors import UserError
+from .base import TAPS, Method
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise RuntimeError(f"method {cls.name!r} registered twice")
+    unknown = set(cls.needs) - set(TAPS)
+    if unknown:
+        raise RuntimeError(f"method {cls.name!r} needs unknown taps {unknown}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+__all__ = ["METHODS", "Method", "get_method", "register"]

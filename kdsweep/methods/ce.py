@@ -1,0 +1,15 @@
+import torch.nn.functional as F
+
+from . import register
+from .base import Method
+
+
+@register
+class CE(Method):
+    name = "ce"
+    summary = "The student alone, trained with cross-entropy: the baseline every method must beat."
+    reference = "seeds 000-003"
+    uses_teacher = False
+
+    def forward(self, s, t, y, epoch):
+        return {"ce": F.cross_entropy(s.logits, y)}

@@ -1,0 +1,31 @@
+import torch.nn.functional as F
+
+from . import register
+from .base import Method
+from ..space import Float
+
+
+def kd_kl(s_logits, t_logits, T: float):
+    """Hinton's soft-target term: T^2 * KL(softmax(t/T) || softmax(s/T)), batch-mean.
+
+    T^2 keeps the gradient scale independent of T (Hinton et al. 2015, sec. 2).
+    """
+    return F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean", log_target=True) * T * T
+
+
+@register
+class VanillaKD(Method):
+    name = "vanilla_kd"
+    summary = "Hinton KD: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."
+    reference = "Hinton et al. 2015; seeds 000-004"
+    space = {
+        "temperature": Float(1.0, 20.0, 4.0, log=True),
+        "alpha": Float(0.0, 1.0, 0.7),
+    }
+
+    def forward(self, s, t, y, epoch):
+        a = self.hp["alpha"]
+        return {
+            "kd": a * kd_kl(s.logits, t.logits, self.hp["temperature"]),
+            "ce": (1 - a) * F.cross_entropy(s.logits, y),
+        }

@@ -1,0 +1,62 @@
+"""Search-space declarations: typed, small, and turned into Optuna suggestions in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Float:
+    """A float hyperparameter searched on [low, high]; `default` is used when it is fixed."""
+
+    low: float
+    high: float
+    default: float
+    log: bool = False
+
+    def check(self, name: str) -> "Float":
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low >= self.high:
+            raise UserError(f"bad range for {name!r}: low={self.low} must be < high={self.high}")
+        if self.log and self.low <= 0:
+            raise UserError(f"bad range for {name!r}: a log range needs low > 0 (got {self.low})")
+        return self
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def describe(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
+
+
+# Every method trains with SGD; its learning rate is always searched.
+LR = Float(1e-3, 0.3, 0.05, log=True)
+
+
+def apply_overrides(space: Mapping[str, Float], search: Mapping[str, Any], fixed: Mapping[str, Any]) -> tuple[dict[str, Float], dict[str, float]]:
+    """Merge a study file's [search] ranges and [fixed] values into a method's space.
+
+    Returns (searched space, fixed values). Unknown names and bad ranges raise UserError.
+    """
+    out = dict(space)
+    for name, spec in search.items():
+        if name not in out:
+            raise UserError(f"[search] names {name!r}, which this method does not have; it has: {', '.join(out)}")
+        if not isinstance(spec, Mapping) or not set(spec) <= {"low", "high", "log"}:
+            raise UserError(f"[search] {name} must be a table like {{low = 0.1, high = 1.0, log = true}}")
+        try:
+            out[name] = replace(out[name], **{k: (bool(v) if k == "log" else float(v)) for k, v in spec.items()}).check(name)
+        except (TypeError, ValueError):
+            raise UserError(f"[search] {name}: low/high must be numbers") from None
+    fixed_values = {}
+    for name, value in fixed.items():
+        if name not in out:
+            raise UserError(f"[fixed] names {name!r}, which this method does not have; it has: {', '.join(out)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"[fixed] {name} must be a number, got {value!r}")
+        fixed_values[name] = float(value)
+        del out[name]
+    return out, fixed_values
