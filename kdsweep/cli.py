@@ -93,6 +93,61 @@ def print_summary(s: dict) -> None:
     print("  browse: kdsweep ui")
 
 
+def cmd_sweep(args) -> int:
+    """One study per method, one after another, with the same split, stream, epochs and trial budget."""
+    from .config import resolve
+    from .methods import METHODS
+    from .study import pair_problem, run_study
+
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    if names == ["all"]:
+        names = ["ce"] + sorted(n for n in METHODS if n != "ce")
+    elif not names or "all" in names:
+        raise UserError("--methods takes `all` or a comma-separated list of methods/study files")
+    flags = {k: getattr(args, k) for k in STUDY_KEYS if k != "study_name"}
+    configs = [resolve(n, flags) for n in names]  # every name checked before any training
+    runnable = []
+    for cfg in configs:
+        why = pair_problem(cfg)
+        if why and args.methods.strip() != "all":
+            raise UserError(why)
+        if why:
+            print(f"skipping {cfg.name}: {why}")
+        else:
+            runnable.append(cfg)
+    summaries = []
+    for i, cfg in enumerate(runnable, 1):
+        print(f"\n[{i}/{len(runnable)}] {cfg.name}")
+        summaries.append(run_study(cfg))
+        print_summary(summaries[-1])
+    print("\nsweep: " + ", ".join(
+        f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial" for s in summaries))
+    print("next: kdsweep report")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    """The registry as a table: what each method is, what it reads, what it searches."""
+    from .methods import METHODS
+    from .space import LR
+
+    rows = []
+    for name in sorted(METHODS, key=lambda n: (n != "ce", n != "vanilla_kd", n)):
+        m = METHODS[name]
+        needs = "-" if not m.uses_teacher else ", ".join(t for t in ("logits", "feature", "embedding") if t in m.needs)
+        space = "; ".join(f"{k} {v.describe()}" for k, v in {**m.space, "lr": LR}.items())
+        rows.append((name, m.summary, needs, space, m.reference))
+    if args.format == "tsv":
+        print("name\tdescription\tneeds\tsearch space\treference")
+        for r in rows:
+            print("\t".join(r))
+        return 0
+    for name, summary, needs, space, ref in rows:
+        print(f"{name}\n    {summary}\n    needs: {needs} (from teacher and student)\n    searches: {space}\n    reference: {ref}\n")
+    print(f"{len(rows)} methods. Run one: kdsweep study NAME --dataset digits --trials 10")
+    return 0
+
+
 def cmd_teacher(args) -> int:
     from pathlib import Path
 
@@ -157,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="a method name or a study file")
     _study_args(p)
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("sweep", help="one study per method, same budget for each", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run (or resume) one study per method, one after another, with the same data split, "
+                                   "augmentation stream, epochs and trial budget, so the methods compare fairly.",
+                       epilog="examples:\n  kdsweep sweep --methods all --trials 30 --dataset digits --epochs 5\n"
+                              "  kdsweep sweep --methods ce,vanilla_kd,dkd --trials 3 --epochs 2 --dataset digits\n\n"
+                              "`all` runs every method whose needs the teacher/student pair can serve (ce first) and says which it skips.")
+    p.add_argument("--methods", default="all", help="`all` or a comma list of methods / study files (default: all)")
+    _study_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("methods", help="list the distillation methods and their search spaces",
+                       description="List every registered distillation method: what it does, what it needs from the models, "
+                                   "what it searches (override ranges in studies/NAME.toml), and where it comes from.")
+    p.add_argument("--format", choices=["text", "tsv"], default="text")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("teacher", help="train and cache a teacher", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a teacher with cross-entropy, keep its best-validation epoch and cache it, keyed by "

@@ -64,6 +64,8 @@ class DatasetSpec:
     epochs: int  # default student epochs per trial
     batch_size: int
     summary: str
+    in_shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = 10
 
 
 def default_data_dir() -> Path:
@@ -156,11 +158,11 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("cifar10", _torchvision("CIFAR10", "CIFAR-10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _CIFAR_AUG),
                     "resnet18", "smallnet", 30, 10, 128, "CIFAR-10 (torchvision), 50k train / 10k test, crop+flip"),
         DatasetSpec("cifar100", _torchvision("CIFAR100", "CIFAR-100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), _CIFAR_AUG),
-                    "resnet18", "smallnet", 30, 10, 128, "CIFAR-100 (torchvision), 100 classes, crop+flip"),
+                    "resnet18", "smallnet", 30, 10, 128, "CIFAR-100 (torchvision), 100 classes, crop+flip", num_classes=100),
         DatasetSpec("mnist", _torchvision("MNIST", "MNIST", (0.1307,), (0.3081,), Augment()),
-                    "mlp1200", "mlp800", 10, 10, 128, "MNIST (torchvision), Hinton's MLP pair"),
+                    "mlp1200", "mlp800", 10, 10, 128, "MNIST (torchvision), Hinton's MLP pair", in_shape=(1, 28, 28)),
         DatasetSpec("digits", _digits, "digitnet_l", "digitnet_s", 30, 10, 32,
-                    "scikit-learn's bundled 8x8 digits: real, offline, seconds on CPU"),
+                    "scikit-learn's bundled 8x8 digits: real, offline, seconds on CPU", in_shape=(1, 8, 8)),
         DatasetSpec("synthetic", _synthetic, "resnet18", "smallnet", 5, 5, 128,
                     "generated CIFAR-shaped data (size: --data-size, default 5000): tests and benchmarks"),
     ]

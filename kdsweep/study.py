@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import StudyConfig
-from .data import DeviceData, load_data
+from .data import DeviceData, get_dataset, load_data
 from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
@@ -64,6 +64,21 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot open Optuna storage {redact(url)}: {msg}") from None
+
+
+def pair_problem(cfg: StudyConfig) -> str | None:
+    """Why the study's teacher -> student pair cannot serve its method (None if it can); no data needed."""
+    spec = get_dataset(cfg.dataset)
+    method_cls = get_method(cfg.method)
+    shapes = lambda arch: build_model(arch, spec.in_shape, spec.num_classes).shapes(spec.in_shape)  # noqa: E731
+    why = method_cls.unsupported(shapes(cfg.student), shapes(cfg.teacher) if method_cls.uses_teacher else None)
+    return f"{why}; {cfg.teacher} -> {cfg.student} cannot serve it" if why else None
+
+
+def check_pair(cfg: StudyConfig) -> None:
+    why = pair_problem(cfg)
+    if why:
+        raise UserError(f"{why} (choose another --teacher/--student)")
 
 
 def make_sampler(cfg: StudyConfig, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -127,7 +142,10 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     params = {**ctx.base_params, **hp, **{k: v for k, v in vars(schedule).items()}, "extra_params": count_params(method)}
     tracker.log(run, params=params)
 
+    last_epoch = [-1]
+
     def on_epoch(stats):
+        last_epoch[0] = stats.epoch
         tracker.log(run, stats.metrics(), step=stats.epoch)
         trial.report(stats.val_acc, stats.epoch)
         if trial.should_prune():
@@ -137,11 +155,11 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     try:
         result = train_student(student, method, ctx.teacher, data, schedule, on_epoch=on_epoch, progress=lambda e: bar.update(1))
     except optuna.TrialPruned as e:
-        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": len(trial.intermediate_values) - 1, "kdsweep.reason": str(e)})
+        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": last_epoch[0], "kdsweep.reason": str(e)})
         tracker.end(run, "KILLED")
         raise
     except TRIAL_ERRORS as e:
-        epoch = getattr(e, "epoch", len(trial.intermediate_values))
+        epoch = getattr(e, "epoch", last_epoch[0] + 1)
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": str(e).splitlines()[0][:250], "kdsweep.failed_at_epoch": epoch})
         trial.set_user_attr("fail_reason", str(e).splitlines()[0][:250])
         tracker.end(run, "FAILED")
@@ -229,18 +247,12 @@ def _record_best(tracker: Tracker, parent: str, study: optuna.Study) -> dict | N
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study until it holds cfg.trials complete trials; return a summary."""
+    check_pair(cfg)
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
     storage = open_storage(cfg.storage)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
-
-    s_shapes = build_model(cfg.student, data.in_shape, data.num_classes).shapes(data.in_shape)
-    t_model = build_model(cfg.teacher, data.in_shape, data.num_classes)
-    why = method_cls.unsupported(s_shapes, t_model.shapes(data.in_shape) if method_cls.uses_teacher else None)
-    if why:
-        raise UserError(f"{why}; {cfg.teacher} -> {cfg.student} cannot serve it (choose another --teacher/--student)")
-
     teacher, teacher_info = (None, {})
     if method_cls.uses_teacher:
         teacher, teacher_info = get_teacher(cfg, data, tracker, say)

@@ -1,0 +1,92 @@
+"""A full tiny study through the CLI: what MLflow and Optuna hold afterwards, resume, pruning."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+STUDY = "vanilla_kd-digits-digitnet_l-digitnet_s-s0"
+EXPERIMENT = "kdsweep/digits/digitnet_l->digitnet_s"
+
+
+def _runs(role: str, study: str = STUDY):
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client, client.search_runs([exp.experiment_id], f"tags.`kdsweep.role` = '{role}' and tags.`kdsweep.study` = '{study}'")
+
+
+def _study(name: str = STUDY):
+    return optuna.load_study(study_name=name, storage="sqlite:///mlruns/optuna.db")
+
+
+def test_study_logs_everything_and_resumes(kdsweep):
+    code, out, err = kdsweep("study", "vanilla_kd", "--trials", 3, "--epochs", 2, "--dataset", "digits")
+    assert code == 0, err
+    assert "best trial" in out and "kdsweep ui" in out
+
+    client, parents = _runs("study")
+    _, children = _runs("trial")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0].info.run_id
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.info.status == "FINISHED" and run.data.tags["kdsweep.state"] == "COMPLETE"
+        assert {"temperature", "alpha", "lr", "seed", "dataset", "teacher", "student", "epochs"} <= set(run.data.params)
+        for metric in ("val_acc", "train_loss", "train_kd", "train_ce", "train_acc", "val_loss", "lr", "epoch_seconds"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
+        assert 0 <= run.data.metrics["test_acc"] <= 1
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+        assert artifacts == ["checkpoint/student.pt"]
+
+    study = _study()
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3
+    assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in children}
+    # The parent holds the best trial's params and metrics.
+    best = client.get_run(parent)
+    assert best.data.metrics["best_val_acc"] == pytest.approx(study.best_value)
+    assert best.data.tags["best.run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    assert float(best.data.tags["best.temperature"]) == pytest.approx(study.best_params["temperature"], rel=1e-5)
+
+    # Same command, more trials: exactly two more, same study, same parent run.
+    code, out, err = kdsweep("study", "vanilla_kd", "--trials", 5, "--epochs", 2, "--dataset", "digits")
+    assert code == 0, err
+    _, parents = _runs("study")
+    _, children = _runs("trial")
+    assert [p.info.run_id for p in parents] == [parent]
+    assert len(children) == 5
+    assert len(_study().get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 5
+    # Resumed trials explore new points rather than replaying the first ones.
+    params = [tuple(t.params.values()) for t in _study().trials]
+    assert len(set(params)) == 5
+
+    # Already complete: nothing to do, still exit 0.
+    code, out, _ = kdsweep("study", "vanilla_kd", "--trials", 5, "--epochs", 2, "--dataset", "digits")
+    assert code == 0 and "nothing to run" in out
+
+
+def test_resume_with_other_settings_is_refused(kdsweep):
+    assert kdsweep("study", "ce", "--trials", 1, "--epochs", 1, "--dataset", "digits")[0] == 0
+    code, _, err = kdsweep("study", "ce", "--trials", 2, "--epochs", 2, "--dataset", "digits")
+    assert code == 2 and "epochs: 1 -> 2" in err
+
+
+def test_ce_study_with_median_pruner_prunes_and_marks_runs(kdsweep):
+    code, out, err = kdsweep("study", "ce", "--trials", 8, "--epochs", 3, "--dataset", "digits", "--pruner", "median",
+                             "--sampler", "random")
+    assert code == 0, err
+    study = _study("ce-digits-digitnet_l-digitnet_s-s0")
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
+    assert pruned, "a median pruner over 8+ random trials should prune at least one"
+    client, runs = _runs("trial", "ce-digits-digitnet_l-digitnet_s-s0")
+    by_id = {r.info.run_id: r for r in runs}
+    for t in pruned:
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "KILLED"
+        assert run.data.tags["kdsweep.state"] == "PRUNED"
+        assert int(run.data.tags["kdsweep.pruned_at_epoch"]) == max(t.intermediate_values)
+        assert "test_acc" not in run.data.metrics  # a pruned trial never touches test
+    # The ce baseline trains no teacher and logs no distillation term.
+    assert all("train_kd" not in r.data.metrics for r in runs)
