@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import pytest
+
+from kdsweep.config import resolve, sanitize
+from kdsweep.errors import UserError
+from kdsweep.methods import METHODS
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+def test_one_shipped_study_file_per_method_and_each_resolves():
+    files = {p.stem: p for p in STUDIES.glob("*.toml")}
+    assert set(files) == set(METHODS)
+    for name in files:
+        cfg = resolve(name, {"dataset": "digits"}, studies_dir=STUDIES)
+        assert cfg.method == name
+        assert set(cfg.space) == set(METHODS[name].space) | {"lr"}
+
+
+def test_precedence_builtin_then_file_then_flags(tmp_path):
+    (tmp_path / "short.toml").write_text(
+        'method = "vanilla_kd"\n[defaults]\nepochs = 3\nbatch_size = 16\n'
+        "[search]\ntemperature = { low = 2.0, high = 8.0 }\n[fixed]\nalpha = 0.9\n")
+    cfg = resolve("short", {"dataset": "digits", "epochs": 7, "batch_size": None}, studies_dir=tmp_path)
+    assert cfg.epochs == 7  # the flag wins over the file
+    assert cfg.batch_size == 16  # the file wins over the dataset default (32)
+    assert cfg.teacher == "digitnet_l" and cfg.student == "digitnet_s"  # the dataset's pair
+    assert (cfg.space["temperature"].low, cfg.space["temperature"].high, cfg.space["temperature"].log) == (2.0, 8.0, True)
+    assert "alpha" not in cfg.space and cfg.fixed == {"alpha": 0.9}
+    assert cfg.full_study_name == "short-digits-digitnet_l-digitnet_s-s0"
+    assert cfg.experiment_name == "kdsweep/digits/digitnet_l->digitnet_s"
+
+
+def test_study_names_are_sanitised():
+    assert sanitize("../../etc/passwd") == "etc_passwd"
+    assert sanitize("my study/1") == "my_study_1"
+    with pytest.raises(UserError):
+        sanitize("///")
