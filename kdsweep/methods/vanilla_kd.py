@@ -9,8 +9,12 @@ def kd_kl(s_logits, t_logits, T: float):
     """Hinton's soft-target term: T^2 * KL(softmax(t/T) || softmax(s/T)), batch-mean.
 
     T^2 keeps the gradient scale independent of T (Hinton et al. 2015, sec. 2).
+    Computed in float32: under bf16 autocast the KL of near-equal distributions
+    otherwise rounds to negative values.
     """
-    return F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean", log_target=True) * T * T
+    s_log = F.log_softmax(s_logits.float() / T, 1)
+    t_log = F.log_softmax(t_logits.detach().float() / T, 1)
+    return F.kl_div(s_log, t_log, reduction="batchmean", log_target=True) * T * T
 
 
 @register

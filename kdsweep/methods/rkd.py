@@ -1,0 +1,71 @@
+import torch
+import torch.nn.functional as F
+
+from . import register
+from .base import Method
+from ..space import Float
+
+
+def _geometry(z, eps: float):
+    """Gram matrix and pairwise distances (zero diagonal) of the rows of z.
+
+    Everything below is derived from the Gram matrix, so memory is O(N^3), whatever
+    the embedding width: the (N, N, D) tensor of differences is never built.
+    """
+    g = z @ z.t()
+    sq = g.diagonal()
+    off = 1 - torch.eye(z.shape[0], device=z.device, dtype=z.dtype)
+    d = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(eps).sqrt() * off
+    return g, d, off
+
+
+def rkd_distance(z_s, z_t, eps: float = 1e-12):
+    """Smooth-L1 between distance matrices, each divided by its mean off-diagonal distance."""
+    n = z_s.shape[0]
+    pairs = max(n * (n - 1), 1)
+    _, d_s, _ = _geometry(z_s, eps)
+    _, d_t, _ = _geometry(z_t, eps)
+    return F.smooth_l1_loss(d_s / (d_s.sum() / pairs).clamp_min(1e-6), d_t / (d_t.sum() / pairs).clamp_min(1e-6))
+
+
+def _angles(z, eps: float):
+    """A[i, j, k] = cos of the angle at z_i between z_j - z_i and z_k - z_i (0 when j or k is i)."""
+    g, d, off = _geometry(z, eps)
+    sq = g.diagonal()
+    dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + sq[:, None, None]
+    den = (d[:, :, None] * d[:, None, :]).clamp_min(eps)
+    return (dot / den).clamp(-1, 1) * (off[:, :, None] * off[:, None, :])
+
+
+def rkd_angle(z_s, z_t, eps: float = 1e-12):
+    return F.smooth_l1_loss(_angles(z_s, eps), _angles(z_t, eps))
+
+
+@register
+class RKD(Method):
+    """Relational KD: transfer the geometry of the batch (distances and angles between
+    samples' embeddings), not the embeddings themselves, so widths may differ freely.
+
+    Embeddings are L2-normalised first (seed 003). Computed in float32 with autocast off,
+    because bf16 Gram matrices lose the small differences the angles depend on.
+    """
+
+    name = "rkd"
+    summary = "RKD: CE + w_dist * distance loss + w_angle * angle loss on L2-normalised embeddings."
+    reference = "Park et al. 2019; seed 003 (method 7, w_dist=25, w_angle=50)"
+    needs = frozenset({"logits", "embedding"})
+    space = {
+        "w_dist": Float(0.5, 500.0, 25.0, log=True),
+        "w_angle": Float(0.5, 1000.0, 50.0, log=True),
+    }
+
+    def forward(self, s, t, y, epoch):
+        with torch.autocast(s.embedding.device.type, enabled=False):
+            z_s = F.normalize(s.embedding.float().flatten(1), dim=1, eps=1e-6)
+            z_t = F.normalize(t.embedding.detach().float().flatten(1), dim=1, eps=1e-6)
+            dist, angle = rkd_distance(z_s, z_t), rkd_angle(z_s, z_t)
+        return {
+            "ce": F.cross_entropy(s.logits.float(), y),
+            "dist": self.hp["w_dist"] * dist,
+            "angle": self.hp["w_angle"] * angle,
+        }
