@@ -1,0 +1,74 @@
+"""Every method through the real CLI: on digits (all loss curves logged) and on seed 003's pair."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kdsweep.methods import METHODS
+
+ALL = sorted(METHODS)
+
+
+def _trial_runs(study: str, experiment: str):
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`kdsweep.study` = '{study}' and tags.`kdsweep.role` = 'trial'")
+    return client, runs
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_on_digits_logs_every_loss_term(kdsweep, method):
+    code, _, err = kdsweep("study", method, "--trials", 2, "--epochs", 1, "--dataset", "digits", "--pruner", "none")
+    assert code == 0, err
+    client, runs = _trial_runs(f"{method}-digits-digitnet_l-digitnet_s-s0", "kdsweep/digits/digitnet_l->digitnet_s")
+    assert len(runs) == 2
+    for run in runs:
+        terms = {k for k in run.data.metrics if k.startswith("train_") and k not in ("train_loss", "train_acc")}
+        assert "train_ce" in terms or method == "hard_label"
+        if method != "ce":
+            assert len(terms) >= 2, terms  # a distillation term beside the label term
+        for term in terms | {"train_loss", "val_acc"}:
+            assert len(client.get_metric_history(run.info.run_id, term)) == 1
+
+
+def test_methods_with_heads_count_and_save_them(kdsweep):
+    import torch
+
+    assert kdsweep("study", "crd", "--trials", 1, "--epochs", 1, "--dataset", "digits")[0] == 0
+    client, (run,) = _trial_runs("crd-digits-digitnet_l-digitnet_s-s0", "kdsweep/digits/digitnet_l->digitnet_s")
+    assert int(run.data.params["extra_params"]) > 0
+    path = client.download_artifacts(run.info.run_id, "checkpoint/student.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["heads"] and sum(v.numel() for v in ckpt["heads"].values()) == int(run.data.params["extra_params"])
+    # The student alone stays loadable for deployment.
+    from kdsweep.checkpoint import load_model
+
+    model, _ = load_model(path)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_on_seed003_pair_synthetic(kdsweep, method):
+    code, _, err = kdsweep("study", method, "--trials", 1, "--epochs", 1, "--dataset", "synthetic", "--data-size", 96,
+                           "--batch-size", 32, "--teacher-epochs", 1, "--teacher", "resnet18", "--student", "smallnet")
+    assert code == 0, err
+
+
+def test_sweep_runs_one_study_per_method(kdsweep):
+    code, out, err = kdsweep("sweep", "--methods", "ce,vanilla_kd,dkd", "--trials", 3, "--epochs", 2, "--dataset", "digits")
+    assert code == 0, err
+    assert "next: kdsweep report" in out
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s")
+    parents = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'study'")
+    assert sorted(r.data.tags["kdsweep.method"] for r in parents) == ["ce", "dkd", "vanilla_kd"]
+    for m in ("ce", "vanilla_kd", "dkd"):
+        study = optuna.load_study(study_name=f"{m}-digits-digitnet_l-digitnet_s-s0", storage="sqlite:///mlruns/optuna.db")
+        assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+
+
+def test_sweep_refuses_a_pair_that_cannot_serve_a_listed_method(kdsweep):
+    code, _, err = kdsweep("sweep", "--methods", "ce,fitnet", "--dataset", "mnist", "--trials", 1)
+    assert code == 2 and "fitnet needs spatial feature maps" in err
