@@ -26,7 +26,7 @@ from . import checkpoint
 from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
-from .report import Say, Selection, StudyRuns, confirm_seeds, find_teacher, split_data
+from .report import Say, Selection, StudyRuns, data_key, confirm_seeds, find_teacher, split_data
 from .train import NonFiniteLoss, Schedule, evaluate, train_student
 
 
@@ -41,7 +41,6 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     device = torch.device(device)
-    tracker = sel.tracker
     wanted = confirm_seeds(sel.seed, seeds)
     summary: dict[str, dict[str, int]] = {}
     todo = [s for s in sel.studies if s.best is not None]
@@ -51,7 +50,8 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     if not todo:
         return summary
 
-    data = teacher = t_where = None
+    datas: dict[tuple, object] = {}
+    teacher = t_where = None
     with tempfile.TemporaryDirectory(prefix="kdsweep-confirm-") as tmp:
         for s in todo:
             have = _existing(s)
@@ -65,8 +65,10 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
             except UserError as e:
                 say(f"{s.label}: {e}; skipped")
                 continue
-            if data is None:
-                data = split_data(s.params, data_dir, device)
+            key = data_key(s.params)
+            if key not in datas:  # the split the study trained on (normally shared by all)
+                datas[key] = split_data(s.params, data_dir, device)
+            data = datas[key]
             t_shapes = None
             if method_cls.uses_teacher:
                 if teacher is None:

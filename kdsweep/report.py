@@ -307,6 +307,24 @@ def _fmt_params(run, names: list[str], fixed: list[str]) -> str:
     return ", ".join(parts)
 
 
+def data_key(params: dict[str, str]) -> tuple:
+    return tuple(params.get(k) for k in ("dataset", "data_size", "val_size", "seed", "val_fraction"))
+
+
+def _runs_to_evaluate(s: StudyRuns, study_seed: int, seeds: int | None) -> tuple[list, str]:
+    """The confirmation runs of the study's best config (one per seed, the latest), else its best trial."""
+    runs = s.confirms
+    if seeds is not None:
+        keep = set(map(str, confirm_seeds(study_seed, seeds)))
+        runs = [r for r in runs if r.data.tags.get("kdsweep.confirm_seed") in keep]
+    by_seed = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        by_seed[r.data.tags.get("kdsweep.confirm_seed")] = r
+    if by_seed:
+        return list(by_seed.values()), f"{len(by_seed)} confirmation seeds"
+    return [s.best], "best trial"
+
+
 def build(sel: Selection, data_dir: str | None = None, device: torch.device | str = "cpu", seeds: int | None = None,
           say: Say = print, latency: bool = True) -> Report:
     """Evaluate the selection's best checkpoints and build the three tables."""
@@ -314,21 +332,40 @@ def build(sel: Selection, data_dir: str | None = None, device: torch.device | st
     from .profile import count_macs, count_params, latency_ms
 
     device = torch.device(device)
+    if not sel.studies:
+        raise UserError("no studies selected")
     tmp = Path(tempfile.mkdtemp(prefix="kdsweep-report-"))
     notes: list[str] = []
-    any_study = next((s for s in sel.studies if s.best is not None), None) or (sel.studies[0] if sel.studies else None)
-    if any_study is None:
-        raise UserError("no studies selected")
-    data = split_data(any_study.params, data_dir, device)
 
-    # The teacher: evaluated once, its logits shared by every comparison.
+    # Each study is evaluated on the split it trained on; normally they all share one.
+    keys = Counter(data_key(s.params) for s in sel.studies)
+    if len(keys) > 1:
+        notes.append(f"the studies used {len(keys)} different data settings (data_size/val_fraction); "
+                     f"each is evaluated on its own split, the teacher row on the most common one")
+    budgets = Counter(tuple(s.best.data.params.get(k) for k in ("epochs", "batch_size", "momentum", "weight_decay"))
+                      for s in sel.studies if s.best is not None)
+    if len(budgets) > 1:
+        notes.append("the studies' training budgets differ (epochs, batch size, momentum, weight decay): "
+                     + "; ".join("/".join(map(str, b)) for b in budgets) + " - the comparison is not like for like")
+    datas: dict[tuple, DeviceData] = {}
+
+    def data_for(params) -> DeviceData:
+        k = data_key(params)
+        if k not in datas:
+            datas[k] = split_data(params, data_dir, device)
+        return datas[k]
+
+    main_key = keys.most_common(1)[0][0]
+    data = data_for(next(s.params for s in sel.studies if data_key(s.params) == main_key))
+
+    # The teacher: its logits on each split, shared by every comparison.
     t_path, t_where = find_teacher(sel, tmp, say)
-    t_logits, t_row, t_model = None, None, None
+    t_logits: dict[tuple, torch.Tensor] = {}
+    t_row, t_model = None, None
     if t_path is not None:
         t_model, payload = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes)
-        t_logits, labels = predict(t_model, data)
-        meta = payload.get("meta", {})
-        t_row = {"metrics": all_metrics(t_logits, labels), "meta": meta, "where": t_where}
+        t_logits[main_key], labels = predict(t_model, data)
+        t_row = {"metrics": all_metrics(t_logits[main_key], labels), "meta": payload.get("meta", {}), "where": t_where}
     else:
         notes.append(f"teacher missing: {t_where}; teacher-comparison metrics are empty")
         say(f"note: teacher missing: {t_where}")
@@ -338,24 +375,19 @@ def build(sel: Selection, data_dir: str | None = None, device: torch.device | st
         if s.best is None:
             evaluated.append(Evaluated(s, [], "no complete trial"))
             continue
-        runs = s.confirms
-        if seeds is not None:
-            keep = set(map(str, confirm_seeds(sel.seed, seeds)))
-            runs = [r for r in runs if r.data.tags.get("kdsweep.confirm_seed") in keep]
-        by_seed = {}
-        for r in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a seed wins
-            by_seed[r.data.tags.get("kdsweep.confirm_seed")] = r
-        runs = list(by_seed.values()) or [s.best]
-        source = f"{len(by_seed)} confirmation seeds" if by_seed else "best trial"
+        d, k = data_for(s.params), data_key(s.params)
+        if t_model is not None and k not in t_logits:
+            t_logits[k] = predict(t_model, d)[0]
+        runs, source = _runs_to_evaluate(s, sel.seed, seeds)
         out = []
         for r in runs:
             path = download(sel.tracker, r.info.run_id, "checkpoint/student.pt", tmp)
             if path is None:
                 say(f"note: {s.label}: run {r.info.run_id} has no checkpoint/student.pt artifact; skipped")
                 continue
-            model, _ = checkpoint.load_model(path, sel.student, data.in_shape, data.num_classes)
-            logits, labels = predict(model, data)
-            out.append(all_metrics(logits, labels, t_logits))
+            model, _ = checkpoint.load_model(path, sel.student, d.in_shape, d.num_classes)
+            logits, labels = predict(model, d)
+            out.append(all_metrics(logits, labels, t_logits.get(k)))
         evaluated.append(Evaluated(s, out, source if out else "checkpoint missing"))
 
     # Model cost: one measurement per architecture.
@@ -365,6 +397,10 @@ def build(sel: Selection, data_dir: str | None = None, device: torch.device | st
         m = m.to(device)
         cost[role] = {"params": count_params(m), "macs": count_macs(m, data.in_shape),
                       "latency_ms": latency_ms(m, data.in_shape, device) if latency else math.nan}
+    if latency:
+        notes.append(f"ms/image: median of 10 batches of 128 on {device.type}"
+                     + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+                     + ", measured now on this machine (noisy when it is busy)")
 
     ref = sel.reference
     ref_eval = next((e for e in evaluated if ref is not None and e.study is ref), None)
@@ -531,7 +567,8 @@ def to_markdown(rep: Report) -> str:
     for name in TABLES:
         lines += [f"## {TITLES[name]}", "", markdown_table(rep.display[name]), ""]
     lines += ["Directions: " + ", ".join(f"{k} {'higher' if d > 0 else 'lower'} is better" for k, d in DIRECTIONS.items())
-              + "; ECE over 10 bins; KL is KL(teacher || student) in nats.", ""]
+              + "; ECE over 10 bins; KL is KL(teacher || student) in nats; ranks among the students (1 = best, "
+              "ties share the best rank).", ""]
     lines += [f"- {n}" for n in rep.notes]
     return "\n".join(lines).rstrip() + "\n"
 
