@@ -226,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kdsweep",
         description="Tune knowledge-distillation methods fairly: one Optuna study per method, every trial tracked in MLflow.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n  kdsweep ui\n\n"
+        epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n"
+               "  kdsweep study ce --dataset digits --trials 10 --epochs 5\n"
+               "  kdsweep confirm --dataset digits --seeds 3\n  kdsweep report --dataset digits --out R --format md,csv\n"
+               "  kdsweep ui\n\n"
                "`kdsweep COMMAND --help` explains each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
