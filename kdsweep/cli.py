@@ -177,6 +177,86 @@ def cmd_teacher(args) -> int:
     return 0
 
 
+EPILOG_REPORT = """\
+examples:
+  kdsweep report --dataset digits                           # markdown tables on the terminal
+  kdsweep report --dataset digits --format md,csv,json --out R
+  kdsweep report --dataset digits --seeds 3 --out R --format md,tex,html
+  kdsweep report --tracking-uri http://127.0.0.1:5000 --dataset cifar10 --seed 0
+
+The report reads MLflow only (local SQLite store or a tracking server): for each
+study of the chosen dataset, teacher -> student pair and seed it takes the best
+trial (highest validation accuracy), downloads that trial's checkpoint and
+evaluates it on the test split. Three tables: `best` (best trial per method,
+trial counts, time), `metrics` (acc, NLL, 10-bin ECE, agreement with the
+teacher, KL(teacher || student), cosine of logits, entropy; params, MACs,
+ms/image) and `ranks` (rank per metric, average rank, difference to `ce`).
+
+Once `kdsweep confirm` (or --seeds K here) has retrained each best config with
+K fresh seeds, the metrics are mean ± sample std over those runs and `ranks`
+adds a two-sided Welch t-test p-value of each method's test accuracy vs ce.
+Tables go to --out DIR as best/metrics/ranks.{md,csv,tex,html,json} (plus
+report.md) and, with the plots (plots/*.png), to an MLflow run tagged
+kdsweep.role=report. Progress and notes go to stderr, the markdown to stdout.
+"""
+
+EPILOG_CONFIRM = """\
+examples:
+  kdsweep confirm --dataset digits                  # 3 fresh seeds per method
+  kdsweep confirm --dataset digits --seeds 5        # extends the 3 above by 2 more
+  kdsweep confirm --dataset digits --studies ce,vanilla_kd --device cuda
+
+For each study it retrains the best trial's hyperparameters with seeds
+SEED+1 .. SEED+K: a fresh student initialisation and augmentation stream, the
+same train/val/test split, the same teacher and the same epochs. Each run is an
+MLflow child run of the study (tags kdsweep.role=confirm, kdsweep.confirm_seed,
+kdsweep.source_run). Runs already COMPLETE for the current best trial are
+reused, so an interrupted command resumes by running it again.
+"""
+
+
+def _report_select(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which studies (default: the only pair and seed in the store)")
+    g.add_argument("--dataset", help="dataset of the studies")
+    g.add_argument("--teacher", help="teacher architecture (default: the dataset's pair)")
+    g.add_argument("--student", help="student architecture (default: the dataset's pair)")
+    g.add_argument("--seed", type=int, help="the studies' seed (default: the only one there)")
+    g.add_argument("--studies", help="comma-separated study labels or names to include (default: all)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: auto")
+    g.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+
+
+def _studies(args) -> list[str] | None:
+    return [s.strip() for s in args.studies.split(",") if s.strip()] if args.studies else None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def cmd_report(args) -> int:
+    from .report import run_report
+
+    run_report(args.tracking_uri, args.dataset, args.teacher, args.student, args.seed, _studies(args), args.format,
+               args.out, args.seeds, args.device, args.data_dir, plots=not args.no_plots, log=not args.no_log, say=_stderr)
+    return 0
+
+
+def cmd_confirm(args) -> int:
+    from .confirm import confirm
+    from .report import open_tracker, select
+    from .study import resolve_device
+
+    device = resolve_device(args.device)
+    sel = select(open_tracker(args.tracking_uri), args.dataset, args.teacher, args.student, args.seed, _studies(args))
+    summary = confirm(sel, args.seeds, device, args.data_dir, say=_stderr)
+    for label, c in summary.items():
+        print(f"{label}: {c['reused']} reused, {c['trained']} trained, {c['failed']} failed")
+    return 0
+
+
 def cmd_ui(args) -> int:
     import subprocess
 
@@ -201,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kdsweep",
         description="Tune knowledge-distillation methods fairly: one Optuna study per method, every trial tracked in MLflow.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n  kdsweep ui\n\n"
+        epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n"
+               "  kdsweep study ce --dataset digits --trials 10 --epochs 5\n"
+               "  kdsweep confirm --dataset digits --seeds 3\n  kdsweep report --dataset digits --out R --format md,csv\n"
+               "  kdsweep ui\n\n"
                "`kdsweep COMMAND --help` explains each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -241,6 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if cached")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("report", help="tables (and plots) ranking the methods of one teacher -> student pair",
+                       description="Build the best-per-method, metrics and rank tables of a pair's studies from MLflow.",
+                       epilog=EPILOG_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _report_select(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--format", help="comma-separated: md,csv,tex,html,json (needs --out; default: markdown on the terminal)")
+    g.add_argument("--out", help="directory for the table files and plots/")
+    g.add_argument("--seeds", type=int, help="first confirm every method with K fresh seeds (as `kdsweep confirm --seeds K`), "
+                                             "then report mean ± std over them")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("confirm", help="retrain each method's best config with fresh seeds (resumable)",
+                       description="Retrain the best trial of every study with K fresh seeds, logged as MLflow child runs.",
+                       epilog=EPILOG_CONFIRM, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _report_select(p)
+    p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per method (default: 3)")
+    p.set_defaults(func=cmd_confirm)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the study results", description="Start `mlflow ui` on kdsweep's tracking store.",
                        epilog="example:\n  kdsweep ui                 # then open http://127.0.0.1:5000",

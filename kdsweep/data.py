@@ -8,7 +8,8 @@ Every dataset yields the same three splits for a given seed:
             datasets without one); Optuna never sees it.
 
 Training batches come from :meth:`DeviceData.epoch`, a stream seeded by
-(seed, epoch): the permutation, crop offsets and flips are drawn on the CPU
+(stream seed, epoch) - the stream seed is the split seed unless a
+confirmation run asks for another one: the permutation, crop offsets and flips are drawn on the CPU
 from that seed (cheap, identical on every device) and applied to the whole
 batch on the device. Every trial of every method therefore sees exactly the
 same augmented batches, and no per-sample Python transform runs.
@@ -178,7 +179,9 @@ def get_dataset(name: str) -> DatasetSpec:
 class DeviceData:
     """The three splits of a dataset, resident on one device, with the seeded batch stream."""
 
-    def __init__(self, raw: RawData, seed: int, val_fraction: float, device: torch.device):
+    def __init__(self, raw: RawData, seed: int, val_fraction: float, device: torch.device, stream_seed: int | None = None):
+        # `seed` fixes the train/val split; `stream_seed` (default: `seed`) fixes the augmented batch
+        # stream, so a confirmation run can draw fresh batches over the very same split.
         if not 0 < val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
         n = len(raw.train_y)
@@ -186,6 +189,7 @@ class DeviceData:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         self.device, self.seed = device, seed
+        self.stream_seed = seed if stream_seed is None else stream_seed
         self.augment, self.num_classes = raw.augment, raw.num_classes
         self.in_shape = tuple(raw.train_x.shape[1:])
         put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
@@ -209,7 +213,7 @@ class DeviceData:
 
     def epoch_plan(self, epoch: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The (permutation, crop offsets, flips) of one epoch, from the (seed, epoch) stream."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(self.stream_seed * 1_000_003 + epoch)
         n = self.n_train
         perm = torch.randperm(n, generator=g)
         p = self.augment.pad
@@ -247,9 +251,11 @@ class DeviceData:
             yield self.normalize(x[i : i + EVAL_BATCH]), y[i : i + EVAL_BATCH]
 
 
-def load_data(name: str, data_dir: Path | None, size: int | None, seed: int, val_fraction: float, device: torch.device) -> DeviceData:
+def load_data(name: str, data_dir: Path | None, size: int | None, seed: int, val_fraction: float, device: torch.device,
+              stream_seed: int | None = None) -> DeviceData:
+    """The dataset's splits for `seed`; `stream_seed` (default: `seed`) seeds the training batch stream only."""
     spec = get_dataset(name)
     if size is not None and size < 10:
         raise UserError(f"--data-size must be at least 10, got {size}")
     raw = spec.load(Path(data_dir) if data_dir else default_data_dir(), size)
-    return DeviceData(raw, seed, val_fraction, device)
+    return DeviceData(raw, seed, val_fraction, device, stream_seed)

@@ -1,0 +1,141 @@
+"""Confirmation runs: retrain each method's best config with fresh seeds.
+
+One tuned trial per method cannot separate methods half a point apart: its
+score is one draw of the initialisation and batch order, and the best of
+several trials is biased upward. A confirmation run trains the best trial's
+hyperparameters again, on the same split and with the same teacher, but with
+a fresh seed for the student's initialisation and the augmentation stream.
+
+Each run is an MLflow child run of the study's parent run, tagged
+kdsweep.role=confirm, kdsweep.confirm_seed, kdsweep.source_run (the trial
+whose config it retrains) and kdsweep.state. A COMPLETE run for the same
+(study, source trial, seed) is reused, so the command is resumable and cheap
+to repeat; if the study grows and its best trial changes, the new best config
+gets its own runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .errors import UserError
+from .methods import get_method
+from .models import build_model, count_params
+from .report import Say, Selection, StudyRuns, data_key, confirm_seeds, find_teacher, split_data
+from .train import NonFiniteLoss, Schedule, evaluate, train_student
+
+
+def _existing(study: StudyRuns) -> dict[str, str]:
+    """confirm_seed -> run id of the COMPLETE confirmation runs of the study's current best trial."""
+    return {r.data.tags["kdsweep.confirm_seed"]: r.info.run_id for r in study.confirms}
+
+
+def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", data_dir: str | None = None,
+            say: Say = print) -> dict[str, dict[str, int]]:
+    """Bring every selected study to `seeds` COMPLETE confirmation runs; return {label: {reused, trained, failed}}."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    device = torch.device(device)
+    wanted = confirm_seeds(sel.seed, seeds)
+    summary: dict[str, dict[str, int]] = {}
+    todo = [s for s in sel.studies if s.best is not None]
+    for s in sel.studies:
+        if s.best is None:
+            say(f"{s.label}: no complete trial, nothing to confirm")
+    if not todo:
+        return summary
+
+    datas: dict[tuple, object] = {}
+    teacher = t_where = None
+    with tempfile.TemporaryDirectory(prefix="kdsweep-confirm-") as tmp:
+        for s in todo:
+            have = _existing(s)
+            missing = [k for k in wanted if str(k) not in have]
+            summary[s.label] = {"reused": len(wanted) - len(missing), "trained": 0, "failed": 0}
+            if not missing:
+                say(f"{s.label}: {len(wanted)} confirmation runs already there (seeds {', '.join(map(str, wanted))}); reused")
+                continue
+            try:
+                method_cls = get_method(s.method)
+            except UserError as e:
+                say(f"{s.label}: {e}; skipped")
+                continue
+            key = data_key(s.params)
+            if key not in datas:  # the split the study trained on (normally shared by all)
+                datas[key] = split_data(s.params, data_dir, device)
+            data = datas[key]
+            t_shapes = None
+            if method_cls.uses_teacher:
+                if teacher is None:
+                    t_path, t_where = find_teacher(sel, Path(tmp), say)
+                    if t_path is not None:
+                        teacher, _ = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes)
+                        teacher.to(device).eval().requires_grad_(False)
+                if teacher is None:
+                    say(f"{s.label}: teacher missing ({t_where}); skipped")
+                    continue
+                t_shapes = teacher.shapes(data.in_shape)
+            say(f"{s.label}: {summary[s.label]['reused']} confirmation runs reused, training seeds {', '.join(map(str, missing))}")
+            for k in missing:
+                ok = _train_one(sel, s, method_cls, teacher if method_cls.uses_teacher else None, t_shapes, data, k, say)
+                summary[s.label]["trained" if ok else "failed"] += 1
+    return summary
+
+
+def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data, seed: int, say: Say) -> bool:
+    tracker, best = sel.tracker, s.best
+    p = best.data.params
+    hp = {k: float(p[k]) for k in [*method_cls.space, "lr"] if k in p}
+    schedule = Schedule(int(p["epochs"]), int(p["batch_size"]), hp["lr"], float(p["momentum"]), float(p["weight_decay"]))
+    run_data = copy.copy(data)
+    run_data.stream_seed = seed  # same split, fresh batch order and augmentation
+    torch.manual_seed(seed)  # fresh student (and head) initialisation
+    student = build_model(s.params["student"], data.in_shape, data.num_classes).to(data.device)
+    method = method_cls({k: v for k, v in hp.items() if k != "lr"}, student.shapes(data.in_shape), t_shapes,
+                        schedule.epochs).to(data.device)
+
+    source_trial = best.data.tags.get("kdsweep.trial", "")
+    run = tracker.start(sel.experiment_id, f"{s.name}/confirm-s{seed}",
+                        {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
+                         "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
+                         "kdsweep.source_trial": source_trial, "kdsweep.state": "RUNNING"}, parent=s.run.info.run_id)
+    params = {**p, "device": data.device.type, "confirm_seed": seed, "source_trial": source_trial,
+              "extra_params": count_params(method)}
+    tracker.log(run, params=params)
+    try:
+        result = train_student(student, method, teacher, run_data, schedule,
+                               on_epoch=lambda st: tracker.log(run, st.metrics(), step=st.epoch))
+    except NonFiniteLoss as e:
+        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": str(e)})
+        tracker.end(run, "FAILED")
+        say(f"  seed {seed}: {e}; recorded as FAIL")
+        return False
+    except KeyboardInterrupt:
+        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": "interrupted"})
+        tracker.end(run, "KILLED")
+        raise
+    except BaseException as e:
+        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
+        tracker.end(run, "FAILED")
+        raise
+
+    student.load_state_dict(result.state["student"])
+    method.load_state_dict(result.state["heads"])
+    test_loss, test_acc = evaluate(student, data, "test")
+    final = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "test_acc": test_acc,
+             "test_loss": test_loss, "train_seconds": sum(h.seconds for h in result.history)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint.save(Path(tmp) / "student.pt", s.params["student"], data.in_shape, data.num_classes, result.state,
+                               {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial,
+                                "hparams": hp, "best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
+                                "test_acc": test_acc})
+        tracker.client.log_artifact(run, str(ckpt), "checkpoint")
+    tracker.log(run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
+    tracker.end(run)
+    say(f"  seed {seed}: val_acc={result.best_val_acc:.4f} test_acc={test_acc:.4f} (run {run})")
+    return True

@@ -1,0 +1,117 @@
+"""The report's figures as PNG files (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+DPI = 120
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _retitle(ax, text: str) -> None:
+    """Replace Optuna's generic title (it uses the left or the centre slot) with ours."""
+    for loc in ("left", "center", "right"):
+        ax.set_title("", loc=loc)
+    ax.set_title(text, fontsize=9)
+
+
+def acc_bars(bars: pd.DataFrame, path: Path, title: str, reference: str | None = None) -> Path:
+    """Test accuracy per method: a point at the mean, error bars of one sample std (with seeds); the teacher as a line.
+
+    Points, not bars: the axis does not start at zero, and a truncated bar would exaggerate the gaps.
+    """
+    teacher = bars[(bars["label"] == "teacher") & bars["acc"].notna()]
+    rows = bars[(bars["label"] != "teacher") & bars["acc"].notna()].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.9 * len(rows)), 3.6))
+    std = rows["acc_std"].to_numpy(dtype=float)
+    for i, r in rows.iterrows():
+        color = "#8c8c8c" if r["label"] == reference else "#3b75af"
+        s = None if math.isnan(std[i]) else std[i]
+        ax.errorbar([i], [r["acc"]], yerr=None if s is None else [[s], [s]], fmt="o", color=color, capsize=5, markersize=6)
+        txt = f"{r['acc']:.3f}" + ("" if s is None else f" ± {s:.3f}") + f"\nn={int(r['n'])}"
+        ax.annotate(txt, (i, r["acc"]), ha="left", va="center", fontsize=7, xytext=(8, 0), textcoords="offset points")
+    values = list(rows["acc"] - np.nan_to_num(std)) + list(rows["acc"] + np.nan_to_num(std))
+    if len(teacher):
+        t = float(teacher["acc"].iloc[0])
+        ax.axhline(t, color="#c44e52", linestyle="--", linewidth=1, label=f"teacher {t:.3f}")
+        values.append(t)
+        ax.legend(loc="best", fontsize=8)
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = 0.15 * (hi - lo) + 0.01
+    ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) if hi + pad <= 1.0 else hi + pad / 3)
+    ax.set_xlim(-0.5, len(rows) - 0.5 + 0.6)
+    ax.set_xticks(range(len(rows)), rows["label"], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def val_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+    """Validation accuracy per epoch of each method's best trial."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, pts in sorted(curves.items()):
+        if pts:
+            ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def optuna_plots(study, label: str, out: Path, say: Callable[[str], None]) -> list[Path]:
+    """Optuna's optimisation history and parameter importances of one study (importance needs 2+ complete trials)."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    paths = []
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        say(f"note: {label}: no complete trial, no Optuna plots")
+        return paths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        ax = ovm.plot_optimization_history(study, target_name="validation accuracy")
+        _retitle(ax, f"{label}: optimisation history ({len(complete)} complete trials)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        paths.append(_save(ax.figure, out / f"history_{_slug(label)}.png"))
+        if len(complete) < 2 or not study.best_trial.params:
+            say(f"note: {label}: parameter importances need 2+ complete trials and a searched parameter; skipped")
+            return paths
+        try:
+            ev = optuna.importance.FanovaImportanceEvaluator(seed=0)
+            ax = ovm.plot_param_importances(study, evaluator=ev)
+        except Exception as e:  # too few or too uniform trials
+            plt.close("all")
+            say(f"note: {label}: parameter importances not computed ({type(e).__name__}: {str(e)[:80]})")
+            return paths
+        _retitle(ax, f"{label}: hyperparameter importances (fANOVA, {len(complete)} complete trials)")
+        paths.append(_save(ax.figure, out / f"importance_{_slug(label)}.png"))
+    return paths

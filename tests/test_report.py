@@ -1,0 +1,186 @@
+"""`kdsweep report` and `kdsweep confirm` end to end on a tiny digits sweep (ce + vanilla_kd)."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from kdsweep import cli
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# Small and fast: 300 training images, 1-epoch teacher, 1-epoch trials.
+DATA = ["--dataset", "digits", "--data-size", "300", "--device", "cpu"]
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri, role):
+    c = _client(uri)
+    exp = c.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s")
+    return c.search_runs([exp.experiment_id], f"tags.`kdsweep.role` = '{role}'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two studies on one store: ce and vanilla_kd, 2 trials of 1 epoch each."""
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    (root / "mlruns").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("KDSWEEP_CACHE", str(root / "cache"))
+        for method in ("ce", "vanilla_kd"):
+            rc = cli.main(["study", method, *DATA, "--trials", "2", "--epochs", "1", "--teacher-epochs", "1",
+                           "--pruner", "none", "--storage", storage, "--tracking-uri", uri])
+            assert rc == 0
+        yield root, uri, mp
+
+
+def test_report_writes_three_tables_per_format(sweep, capsys):
+    root, uri, _ = sweep
+    out = root / "R"
+    rc = cli.main(["report", "--tracking-uri", uri, "--format", "md,csv,json,tex,html", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "## Ranks" in printed and "| vanilla_kd" in printed and "| teacher" in printed
+    for table in ("best", "metrics", "ranks"):
+        for ext in ("md", "csv", "json", "tex", "html"):
+            assert (out / f"{table}.{ext}").stat().st_size > 0
+
+    best = pd.read_csv(out / "best.csv")
+    assert best["label"].tolist()[0] == "teacher"
+    assert sorted(best["label"]) == ["ce", "teacher", "vanilla_kd"]
+    for col in ("method", "best_val_acc", "test_acc", "params", "complete", "pruned", "failed", "train_seconds_best"):
+        assert col in best.columns
+    methods = best.set_index("label")
+    assert methods.loc["ce", "complete"] == 2 and methods.loc["vanilla_kd", "complete"] == 2
+    assert "temperature=" in methods.loc["vanilla_kd", "params"] and "alpha=" in methods.loc["vanilla_kd", "params"]
+    assert methods.loc["ce", "params"].startswith("lr=")
+
+    # The best trial's test accuracy as the study logged it == the report's re-evaluation of its checkpoint.
+    met = pd.read_csv(out / "metrics.csv").set_index("label")
+    for label in ("ce", "vanilla_kd"):
+        assert met.loc[label, "acc"] == pytest.approx(methods.loc[label, "test_acc"], abs=1e-6)
+        assert 0 <= met.loc[label, "ece"] <= 1 and 0 <= met.loc[label, "agree_t"] <= 1
+        assert met.loc[label, "kl_t_s"] >= 0 and met.loc[label, "n"] == 1
+    assert math.isnan(met.loc["teacher", "agree_t"])
+    assert met.loc["teacher", "params"] > met.loc["ce", "params"] and met.loc["teacher", "macs"] > met.loc["ce", "macs"]
+
+    ranks = json.loads((out / "ranks.json").read_text())
+    by = {r["label"]: r for r in ranks}
+    assert set(by) == {"ce", "vanilla_kd"}
+    assert by["ce"]["delta_acc_vs_ce"] == 0.0 and by["ce"]["p_vs_ce"] is None
+    assert by["vanilla_kd"]["delta_acc_vs_ce"] == pytest.approx(met.loc["vanilla_kd", "acc"] - met.loc["ce", "acc"])
+    assert sorted(r["acc_rank"] for r in ranks) in ([1, 2], [1, 1])
+
+    # Plots as files and as artifacts of the MLflow report run.
+    pngs = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"test_acc.png", "val_curves.png", "history_ce.png", "history_vanilla_kd.png"} <= pngs
+    assert (out / "plots" / "test_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = _runs(uri, "report")
+    assert len(rep) == 1
+    logged = {a.path for a in _client(uri).list_artifacts(rep[0].info.run_id, "report/plots")}
+    assert "report/plots/test_acc.png" in logged
+    assert "report/best.csv" in {a.path for a in _client(uri).list_artifacts(rep[0].info.run_id, "report")}
+
+
+def test_confirm_adds_runs_then_reuses_them(sweep, capsys):
+    root, uri, _ = sweep
+    assert cli.main(["confirm", "--tracking-uri", uri, "--seeds", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["ce: 0 reused, 2 trained, 0 failed",
+                                                    "vanilla_kd: 0 reused, 2 trained, 0 failed"]
+    runs = _runs(uri, "confirm")
+    assert len(runs) == 4
+    assert sorted((r.data.tags["kdsweep.method"], r.data.tags["kdsweep.confirm_seed"]) for r in runs) == \
+        [("ce", "1"), ("ce", "2"), ("vanilla_kd", "1"), ("vanilla_kd", "2")]
+    parents = {r.data.tags["kdsweep.study"]: r.info.run_id for r in _runs(uri, "study")}
+    for r in runs:  # child runs of their study, with the best trial's hyperparameters
+        assert r.data.tags["mlflow.parentRunId"] == parents[r.data.tags["kdsweep.study"]]
+        assert r.data.tags["kdsweep.state"] == "COMPLETE" and "test_acc" in r.data.metrics
+    src = _client(uri).get_run(runs[0].data.tags["kdsweep.source_run"])
+    assert runs[0].data.params["lr"] == src.data.params["lr"]
+    kd = [r for r in runs if r.data.tags["kdsweep.method"] == "vanilla_kd"]
+    assert kd[0].data.metrics["test_acc"] != kd[1].data.metrics["test_acc"] or \
+        kd[0].data.metrics["best_val_acc"] != kd[1].data.metrics["best_val_acc"]  # fresh seeds differ
+
+    # Twice: everything reused, nothing trained.
+    assert cli.main(["confirm", "--tracking-uri", uri, "--seeds", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["ce: 2 reused, 0 trained, 0 failed",
+                                                    "vanilla_kd: 2 reused, 0 trained, 0 failed"]
+    assert len(_runs(uri, "confirm")) == 4
+
+    out = root / "R2"
+    assert cli.main(["report", "--tracking-uri", uri, "--format", "csv", "--out", str(out), "--no-plots", "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    assert " ± " in printed and "Welch" in printed
+    met = pd.read_csv(out / "metrics.csv").set_index("label")
+    accs = {m: sorted(r.data.metrics["test_acc"] for r in runs if r.data.tags["kdsweep.method"] == m) for m in ("ce", "vanilla_kd")}
+    for m, a in accs.items():
+        assert met.loc[m, "n"] == 2
+        assert met.loc[m, "acc"] == pytest.approx(sum(a) / 2, abs=1e-6)
+        assert met.loc[m, "acc_std"] == pytest.approx(abs(a[1] - a[0]) / math.sqrt(2), abs=1e-6)
+    ranks = pd.read_csv(out / "ranks.csv").set_index("label")
+    from kdsweep.metrics import welch_p
+
+    assert ranks.loc["vanilla_kd", "p_vs_ce"] == pytest.approx(welch_p(accs["vanilla_kd"], accs["ce"]), rel=1e-5)
+    assert ranks["acc"].is_monotonic_decreasing  # sorted by the mean
+
+
+def test_study_without_complete_trial_and_missing_teacher(sweep, capsys):
+    root, uri, mp = sweep
+    c = _client(uri)
+    # A study that has not completed a trial yet: a parent run with no COMPLETE child.
+    parent = _runs(uri, "study")[0]
+    name = "slow_kd-digits-digitnet_l-digitnet_s-s0"
+    run = c.create_run(parent.info.experiment_id, run_name=name,
+                       tags={"kdsweep.role": "study", "kdsweep.study": name, "kdsweep.method": "vanilla_kd"})
+    for k, v in parent.data.params.items():
+        c.log_param(run.info.run_id, k, v)
+    # The teacher not in the cache (as on another machine than the study's): the `teachers` run's artifact serves.
+    for p in (root / "cache" / "teachers").glob("*.pt"):
+        p.rename(p.with_suffix(".moved"))
+    from kdsweep.report import find_teacher, open_tracker, select
+
+    got, where = find_teacher(select(open_tracker(uri)), root / "dl", print)
+    assert got is not None and got.is_file() and "teachers" in where and str(root / "cache") not in str(got)
+    # ... and with that run deleted, the teacher is nowhere.
+    texp = c.get_experiment_by_name("teachers")
+    for r in c.search_runs([texp.experiment_id]):
+        c.delete_run(r.info.run_id)
+
+    out = root / "R3"
+    assert cli.main(["report", "--tracking-uri", uri, "--format", "csv", "--out", str(out), "--no-plots", "--no-log"]) == 0
+    captured = capsys.readouterr()
+    assert "teacher missing" in captured.err
+    best = pd.read_csv(out / "best.csv").set_index("label")
+    assert best.loc["slow_kd", "status"] == "no complete trial" and math.isnan(best.loc["slow_kd", "test_acc"])
+    assert best.loc["teacher", "status"] == "teacher checkpoint missing"
+    ranks = pd.read_csv(out / "ranks.csv").set_index("label")
+    assert math.isnan(ranks.loc["slow_kd", "avg_rank"]) and not math.isnan(ranks.loc["ce", "avg_rank"])
+    assert ranks["agree_t_rank"].isna().all()  # no teacher: no comparison, no rank
+
+
+def test_report_on_empty_store_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdsweep: error: no MLflow store")
+    assert not (tmp_path / "mlruns").exists()  # reading never creates a store
+    assert cli.main(["confirm"]) == 2
+
+
+def test_report_on_store_without_studies_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from kdsweep.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    Tracker(None)  # an MLflow store with no kdsweep experiment in it
+    assert cli.main(["report", "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no kdsweep studies" in err[0]
