@@ -114,3 +114,19 @@ def test_help_teaches(kdsweep):
 
     text = build_parser()._subparsers._group_actions[0].choices["study"].format_help()
     assert "examples:" in text and "kdsweep study vanilla_kd --trials 50" in text and "resumes the study" in text
+
+
+def test_ui_binds_loopback_on_the_study_store(kdsweep, workdir, monkeypatch):
+    import subprocess
+
+    code, _, err = kdsweep("ui")
+    assert code == 2 and "run a study first" in _one_line(err)
+    (workdir / "mlruns").mkdir()
+    (workdir / "mlruns" / "mlflow.db").touch()
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
+    assert kdsweep("ui")[0] == 0
+    cmd = seen["cmd"]
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == "sqlite:///mlruns/mlflow.db"
