@@ -260,9 +260,9 @@ def cmd_confirm(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from .tracking import default_tracking_uri
+    from .tracking import absolute_sqlite, default_tracking_uri
 
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = absolute_sqlite(args.tracking_uri or default_tracking_uri())
     if uri.startswith("http"):
         raise UserError(f"{uri} is already a tracking server: open it in a browser")
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):

@@ -123,9 +123,9 @@ def search_all(client, experiment_id: str, flt: str = "") -> list:
 
 def open_tracker(uri: str | None) -> Tracker:
     """The tracking store to read, refusing to create an empty local one."""
-    from .tracking import default_tracking_uri
+    from .tracking import absolute_sqlite, default_tracking_uri
 
-    u = uri or default_tracking_uri()
+    u = absolute_sqlite(uri or default_tracking_uri())
     if u.startswith("sqlite:///") and not Path(u[len("sqlite:///"):]).is_file():
         raise UserError(f"no MLflow store at {u}: run `kdsweep study` first (or pass --tracking-uri)")
     return Tracker(u)

@@ -25,7 +25,7 @@ from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
 from .teacher import get_teacher
-from .tracking import DEFAULT_DIR, Tracker, redact
+from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, redact
 from .train import NonFiniteLoss, Schedule, evaluate, train_student
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -47,15 +47,15 @@ def resolve_device(name: str) -> torch.device:
 
 def default_storage() -> str:
     # Its own SQLite file: Optuna and MLflow must not share one (both run alembic migrations).
-    return f"sqlite:///{(DEFAULT_DIR / 'optuna.db').as_posix()}"
+    return absolute_sqlite(f"sqlite:///{(DEFAULT_DIR / 'optuna.db').as_posix()}")
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    url = url or default_storage()
+    url = absolute_sqlite(url or default_storage())
     if url.startswith("sqlite:///"):
         db = Path(url[len("sqlite:///"):])
         if not db.parent.is_dir():
-            if db.parent == DEFAULT_DIR:
+            if db.parent == DEFAULT_DIR.resolve():
                 db.parent.mkdir(parents=True)
             else:
                 raise UserError(f"storage {url}: directory {db.parent} does not exist")

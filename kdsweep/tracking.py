@@ -24,8 +24,20 @@ DEFAULT_DIR = Path("mlruns")
 PARENT_TAG = "mlflow.parentRunId"
 
 
+def absolute_sqlite(uri: str) -> str:
+    """sqlite:///relative/path -> sqlite:////absolute/path, resolved against the current directory now.
+
+    MLflow caches one database engine per URI string: a relative URI would keep
+    pointing at the first directory's file after a chdir.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + Path(uri[len(prefix):]).resolve().as_posix()
+    return uri
+
+
 def default_tracking_uri() -> str:
-    return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').as_posix()}"
+    return absolute_sqlite(f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').as_posix()}")
 
 
 def quiet() -> None:
@@ -54,7 +66,7 @@ class Tracker:
     def __init__(self, uri: str | None):
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri or default_tracking_uri()
+        self.uri = absolute_sqlite(uri or default_tracking_uri())
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         elif "://" not in self.uri and not self.uri.startswith("databricks"):

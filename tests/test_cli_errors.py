@@ -46,7 +46,7 @@ STUDY = ["--trials", "1", "--epochs", "1", "--dataset", "digits"]
         (["study", "ce", *STUDY[2:], "--trials", "0"], "--trials must be at least 1"),
         (["study", "ce", *STUDY, "--storage", "notaurl"], "cannot open Optuna storage notaurl"),
         (["study", "ce", *STUDY, "--storage", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open Optuna storage postgresql://u:***@127.0.0.1:1/db"),
-        (["study", "ce", *STUDY, "--storage", "sqlite:///no/such/dir/x.db"], "directory no/such/dir does not exist"),
+        (["study", "ce", *STUDY, "--storage", "sqlite:///no/such/dir/x.db"], "/no/such/dir does not exist"),
         (["study", "ce", *STUDY, "--tracking-uri", "not a uri"], "tracking URI 'not a uri' is not a URL"),
         (["study", "vanilla_kd", *STUDY, "--teacher-checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
         (["study", "missing.toml"], "study file missing.toml not found"),
@@ -129,4 +129,4 @@ def test_ui_binds_loopback_on_the_study_store(kdsweep, workdir, monkeypatch):
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "mlflow", "ui"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--backend-store-uri") + 1] == "sqlite:///mlruns/mlflow.db"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,7 +14,7 @@ ALL = sorted(METHODS)
 
 
 def _trial_runs(study: str, experiment: str):
-    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    client = MlflowClient(f"sqlite:///{os.getcwd()}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], f"tags.`kdsweep.study` = '{study}' and tags.`kdsweep.role` = 'trial'")
     return client, runs
@@ -60,12 +62,12 @@ def test_sweep_runs_one_study_per_method(kdsweep):
     code, out, err = kdsweep("sweep", "--methods", "ce,vanilla_kd,dkd", "--trials", 3, "--epochs", 2, "--dataset", "digits")
     assert code == 0, err
     assert "next: kdsweep report" in out
-    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    client = MlflowClient(f"sqlite:///{os.getcwd()}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s")
     parents = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'study'")
     assert sorted(r.data.tags["kdsweep.method"] for r in parents) == ["ce", "dkd", "vanilla_kd"]
     for m in ("ce", "vanilla_kd", "dkd"):
-        study = optuna.load_study(study_name=f"{m}-digits-digitnet_l-digitnet_s-s0", storage="sqlite:///mlruns/optuna.db")
+        study = optuna.load_study(study_name=f"{m}-digits-digitnet_l-digitnet_s-s0", storage=f"sqlite:///{os.getcwd()}/mlruns/optuna.db")
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
 
 

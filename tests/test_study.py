@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -11,13 +13,13 @@ EXPERIMENT = "kdsweep/digits/digitnet_l->digitnet_s"
 
 
 def _runs(role: str, study: str = STUDY):
-    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    client = MlflowClient(f"sqlite:///{os.getcwd()}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name(EXPERIMENT)
     return client, client.search_runs([exp.experiment_id], f"tags.`kdsweep.role` = '{role}' and tags.`kdsweep.study` = '{study}'")
 
 
 def _study(name: str = STUDY):
-    return optuna.load_study(study_name=name, storage="sqlite:///mlruns/optuna.db")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{os.getcwd()}/mlruns/optuna.db")
 
 
 def test_study_logs_everything_and_resumes(kdsweep):
