@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from .errors import UserError
@@ -134,6 +136,8 @@ def cmd_ui(args) -> int:
         raise UserError(f"no MLflow store at {uri} yet: run a study first")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
            "--workers", "1"]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} exposes the MLflow UI, which has no login, to other machines", file=sys.stderr)
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
     try:
         return subprocess.call(cmd)
@@ -181,18 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted machine, `kill`): cleaned up like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable = args.func
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args) or 0
     except UserError as e:
         print(f"kdsweep: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nkdsweep: interrupted; run the same command again to resume.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nkdsweep: {what}; run the same command again to resume.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -59,11 +59,15 @@ class TrainResult:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN/inf: the trial diverged."""
+    """The trial diverged: its loss became NaN/inf, or grew DIVERGENCE_FACTOR-fold over epoch 0's."""
 
-    def __init__(self, epoch: int):
-        super().__init__(f"non-finite training loss in epoch {epoch}")
+    def __init__(self, epoch: int, detail: str = "non-finite training loss"):
+        super().__init__(f"{detail} in epoch {epoch}")
         self.epoch = epoch
+
+
+# A mean training loss this many times epoch 0's (or 1.0, if larger) counts as diverged; checked once per epoch.
+DIVERGENCE_FACTOR = 100.0
 
 
 def autocast(device: torch.device):
@@ -164,7 +168,12 @@ def train_student(
         train["acc"] = values[-1] / n
         if not math.isfinite(train["loss"]):
             raise NonFiniteLoss(epoch)
+        first_loss = result.history[0].train["loss"] if result.history else train["loss"]
+        if train["loss"] > DIVERGENCE_FACTOR * max(first_loss, 1.0):
+            raise NonFiniteLoss(epoch, f"training loss diverged ({train['loss']:.3g}, over {DIVERGENCE_FACTOR:g}x epoch 0's {first_loss:.3g})")
         val_loss, val_acc = evaluate(student, data, "val")
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(epoch, "non-finite validation loss")
         stats = EpochStats(epoch, train, val_loss, val_acc, lr_now, time.perf_counter() - t0)
         result.history.append(stats)
         if val_acc > result.best_val_acc:
