@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable = args.func
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args) or 0
     except UserError as e:
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"\nkdsweep: {what}; run the same command again to resume.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
