@@ -189,17 +189,42 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a preempted machine, `kill`): cleaned up like Ctrl-C."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    from .workers import request_stop
+
+    exc = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    request_stop(exc)  # raised again at the next check, should this one be swallowed
+    raise exc()
+
+
+def _quiet_lost_interrupts(hook):
+    """An unraisable-exception hook that stays silent about interrupts lost in GC callbacks (re-raised later)."""
+    def unraisable(info):
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            return
+        hook(info)
+    return unraisable
+
+
+def _install_signal_handlers() -> dict:
+    """Ctrl-C and SIGTERM both raise (and leave a stop request); returns what to restore."""
+    from .workers import request_stop
+
+    request_stop(None)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_signal), "unraisablehook": sys.unraisablehook}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (nohup, &)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
+    sys.unraisablehook = _quiet_lost_interrupts(sys.unraisablehook)
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable = args.func
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = _install_signal_handlers()
     try:
         return func(args) or 0
     except UserError as e:
@@ -210,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nkdsweep: {what}; run the same command again to resume.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous.pop("unraisablehook", sys.unraisablehook)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from .models import build_model, count_params
 from .teacher import get_teacher
 from .tracking import DEFAULT_DIR, Tracker, redact, scrub
 from .train import NonFiniteLoss, Schedule, evaluate, train_student
-from .workers import OWNER_ATTR, REASON_ATTR, Heartbeat, Owner, StudyLock, claim, heartbeat_settings, recover_stale, retry
+from .workers import (OWNER_ATTR, REASON_ATTR, Heartbeat, Owner, StudyLock, check_stop, claim, heartbeat_settings,
+                      recover_stale, retry)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -53,8 +54,20 @@ def default_storage() -> str:
     return f"sqlite:///{(DEFAULT_DIR / 'optuna.db').as_posix()}"
 
 
+def _with_driver(url: str) -> str:
+    """PostgreSQL URLs without a driver: SQLAlchemy 2.1 defaults to psycopg (3); fall back to psycopg2 if only it is here."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        return url
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
+
+
 def open_storage(url: str | None) -> optuna.storages.RDBStorage:
-    url = url or default_storage()
+    url = _with_driver(url or default_storage())
     engine_kwargs = {}
     if url.startswith("sqlite:///"):
         db = Path(url[len("sqlite:///"):])
@@ -150,9 +163,13 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     params = {**ctx.base_params, **hp, **{k: v for k, v in vars(schedule).items()}, "extra_params": count_params(method)}
     tracker.log(run, params=params)
 
+    reported: list[int] = []  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
+
     def on_epoch(stats):
+        check_stop()
         tracker.log(run, stats.metrics(), step=stats.epoch)
         trial.report(stats.val_acc, stats.epoch)
+        reported.append(stats.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
@@ -160,11 +177,11 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     try:
         result = train_student(student, method, ctx.teacher, data, schedule, on_epoch=on_epoch, progress=lambda e: bar.update(1))
     except optuna.TrialPruned as e:
-        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": len(trial.intermediate_values) - 1, "kdsweep.reason": str(e)})
+        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": reported[-1] if reported else -1, "kdsweep.reason": str(e)})
         tracker.end(run, "KILLED")
         raise
     except TRIAL_ERRORS as e:
-        epoch = getattr(e, "epoch", len(trial.intermediate_values))
+        epoch = e.epoch if hasattr(e, "epoch") else len(reported)  # an OOM: the epoch it was in
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:250]}"
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": reason, "kdsweep.failed_at_epoch": epoch})
         trial.set_user_attr(REASON_ATTR, reason)
@@ -353,6 +370,7 @@ def _claim_next(ctx: StudyContext) -> optuna.Trial | None:
             ctx.say(f"{running} trial(s) running in other workers would complete the study; waiting for them.")
             waiting = True
         time.sleep(ctx.poll)
+        check_stop()
 
 
 def _tell(ctx: StudyContext, trial: optuna.Trial, state, value: float | None = None, quiet: bool = False) -> bool:
@@ -472,6 +490,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
             if cfg.timeout is not None and time.monotonic() - start > cfg.timeout:
                 say(f"--timeout {cfg.timeout:g}s reached; run the same command again to continue.")
                 break
+            check_stop()
             trial = _claim_next(ctx)
             if trial is None:
                 break

@@ -66,6 +66,30 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
+# --------------------------------------------------------------------------- stop requests
+
+
+_stop: type[BaseException] | None = None
+
+
+def request_stop(exc_type: type[BaseException] | None) -> None:
+    """Remember that a signal asked this worker to stop (None: forget it)."""
+    global _stop
+    _stop = exc_type
+
+
+def check_stop() -> None:
+    """Raise the interrupt a signal asked for, in case the first one was lost.
+
+    Python drops an exception raised inside a garbage-collector callback or a
+    __del__ ("Exception ignored in ..."), so a Ctrl-C that lands there would be
+    swallowed and the study would run on. The study checks here once per epoch
+    and before each trial.
+    """
+    if _stop is not None:
+        raise _stop()
+
+
 # --------------------------------------------------------------------------- owners
 
 

@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--kills", type=int, default=5, help="SIGKILLs to deliver (default 5)")
     p.add_argument("--trials", type=int, help="complete trials the study must end with (default kills + 3)")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--data-size", type=int, default=400, help="training images (default 400: short trials)")
     p.add_argument("--method", default="ce", help="default: ce (no teacher to train)")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
@@ -247,7 +248,8 @@ def main(argv=None) -> int:
     log_dir.mkdir()
     db = workdir / "mlruns" / "optuna.db"
     study_name = f"fault-{args.method}-{args.seed}"
-    cli_argv = ["study", args.method, "--dataset", args.dataset, "--trials", str(trials), "--epochs", str(args.epochs),
+    cli_argv = ["study", args.method, "--dataset", args.dataset, "--data-size", str(args.data_size),
+                "--trials", str(trials), "--epochs", str(args.epochs),
                 "--pruner", "none", "--device", "cpu", "--study-name", study_name]
     os.environ.setdefault("KDSWEEP_CACHE", str(workdir / "cache"))
     if not args.spawn:
