@@ -67,7 +67,8 @@ def _with_driver(url: str) -> str:
 
 
 def open_storage(url: str | None) -> optuna.storages.RDBStorage:
-    url = _with_driver(url or default_storage())
+    given = url or default_storage()  # what the user typed: what messages show
+    url = _with_driver(given)
     engine_kwargs = {}
     if url.startswith("sqlite:///"):
         db = Path(url[len("sqlite:///"):])
@@ -88,7 +89,7 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace)
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot open Optuna storage {redact(url)}: {scrub(msg, url)}") from None
+        raise UserError(f"cannot open Optuna storage {redact(given)}: {scrub(msg, given)}") from None
     finally:
         if lock is not None:
             lock.close()
@@ -478,10 +479,13 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                        study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace)
     _close_orphan_runs(ctx)
 
-    complete0 = count(study, COMPLETE)
+    complete0, running0 = _counts(study)
     if complete0 >= cfg.trials:
         say(f"Study {name!r} already holds {complete0} complete trials (asked for {cfg.trials}); nothing to run.")
-    elif complete0 or len(study.trials):
+    elif running0:
+        say(f"Joining study {name!r}: {complete0} of {cfg.trials} trials complete, {running0} running elsewhere "
+            f"(or left by a dead worker: recovered when claiming).")
+    elif study.trials:
         say(f"Resuming study {name!r}: {complete0} of {cfg.trials} trials complete.")
     bar = tqdm(total=cfg.trials, initial=min(complete0, cfg.trials), desc=cfg.method, unit="trial", disable=None)
     start, failures, status = time.monotonic(), 0, "FINISHED"
