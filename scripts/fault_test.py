@@ -5,10 +5,12 @@
     -> kills=5 resumed=5 lost=0 duplicates=0 stuck_runs=0
 
 Each round starts `kdsweep study` (the real CLI entry point, `kdsweep.cli.main`)
-in a child process and SIGKILLs it: every third round at a random moment in
-its first 4 seconds (start-up, database set-up, parent run, a first claim),
-the others at a random moment after one of its trials became RUNNING
-(training, logging to MLflow, telling Optuna, claiming the next trial). The next round re-runs the same command. After K kills a final run
+in a child process and SIGKILLs it: every third round at a random moment of
+its start-up (imports, database set-up, parent run, recovery, a first claim:
+as long as the last round took to get a trial RUNNING), the others at a random
+moment after one of its trials became RUNNING (training, logging to MLflow,
+telling Optuna, claiming the next trial). A round that completes the study
+before its kill lands is not a kill; --trials is raised and the rounds go on. The next round re-runs the same command. After K kills a final run
 must finish the study with exit status 0. The counts are then read back from
 what Optuna and MLflow hold, not from this script's memory:
 
@@ -51,7 +53,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=5, help="SIGKILLs to deliver (default 5)")
-    p.add_argument("--trials", type=int, help="complete trials the study must end with (default kills + 3)")
+    p.add_argument("--trials", type=int, help="complete trials the study must end with (default 2 x kills + 2)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--data-size", type=int, default=400, help="training images (default 400: short trials)")
     p.add_argument("--method", default="ce", help="default: ce (no teacher to train)")
@@ -154,7 +156,7 @@ def running_owned_by(db: Path, pid: int) -> bool:
     return False
 
 
-def trial_seconds(db: Path, default: float = 3.0) -> float:
+def trial_seconds(db: Path, default: float = 1.0) -> float:
     """Median duration of the complete trials so far: how long to wait inside one."""
     rows = _query(db, "SELECT (julianday(datetime_complete) - julianday(datetime_start)) * 86400 FROM trials "
                       "WHERE state = 'COMPLETE' AND datetime_complete IS NOT NULL")
@@ -171,13 +173,16 @@ def complete_values(db: Path) -> dict[int, float]:
 # --------------------------------------------------------------------------- the rounds
 
 
+startup = [4.0]  # seconds from start to a first RUNNING trial, as last seen: the window of "anywhere" kills
+
+
 def one_round(args, argv, workdir: Path, db: Path, n: int, rng: random.Random, log_dir: Path) -> dict:
     """Start the study, kill it at a random point; return what happened."""
     child = Child(argv, workdir, log_dir / f"round{n:02d}.log", args.spawn)
     start = time.monotonic()
     mode = "anywhere" if n % 3 == 0 else "in-trial"  # every third kill lands anywhere, start-up included
     if mode == "anywhere":
-        target = start + rng.uniform(0.0, 4.0)
+        target = start + rng.uniform(0.0, startup[0])
         while time.monotonic() < target and child.poll() is None:
             time.sleep(0.01)
     else:
@@ -186,6 +191,7 @@ def one_round(args, argv, workdir: Path, db: Path, n: int, rng: random.Random, l
                 break
             time.sleep(0.02)
         seen = time.monotonic()
+        startup[0] = seen - start
         delay = rng.uniform(0.0, 1.2 * trial_seconds(db))
         while time.monotonic() < seen + delay and child.poll() is None:
             time.sleep(0.01)
@@ -238,7 +244,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.kills < 1:
         sys.exit("--kills must be at least 1")
-    trials = args.trials or args.kills + 3
+    trials = args.trials or 2 * args.kills + 2
     rng = random.Random(args.seed)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdsweep-fault-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -262,19 +268,31 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     kills = resumed = rounds = 0
+    after_kill = False  # the last round was killed: the next one resumes it
     completed: dict[int, float] = {}  # trial number -> value, for every trial seen COMPLETE after some round
     while kills < args.kills:
         rounds += 1
         r = one_round(args, cli_argv, workdir, db, rounds, rng, log_dir)
         if args.verbose:
             print(f"round {rounds}: {r['mode']} kill at {r['at']:.2f}s -> status {r['status']}", flush=True)
+        if after_kill and (r["killed"] or r["status"] == 0):
+            resumed += 1  # this round re-ran the command after a kill (and was killed in turn, or finished)
+            after_kill = False
+        if r["status"] == 0:
+            # It completed the study before the kill landed: ask for more trials (a resume may raise --trials).
+            trials += args.kills
+            cli_argv[cli_argv.index("--trials") + 1] = str(trials)
+            if args.verbose:
+                print(f"round {rounds}: finished before the kill; --trials raised to {trials}")
+            if rounds > 4 * args.kills:
+                print(f"gave up after {rounds} rounds and {kills} kills")
+                return 1
+            continue
         if not r["killed"]:
-            why = "finished before the kill (use more --trials)" if r["status"] == 0 else f"exited with status {r['status']}"
-            print(f"round {rounds}: the study {why}:\n{r['output'][-3000:]}")
+            print(f"round {rounds}: the study exited with status {r['status']} before the kill:\n{r['output'][-3000:]}")
             return 1
-        if kills:
-            resumed += 1  # this round re-ran the command after a kill, and ran until killed in turn
         kills += 1
+        after_kill = True
         completed.update(complete_values(db))
 
     final = Child(cli_argv, workdir, log_dir / "final.log", args.spawn)
@@ -284,7 +302,7 @@ def main(argv=None) -> int:
     if status != 0:
         print(f"the final run exited with status {status}")
         return 1
-    resumed += 1
+    resumed += after_kill  # the final run, after the last kill
     a = audit(workdir, study_name, trials, completed)
     print(f"kills={kills} resumed={resumed} lost={a['lost']} duplicates={a['duplicates']} stuck_runs={a['stuck_runs']}")
     print(f"  trials={trials} optuna={a['states']} retried={a['retries']} mlflow_trial_runs={a['mlflow_trial_runs']} "

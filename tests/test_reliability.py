@@ -92,13 +92,17 @@ def test_kill_9_then_resume_recovers_the_trial_and_ends_with_exactly_n(tmp_path)
 # --------------------------------------------------------------------------- Ctrl-C
 
 
+# Long trials (30 epochs) for the signal tests, so the signal lands mid-training even on a fast machine;
+# the test ends at the signal, so they cost nothing.
+LONG = [a if a != "2" else "30" for a in STUDY]
+
+
 def test_ctrl_c_fails_the_trial_kills_its_run_and_says_how_to_resume(tmp_path):
     env, (storage, tracking) = cli_env(tmp_path), _stores(tmp_path)
-    args = STUDY + ["--trials", "3", "--study-name", "cc"]
+    args = LONG + ["--trials", "3", "--study-name", "cc"]
     db = tmp_path / "mlruns" / "optuna.db"
     proc = start_cli(args, tmp_path, env)
     (number,) = wait_for(_training_trial(db, proc), 300, proc)
-    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     out = out.decode()
@@ -118,7 +122,7 @@ def test_ctrl_c_fails_the_trial_kills_its_run_and_says_how_to_resume(tmp_path):
 
 def test_sigterm_is_cleaned_up_like_ctrl_c(tmp_path):
     env, (storage, tracking) = cli_env(tmp_path), _stores(tmp_path)
-    args = STUDY + ["--trials", "2", "--study-name", "st"]
+    args = LONG + ["--trials", "2", "--study-name", "st"]
     db = tmp_path / "mlruns" / "optuna.db"
     proc = start_cli(args, tmp_path, env)
     (number,) = wait_for(_training_trial(db, proc), 300, proc)
