@@ -10,7 +10,10 @@ its start-up (imports, database set-up, parent run, recovery, a first claim:
 as long as the last round took to get a trial RUNNING), the others at a random
 moment after one of its trials became RUNNING (training, logging to MLflow,
 telling Optuna, claiming the next trial). A round that completes the study
-before its kill lands is not a kill; --trials is raised and the rounds go on. The next round re-runs the same command. After K kills a final run
+before its kill lands is not a kill; --trials is raised and the rounds go on.
+With --workers W, W workers run the study at once; each kill hits one of them
+at random and a new worker (the same command) takes its place, so live workers
+recover the dead one's trial while they run. The next round re-runs the same command. After K kills a final run
 must finish the study with exit status 0. The counts are then read back from
 what Optuna and MLflow hold, not from this script's memory:
 
@@ -23,9 +26,11 @@ what Optuna and MLflow hold, not from this script's memory:
               than one parent run for the study
   stuck_runs  MLflow runs still RUNNING plus Optuna trials still RUNNING
 
-Children are forked from this process after it has imported kdsweep (fast),
-or started as `python -m kdsweep.cli` with --spawn. The exit status is 0 only
-if every count is as it should be.
+`resumed` counts the runs started after a kill that went on to be killed in
+turn or to finish with exit status 0. Children are forked from this process
+after it has imported kdsweep (fast), or started as `python -m kdsweep.cli` with
+--spawn. The exit status is 0 only if kills = resumed = K and the three other
+counts are 0.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="digits")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     p.add_argument("--workdir", help="run here (default: a fresh temp dir); it must not hold an earlier study")
+    p.add_argument("--workers", type=int, default=1, help="workers running the study at once (default 1); "
+                   "each kill hits one of them and a new worker replaces it")
     p.add_argument("--spawn", action="store_true", help="start `python -m kdsweep.cli` instead of forking")
     p.add_argument("--round-timeout", type=float, default=300, help="seconds one round may take")
     p.add_argument("-v", "--verbose", action="store_true", help="print each round and the children's output")
@@ -96,6 +103,8 @@ class Child:
                 finally:
                     os._exit(code)
         self.status: int | None = None  # exit code, or -signal
+        self.started = time.monotonic()
+        self.resumes = False  # started to resume a killed worker's study
 
     def poll(self) -> int | None:
         if self.status is None:
@@ -176,29 +185,28 @@ def complete_values(db: Path) -> dict[int, float]:
 startup = [4.0]  # seconds from start to a first RUNNING trial, as last seen: the window of "anywhere" kills
 
 
-def one_round(args, argv, workdir: Path, db: Path, n: int, rng: random.Random, log_dir: Path) -> dict:
-    """Start the study, kill it at a random point; return what happened."""
-    child = Child(argv, workdir, log_dir / f"round{n:02d}.log", args.spawn)
-    start = time.monotonic()
+def kill_at_random(child: Child, n: int, rng: random.Random, db: Path, args) -> dict:
+    """SIGKILL a running child at a random point; return what happened."""
+    now = time.monotonic()
     mode = "anywhere" if n % 3 == 0 else "in-trial"  # every third kill lands anywhere, start-up included
     if mode == "anywhere":
-        target = start + rng.uniform(0.0, startup[0])
+        target = now + rng.uniform(0.0, startup[0])
         while time.monotonic() < target and child.poll() is None:
             time.sleep(0.01)
     else:
         while not running_owned_by(db, child.pid) and child.poll() is None:
-            if time.monotonic() - start > args.round_timeout:
+            if time.monotonic() - now > args.round_timeout:
                 break
             time.sleep(0.02)
         seen = time.monotonic()
-        startup[0] = seen - start
+        if child.started > now - 0.5:  # it started with this round: learn how long start-up takes
+            startup[0] = seen - child.started
         delay = rng.uniform(0.0, 1.2 * trial_seconds(db))
         while time.monotonic() < seen + delay and child.poll() is None:
             time.sleep(0.01)
-    at = time.monotonic() - start
+    at = time.monotonic() - now
     status = child.kill()
-    return {"round": n, "mode": mode, "at": at, "killed": status == -signal.SIGKILL, "status": status,
-            "output": child.output()}
+    return {"mode": mode, "at": at, "killed": status == -signal.SIGKILL, "status": status}
 
 
 def audit(workdir: Path, study_name: str, trials: int, completed_before: dict[int, float]) -> dict:
@@ -242,8 +250,8 @@ def audit(workdir: Path, study_name: str, trials: int, completed_before: dict[in
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.kills < 1:
-        sys.exit("--kills must be at least 1")
+    if args.kills < 1 or args.workers < 1:
+        sys.exit("--kills and --workers must be at least 1")
     trials = args.trials or 2 * args.kills + 2
     rng = random.Random(args.seed)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdsweep-fault-")).resolve()
@@ -267,46 +275,68 @@ def main(argv=None) -> int:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # its first use imports torch._dynamo
 
     t0 = time.monotonic()
-    kills = resumed = rounds = 0
-    after_kill = False  # the last round was killed: the next one resumes it
+    kills = resumed = rounds = serial = 0
     completed: dict[int, float] = {}  # trial number -> value, for every trial seen COMPLETE after some round
+
+    def start(resumes: bool) -> Child:
+        nonlocal serial
+        serial += 1
+        child = Child(cli_argv, workdir, log_dir / f"run{serial:02d}.log", args.spawn)
+        child.resumes = resumes
+        return child
+
+    def ended(child: Child) -> bool:
+        """Account for a child that is gone; False if it failed."""
+        nonlocal resumed
+        if child.status == 0 or child.status == -signal.SIGKILL:
+            resumed += child.resumes
+            child.resumes = False  # count each resume once
+            return True
+        print(f"a worker exited with status {child.status}:\n{child.output()[-3000:]}")
+        return False
+
+    workers = [start(False) for _ in range(args.workers)]
     while kills < args.kills:
         rounds += 1
-        r = one_round(args, cli_argv, workdir, db, rounds, rng, log_dir)
-        if args.verbose:
-            print(f"round {rounds}: {r['mode']} kill at {r['at']:.2f}s -> status {r['status']}", flush=True)
-        if after_kill and (r["killed"] or r["status"] == 0):
-            resumed += 1  # this round re-ran the command after a kill (and was killed in turn, or finished)
-            after_kill = False
-        if r["status"] == 0:
-            # It completed the study before the kill landed: ask for more trials (a resume may raise --trials).
+        if rounds > 6 * args.kills:
+            print(f"gave up after {rounds} rounds and {kills} kills")
+            return 1
+        if any(w.poll() is not None for w in workers):
+            # A worker left on its own: the study completed before the kills were done. Let the others
+            # finish, then ask for more trials (a resume may raise --trials) and start again.
+            for w in workers:
+                w.wait(timeout=args.round_timeout)
+                if not ended(w):
+                    return 1
             trials += args.kills
             cli_argv[cli_argv.index("--trials") + 1] = str(trials)
             if args.verbose:
-                print(f"round {rounds}: finished before the kill; --trials raised to {trials}")
-            if rounds > 4 * args.kills:
-                print(f"gave up after {rounds} rounds and {kills} kills")
-                return 1
+                print(f"round {rounds}: the study completed before the kills; --trials raised to {trials}")
+            workers = [start(False) for _ in range(args.workers)]
             continue
-        if not r["killed"]:
-            print(f"round {rounds}: the study exited with status {r['status']} before the kill:\n{r['output'][-3000:]}")
+        i = rng.randrange(len(workers))
+        r = kill_at_random(workers[i], rounds, rng, db, args)
+        if args.verbose:
+            print(f"round {rounds}: {r['mode']} kill of worker {i} at {r['at']:.2f}s -> status {r['status']}", flush=True)
+        if not ended(workers[i]):
             return 1
-        kills += 1
-        after_kill = True
-        completed.update(complete_values(db))
+        if r["killed"]:
+            kills += 1
+            completed.update(complete_values(db))
+            workers[i] = start(True)  # the same command again
 
-    final = Child(cli_argv, workdir, log_dir / "final.log", args.spawn)
-    status = final.wait(timeout=args.round_timeout)
-    if args.verbose or status != 0:
-        print(final.output()[-3000:])
-    if status != 0:
-        print(f"the final run exited with status {status}")
-        return 1
-    resumed += after_kill  # the final run, after the last kill
+    for w in workers:
+        w.wait(timeout=args.round_timeout)
+        if args.verbose:
+            print(w.output()[-2000:])
+        if w.status != 0:
+            print(f"the final run of a worker exited with status {w.status}:\n{w.output()[-3000:]}")
+            return 1
+        ended(w)
     a = audit(workdir, study_name, trials, completed)
     print(f"kills={kills} resumed={resumed} lost={a['lost']} duplicates={a['duplicates']} stuck_runs={a['stuck_runs']}")
     print(f"  trials={trials} optuna={a['states']} retried={a['retries']} mlflow_trial_runs={a['mlflow_trial_runs']} "
-          f"parent={a['parent']} rounds={rounds + 1} seconds={time.monotonic() - t0:.0f} workdir={workdir}")
+          f"parent={a['parent']} workers={args.workers} runs={serial} seconds={time.monotonic() - t0:.0f} workdir={workdir}")
     ok = kills == args.kills and resumed == kills and a["lost"] == 0 and a["duplicates"] == 0 and a["stuck_runs"] == 0
     return 0 if ok else 1
 
