@@ -160,9 +160,7 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     run = tracker.start(ctx.experiment_id, f"{cfg.full_study_name}/t{trial.number:03d}",
                         {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                          "kdsweep.trial": trial.number, "kdsweep.state": "RUNNING"}, parent=ctx.parent_run)
-    trial.set_user_attr(RUN_ID_ATTR, run)
     params = {**ctx.base_params, **hp, **{k: v for k, v in vars(schedule).items()}, "extra_params": count_params(method)}
-    tracker.log(run, params=params)
 
     reported: list[int] = []  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
 
@@ -174,8 +172,11 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
-    bar = tqdm(total=cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
-    try:
+    bar = None
+    try:  # from here on, whatever stops the trial closes its run
+        trial.set_user_attr(RUN_ID_ATTR, run)
+        tracker.log(run, params=params)
+        bar = tqdm(total=cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
         result = train_student(student, method, ctx.teacher, data, schedule, on_epoch=on_epoch, progress=lambda e: bar.update(1))
     except optuna.TrialPruned as e:
         tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": reported[-1] if reported else -1, "kdsweep.reason": str(e)})
@@ -199,7 +200,8 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
         tracker.end(run, "FAILED")
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     # The selected (best-val) epoch is the one evaluated on test and kept.
     student.load_state_dict(result.state["student"])
@@ -299,17 +301,20 @@ def _report_recovered(ctx: StudyContext, found: list[tuple[optuna.trial.FrozenTr
     _close_orphan_runs(ctx, {t.number: reason for t, reason, _ in found})
 
 
-def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = None) -> int:
+def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = None, finished_too: bool = False) -> int:
     """Close trial runs that MLflow holds open (or FINISHED) although Optuna has ended their trial.
 
     A worker killed mid-trial leaves its run RUNNING; one killed after closing
     its run but before telling Optuna leaves a FINISHED run for a trial that
     Optuna now holds as FAIL. Both become KILLED, with the reason as a tag.
+    FINISHED runs are checked for the trials just `recovered`, and for all
+    trials with `finished_too` (at start: a worker may have died between
+    recovering a trial and closing its run).
     """
     recovered = recovered or {}
     tags = {"kdsweep.role": "trial", "kdsweep.study": ctx.cfg.full_study_name}
-    runs = ctx.tracker.find_runs(ctx.experiment_id, tags, statuses=("RUNNING",))
-    for number in recovered:
+    runs = ctx.tracker.find_runs(ctx.experiment_id, tags, statuses=("RUNNING", "FINISHED") if finished_too else ("RUNNING",))
+    for number in () if finished_too else recovered:
         runs += ctx.tracker.find_runs(ctx.experiment_id, {**tags, "kdsweep.trial": number}, statuses=("FINISHED",))
     trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
     closed = 0
@@ -400,6 +405,15 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _note_reason(trial: optuna.Trial, reason: str) -> None:
+    """Record why a trial failed, unless it already says; never raises (it runs while cleaning up)."""
+    try:
+        if REASON_ATTR not in trial.user_attrs:
+            trial.set_user_attr(REASON_ATTR, reason)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _execute(ctx: StudyContext, trial: optuna.Trial) -> optuna.trial.TrialState:
     """Train one claimed trial with a heartbeat and record its end; a bad trial does not stop the study."""
     try:
@@ -413,8 +427,10 @@ def _execute(ctx: StudyContext, trial: optuna.Trial) -> optuna.trial.TrialState:
         _free_memory(ctx.data.device)  # after an OOM, give the next trial the memory back
         _tell(ctx, trial, FAIL)
         return FAIL
-    except BaseException:
-        # Ctrl-C, or a bug: never leave the trial RUNNING (run_trial has closed its MLflow run).
+    except BaseException as e:
+        # Ctrl-C, or a bug: never leave the trial RUNNING. run_trial has closed its MLflow run if it
+        # was training; if not, the run is closed (KILLED, with this reason) when the study ends.
+        _note_reason(trial, "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}")
         _tell(ctx, trial, FAIL, quiet=True)
         raise
     return COMPLETE if _tell(ctx, trial, COMPLETE, value) else FAIL
@@ -477,7 +493,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     interval, grace = storage.heartbeat_interval, storage.grace_period
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                        study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace)
-    _close_orphan_runs(ctx)
+    _close_orphan_runs(ctx, finished_too=True)
 
     complete0, running0 = _counts(study)
     if complete0 >= cfg.trials:

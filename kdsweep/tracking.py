@@ -154,14 +154,22 @@ class Tracker:
         runs = self.find_runs(experiment_id, tags, max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def find_runs(self, experiment_id: str, tags: Mapping[str, Any], statuses: tuple[str, ...] = (), max_results: int = 1000) -> list:
+    def find_runs(self, experiment_id: str, tags: Mapping[str, Any], statuses: tuple[str, ...] = (),
+                  max_results: int = 100_000) -> list:
         """Runs carrying all `tags` (and one of `statuses`, if given), oldest first."""
         flt = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in tags.items())
         runs = []
         for status in statuses or (None,):
             f = flt + (f" and attributes.status = '{status}'" if status else "")
-            runs += self.client.search_runs([experiment_id], filter_string=f, max_results=max_results,
-                                            order_by=["attributes.start_time ASC"])
+            found, token = [], None
+            while True:  # page through: a search returns at most 1000 runs at a time
+                page = self.client.search_runs([experiment_id], filter_string=f, max_results=min(max_results - len(found), 1000),
+                                               order_by=["attributes.start_time ASC"], page_token=token)
+                found += page
+                token = page.token
+                if not token or len(found) >= max_results:
+                    break
+            runs += found
         return sorted(runs, key=lambda r: r.info.start_time or 0)
 
     def close(self, run_id: str, status: str, tags: Mapping[str, Any]) -> None:

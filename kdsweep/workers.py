@@ -112,13 +112,15 @@ def _node_id() -> str:
 
 
 def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot ('' where /proc is missing)."""
+    """The process's start time in clock ticks since boot; '' if it is gone, a zombie, or /proc is missing."""
     stat = _read(f"/proc/{pid}/stat")
     if not stat:
         return ""
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else ""
+    if len(fields) <= 19 or fields[0] in ("Z", "X"):  # fields[0] is the state: a zombie is dead, only not yet reaped
+        return ""
+    return fields[19]
 
 
 @dataclass(frozen=True)

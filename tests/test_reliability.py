@@ -258,6 +258,13 @@ def test_owner_liveness_tells_dead_reused_and_remote_pids_apart():
     assert Owner(me.node, me.host, p.pid, me.started).alive() is False  # gone
     assert Owner(me.node, me.host, os.getpid(), "1").alive() is False  # the pid now belongs to another process
     assert Owner("elsewhere", "other-host", os.getpid(), me.started).alive() is None  # ask its heartbeat
+    if Path("/proc/self/stat").exists():  # killed but not yet reaped by its parent: dead all the same
+        z = subprocess.Popen([sys.executable, "-c", "pass"])
+        stat = Path(f"/proc/{z.pid}/stat")
+        wait_for(lambda: stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z", 60)
+        started = stat.read_text().rsplit(")", 1)[-1].split()[19]  # a zombie keeps its start time
+        assert Owner(me.node, me.host, z.pid, started).alive() is False
+        z.wait()
 
 
 def test_recover_stale_fails_dead_unclaimed_and_silent_trials_only(tmp_path, monkeypatch):
