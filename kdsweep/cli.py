@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from .errors import UserError
@@ -269,6 +271,8 @@ def cmd_ui(args) -> int:
         raise UserError(f"no MLflow store at {uri} yet: run a study first")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
            "--workers", "1"]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} exposes the MLflow UI, which has no login, to other machines", file=sys.stderr)
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
     try:
         return subprocess.call(cmd)
@@ -355,18 +359,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted machine, `kill`): cleaned up like Ctrl-C."""
+
+
+def _on_signal(signum, frame):
+    from .workers import request_stop
+
+    exc = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    request_stop(exc)  # raised again at the next check, should this one be swallowed
+    raise exc()
+
+
+def _quiet_lost_interrupts(hook):
+    """An unraisable-exception hook that stays silent about interrupts lost in GC callbacks (re-raised later)."""
+    def unraisable(info):
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            return
+        hook(info)
+    return unraisable
+
+
+def _install_signal_handlers() -> dict:
+    """Ctrl-C and SIGTERM both raise (and leave a stop request); returns what to restore."""
+    from .workers import request_stop
+
+    request_stop(None)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_signal), "unraisablehook": sys.unraisablehook}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored (nohup, &)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
+    sys.unraisablehook = _quiet_lost_interrupts(sys.unraisablehook)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable = args.func
+    previous = _install_signal_handlers()
     try:
         return func(args) or 0
     except UserError as e:
         print(f"kdsweep: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nkdsweep: interrupted; run the same command again to resume.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nkdsweep: {what}; run the same command again to resume.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        sys.unraisablehook = previous.pop("unraisablehook", sys.unraisablehook)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ class StudyConfig:
             raise UserError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if self.timeout is not None and self.timeout <= 0:
             raise UserError(f"--timeout must be positive seconds, got {self.timeout}")
+        if self.study_name is not None:
+            sanitize(self.study_name)  # a name with no usable characters fails here, before anything is written
 
     @property
     def full_study_name(self) -> str:

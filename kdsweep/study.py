@@ -7,9 +7,11 @@ teacher -> study + parent run -> trials.
 
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +27,10 @@ from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
 from .teacher import get_teacher
-from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, redact
+from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, redact, scrub
 from .train import NonFiniteLoss, Schedule, evaluate, train_student
+from .workers import (OWNER_ATTR, REASON_ATTR, Heartbeat, Owner, StudyLock, check_stop, claim, heartbeat_settings,
+                      recover_stale, retry)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -50,8 +54,22 @@ def default_storage() -> str:
     return absolute_sqlite(f"sqlite:///{(DEFAULT_DIR / 'optuna.db').as_posix()}")
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    url = absolute_sqlite(url or default_storage())
+def _with_driver(url: str) -> str:
+    """PostgreSQL URLs without a driver: SQLAlchemy 2.1 defaults to psycopg (3); fall back to psycopg2 if only it is here."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        return url
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
+
+
+def open_storage(url: str | None) -> optuna.storages.RDBStorage:
+    given = absolute_sqlite(url or default_storage())  # what messages show (redacted)
+    url = _with_driver(given)
+    engine_kwargs = {}
     if url.startswith("sqlite:///"):
         db = Path(url[len("sqlite:///"):])
         if not db.parent.is_dir():
@@ -59,11 +77,22 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
                 db.parent.mkdir(parents=True)
             else:
                 raise UserError(f"storage {url}: directory {db.parent} does not exist")
+        # Several workers on one host share the file: wait for its write lock instead of failing after 5 s.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    interval, grace = heartbeat_settings()
+    lock = None
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+        # Workers starting together on a fresh database would race to create Optuna's tables.
+        lock = StudyLock(url, "storage-init")
+        with lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace)
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot open Optuna storage {redact(url)}: {msg}") from None
+        raise UserError(f"cannot open Optuna storage {redact(given)}: {scrub(msg, given)}") from None
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def pair_problem(cfg: StudyConfig) -> str | None:
@@ -115,6 +144,14 @@ class StudyContext:
     parent_run: str
     say: Callable[[str], None] = print
     base_params: dict[str, Any] = field(default_factory=dict)
+    # Worker coordination (see workers.py); set by run_study.
+    study: optuna.Study | None = None
+    storage: optuna.storages.RDBStorage | None = None
+    lock: StudyLock | None = None
+    owner: Owner | None = None
+    heartbeat: int = 10
+    grace: int = 60
+    poll: float = 2.0
 
 
 def _trial_params(ctx: StudyContext, trial: optuna.Trial) -> dict[str, float]:
@@ -138,34 +175,39 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     run = tracker.start(ctx.experiment_id, f"{cfg.full_study_name}/t{trial.number:03d}",
                         {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                          "kdsweep.trial": trial.number, "kdsweep.state": "RUNNING"}, parent=ctx.parent_run)
-    trial.set_user_attr(RUN_ID_ATTR, run)
     params = {**ctx.base_params, **hp, **{k: v for k, v in vars(schedule).items()}, "extra_params": count_params(method)}
-    tracker.log(run, params=params)
 
-    last_epoch = [-1]
+    reported: list[int] = []  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
 
     def on_epoch(stats):
-        last_epoch[0] = stats.epoch
+        check_stop()
         tracker.log(run, stats.metrics(), step=stats.epoch)
         trial.report(stats.val_acc, stats.epoch)
+        reported.append(stats.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
-    bar = tqdm(total=cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
-    try:
+    bar = None
+    try:  # from here on, whatever stops the trial closes its run
+        trial.set_user_attr(RUN_ID_ATTR, run)
+        tracker.log(run, params=params)
+        bar = tqdm(total=cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
         result = train_student(student, method, ctx.teacher, data, schedule, on_epoch=on_epoch, progress=lambda e: bar.update(1))
     except optuna.TrialPruned as e:
-        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": last_epoch[0], "kdsweep.reason": str(e)})
+        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": reported[-1] if reported else -1, "kdsweep.reason": str(e)})
         tracker.end(run, "KILLED")
         raise
     except TRIAL_ERRORS as e:
-        epoch = getattr(e, "epoch", last_epoch[0] + 1)
-        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": str(e).splitlines()[0][:250], "kdsweep.failed_at_epoch": epoch})
-        trial.set_user_attr("fail_reason", str(e).splitlines()[0][:250])
+        epoch = e.epoch if hasattr(e, "epoch") else len(reported)  # an OOM: the epoch it was in
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:250]}"
+        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": reason, "kdsweep.failed_at_epoch": epoch})
+        trial.set_user_attr(REASON_ATTR, reason)
+        trial.set_user_attr("failed_at_epoch", epoch)
         tracker.end(run, "FAILED")
         raise
     except KeyboardInterrupt:
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": "interrupted"})
+        trial.set_user_attr(REASON_ATTR, "interrupted")
         tracker.end(run, "KILLED")
         raise
     except BaseException as e:
@@ -173,7 +215,8 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
         tracker.end(run, "FAILED")
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     # The selected (best-val) epoch is the one evaluated on test and kept.
     student.load_state_dict(result.state["student"])
@@ -245,6 +288,189 @@ def _record_best(tracker: Tracker, parent: str, study: optuna.Study) -> dict | N
             "params": best.params, "run_id": best.user_attrs.get(RUN_ID_ATTR)}
 
 
+# --------------------------------------------------------------------------- workers: claim, run, recover
+
+COMPLETE, PRUNED, FAIL, RUNNING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                   optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
+
+
+def _recover(ctx: StudyContext) -> list[tuple[optuna.trial.FrozenTrial, str, bool]]:
+    """Fail the stale trials of dead workers and queue their retries (call under the lock)."""
+    found: list[tuple[optuna.trial.FrozenTrial, str, bool]] = []
+
+    def on_stale(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+        retried = retry(ctx.study, trial, reason)
+        found.append((trial, reason, retried))
+
+    recover_stale(ctx.study, ctx.storage, ctx.grace, ctx.lock.exact, on_stale)
+    return found
+
+
+def _report_recovered(ctx: StudyContext, found: list[tuple[optuna.trial.FrozenTrial, str, bool]]) -> None:
+    """Say what was recovered and close the MLflow runs the dead workers left open (outside the lock)."""
+    if not found:
+        return
+    for trial, reason, retried in found:
+        then = "its parameters are retried next" if retried else "a new trial replaces it"
+        ctx.say(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL; {then}.")
+    _close_orphan_runs(ctx, {t.number: reason for t, reason, _ in found})
+
+
+def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = None, finished_too: bool = False) -> int:
+    """Close trial runs that MLflow holds open (or FINISHED) although Optuna has ended their trial.
+
+    A worker killed mid-trial leaves its run RUNNING; one killed after closing
+    its run but before telling Optuna leaves a FINISHED run for a trial that
+    Optuna now holds as FAIL. Both become KILLED, with the reason as a tag.
+    FINISHED runs are checked for the trials just `recovered`, and for all
+    trials with `finished_too` (at start: a worker may have died between
+    recovering a trial and closing its run).
+    """
+    recovered = recovered or {}
+    tags = {"kdsweep.role": "trial", "kdsweep.study": ctx.cfg.full_study_name}
+    runs = ctx.tracker.find_runs(ctx.experiment_id, tags, statuses=("RUNNING", "FINISHED") if finished_too else ("RUNNING",))
+    for number in () if finished_too else recovered:
+        runs += ctx.tracker.find_runs(ctx.experiment_id, {**tags, "kdsweep.trial": number}, statuses=("FINISHED",))
+    trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
+    closed = 0
+    for run in runs:
+        try:
+            number = int(run.data.tags.get("kdsweep.trial", ""))
+        except ValueError:
+            continue
+        trial = trials.get(number)
+        if trial is None or not trial.state.is_finished():
+            continue  # a live worker's trial
+        if trial.state == COMPLETE:
+            if run.info.status == "RUNNING":
+                ctx.tracker.end(run.info.run_id)
+                closed += 1
+            continue
+        reason = recovered.get(number) or trial.user_attrs.get(REASON_ATTR) or "its worker stopped without closing this run"
+        ctx.tracker.close(run.info.run_id, "KILLED", {"kdsweep.state": trial.state.name, "kdsweep.reason": reason})
+        closed += 1
+    return closed
+
+
+def _counts(study: optuna.Study) -> tuple[int, int]:
+    trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING))
+    complete = sum(t.state == COMPLETE for t in trials)
+    return complete, len(trials) - complete
+
+
+def _claim_next(ctx: StudyContext) -> optuna.Trial | None:
+    """The next trial for this worker, claimed under the study lock; None once the study is done.
+
+    A trial is created only while complete + running < --trials, so workers
+    together never overshoot. While the trials still needed are all running
+    elsewhere, wait: one of them may fail or be pruned and need replacing.
+    """
+    waiting = False
+    while True:
+        with ctx.lock:
+            found = _recover(ctx)
+            complete, running = _counts(ctx.study)
+            trial = None
+            if complete + running < ctx.cfg.trials:
+                # A fresh sampler per trial, seeded by the trial count: workers claiming in turn
+                # never draw the same parameters, and a resumed study does not replay old draws.
+                ctx.study.sampler = make_sampler(ctx.cfg, len(ctx.study.get_trials(deepcopy=False)))
+                with warnings.catch_warnings():
+                    # "Heartbeat of storage is supposed to be used with Study.optimize": we beat ourselves.
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    trial = ctx.study.ask()
+                try:
+                    claim(trial, ctx.owner)
+                except BaseException:
+                    _tell(ctx, trial, FAIL, quiet=True)
+                    raise
+        _report_recovered(ctx, found)
+        if trial is not None or complete >= ctx.cfg.trials:
+            return trial
+        if not waiting:
+            ctx.say(f"{running} trial(s) running in other workers would complete the study; waiting for them.")
+            waiting = True
+        time.sleep(ctx.poll)
+        check_stop()
+
+
+def _tell(ctx: StudyContext, trial: optuna.Trial, state, value: float | None = None, quiet: bool = False) -> bool:
+    """Record a trial's end in Optuna; False if another worker had already failed it as stale."""
+    try:
+        ctx.study.tell(trial, value if state == COMPLETE else None, state=state, skip_if_finished=True)
+        stored = ctx.storage.get_trial(trial._trial_id)
+    except Exception:
+        if quiet:
+            return False
+        raise
+    if stored.state == state:
+        return True
+    if not quiet:
+        ctx.say(f"trial {trial.number} had been marked {stored.state.name} by another worker "
+                f"({stored.user_attrs.get(REASON_ATTR, 'stale')}); its result is not counted")
+        run = stored.user_attrs.get(RUN_ID_ATTR)
+        if run:
+            ctx.tracker.close(run, "KILLED", {"kdsweep.state": stored.state.name, "kdsweep.reason": "failed as stale by another worker"})
+    return False
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _note_reason(trial: optuna.Trial, reason: str) -> None:
+    """Record why a trial failed, unless it already says; never raises (it runs while cleaning up)."""
+    try:
+        if REASON_ATTR not in trial.user_attrs:
+            trial.set_user_attr(REASON_ATTR, reason)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _execute(ctx: StudyContext, trial: optuna.Trial) -> optuna.trial.TrialState:
+    """Train one claimed trial with a heartbeat and record its end; a bad trial does not stop the study."""
+    try:
+        with Heartbeat(ctx.storage, trial._trial_id, ctx.heartbeat):
+            value = run_trial(ctx, trial)
+    except optuna.TrialPruned:
+        return PRUNED if _tell(ctx, trial, PRUNED) else FAIL
+    except TRIAL_ERRORS as e:
+        ctx.say(f"trial {trial.number} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}; the study goes on")
+        del e
+        _free_memory(ctx.data.device)  # after an OOM, give the next trial the memory back
+        _tell(ctx, trial, FAIL)
+        return FAIL
+    except BaseException as e:
+        # Ctrl-C, or a bug: never leave the trial RUNNING. run_trial has closed its MLflow run if it
+        # was training; if not, the run is closed (KILLED, with this reason) when the study ends.
+        _note_reason(trial, "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}")
+        _tell(ctx, trial, FAIL, quiet=True)
+        raise
+    return COMPLETE if _tell(ctx, trial, COMPLETE, value) else FAIL
+
+
+def _close_parent(ctx: StudyContext, status: str) -> None:
+    """End the parent run, unless trials of other live workers still run under it."""
+    others = [t for t in ctx.study.get_trials(deepcopy=False, states=(RUNNING,))
+              if t.user_attrs.get(OWNER_ATTR) != ctx.owner.as_attr()]
+    if not others:
+        ctx.tracker.end(ctx.parent_run, status)
+
+
+def _finish(ctx: StudyContext, status: str) -> dict | None:
+    """Summarise into the parent run and close it; never mask the exception that ended the study."""
+    try:
+        best = _record_best(ctx.tracker, ctx.parent_run, ctx.study)
+        _close_orphan_runs(ctx)
+        _close_parent(ctx, status)
+        return best
+    except Exception as e:  # noqa: BLE001 - e.g. the tracking server went away during an interrupt
+        ctx.say(f"warning: could not update MLflow at the end of the study: {scrub(str(e).splitlines()[0][:200], ctx.tracker.uri)}")
+        return None
+
+
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study until it holds cfg.trials complete trials; return a summary."""
     check_pair(cfg)
@@ -260,32 +486,45 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     name = cfg.full_study_name
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(cfg, 0), pruner=make_pruner(cfg))
-    _check_resume(study, cfg)
-    study.sampler = make_sampler(cfg, len(study.trials))
-
+    lock = StudyLock(storage.url, name)
+    if not lock.exact:
+        say(f"warning: no cross-worker lock for {redact(storage.url).split(':', 1)[0]} storage; several workers may "
+            f"overshoot --trials (use SQLite on one host, or PostgreSQL)")
     exp = tracker.experiment(cfg.experiment_name)
     base_params = {"method": cfg.method, "study": name, "dataset": cfg.dataset, "teacher": cfg.teacher, "student": cfg.student,
                    "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y), "test_size": len(data.test_y),
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,
                    "teacher_checkpoint": teacher_info.get("path", ""), "teacher_val_acc": teacher_info.get("val_acc", ""),
                    "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes))}
-    parent = _parent_run(tracker, exp, study, cfg, base_params)
-    ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params)
+    with lock:  # one parent run, however many workers start at once
+        _check_resume(study, cfg)
+        parent = _parent_run(tracker, exp, study, cfg, base_params)
+    interval, grace = storage.heartbeat_interval, storage.grace_period
+    ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
+                       study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace)
+    _close_orphan_runs(ctx, finished_too=True)
 
-    COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
-    complete0 = count(study, COMPLETE)
+    complete0, running0 = _counts(study)
     if complete0 >= cfg.trials:
         say(f"Study {name!r} already holds {complete0} complete trials (asked for {cfg.trials}); nothing to run.")
+    elif running0:
+        say(f"Joining study {name!r}: {complete0} of {cfg.trials} trials complete, {running0} running elsewhere "
+            f"(or left by a dead worker: recovered when claiming).")
+    elif study.trials:
+        say(f"Resuming study {name!r}: {complete0} of {cfg.trials} trials complete.")
     bar = tqdm(total=cfg.trials, initial=min(complete0, cfg.trials), desc=cfg.method, unit="trial", disable=None)
     start, failures, status = time.monotonic(), 0, "FINISHED"
     try:
-        while count(study, COMPLETE) < cfg.trials:
+        while True:
             if cfg.timeout is not None and time.monotonic() - start > cfg.timeout:
                 say(f"--timeout {cfg.timeout:g}s reached; run the same command again to continue.")
                 break
-            before_fail = count(study, FAIL)
-            study.optimize(lambda t: run_trial(ctx, t), n_trials=1, catch=TRIAL_ERRORS, gc_after_trial=False)
-            failures += count(study, FAIL) - before_fail
+            check_stop()
+            trial = _claim_next(ctx)
+            if trial is None:
+                break
+            if _execute(ctx, trial) == FAIL:
+                failures += 1
             if failures > cfg.trials:
                 raise UserError(f"{failures} trials failed in this run (see the FAIL runs' kdsweep.reason tags in MLflow); stopping")
             c = count(study, COMPLETE)
@@ -293,13 +532,16 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
             best = study.best_value if c else float("nan")
             bar.set_postfix_str(f"done={c} pruned={count(study, PRUNED)} failed={count(study, FAIL)} best_val={best:.4f}")
             bar.refresh()
-    except BaseException:
+    except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
         raise
     finally:
         bar.close()
-        best = _record_best(tracker, parent, study)
-        tracker.end(parent, status)
+        best = _finish(ctx, status)
+        lock.close()
 
     return {"study": name, "storage": redact(storage.url if hasattr(storage, "url") else str(cfg.storage)),
             "tracking_uri": redact(tracker.uri), "experiment": cfg.experiment_name, "experiment_id": exp, "parent_run": parent,

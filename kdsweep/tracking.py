@@ -8,6 +8,7 @@ and works against a remote tracking server as well as SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import logging  # noqa: E402
+import re  # noqa: E402
 
 from .errors import UserError  # noqa: E402
 
@@ -46,20 +48,66 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+SECRET_KEYS = ("password", "passwd", "pwd", "sslpassword", "token", "secret", "api_key", "apikey", "access_key")
+
+
 def redact(uri: str) -> str:
-    """A URI with any password replaced, safe to print or log."""
-    from urllib.parse import urlsplit, urlunsplit
+    """A URI with any password (in the userinfo or the query string) replaced, safe to print or log."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     try:
         parts = urlsplit(uri)
+        password = parts.password
     except ValueError:
         return "<unparseable uri>"
-    if parts.password:
+    if password is None and not any(k.lower() in SECRET_KEYS for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return uri
+    if password is not None:
         host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-    return uri
+        if ":" in host:
+            host = f"[{host}]"
+        try:
+            if parts.port:
+                host += f":{parts.port}"
+        except ValueError:
+            host += ":<bad port>"
+        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    if parts.query:
+        query = [(k, "***" if k.lower() in SECRET_KEYS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
+
+
+def secrets_of(uri: str | None) -> list[str]:
+    """The secret strings a URI carries (password, secret query values), raw and percent-decoded."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    if not uri:
+        return []
+    found: list[str] = []
+    try:
+        parts = urlsplit(uri)
+        if parts.password:
+            found.append(parts.password)
+        found += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_KEYS and v]
+    except ValueError:
+        # Not parseable as a URL: fall back to "scheme://user:PASSWORD@" by hand.
+        m = re.search(r"://[^/:@]*:([^@/]*)@", uri)
+        if m and m.group(1):
+            found.append(m.group(1))
+    return sorted({s for v in found for s in (v, unquote(v)) if s}, key=len, reverse=True)
+
+
+def scrub(text: str, *uris: str | None) -> str:
+    """`text` (an error message, say) with the secrets of `uris` blanked out."""
+    for uri in uris:
+        for secret in secrets_of(uri):
+            text = text.replace(secret, "***")
+    return text
+
+
+def _quote(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
 
 class Tracker:
@@ -72,11 +120,22 @@ class Tracker:
         elif "://" not in self.uri and not self.uri.startswith("databricks"):
             raise UserError(f"tracking URI {self.uri!r} is not a URL (expected e.g. sqlite:///mlruns/mlflow.db or http://127.0.0.1:5000)")
         quiet()
+        lock = None
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.client.search_experiments(max_results=1)
+            if self.uri.startswith("sqlite:///"):
+                from .workers import StudyLock
+
+                # Workers starting together on one fresh SQLite store would race through its migrations.
+                lock = StudyLock(self.uri, "tracking-init")
+            with lock or contextlib.nullcontext():
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.client.search_experiments(max_results=1)
         except Exception as e:
-            raise UserError(f"cannot open MLflow tracking store {redact(self.uri)}: {str(e).splitlines()[0][:200]}") from None
+            msg = scrub(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__, self.uri)
+            raise UserError(f"cannot open MLflow tracking store {redact(self.uri)}: {msg}") from None
+        finally:
+            if lock is not None:
+                lock.close()
         quiet()
 
     def _artifact_root(self, name: str) -> str | None:
@@ -93,12 +152,42 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=self._artifact_root(name))
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=self._artifact_root(name))
+        except MlflowException as e:
+            # Another worker created it between our lookup and our create.
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def find_run(self, experiment_id: str, tags: Mapping[str, str]) -> str | None:
-        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=1, order_by=["attributes.start_time ASC"])
+        runs = self.find_runs(experiment_id, tags, max_results=1)
         return runs[0].info.run_id if runs else None
+
+    def find_runs(self, experiment_id: str, tags: Mapping[str, Any], statuses: tuple[str, ...] = (),
+                  max_results: int = 100_000) -> list:
+        """Runs carrying all `tags` (and one of `statuses`, if given), oldest first."""
+        flt = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in tags.items())
+        runs = []
+        for status in statuses or (None,):
+            f = flt + (f" and attributes.status = '{status}'" if status else "")
+            found, token = [], None
+            while True:  # page through: a search returns at most 1000 runs at a time
+                page = self.client.search_runs([experiment_id], filter_string=f, max_results=min(max_results - len(found), 1000),
+                                               order_by=["attributes.start_time ASC"], page_token=token)
+                found += page
+                token = page.token
+                if not token or len(found) >= max_results:
+                    break
+            runs += found
+        return sorted(runs, key=lambda r: r.info.start_time or 0)
+
+    def close(self, run_id: str, status: str, tags: Mapping[str, Any]) -> None:
+        """Tag a run and set its end status, whatever it was (used to close runs of dead workers)."""
+        self.log(run_id, tags=tags)
+        self.client.set_terminated(run_id, status=status)
 
     def start(self, experiment_id: str, name: str, tags: Mapping[str, Any], parent: str | None = None) -> str:
         tags = {k: str(v) for k, v in tags.items()}

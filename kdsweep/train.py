@@ -59,11 +59,15 @@ class TrainResult:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN/inf: the trial diverged."""
+    """The trial diverged: its loss became NaN/inf, or grew DIVERGENCE_FACTOR-fold over the first step's."""
 
-    def __init__(self, epoch: int):
-        super().__init__(f"non-finite training loss in epoch {epoch}")
+    def __init__(self, epoch: int, detail: str = "non-finite training loss"):
+        super().__init__(f"{detail} in epoch {epoch}")
         self.epoch = epoch
+
+
+# An epoch's mean training loss this many times the first step's (or 1.0, if larger) counts as diverged.
+DIVERGENCE_FACTOR = 100.0
 
 
 def autocast(device: torch.device):
@@ -131,6 +135,7 @@ def train_student(
 
     needs = frozenset(method.needs)
     result = TrainResult(-1, -1.0, {})
+    first_loss: torch.Tensor | None = None  # the untrained model's loss: the yardstick for divergence
     for epoch in range(schedule.epochs):
         t0 = time.perf_counter()
         lr_now = opt.param_groups[0]["lr"]
@@ -146,6 +151,8 @@ def train_student(
                 s_out = run_taps(student, x, needs)
                 terms = method(s_out, t_out, y, epoch)
             loss = sum(terms.values())
+            if first_loss is None:
+                first_loss = loss.detach().float()  # kept on the device; read with the epoch's statistics
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -158,13 +165,18 @@ def train_student(
                 n += b
         # One sync per epoch: all train statistics at once.
         keys = list(sums)
-        values = torch.stack([sums[k] for k in keys] + [correct]).tolist()
-        train = {k: v / n for k, v in zip(keys, values[:-1])}
+        values = torch.stack([sums[k] for k in keys] + [correct, first_loss]).tolist()
+        train = {k: v / n for k, v in zip(keys, values[:-2])}
         train["loss"] = sum(train[k] for k in keys)
-        train["acc"] = values[-1] / n
+        train["acc"] = values[-2] / n
         if not math.isfinite(train["loss"]):
             raise NonFiniteLoss(epoch)
+        if train["loss"] > DIVERGENCE_FACTOR * max(values[-1], 1.0):
+            raise NonFiniteLoss(epoch, f"training loss diverged ({train['loss']:.3g}, over {DIVERGENCE_FACTOR:g}x "
+                                       f"the first step's {values[-1]:.3g})")
         val_loss, val_acc = evaluate(student, data, "val")
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(epoch, "non-finite validation loss")
         stats = EpochStats(epoch, train, val_loss, val_acc, lr_now, time.perf_counter() - t0)
         result.history.append(stats)
         if val_acc > result.best_val_acc:
