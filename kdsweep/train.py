@@ -1,19 +1,25 @@
-"""Train one student with one distillation method: the inner loop of every trial.
+"""Train students with distillation methods: the inner loop of every trial.
 
-The loop knows no method by name. It asks the method which taps it needs,
+The loop knows no method by name. It asks each method which taps it needs,
 computes only those (teacher under no_grad), sums the method's loss terms
 and steps SGD over the student and the method's heads. Per-step statistics
 are accumulated on the device and read once per epoch, so the step loop has
 no host synchronisation.
+
+One loop serves one trial and K trials in lockstep (`train_students`): the
+K students take their steps on the same batch, so the data pass and the
+teacher's outputs (from the shared :mod:`teacher_cache`) are paid once per
+batch for all K. `train_student` is the K=1 case.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from .data import DeviceData
 from .methods.base import Method
 from .models import Net, Outputs
+from .teacher_cache import TeacherCache, TeacherFeed
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class EpochStats:
     val_loss: float
     val_acc: float
     lr: float
-    seconds: float
+    seconds: float  # wall time of the epoch (in lockstep: of the whole group's epoch)
 
     def metrics(self) -> dict[str, float]:
         m = {f"train_{k}": v for k, v in self.train.items()}
@@ -56,6 +63,7 @@ class TrainResult:
     best_val_acc: float
     state: dict[str, dict[str, torch.Tensor]]  # {"student": ..., "heads": ...} at the best epoch
     history: list[EpochStats] = field(default_factory=list)
+    stopped_by: BaseException | None = None  # set when the run ended early (diverged, pruned)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -66,11 +74,32 @@ class NonFiniteLoss(RuntimeError):
         self.epoch = epoch
 
 
+@dataclass(frozen=True)
+class Accel:
+    """How models run on the device: memory format and compilation (bf16 autocast is always on for CUDA)."""
+
+    channels_last: bool = True  # conv models and their inputs in NHWC: faster with cuDNN and oneDNN alike
+    compile: bool = False  # torch.compile, once per architecture per process
+
+    def tag(self, device: torch.device) -> str:
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+        return f"{device.type}|{dtype}|{'nhwc' if self.channels_last else 'nchw'}|{'compiled' if self.compile else 'eager'}"
+
+
 def autocast(device: torch.device):
     # bf16 on CUDA: no loss scaler needed, tensor cores used; fp32 on CPU.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def set_cpu_threads(threads: int | None = None) -> int:
+    """Intra-op threads for CPU runs: `threads`, else $OMP_NUM_THREADS, else the cores this process may use."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
 
 
 def run_taps(model: Net, x: torch.Tensor, needs: frozenset[str]) -> Outputs:
@@ -80,27 +109,258 @@ def run_taps(model: Net, x: torch.Tensor, needs: frozenset[str]) -> Outputs:
     return model.taps(x)
 
 
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _to_format(model: nn.Module, accel: Accel) -> torch.memory_format:
+    """Put a model in the accel's memory format; return the format its inputs should have."""
+    if accel.channels_last and _has_conv(model):
+        model.to(memory_format=torch.channels_last)
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _as(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+
+# One compiled callable per (architecture, taps, device) per process: a new student of the
+# same architecture reuses the compiled graph (the module is an input, not a constant).
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _taps_fn(model: nn.Module, needs: frozenset[str], accel: Accel, device: torch.device) -> Callable:
+    needs = frozenset(needs)
+    if not accel.compile:
+        return lambda m, x: run_taps(m, x, needs)
+    key = (type(model).__qualname__, repr(model), tuple(sorted(needs)), device.type)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(lambda m, x: run_taps(m, x, needs))
+    return _COMPILED[key]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, split: str) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on a split, with one host sync."""
-    was = model.training
-    model.eval()
-    loss = torch.zeros((), device=data.device)
-    correct = torch.zeros((), device=data.device)
+def evaluate_many(models: Sequence[nn.Module], data: DeviceData, split: str, accel: Accel | None = None) -> list[tuple[float, float]]:
+    """(mean cross-entropy, accuracy) of each model on a split: one pass over the split, one host sync."""
+    accel = accel or Accel(channels_last=False)
+    device = data.device
+    fmts = [_to_format(m, accel) if accel.channels_last else torch.contiguous_format for m in models]
+    fns = [_taps_fn(m, frozenset({"logits"}), accel, device) for m in models]
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    loss = torch.zeros(len(models), device=device)
+    correct = torch.zeros(len(models), device=device)
     n = 0
     for x, y in data.eval_batches(split):
-        with autocast(data.device):
-            logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        for i, (m, fmt, fn) in enumerate(zip(models, fmts, fns)):
+            with autocast(device):
+                logits = fn(m, _as(x, fmt)).logits.float()
+            loss[i] += F.cross_entropy(logits, y, reduction="sum")
+            correct[i] += (logits.argmax(1) == y).sum()
         n += len(y)
-    model.train(was)
-    loss_v, correct_v = torch.stack([loss, correct]).tolist()
-    return loss_v / n, correct_v / n
+    for m, w in zip(models, was):
+        m.train(w)
+    values = torch.stack([loss, correct]).tolist()
+    return [(lv / n, cv / n) for lv, cv in zip(*values)]
+
+
+def evaluate(model: nn.Module, data: DeviceData, split: str, accel: Accel | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on a split, with one host sync."""
+    return evaluate_many([model], data, split, accel)[0]
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@dataclass
+class Member:
+    """One trial in a lockstep group: its student, method, schedule and per-epoch callback.
+
+    The global RNG state is captured when the member is made (right after its
+    student and heads are initialised) and swapped in around each of its
+    steps, so dropout draws the same numbers as when it trains alone.
+    """
+
+    student: Net
+    method: Method
+    schedule: Schedule
+    on_epoch: Callable[[EpochStats], None] | None = None
+    rng: tuple | None = None
+
+
+class _Run:
+    """The training state of one member."""
+
+    def __init__(self, m: Member, device: torch.device, accel: Accel, total_steps: int):
+        self.m, self.device = m, device
+        m.student.to(device).train()
+        m.method.to(device).train()
+        self.fmt = _to_format(m.student, accel)
+        self.needs = frozenset(m.method.needs)
+        self.taps = _taps_fn(m.student, self.needs, accel, device)
+        params = list(m.student.parameters()) + list(m.method.parameters())
+        s = m.schedule
+        self.opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        # Cosine decay per step (not per epoch), so short budgets also anneal to ~0.
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
+        self.result = TrainResult(-1, -1.0, {})
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), device=device)
+        self.lr_now = s.lr
+
+    @property
+    def alive(self) -> bool:
+        return self.result.stopped_by is None
+
+    def begin_epoch(self) -> None:
+        self.lr_now = self.opt.param_groups[0]["lr"]
+        self.sums, self.correct = {}, torch.zeros((), device=self.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, epoch: int) -> None:
+        with autocast(self.device):
+            s_out = self.taps(self.m.student, x)
+            terms = self.m.method(s_out, t_out, y, epoch)
+        loss = sum(terms.values())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            b = len(y)
+            for k, v in terms.items():
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float() * b
+            self.correct += (s_out.logits.argmax(1) == y).sum()
+
+    def epoch_tensors(self) -> list[torch.Tensor]:
+        return [self.sums[k] for k in self.sums] + [self.correct]
+
+    def epoch_train(self, values: list[float], n: int) -> dict[str, float]:
+        keys = list(self.sums)
+        train = {k: v / n for k, v in zip(keys, values[:-1])}
+        train["loss"] = sum(train[k] for k in keys)
+        train["acc"] = values[-1] / n
+        return train
+
+
+def _check_group(members: Sequence[Member]) -> tuple[int, int]:
+    if not members:
+        raise ValueError("train_students needs at least one member")
+    first = members[0].schedule
+    for m in members[1:]:
+        if (m.schedule.epochs, m.schedule.batch_size) != (first.epochs, first.batch_size):
+            raise ValueError("lockstep members must share epochs and batch size (they share the batch stream)")
+    return first.epochs, first.batch_size
+
+
+def train_students(
+    members: Sequence[Member],
+    teacher: Net | None,
+    data: DeviceData,
+    *,
+    cache: TeacherCache | None = None,
+    accel: Accel | None = None,
+    progress: Callable[[int], None] | None = None,
+    stop_on: tuple[type[BaseException], ...] = (),
+) -> list[TrainResult]:
+    """Train K students in lockstep over one batch stream; keep each one's best-val-accuracy epoch.
+
+    A member whose loss goes non-finite stops with `NonFiniteLoss` in its
+    result's `stopped_by`; so does one whose `on_epoch` raises one of
+    `stop_on` (e.g. Optuna's TrialPruned). The others carry on. Any other
+    exception from `on_epoch` ends the whole group.
+    """
+    device = data.device
+    accel = accel or Accel()
+    epochs, batch_size = _check_group(members)
+    steps = data.steps_per_epoch(min(batch_size, data.n_train))
+    runs = [_Run(m, device, accel, steps * epochs) for m in members]
+    swap_rng = len(runs) > 1
+    if swap_rng:
+        for r in runs:
+            r.m.rng = r.m.rng or _rng_state(device)
+
+    feed = None
+    t_needs = frozenset().union(*(r.needs for r in runs if r.m.method.uses_teacher))
+    if teacher is not None and any(r.m.method.uses_teacher for r in runs):
+        teacher.to(device).eval()
+        t_fmt = _to_format(teacher, accel)
+        t_fn = _taps_fn(teacher, t_needs, accel, device)
+
+        @torch.no_grad()
+        def compute(x):
+            with autocast(device):
+                return t_fn(teacher, _as(x, t_fmt))
+
+        feed = TeacherFeed(cache, teacher, data, batch_size, t_needs, compute, accel.tag(device))
+    fmts = {r.fmt for r in runs}
+
+    for epoch in range(epochs):
+        active = [r for r in runs if r.alive]
+        if not active:
+            break
+        t0 = time.perf_counter()
+        for r in active:
+            r.begin_epoch()
+        if feed is not None:
+            feed.begin_epoch(epoch)
+        n = 0
+        for step, (x, y) in enumerate(data.epoch(epoch, batch_size)):
+            xs = {fmt: _as(x, fmt) for fmt in fmts}
+            t_out = feed(step, x) if feed is not None else None
+            for r in active:
+                if swap_rng:
+                    _set_rng_state(r.m.rng, device)
+                r.step(xs[r.fmt], y, t_out, epoch)
+                if swap_rng:
+                    r.m.rng = _rng_state(device)
+            n += len(y)
+        # One sync per epoch: every member's train statistics at once.
+        flat = [r.epoch_tensors() for r in active]
+        values = torch.stack([t for ts in flat for t in ts]).tolist()
+        trains, i = [], 0
+        for ts, r in zip(flat, active):
+            trains.append(r.epoch_train(values[i : i + len(ts)], n))
+            i += len(ts)
+        finite = []
+        for r, train in zip(active, trains):
+            if math.isfinite(train["loss"]):
+                finite.append((r, train))
+            else:
+                r.result.stopped_by = NonFiniteLoss(epoch)
+        evals = evaluate_many([r.m.student for r, _ in finite], data, "val", accel) if finite else []
+        seconds = time.perf_counter() - t0
+        for (r, train), (val_loss, val_acc) in zip(finite, evals):
+            stats = EpochStats(epoch, train, val_loss, val_acc, r.lr_now, seconds)
+            r.result.history.append(stats)
+            if val_acc > r.result.best_val_acc:
+                r.result.best_epoch, r.result.best_val_acc = epoch, val_acc
+                r.result.state = {"student": _snapshot(r.m.student), "heads": _snapshot(r.m.method)}
+        if progress:
+            progress(epoch + 1)
+        for r, _ in finite:
+            if r.m.on_epoch is None:
+                continue
+            try:
+                r.m.on_epoch(r.result.history[-1])
+            except stop_on as e:
+                r.result.stopped_by = e
+    if swap_rng:
+        _set_rng_state(runs[-1].m.rng, device)
+    return [r.result for r in runs]
 
 
 def train_student(
@@ -111,67 +371,18 @@ def train_student(
     schedule: Schedule,
     on_epoch: Callable[[EpochStats], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    cache: TeacherCache | None = None,
+    accel: Accel | None = None,
 ) -> TrainResult:
     """Train `student` with `method`; keep the best-val-accuracy epoch.
 
     `on_epoch` sees each epoch's statistics and may raise (e.g. Optuna's
     TrialPruned) to stop the run. `progress` is called with the epoch count.
+    Raises NonFiniteLoss if the loss diverges.
     """
-    device = data.device
-    student.to(device).train()
-    method.to(device).train()
-    if teacher is not None:
-        teacher.to(device).eval()
-    params = list(student.parameters()) + list(method.parameters())
-    opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
-    steps = data.steps_per_epoch(min(schedule.batch_size, data.n_train))
-    total = steps * schedule.epochs
-    # Cosine decay per step (not per epoch), so short budgets also anneal to ~0.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
-
-    needs = frozenset(method.needs)
-    result = TrainResult(-1, -1.0, {})
-    for epoch in range(schedule.epochs):
-        t0 = time.perf_counter()
-        lr_now = opt.param_groups[0]["lr"]
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
-        n = 0
-        for x, y in data.epoch(epoch, schedule.batch_size):
-            t_out = None
-            if teacher is not None and method.uses_teacher:
-                with torch.no_grad(), autocast(device):
-                    t_out = run_taps(teacher, x, needs)
-            with autocast(device):
-                s_out = run_taps(student, x, needs)
-                terms = method(s_out, t_out, y, epoch)
-            loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                b = len(y)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() * b
-                correct += (s_out.logits.argmax(1) == y).sum()
-                n += b
-        # One sync per epoch: all train statistics at once.
-        keys = list(sums)
-        values = torch.stack([sums[k] for k in keys] + [correct]).tolist()
-        train = {k: v / n for k, v in zip(keys, values[:-1])}
-        train["loss"] = sum(train[k] for k in keys)
-        train["acc"] = values[-1] / n
-        if not math.isfinite(train["loss"]):
-            raise NonFiniteLoss(epoch)
-        val_loss, val_acc = evaluate(student, data, "val")
-        stats = EpochStats(epoch, train, val_loss, val_acc, lr_now, time.perf_counter() - t0)
-        result.history.append(stats)
-        if val_acc > result.best_val_acc:
-            result.best_epoch, result.best_val_acc = epoch, val_acc
-            result.state = {"student": _snapshot(student), "heads": _snapshot(method)}
-        if progress:
-            progress(epoch + 1)
-        if on_epoch:
-            on_epoch(stats)
+    (result,) = train_students([Member(student, method, schedule, on_epoch)], teacher, data, cache=cache, accel=accel,
+                               progress=progress)
+    if result.stopped_by is not None:
+        raise result.stopped_by
     return result
