@@ -15,6 +15,7 @@ examples:
   kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5
   kdsweep study ce --dataset digits --trials 10 --epochs 5  # the baseline to beat
   kdsweep study studies/my_kd.toml --device cuda            # a study file
+  kdsweep study vanilla_kd --trials 48 --parallel 8         # 8 trials at a time, one teacher pass
 
 NAME is a method (`kdsweep methods` lists them) or a study file: studies/NAME.toml
 or a path to a .toml. Precedence: built-in defaults < study file < flags.
@@ -65,12 +66,26 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", choices=["tpe", "random"], help="default: tpe")
     g.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: median")
     g.add_argument("--study-name", help="Optuna study name (default: NAME-dataset-teacher-student-sSEED)")
+    _perf_args(p)
     _common_tracking(p)
+
+
+def _perf_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (results are the same up to float rounding; docs/performance.md)")
+    g.add_argument("--parallel", type=int, metavar="K",
+                   help="ask K trials at once and train their students in lockstep on the same batches (default: 1)")
+    g.add_argument("--teacher-cache-mb", type=float, metavar="MB",
+                   help="memory for teacher outputs shared by all trials; logits are always kept, feature maps while they "
+                        "fit (default: a quarter of the device's free memory; 0 disables)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile each architecture once per process (pays off on long GPU studies; default: off)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory format for conv models (default: on)")
 
 
 STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
               "teacher_checkpoint", "trials", "epochs", "batch_size", "momentum", "weight_decay", "timeout", "sampler",
-              "pruner", "study_name", "storage", "tracking_uri")
+              "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last")
 
 
 def cmd_study(args) -> int:

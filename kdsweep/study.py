@@ -18,7 +18,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, teacher_cache
 from .config import StudyConfig
 from .data import DeviceData, load_data
 from .errors import UserError
@@ -26,7 +26,7 @@ from .methods import get_method
 from .models import build_model, count_params
 from .teacher import get_teacher
 from .tracking import DEFAULT_DIR, Tracker, redact
-from .train import NonFiniteLoss, Schedule, evaluate, train_student
+from .train import Accel, Member, NonFiniteLoss, Schedule, TrainResult, evaluate, set_cpu_threads, train_student, train_students
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -100,6 +100,8 @@ class StudyContext:
     parent_run: str
     say: Callable[[str], None] = print
     base_params: dict[str, Any] = field(default_factory=dict)
+    cache: teacher_cache.TeacherCache | None = None  # teacher outputs shared by the study's trials
+    accel: Accel | None = None
 
 
 def _trial_params(ctx: StudyContext, trial: optuna.Trial) -> dict[str, float]:
@@ -109,7 +111,21 @@ def _trial_params(ctx: StudyContext, trial: optuna.Trial) -> dict[str, float]:
     return hp
 
 
-def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
+@dataclass
+class TrialRun:
+    """One trial being trained: its models, settings and MLflow run."""
+
+    trial: optuna.Trial
+    hp: dict[str, float]
+    schedule: Schedule
+    student: torch.nn.Module
+    method: torch.nn.Module
+    run: str
+    rng: tuple  # the RNG state right after initialisation (lockstep replays it)
+
+
+def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
+    """Sample the trial's parameters, build its student and heads, open and fill its MLflow run."""
     cfg, data, tracker = ctx.cfg, ctx.data, ctx.tracker
     method_cls = get_method(cfg.method)
     hp = _trial_params(ctx, trial)
@@ -119,6 +135,7 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     s_shapes = student.shapes(data.in_shape)
     t_shapes = ctx.teacher.shapes(data.in_shape) if ctx.teacher is not None else None
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, t_shapes, cfg.epochs).to(data.device)
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
 
     run = tracker.start(ctx.experiment_id, f"{cfg.full_study_name}/t{trial.number:03d}",
                         {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
@@ -126,38 +143,42 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     trial.set_user_attr(RUN_ID_ATTR, run)
     params = {**ctx.base_params, **hp, **{k: v for k, v in vars(schedule).items()}, "extra_params": count_params(method)}
     tracker.log(run, params=params)
+    return TrialRun(trial, hp, schedule, student, method, run, rng)
 
+
+def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
     def on_epoch(stats):
-        tracker.log(run, stats.metrics(), step=stats.epoch)
-        trial.report(stats.val_acc, stats.epoch)
-        if trial.should_prune():
+        ctx.tracker.log(tr.run, stats.metrics(), step=stats.epoch)
+        tr.trial.report(stats.val_acc, stats.epoch)
+        if tr.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
-    bar = tqdm(total=cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
-    try:
-        result = train_student(student, method, ctx.teacher, data, schedule, on_epoch=on_epoch, progress=lambda e: bar.update(1))
-    except optuna.TrialPruned as e:
+    return on_epoch
+
+
+def _close_trial_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
+    """Tag and end a trial's MLflow run that stopped with `e` (pruned, failed or interrupted)."""
+    tracker, run, trial = ctx.tracker, tr.run, tr.trial
+    if isinstance(e, optuna.TrialPruned):
         tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": len(trial.intermediate_values) - 1, "kdsweep.reason": str(e)})
         tracker.end(run, "KILLED")
-        raise
-    except TRIAL_ERRORS as e:
+    elif isinstance(e, TRIAL_ERRORS):
         epoch = getattr(e, "epoch", len(trial.intermediate_values))
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": str(e).splitlines()[0][:250], "kdsweep.failed_at_epoch": epoch})
         trial.set_user_attr("fail_reason", str(e).splitlines()[0][:250])
         tracker.end(run, "FAILED")
-        raise
-    except KeyboardInterrupt:
+    elif isinstance(e, KeyboardInterrupt):
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": "interrupted"})
         tracker.end(run, "KILLED")
-        raise
-    except BaseException as e:
+    else:
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
         tracker.end(run, "FAILED")
-        raise
-    finally:
-        bar.close()
 
-    # The selected (best-val) epoch is the one evaluated on test and kept.
+
+def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float:
+    """Evaluate the selected (best-val) epoch on test, log the checkpoint and final metrics; return best val acc."""
+    cfg, data, tracker, trial = ctx.cfg, ctx.data, ctx.tracker, tr.trial
+    student, method = tr.student, tr.method
     student.load_state_dict(result.state["student"])
     method.load_state_dict(result.state["heads"])
     test_loss, test_acc = evaluate(student, data, "test")
@@ -165,14 +186,100 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
              "train_seconds": sum(s.seconds for s in result.history)}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint.save(Path(tmp) / "student.pt", cfg.student, data.in_shape, data.num_classes, result.state,
-                               {"method": cfg.method, "study": cfg.full_study_name, "trial": trial.number, "hparams": hp,
+                               {"method": cfg.method, "study": cfg.full_study_name, "trial": trial.number, "hparams": tr.hp,
                                 "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc})
-        tracker.client.log_artifact(run, str(ckpt), "checkpoint")
-    tracker.log(run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
-    tracker.end(run)
+        tracker.client.log_artifact(tr.run, str(ckpt), "checkpoint")
+    tracker.log(tr.run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
+    tracker.end(tr.run)
     for k in ("test_acc", "best_epoch"):
         trial.set_user_attr(k, final[k])
     return result.best_val_acc
+
+
+def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
+    tr = _start_trial(ctx, trial)
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
+    try:
+        result = train_student(tr.student, tr.method, ctx.teacher, ctx.data, tr.schedule, on_epoch=_epoch_callback(ctx, tr),
+                               progress=lambda e: bar.update(1), cache=ctx.cache, accel=ctx.accel)
+    except BaseException as e:
+        _close_trial_run(ctx, tr, e)
+        raise
+    finally:
+        bar.close()
+    return _finish_trial(ctx, tr, result)
+
+
+def run_trials_lockstep(ctx: StudyContext, study: optuna.Study, k: int) -> None:
+    """Ask Optuna for k trials, train their students together on the same batches, tell each its own outcome.
+
+    Each trial reports (and may be pruned) after every epoch on its own; a
+    pruned or diverged trial leaves the group and the others carry on.
+    """
+    FAIL = optuna.trial.TrialState.FAIL
+    trials = [study.ask() for _ in range(k)]
+    started: list[TrialRun] = []
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trials {trials[0].number}-{trials[-1].number}", unit="epoch", leave=False, disable=None)
+    try:
+        for t in trials:
+            started.append(_start_trial(ctx, t))
+        members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng) for tr in started]
+        results = train_students(members, ctx.teacher, ctx.data, cache=ctx.cache, accel=ctx.accel,
+                                 progress=lambda e: bar.update(1), stop_on=(optuna.TrialPruned,))
+    except BaseException as e:  # the whole group stops: every trial is closed and told
+        for tr in started:
+            _close_trial_run(ctx, tr, e)
+        for t in trials:
+            study.tell(t, state=FAIL)
+        if isinstance(e, TRIAL_ERRORS):
+            return
+        raise
+    finally:
+        bar.close()
+    for i, (tr, result) in enumerate(zip(started, results)):
+        try:
+            _tell_lockstep(ctx, study, tr, result)
+        except BaseException as e:  # interrupted while closing: no trial may be left RUNNING
+            for later in started[i + 1:]:
+                _close_trial_run(ctx, later, e)
+                study.tell(later.trial, state=FAIL)
+            raise
+
+
+def _tell_lockstep(ctx: StudyContext, study: optuna.Study, tr: TrialRun, result: TrainResult) -> None:
+    """Finish one trial of a lockstep group and tell Optuna how it ended."""
+    e = result.stopped_by
+    if e is not None:
+        _close_trial_run(ctx, tr, e)
+        pruned = isinstance(e, optuna.TrialPruned)
+        study.tell(tr.trial, state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.FAIL)
+        return
+    try:
+        value = _finish_trial(ctx, tr, result)
+    except BaseException as e2:
+        _close_trial_run(ctx, tr, e2)
+        study.tell(tr.trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    study.tell(tr.trial, value)
+
+
+def _run_next(ctx: StudyContext, study: optuna.Study) -> None:
+    """Run the next trial, or the next lockstep group of --parallel trials."""
+    k = min(ctx.cfg.parallel, ctx.cfg.trials - count(study, optuna.trial.TrialState.COMPLETE))
+    if k > 1:
+        run_trials_lockstep(ctx, study, k)
+    else:
+        study.optimize(lambda t: run_trial(ctx, t), n_trials=1, catch=TRIAL_ERRORS, gc_after_trial=False)
+
+
+def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.TeacherCache, Accel, dict[str, Any]]:
+    """The device path of a study: CPU threads, the shared teacher cache, memory format, compile; and their params."""
+    threads = set_cpu_threads() if device.type == "cpu" else None
+    cache = teacher_cache.shared(cfg.teacher_cache_mb, device)
+    accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile)
+    params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,
+              "compile": cfg.compile, "cpu_threads": threads or ""}
+    return cache, accel, params
 
 
 def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
@@ -231,6 +338,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study until it holds cfg.trials complete trials; return a summary."""
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
+    cache, accel, perf_params = _perf_setup(cfg, device)
     storage = open_storage(cfg.storage)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
@@ -257,8 +365,9 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,
                    "teacher_checkpoint": teacher_info.get("path", ""), "teacher_val_acc": teacher_info.get("val_acc", ""),
                    "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes))}
+    base_params.update(perf_params)
     parent = _parent_run(tracker, exp, study, cfg, base_params)
-    ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params)
+    ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params, cache, accel)
 
     COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
     complete0 = count(study, COMPLETE)
@@ -272,7 +381,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                 say(f"--timeout {cfg.timeout:g}s reached; run the same command again to continue.")
                 break
             before_fail = count(study, FAIL)
-            study.optimize(lambda t: run_trial(ctx, t), n_trials=1, catch=TRIAL_ERRORS, gc_after_trial=False)
+            _run_next(ctx, study)
             failures += count(study, FAIL) - before_fail
             if failures > cfg.trials:
                 raise UserError(f"{failures} trials failed in this run (see the FAIL runs' kdsweep.reason tags in MLflow); stopping")
@@ -292,4 +401,4 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     return {"study": name, "storage": redact(storage.url if hasattr(storage, "url") else str(cfg.storage)),
             "tracking_uri": redact(tracker.uri), "experiment": cfg.experiment_name, "experiment_id": exp, "parent_run": parent,
             "complete": count(study, COMPLETE), "pruned": count(study, PRUNED), "failed": count(study, FAIL), "best": best,
-            "teacher": teacher_info}
+            "teacher": teacher_info, "teacher_cache": cache.stats()}
