@@ -137,6 +137,31 @@ def cmd_teacher(args) -> int:
     return 0
 
 
+EPILOG_BENCH = """\
+examples:
+  kdsweep bench --device cpu                         # defaults: synthetic data, ResNet-18 -> SmallNet, K=8
+  kdsweep bench --device cuda --images 45000 --epochs 10   # seed 003's trial size
+  kdsweep bench --dataset cifar10 --images 4096 --trials 4
+
+Runs, in one process and on the same data and models (teacher weights are
+random: this measures speed, not accuracy), a seed-style reference trial
+(per-sample torchvision transforms in a DataLoader, teacher forward every
+step), one kdsweep trial, and a K-trial kdsweep study (lockstep trials, shared
+teacher outputs). The last line is `speedup=X bound=Y`: X = wall time of K
+reference trials / the kdsweep study's; Y = K(T+S)/(T+KS), the speedup that
+sharing the teacher alone gives when time is proportional to multiply-adds
+(T: teacher forward MACs per image, S: 3x the student's).
+"""
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run_bench
+
+    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
+    run_bench(BenchConfig(**given))
+    return 0
+
+
 def cmd_ui(args) -> int:
     import subprocess
 
@@ -185,6 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if cached")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("bench", help="measure kdsweep's training path against a seed-style reference",
+                       description="Benchmark a K-trial kdsweep study against K seed-style reference trials.",
+                       epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .data import DATASETS
+
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: synthetic, generated: no network)")
+    p.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
+    p.add_argument("--teacher", help="teacher architecture (default: resnet18, seed 003's)")
+    p.add_argument("--student", help="student architecture (default: smallnet, seed 003's)")
+    p.add_argument("--images", type=int, help="training images per epoch (default: 1536)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: 3)")
+    p.add_argument("--trials", type=int, help="K, trials in the kdsweep study (default: 8)")
+    p.add_argument("--batch-size", type=int, help="default: 128")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto (CUDA when there is one)")
+    p.add_argument("--workers", type=int, help="DataLoader workers of the reference (default: cores - 1, at most 4)")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: the cores this process may use)")
+    p.add_argument("--parallel", type=int, help="trials per lockstep group in the kdsweep study (default: all K)")
+    p.add_argument("--ref-trials", type=int, help="reference trials to measure and average (default: 1)")
+    p.add_argument("--teacher-cache-mb", type=float, help="teacher cache budget of the study (default: sized to the device)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the study results", description="Start `mlflow ui` on kdsweep's tracking store.",
                        epilog="example:\n  kdsweep ui                 # then open http://127.0.0.1:5000",

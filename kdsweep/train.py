@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -80,6 +81,9 @@ class Accel:
 
     channels_last: bool = True  # conv models and their inputs in NHWC: faster with cuDNN and oneDNN alike
     compile: bool = False  # torch.compile, once per architecture per process
+    # CPU lockstep groups: one worker thread per core, each with one intra-op thread, owning a share of
+    # the students (and of each teacher batch). None: the usable cores; 0 or 1: off (intra-op threads only).
+    cpu_workers: int | None = None
 
     def tag(self, device: torch.device) -> str:
         dtype = "bf16" if device.type == "cuda" else "fp32"
@@ -100,6 +104,44 @@ def set_cpu_threads(threads: int | None = None) -> int:
         threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="kdsweep-cpu")
+    return _POOLS[workers]
+
+
+def _cpu_workers(accel: Accel, device: torch.device, members: int, teacher: bool) -> int:
+    """Worker threads of a lockstep group on CPU (1: none, the plain loop with intra-op threads)."""
+    if device.type != "cpu" or accel.compile or not (members >= 2 or teacher):
+        return 1
+    n = len(os.sched_getaffinity(0)) if accel.cpu_workers is None else accel.cpu_workers
+    return max(1, n)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _in_pool(workers: int, fn: Callable, items: Sequence) -> list:
+    """fn over items on the worker threads, each with one intra-op thread (set before a worker's first op)."""
+    with _intra_op_threads(1):
+        return list(_pool(workers).map(fn, items))
+
+
+def _deal(items: Sequence, n: int) -> list[list]:
+    """Items dealt round-robin into at most n non-empty hands."""
+    return [list(items[i::n]) for i in range(min(n, len(items)))]
 
 
 def run_taps(model: Net, x: torch.Tensor, needs: frozenset[str]) -> Outputs:
@@ -140,30 +182,44 @@ def _taps_fn(model: nn.Module, needs: frozenset[str], accel: Accel, device: torc
     return _COMPILED[key]
 
 
-@torch.no_grad()
-def evaluate_many(models: Sequence[nn.Module], data: DeviceData, split: str, accel: Accel | None = None) -> list[tuple[float, float]]:
-    """(mean cross-entropy, accuracy) of each model on a split: one pass over the split, one host sync."""
+def evaluate_many(models: Sequence[nn.Module], data: DeviceData, split: str, accel: Accel | None = None,
+                  workers: int = 1) -> list[tuple[float, float]]:
+    """(mean cross-entropy, accuracy) of each model on a split: one pass per worker over the split, one host sync."""
     accel = accel or Accel(channels_last=False)
     device = data.device
     fmts = [_to_format(m, accel) if accel.channels_last else torch.contiguous_format for m in models]
     fns = [_taps_fn(m, frozenset({"logits"}), accel, device) for m in models]
+
+    @torch.no_grad()  # grad mode is per thread: set it in the worker
+    def part(idx: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor, int]:
+        loss = torch.zeros(len(idx), device=device)
+        correct = torch.zeros(len(idx), device=device)
+        n = 0
+        for x, y in data.eval_batches(split):
+            for j, i in enumerate(idx):
+                with autocast(device):
+                    logits = fns[i](models[i], _as(x, fmts[i])).logits.float()
+                loss[j] += F.cross_entropy(logits, y, reduction="sum")
+                correct[j] += (logits.argmax(1) == y).sum()
+            n += len(y)
+        return idx, loss, correct, n
+
     was = [m.training for m in models]
     for m in models:
         m.eval()
-    loss = torch.zeros(len(models), device=device)
-    correct = torch.zeros(len(models), device=device)
-    n = 0
-    for x, y in data.eval_batches(split):
-        for i, (m, fmt, fn) in enumerate(zip(models, fmts, fns)):
-            with autocast(device):
-                logits = fn(m, _as(x, fmt)).logits.float()
-            loss[i] += F.cross_entropy(logits, y, reduction="sum")
-            correct[i] += (logits.argmax(1) == y).sum()
-        n += len(y)
-    for m, w in zip(models, was):
-        m.train(w)
-    values = torch.stack([loss, correct]).tolist()
-    return [(lv / n, cv / n) for lv, cv in zip(*values)]
+    try:
+        hands = _deal(range(len(models)), workers)
+        parts = _in_pool(workers, part, hands) if len(hands) > 1 else [part(hands[0])]
+    finally:
+        for m, w in zip(models, was):
+            m.train(w)
+    order = [i for idx, *_ in parts for i in idx]
+    values = torch.stack([torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])]).tolist()
+    n = parts[0][3]
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(models)
+    for i, lv, cv in zip(order, *values):
+        out[i] = (lv / n, cv / n)
+    return out
 
 
 def evaluate(model: nn.Module, data: DeviceData, split: str, accel: Accel | None = None) -> tuple[float, float]:
@@ -218,6 +274,7 @@ class _Run:
         # Cosine decay per step (not per epoch), so short budgets also anneal to ~0.
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
         self.result = TrainResult(-1, -1.0, {})
+        self.stochastic = True  # until its first step shows it draws no random numbers
         self.sums: dict[str, torch.Tensor] = {}
         self.correct = torch.zeros((), device=device)
         self.lr_now = s.lr
@@ -266,6 +323,150 @@ def _check_group(members: Sequence[Member]) -> tuple[int, int]:
     return first.epochs, first.batch_size
 
 
+class Lockstep:
+    """K students trained in lockstep over one batch stream, one epoch per call of :meth:`epoch`.
+
+    Per batch, the data are augmented once and the teacher's outputs are
+    computed (or read from the cache) once; then every live student takes its
+    step. On CUDA the students step one after another (kernels queue
+    asynchronously). On CPU, when K >= 2, each core gets a worker thread with
+    one intra-op thread: the teacher batch is split across them and the
+    students are dealt out to them (small convolutions scale badly over
+    intra-op threads; see docs/performance.md).
+
+    Each member's RNG stream is its own: a member that draws random numbers
+    (dropout) steps on the calling thread with its RNG state swapped in; the
+    first step of a group finds out which members do.
+
+    A member whose loss goes non-finite stops with `NonFiniteLoss` in its
+    result's `stopped_by`; so does one whose `on_epoch` raises one of
+    `stop_on` (e.g. Optuna's TrialPruned). The others carry on. Any other
+    exception from `on_epoch` ends the whole group.
+    """
+
+    def __init__(self, members: Sequence[Member], teacher: Net | None, data: DeviceData, *,
+                 cache: TeacherCache | None = None, accel: Accel | None = None,
+                 stop_on: tuple[type[BaseException], ...] = ()):
+        self.data, self.device, self.stop_on = data, data.device, stop_on
+        self.accel = accel or Accel()
+        self.epochs, self.batch_size = _check_group(members)
+        steps = data.steps_per_epoch(min(self.batch_size, data.n_train))
+        self.runs = [_Run(m, self.device, self.accel, steps * self.epochs) for m in members]
+        uses_teacher = teacher is not None and any(r.m.method.uses_teacher for r in self.runs)
+        self.workers = _cpu_workers(self.accel, self.device, len(self.runs), uses_teacher)
+        self.swap_rng = len(self.runs) > 1
+        if self.swap_rng:
+            for r in self.runs:
+                r.m.rng = r.m.rng or _rng_state(self.device)
+        self.probed = False  # whether the first step has shown which members draw random numbers
+        self.feed = None
+        if uses_teacher:
+            t_needs = frozenset().union(*(r.needs for r in self.runs if r.m.method.uses_teacher))
+            self.feed = self._teacher_feed(teacher, t_needs, cache)
+        self.fmts = {r.fmt for r in self.runs}
+        self.next_epoch = 0
+
+    def _teacher_feed(self, teacher: Net, needs: frozenset[str], cache: TeacherCache | None) -> TeacherFeed:
+        device, workers = self.device, self.workers
+        teacher.to(device).eval()
+        fmt = _to_format(teacher, self.accel)
+        fn = _taps_fn(teacher, needs, self.accel, device)
+
+        @torch.no_grad()  # grad mode is per thread: the workers set it themselves
+        def run(x):
+            with autocast(device):
+                return fn(teacher, _as(x, fmt))
+
+        def compute(x):
+            if workers == 1:
+                return run(x)
+            parts = _in_pool(workers, run, x.chunk(workers))
+            return Outputs(*(None if t[0] is None else torch.cat(t) for t in zip(*parts)))
+
+        tag = f"{self.accel.tag(device)}|split{workers}"
+        return TeacherFeed(cache, teacher, self.data, self.batch_size, needs, compute, tag)
+
+    @property
+    def done(self) -> bool:
+        return self.next_epoch >= self.epochs or not any(r.alive for r in self.runs)
+
+    def results(self) -> list[TrainResult]:
+        return [r.result for r in self.runs]
+
+    def _steps(self, active: list[_Run], xs: dict, y: torch.Tensor, t_out: Outputs | None, epoch: int) -> None:
+        """One step of every active member on this batch."""
+        serial = active
+        if self.workers > 1 and self.probed and len(active) > 1:
+            serial = [r for r in active if r.stochastic]
+            hands = _deal([r for r in active if not r.stochastic], self.workers)
+            before = torch.get_rng_state()
+            _in_pool(self.workers, lambda hand: [r.step(xs[r.fmt], y, t_out, epoch) for r in hand], hands)
+            if not torch.equal(before, torch.get_rng_state()):
+                raise RuntimeError("a lockstep member drew random numbers on a worker thread after its first step; "
+                                   "its stream cannot be replayed: run it with --parallel 1")
+        for r in serial:
+            if self.swap_rng:
+                before = r.m.rng
+                _set_rng_state(before, self.device)
+            r.step(xs[r.fmt], y, t_out, epoch)
+            if self.swap_rng:
+                r.m.rng = _rng_state(self.device)
+                if not self.probed:
+                    r.stochastic = any(a is not None and not torch.equal(a, b) for a, b in zip(before, r.m.rng))
+        self.probed = True
+
+    def epoch(self) -> bool:
+        """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
+        if self.done:
+            return False
+        finite = self._train_epoch()
+        for r, _ in finite:
+            if r.m.on_epoch is not None:
+                try:
+                    r.m.on_epoch(r.result.history[-1])
+                except self.stop_on as e:
+                    r.result.stopped_by = e
+        if self.swap_rng and self.done:  # leave the global RNG where the last member's stream ended
+            _set_rng_state(self.runs[-1].m.rng, self.device)
+        return True
+
+    def _train_epoch(self) -> list[tuple[_Run, dict]]:
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        active = [r for r in self.runs if r.alive]
+        t0 = time.perf_counter()
+        for r in active:
+            r.begin_epoch()
+        if self.feed is not None:
+            self.feed.begin_epoch(epoch)
+        n = 0
+        for step, (x, y) in enumerate(self.data.epoch(epoch, self.batch_size)):
+            xs = {fmt: _as(x, fmt) for fmt in self.fmts}
+            t_out = self.feed(step, x) if self.feed is not None else None
+            self._steps(active, xs, y, t_out, epoch)
+            n += len(y)
+        # One sync per epoch: every member's train statistics at once.
+        flat = [r.epoch_tensors() for r in active]
+        values = torch.stack([t for ts in flat for t in ts]).tolist()
+        finite, i = [], 0
+        for ts, r in zip(flat, active):
+            train = r.epoch_train(values[i : i + len(ts)], n)
+            i += len(ts)
+            if math.isfinite(train["loss"]):
+                finite.append((r, train))
+            else:
+                r.result.stopped_by = NonFiniteLoss(epoch)
+        students = [r.m.student for r, _ in finite]
+        evals = evaluate_many(students, self.data, "val", self.accel, self.workers) if finite else []
+        seconds = time.perf_counter() - t0
+        for (r, train), (val_loss, val_acc) in zip(finite, evals):
+            r.result.history.append(EpochStats(epoch, train, val_loss, val_acc, r.lr_now, seconds))
+            if val_acc > r.result.best_val_acc:
+                r.result.best_epoch, r.result.best_val_acc = epoch, val_acc
+                r.result.state = {"student": _snapshot(r.m.student), "heads": _snapshot(r.m.method)}
+        return finite
+
+
 def train_students(
     members: Sequence[Member],
     teacher: Net | None,
@@ -276,91 +477,12 @@ def train_students(
     progress: Callable[[int], None] | None = None,
     stop_on: tuple[type[BaseException], ...] = (),
 ) -> list[TrainResult]:
-    """Train K students in lockstep over one batch stream; keep each one's best-val-accuracy epoch.
-
-    A member whose loss goes non-finite stops with `NonFiniteLoss` in its
-    result's `stopped_by`; so does one whose `on_epoch` raises one of
-    `stop_on` (e.g. Optuna's TrialPruned). The others carry on. Any other
-    exception from `on_epoch` ends the whole group.
-    """
-    device = data.device
-    accel = accel or Accel()
-    epochs, batch_size = _check_group(members)
-    steps = data.steps_per_epoch(min(batch_size, data.n_train))
-    runs = [_Run(m, device, accel, steps * epochs) for m in members]
-    swap_rng = len(runs) > 1
-    if swap_rng:
-        for r in runs:
-            r.m.rng = r.m.rng or _rng_state(device)
-
-    feed = None
-    t_needs = frozenset().union(*(r.needs for r in runs if r.m.method.uses_teacher))
-    if teacher is not None and any(r.m.method.uses_teacher for r in runs):
-        teacher.to(device).eval()
-        t_fmt = _to_format(teacher, accel)
-        t_fn = _taps_fn(teacher, t_needs, accel, device)
-
-        @torch.no_grad()
-        def compute(x):
-            with autocast(device):
-                return t_fn(teacher, _as(x, t_fmt))
-
-        feed = TeacherFeed(cache, teacher, data, batch_size, t_needs, compute, accel.tag(device))
-    fmts = {r.fmt for r in runs}
-
-    for epoch in range(epochs):
-        active = [r for r in runs if r.alive]
-        if not active:
-            break
-        t0 = time.perf_counter()
-        for r in active:
-            r.begin_epoch()
-        if feed is not None:
-            feed.begin_epoch(epoch)
-        n = 0
-        for step, (x, y) in enumerate(data.epoch(epoch, batch_size)):
-            xs = {fmt: _as(x, fmt) for fmt in fmts}
-            t_out = feed(step, x) if feed is not None else None
-            for r in active:
-                if swap_rng:
-                    _set_rng_state(r.m.rng, device)
-                r.step(xs[r.fmt], y, t_out, epoch)
-                if swap_rng:
-                    r.m.rng = _rng_state(device)
-            n += len(y)
-        # One sync per epoch: every member's train statistics at once.
-        flat = [r.epoch_tensors() for r in active]
-        values = torch.stack([t for ts in flat for t in ts]).tolist()
-        trains, i = [], 0
-        for ts, r in zip(flat, active):
-            trains.append(r.epoch_train(values[i : i + len(ts)], n))
-            i += len(ts)
-        finite = []
-        for r, train in zip(active, trains):
-            if math.isfinite(train["loss"]):
-                finite.append((r, train))
-            else:
-                r.result.stopped_by = NonFiniteLoss(epoch)
-        evals = evaluate_many([r.m.student for r, _ in finite], data, "val", accel) if finite else []
-        seconds = time.perf_counter() - t0
-        for (r, train), (val_loss, val_acc) in zip(finite, evals):
-            stats = EpochStats(epoch, train, val_loss, val_acc, r.lr_now, seconds)
-            r.result.history.append(stats)
-            if val_acc > r.result.best_val_acc:
-                r.result.best_epoch, r.result.best_val_acc = epoch, val_acc
-                r.result.state = {"student": _snapshot(r.m.student), "heads": _snapshot(r.m.method)}
+    """Train K students in lockstep over one batch stream; keep each one's best-val-accuracy epoch (see Lockstep)."""
+    group = Lockstep(members, teacher, data, cache=cache, accel=accel, stop_on=stop_on)
+    while group.epoch():
         if progress:
-            progress(epoch + 1)
-        for r, _ in finite:
-            if r.m.on_epoch is None:
-                continue
-            try:
-                r.m.on_epoch(r.result.history[-1])
-            except stop_on as e:
-                r.result.stopped_by = e
-    if swap_rng:
-        _set_rng_state(runs[-1].m.rng, device)
-    return [r.result for r in runs]
+            progress(group.next_epoch)
+    return group.results()
 
 
 def train_student(
