@@ -50,7 +50,7 @@ VAL_FRACTION = 0.1
 class BenchConfig:
     dataset: str = "synthetic"
     data_dir: str | None = None
-    images: int = 1536  # training images per epoch
+    images: int = 1024  # training images per epoch
     epochs: int = 3
     trials: int = 8  # K
     batch_size: int = 128
@@ -85,8 +85,16 @@ def study_bound(t_macs: float, s_macs: float, k: int) -> float:
     return k * (t_macs + s_macs) / (t_macs + k * s_macs)
 
 
-def default_workers() -> int:
-    """Seed 003 uses 4 workers; on a small machine leave the cores to the compute threads."""
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers for the reference: the fastest choice, so the baseline is not handicapped.
+
+    Seed 003 uses 4 workers to keep a GPU fed. On CPU the training already uses
+    every core, and a worker process only competes with the intra-op threads
+    (measured on 2 cores: 1 worker made the reference 2.5x slower than 0), so
+    the transforms run inline there.
+    """
+    if device.type == "cpu":
+        return 0
     return min(4, max(1, len(os.sched_getaffinity(0)) - 1))
 
 
@@ -113,12 +121,16 @@ class Phase:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.isdir("/proc/self/task"):
+        elif os.path.exists("/proc/self/statm"):
             self.peak_mb = max(self.peak_mb, _rss_mb())
 
             def sample():
+                children, i = 0.0, 0
                 while not stop.wait(0.05):
-                    self.peak_mb = max(self.peak_mb, _rss_mb())
+                    if i % 40 == 20:  # every 2 s, first after 1 s (workers have started by then)
+                        children = _children_private_mb()
+                    i += 1
+                    self.peak_mb = max(self.peak_mb, _rss_mb() + children)
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
@@ -144,21 +156,33 @@ class Phase:
 
 
 def _rss_mb() -> float:
-    """Proportional set size of this process and its children (shared pages split, not double-counted)."""
-    pids = [os.getpid()]
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids += [int(p) for p in f.read().split()]
-    except OSError:
-        pass
+    """Resident set of this process (cheap: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _children_private_mb() -> float:
+    """Private (unshared) memory of this process's children, e.g. DataLoader workers: what they add.
+
+    Reading smaps_rollup walks the page tables (~20 ms for a 2 GB process), so it is sampled rarely.
+    """
     kb = 0
-    for pid in pids:
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                kb += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration, ValueError, IndexError):
-            pass
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    kb += sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+            except (OSError, ValueError, IndexError):
+                pass
     return kb / 1024
 
 
@@ -292,7 +316,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     cfg.check()
     device = resolve_device(cfg.device)
     threads = set_cpu_threads(cfg.threads) if device.type == "cpu" else None
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
     raw, data = _load(cfg, device)
     k, e, b = cfg.trials, cfg.epochs, cfg.batch_size
 
@@ -313,7 +337,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         f"(student forward + backward); load average before: {_load_avg()}")
     _warm_up(teacher, new_student(), data, b)
     if device.type == "cpu":
-        say(f"  memory before the runs: {_rss_mb():.0f} MB (PSS)")
+        say(f"  resident memory before the runs: {_rss_mb():.0f} MB")
 
     method_cls = get_method("vanilla_kd")
     hp = {"temperature": 4.0, "alpha": 0.7}
@@ -368,6 +392,9 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         f"({'one trial measured' if cfg.ref_trials == 1 else f'mean of {cfg.ref_trials} measured'}, times K) "
         f"vs kdsweep study {study.wall:.1f} s ({full}/{k} trials' worth of epochs trained)")
     cs = cache.stats()
+    data_mb = sum(t.numel() * t.element_size() for t in (data.train_x, data.val_x, data.test_x)) / 2**20
+    say(f"  kdsweep keeps the images on the device as uint8: {data_mb:.1f} MB; peak memory on CPU is the shared process's "
+        f"resident set while the path ran (+ DataLoader workers' private memory)")
     say(f"  teacher cache: {cs['teacher_cache_mb'] * 1024:.0f} KB held, {cs['teacher_cache_hits']} hits, "
         f"{cs['teacher_cache_misses']} misses (within a lockstep group the teacher runs once per batch anyway; "
         f"the cache serves later groups and studies)")
