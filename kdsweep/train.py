@@ -395,6 +395,7 @@ class Lockstep:
 
     def _steps(self, active: list[_Run], xs: dict, y: torch.Tensor, t_out: Outputs | None, epoch: int) -> None:
         """One step of every active member on this batch."""
+        shared = [(t, t._version) for t in (t_out or ()) if t is not None]
         serial = active
         if self.workers > 1 and self.probed and len(active) > 1:
             serial = [r for r in active if r.stochastic]
@@ -414,12 +415,18 @@ class Lockstep:
                 if not self.probed:
                     r.stochastic = any(a is not None and not torch.equal(a, b) for a, b in zip(before, r.m.rng))
         self.probed = True
+        if len(active) > 1 and any(t._version != v for t, v in shared):
+            raise RuntimeError(f"{type(active[0].m.method).__name__} modified the teacher's outputs in place; lockstep "
+                               "members share them: the method must not write to its `t` argument")
 
     def epoch(self) -> bool:
         """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
         if self.done:
             return False
-        finite = self._train_epoch()
+        # On CPU worker threads, every op of the group runs on one intra-op thread, the lone student's too:
+        # intra-op parallelism over small convolutions costs more than it gives (docs/performance.md).
+        with _intra_op_threads(1) if self.workers > 1 else contextlib.nullcontext():
+            finite = self._train_epoch()
         for r, _ in finite:
             if r.m.on_epoch is not None:
                 try:

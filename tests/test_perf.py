@@ -145,6 +145,8 @@ def test_an_output_edited_in_place_is_recomputed(data):
     got = curve(train(data, teacher, member(), cache))
     assert cache.hits == 0  # every stored tensor's version moved on: all misses
     assert_same(plain, got)
+    with pytest.raises(RuntimeError, match="modified the teacher's outputs in place"):
+        train_students([member(), member()], teacher, data)  # lockstep members share `t`: refused, not silently wrong
 
 
 @pytest.mark.parametrize("workers", [0, 2])
