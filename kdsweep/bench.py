@@ -395,9 +395,11 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     data_mb = sum(t.numel() * t.element_size() for t in (data.train_x, data.val_x, data.test_x)) / 2**20
     say(f"  kdsweep keeps the images on the device as uint8: {data_mb:.1f} MB; peak memory on CPU is the shared process's "
         f"resident set while the path ran (+ DataLoader workers' private memory)")
+    note = " (one lockstep group: the teacher ran once per batch without needing the cache)" if p >= k else ""
     say(f"  teacher cache: {cs['teacher_cache_mb'] * 1024:.0f} KB held, {cs['teacher_cache_hits']} hits, "
-        f"{cs['teacher_cache_misses']} misses (within a lockstep group the teacher runs once per batch anyway; "
-        f"the cache serves later groups and studies)")
+        f"{cs['teacher_cache_misses']} misses{note}")
+    say(f"  sharing alone, on kdsweep's path: {k} x kdsweep trial / kdsweep study = {k * one.wall / study.wall:.2f} "
+        f"(bound {bound:.2f})")
     say(f"  cpu-time speedup {k * ref.cpu / study.cpu:.2f} (spin-waiting threads count here); load average after: {_load_avg()}")
     say(f"speedup={speedup:.2f} bound={bound:.2f}")
     return {"speedup": speedup, "bound": bound, "phases": phases, "t_macs": t_macs, "s_macs": s_macs, "complete": full,

@@ -81,11 +81,15 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each architecture once per process (pays off on long GPU studies; default: off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="NHWC memory format for conv models (default: on)")
+    g.add_argument("--cpu-workers", type=int, metavar="N",
+                   help="CPU only: worker threads (one intra-op thread each) that split the teacher's batch and share "
+                        "out the students (default: the cores; 0: plain intra-op threads)")
 
 
 STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
               "teacher_checkpoint", "trials", "epochs", "batch_size", "momentum", "weight_decay", "timeout", "sampler",
-              "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last")
+              "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last",
+              "cpu_workers")
 
 
 def cmd_study(args) -> int:

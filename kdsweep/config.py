@@ -67,6 +67,7 @@ class StudyConfig:
     teacher_cache_mb: float | None = None  # None: sized to the device; 0: off
     compile: bool = False
     channels_last: bool = True
+    cpu_workers: int | None = None  # CPU: worker threads of a lockstep group (None: the cores; 0: off)
     space: dict[str, Float] = field(default_factory=dict)
     fixed: dict[str, float] = field(default_factory=dict)
 
@@ -86,6 +87,8 @@ class StudyConfig:
             raise UserError(f"unknown pruner {self.pruner!r}; choose from {', '.join(PRUNERS)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        if self.cpu_workers is not None and self.cpu_workers < 0:
+            raise UserError(f"--cpu-workers must be >= 0, got {self.cpu_workers}")
         if self.teacher_cache_mb is not None and not self.teacher_cache_mb >= 0:
             raise UserError(f"--teacher-cache-mb must be >= 0 (0 disables the cache), got {self.teacher_cache_mb}")
         if self.timeout is not None and self.timeout <= 0:

@@ -193,7 +193,7 @@ def test_parallel_study_matches_sequential(tmp_path, monkeypatch):
     common = {"dataset": "digits", "trials": 3, "epochs": 2, "teacher_epochs": 1, "device": "cpu", "pruner": "none",
               "data_size": 600}
     seq = run_study(resolve("vanilla_kd", {**common, "study_name": "seq", "parallel": 1, "teacher_cache_mb": 0,
-                                           "channels_last": False}), say=lambda s: None)
+                                           "channels_last": False, "cpu_workers": 0}), say=lambda s: None)
     par = run_study(resolve("vanilla_kd", {**common, "study_name": "par", "parallel": 2}), say=lambda s: None)
     assert seq["complete"] == par["complete"] == 3
 
