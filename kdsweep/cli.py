@@ -17,6 +17,7 @@ examples:
   kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5
   kdsweep study ce --dataset digits --trials 10 --epochs 5  # the baseline to beat
   kdsweep study studies/my_kd.toml --device cuda            # a study file
+  kdsweep study vanilla_kd --trials 48 --parallel 8         # 8 trials at a time, one teacher pass
 
 NAME is a method (`kdsweep methods` lists them) or a study file: studies/NAME.toml
 or a path to a .toml. Precedence: built-in defaults < study file < flags.
@@ -67,12 +68,30 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", choices=["tpe", "random"], help="default: tpe")
     g.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: median")
     g.add_argument("--study-name", help="Optuna study name (default: NAME-dataset-teacher-student-sSEED)")
+    _perf_args(p)
     _common_tracking(p)
+
+
+def _perf_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (results are the same up to float rounding; docs/performance.md)")
+    g.add_argument("--parallel", type=int, metavar="K",
+                   help="ask K trials at once and train their students in lockstep on the same batches (default: 1)")
+    g.add_argument("--teacher-cache-mb", type=float, metavar="MB",
+                   help="memory for teacher outputs shared by all trials; logits are always kept, feature maps while they "
+                        "fit (default: a quarter of the device's free memory; 0 disables)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile each architecture once per process (pays off on long GPU studies; default: off)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory format for conv models (default: on)")
+    g.add_argument("--cpu-workers", type=int, metavar="N",
+                   help="CPU only: worker threads (one intra-op thread each) that split the teacher's batch and share "
+                        "out the students (default: the cores; 0: plain intra-op threads)")
 
 
 STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
               "teacher_checkpoint", "trials", "epochs", "batch_size", "momentum", "weight_decay", "timeout", "sampler",
-              "pruner", "study_name", "storage", "tracking_uri")
+              "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last",
+              "cpu_workers")
 
 
 def cmd_study(args) -> int:
@@ -256,6 +275,29 @@ def cmd_confirm(args) -> int:
     summary = confirm(sel, args.seeds, device, args.data_dir, say=_stderr)
     for label, c in summary.items():
         print(f"{label}: {c['reused']} reused, {c['trained']} trained, {c['failed']} failed")
+
+EPILOG_BENCH = """\
+examples:
+  kdsweep bench --device cpu                         # defaults: synthetic data, ResNet-18 -> SmallNet, K=8
+  kdsweep bench --device cuda --images 45000 --epochs 10   # seed 003's trial size
+  kdsweep bench --dataset cifar10 --images 4096 --trials 4
+
+Runs, in one process and on the same data and models (teacher weights are
+random: this measures speed, not accuracy), a seed-style reference trial
+(per-sample torchvision transforms in a DataLoader, teacher forward every
+step), one kdsweep trial, and a K-trial kdsweep study (lockstep trials, shared
+teacher outputs). The last line is `speedup=X bound=Y`: X = wall time of K
+reference trials / the kdsweep study's; Y = K(T+S)/(T+KS), the speedup that
+sharing the teacher alone gives when time is proportional to multiply-adds
+(T: teacher forward MACs per image, S: 3x the student's).
+"""
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run_bench
+
+    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
+    run_bench(BenchConfig(**given))
     return 0
 
 
@@ -348,6 +390,27 @@ def build_parser() -> argparse.ArgumentParser:
     _report_select(p)
     p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per method (default: 3)")
     p.set_defaults(func=cmd_confirm)
+
+    p = sub.add_parser("bench", help="measure kdsweep's training path against a seed-style reference",
+                       description="Benchmark a K-trial kdsweep study against K seed-style reference trials.",
+                       epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .data import DATASETS
+
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: synthetic, generated: no network)")
+    p.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
+    p.add_argument("--teacher", help="teacher architecture (default: resnet18, seed 003's)")
+    p.add_argument("--student", help="student architecture (default: smallnet, seed 003's)")
+    p.add_argument("--images", type=int, help="training images per epoch (default: 1024)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: 3)")
+    p.add_argument("--trials", type=int, help="K, trials in the kdsweep study (default: 8)")
+    p.add_argument("--batch-size", type=int, help="default: 128")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto (CUDA when there is one)")
+    p.add_argument("--workers", type=int, help="DataLoader workers of the reference (default: 0 on CPU, the fastest there; cores - 1, at most 4, on CUDA)")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: the cores this process may use)")
+    p.add_argument("--parallel", type=int, help="trials per lockstep group in the kdsweep study (default: all K)")
+    p.add_argument("--ref-trials", type=int, help="reference trials to measure and average (default: 1)")
+    p.add_argument("--teacher-cache-mb", type=float, help="teacher cache budget of the study (default: sized to the device)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the study results", description="Start `mlflow ui` on kdsweep's tracking store.",
                        epilog="example:\n  kdsweep ui                 # then open http://127.0.0.1:5000",

@@ -62,6 +62,12 @@ class StudyConfig:
     device: str = "auto"
     timeout: float | None = None
     study_name: str | None = None
+    # Performance only: they never change what a trial computes beyond float rounding.
+    parallel: int = 1  # trials trained in lockstep on the same batches
+    teacher_cache_mb: float | None = None  # None: sized to the device; 0: off
+    compile: bool = False
+    channels_last: bool = True
+    cpu_workers: int | None = None  # CPU: worker threads of a lockstep group (None: the cores; 0: off)
     space: dict[str, Float] = field(default_factory=dict)
     fixed: dict[str, float] = field(default_factory=dict)
 
@@ -72,7 +78,7 @@ class StudyConfig:
         self.teacher_epochs = self.teacher_epochs or spec.teacher_epochs
         self.epochs = self.epochs or spec.epochs
         self.batch_size = self.batch_size or spec.batch_size
-        for name in ("trials", "epochs", "batch_size", "teacher_epochs"):
+        for name in ("trials", "epochs", "batch_size", "teacher_epochs", "parallel"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.sampler not in SAMPLERS:
@@ -81,6 +87,10 @@ class StudyConfig:
             raise UserError(f"unknown pruner {self.pruner!r}; choose from {', '.join(PRUNERS)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        if self.cpu_workers is not None and self.cpu_workers < 0:
+            raise UserError(f"--cpu-workers must be >= 0, got {self.cpu_workers}")
+        if self.teacher_cache_mb is not None and not self.teacher_cache_mb >= 0:
+            raise UserError(f"--teacher-cache-mb must be >= 0 (0 disables the cache), got {self.teacher_cache_mb}")
         if self.timeout is not None and self.timeout <= 0:
             raise UserError(f"--timeout must be positive seconds, got {self.timeout}")
         if self.study_name is not None:

@@ -7,6 +7,7 @@ teacher -> study + parent run -> trials.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import tempfile
@@ -20,7 +21,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, teacher_cache
 from .config import StudyConfig
 from .data import DeviceData, get_dataset, load_data
 from .errors import UserError
@@ -28,7 +29,7 @@ from .methods import get_method
 from .models import build_model, count_params
 from .teacher import get_teacher
 from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, redact, scrub
-from .train import NonFiniteLoss, Schedule, evaluate, train_student
+from .train import Accel, Member, NonFiniteLoss, Schedule, TrainResult, evaluate, set_cpu_threads, train_student, train_students
 from .workers import (OWNER_ATTR, REASON_ATTR, Heartbeat, Owner, StudyLock, check_stop, claim, heartbeat_settings,
                       recover_stale, retry)
 
@@ -152,6 +153,9 @@ class StudyContext:
     heartbeat: int = 10
     grace: int = 60
     poll: float = 2.0
+    # The device path (see train.py, teacher_cache.py); set by run_study.
+    cache: teacher_cache.TeacherCache | None = None  # teacher outputs shared by the study's trials
+    accel: Accel | None = None
 
 
 def _trial_params(ctx: StudyContext, trial: optuna.Trial) -> dict[str, float]:
@@ -161,7 +165,22 @@ def _trial_params(ctx: StudyContext, trial: optuna.Trial) -> dict[str, float]:
     return hp
 
 
-def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
+@dataclass
+class TrialRun:
+    """One trial being trained: its models, settings and MLflow run."""
+
+    trial: optuna.Trial
+    hp: dict[str, float]
+    schedule: Schedule
+    student: torch.nn.Module
+    method: torch.nn.Module
+    run: str
+    rng: tuple  # the RNG state right after initialisation (lockstep replays it)
+    reported: list[int] = field(default_factory=list)  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
+
+
+def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
+    """Sample the trial's parameters, build its student and heads, open and fill its MLflow run."""
     cfg, data, tracker = ctx.cfg, ctx.data, ctx.tracker
     method_cls = get_method(cfg.method)
     hp = _trial_params(ctx, trial)
@@ -171,69 +190,105 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     s_shapes = student.shapes(data.in_shape)
     t_shapes = ctx.teacher.shapes(data.in_shape) if ctx.teacher is not None else None
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, t_shapes, cfg.epochs).to(data.device)
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
 
     run = tracker.start(ctx.experiment_id, f"{cfg.full_study_name}/t{trial.number:03d}",
                         {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                          "kdsweep.trial": trial.number, "kdsweep.state": "RUNNING"}, parent=ctx.parent_run)
-    params = {**ctx.base_params, **hp, **{k: v for k, v in vars(schedule).items()}, "extra_params": count_params(method)}
-
-    reported: list[int] = []  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
-
-    def on_epoch(stats):
-        check_stop()
-        tracker.log(run, stats.metrics(), step=stats.epoch)
-        trial.report(stats.val_acc, stats.epoch)
-        reported.append(stats.epoch)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
-
-    bar = None
+    tr = TrialRun(trial, hp, schedule, student, method, run, rng)
     try:  # from here on, whatever stops the trial closes its run
         trial.set_user_attr(RUN_ID_ATTR, run)
+        params = {**ctx.base_params, **hp, **vars(schedule), "extra_params": count_params(method)}
         tracker.log(run, params=params)
-        bar = tqdm(total=cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
-        result = train_student(student, method, ctx.teacher, data, schedule, on_epoch=on_epoch, progress=lambda e: bar.update(1))
-    except optuna.TrialPruned as e:
-        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": reported[-1] if reported else -1, "kdsweep.reason": str(e)})
-        tracker.end(run, "KILLED")
+    except BaseException as e:
+        _close_trial_run(ctx, tr, e)
         raise
-    except TRIAL_ERRORS as e:
-        epoch = e.epoch if hasattr(e, "epoch") else len(reported)  # an OOM: the epoch it was in
+    return tr
+
+
+def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
+    def on_epoch(stats):
+        check_stop()
+        ctx.tracker.log(tr.run, stats.metrics(), step=stats.epoch)
+        tr.trial.report(stats.val_acc, stats.epoch)
+        tr.reported.append(stats.epoch)
+        if tr.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+
+    return on_epoch
+
+
+def _close_trial_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
+    """Tag and end a trial's MLflow run that stopped with `e` (pruned, failed or interrupted)."""
+    tracker, run, trial = ctx.tracker, tr.run, tr.trial
+    if isinstance(e, optuna.TrialPruned):
+        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": tr.reported[-1] if tr.reported else -1,
+                               "kdsweep.reason": str(e)})
+        tracker.end(run, "KILLED")
+    elif isinstance(e, TRIAL_ERRORS):
+        epoch = e.epoch if hasattr(e, "epoch") else len(tr.reported)  # an OOM: the epoch it was in
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:250]}"
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": reason, "kdsweep.failed_at_epoch": epoch})
         trial.set_user_attr(REASON_ATTR, reason)
         trial.set_user_attr("failed_at_epoch", epoch)
         tracker.end(run, "FAILED")
-        raise
-    except KeyboardInterrupt:
+    elif isinstance(e, KeyboardInterrupt):
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": "interrupted"})
-        trial.set_user_attr(REASON_ATTR, "interrupted")
+        _note_reason(trial, "interrupted")
         tracker.end(run, "KILLED")
-        raise
-    except BaseException as e:
+    else:
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
         tracker.end(run, "FAILED")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
 
-    # The selected (best-val) epoch is the one evaluated on test and kept.
-    student.load_state_dict(result.state["student"])
-    method.load_state_dict(result.state["heads"])
-    test_loss, test_acc = evaluate(student, data, "test")
+
+def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float:
+    """Evaluate the selected (best-val) epoch on test, log the checkpoint and final metrics; return best val acc."""
+    cfg, data, tracker, trial = ctx.cfg, ctx.data, ctx.tracker, tr.trial
+    tr.student.load_state_dict(result.state["student"])
+    tr.method.load_state_dict(result.state["heads"])
+    test_loss, test_acc = evaluate(tr.student, data, "test", ctx.accel)
     final = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "test_acc": test_acc, "test_loss": test_loss,
              "train_seconds": sum(s.seconds for s in result.history)}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint.save(Path(tmp) / "student.pt", cfg.student, data.in_shape, data.num_classes, result.state,
-                               {"method": cfg.method, "study": cfg.full_study_name, "trial": trial.number, "hparams": hp,
+                               {"method": cfg.method, "study": cfg.full_study_name, "trial": trial.number, "hparams": tr.hp,
                                 "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc})
-        tracker.client.log_artifact(run, str(ckpt), "checkpoint")
-    tracker.log(run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
-    tracker.end(run)
+        tracker.client.log_artifact(tr.run, str(ckpt), "checkpoint")
+    tracker.log(tr.run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
+    tracker.end(tr.run)
     for k in ("test_acc", "best_epoch"):
         trial.set_user_attr(k, final[k])
     return result.best_val_acc
+
+
+def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
+    """Train one trial alone; raises TrialPruned or a trial error, after closing its MLflow run."""
+    tr = _start_trial(ctx, trial)
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
+    try:
+        result = train_student(tr.student, tr.method, ctx.teacher, ctx.data, tr.schedule, on_epoch=_epoch_callback(ctx, tr),
+                               progress=lambda e: bar.update(1), cache=ctx.cache, accel=ctx.accel)
+    except BaseException as e:
+        _close_trial_run(ctx, tr, e)
+        raise
+    finally:
+        bar.close()
+    try:
+        return _finish_trial(ctx, tr, result)
+    except BaseException as e:
+        _close_trial_run(ctx, tr, e)
+        raise
+
+
+def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.TeacherCache, Accel, dict[str, Any]]:
+    """The device path of a study: CPU threads, the shared teacher cache, memory format, compile; and their params."""
+    threads = set_cpu_threads() if device.type == "cpu" else None
+    cache = teacher_cache.shared(cfg.teacher_cache_mb, device)
+    accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile, cpu_workers=cfg.cpu_workers)
+    params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,
+              "compile": cfg.compile, "cpu_threads": threads or "",
+              "cpu_workers": "" if device.type != "cpu" else cfg.cpu_workers if cfg.cpu_workers is not None else "auto"}
+    return cache, accel, params
 
 
 def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
@@ -358,7 +413,7 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
     return complete, len(trials) - complete
 
 
-def _claim_next(ctx: StudyContext) -> optuna.Trial | None:
+def _claim_next(ctx: StudyContext, wait: bool = True) -> optuna.Trial | None:
     """The next trial for this worker, claimed under the study lock; None once the study is done.
 
     A trial is created only while complete + running < --trials, so workers
@@ -380,12 +435,15 @@ def _claim_next(ctx: StudyContext) -> optuna.Trial | None:
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     trial = ctx.study.ask()
                 try:
+                    # Draw the parameters now, with this trial's sampler: suggest() later returns the stored values,
+                    # so trials claimed together (--parallel) get the same draws as when claimed one by one.
+                    _trial_params(ctx, trial)
                     claim(trial, ctx.owner)
                 except BaseException:
                     _tell(ctx, trial, FAIL, quiet=True)
                     raise
         _report_recovered(ctx, found)
-        if trial is not None or complete >= ctx.cfg.trials:
+        if trial is not None or complete >= ctx.cfg.trials or not wait:
             return trial
         if not waiting:
             ctx.say(f"{running} trial(s) running in other workers would complete the study; waiting for them.")
@@ -451,6 +509,73 @@ def _execute(ctx: StudyContext, trial: optuna.Trial) -> optuna.trial.TrialState:
     return COMPLETE if _tell(ctx, trial, COMPLETE, value) else FAIL
 
 
+def _execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[optuna.trial.TrialState]:
+    """Train claimed trials in lockstep on the same batches (--parallel); each reports, prunes and ends on its own."""
+    started: list[TrialRun] = []
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trials {trials[0].number}-{trials[-1].number}", unit="epoch", leave=False,
+               disable=None)
+    try:
+        with contextlib.ExitStack() as beats:
+            for t in trials:
+                beats.enter_context(Heartbeat(ctx.storage, t._trial_id, ctx.heartbeat))
+            for t in trials:
+                started.append(_start_trial(ctx, t))
+            members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng) for tr in started]
+            results = train_students(members, ctx.teacher, ctx.data, cache=ctx.cache, accel=ctx.accel,
+                                     progress=lambda e: bar.update(1), stop_on=(optuna.TrialPruned,))
+    except BaseException as e:  # the whole group stops: every trial is closed and told
+        for tr in started:
+            _close_trial_run(ctx, tr, e)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"
+        for t in trials:
+            _note_reason(t, reason)
+            _tell(ctx, t, FAIL, quiet=True)
+        if isinstance(e, TRIAL_ERRORS):
+            _free_memory(ctx.data.device)
+            return [FAIL] * len(trials)
+        raise
+    finally:
+        bar.close()
+    states = []
+    for i, (tr, result) in enumerate(zip(started, results)):
+        try:
+            states.append(_tell_member(ctx, tr, result))
+        except BaseException as e:  # interrupted while closing: no trial may be left RUNNING
+            for later in started[i + 1:]:
+                _close_trial_run(ctx, later, e)
+                _tell(ctx, later.trial, FAIL, quiet=True)
+            raise
+    return states
+
+
+def _tell_member(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> optuna.trial.TrialState:
+    """Finish one trial of a lockstep group and tell Optuna how it ended."""
+    e = result.stopped_by
+    if e is not None:
+        _close_trial_run(ctx, tr, e)
+        state = PRUNED if isinstance(e, optuna.TrialPruned) else FAIL
+        return state if _tell(ctx, tr.trial, state) else FAIL
+    try:
+        value = _finish_trial(ctx, tr, result)
+    except BaseException as e2:
+        _close_trial_run(ctx, tr, e2)
+        _tell(ctx, tr.trial, FAIL, quiet=True)
+        raise
+    return COMPLETE if _tell(ctx, tr.trial, COMPLETE, value) else FAIL
+
+
+def _claim_group(ctx: StudyContext) -> list[optuna.Trial]:
+    """Up to --parallel trials for this worker: the first may wait for the study, the rest are claimed only if free."""
+    first = _claim_next(ctx)
+    group = [first] if first is not None else []
+    while group and len(group) < ctx.cfg.parallel:
+        t = _claim_next(ctx, wait=False)
+        if t is None:
+            break
+        group.append(t)
+    return group
+
+
 def _close_parent(ctx: StudyContext, status: str) -> None:
     """End the parent run, unless trials of other live workers still run under it."""
     others = [t for t in ctx.study.get_trials(deepcopy=False, states=(RUNNING,))
@@ -476,6 +601,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     check_pair(cfg)
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
+    cache, accel, perf_params = _perf_setup(cfg, device)
     storage = open_storage(cfg.storage)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
@@ -495,13 +621,14 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                    "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y), "test_size": len(data.test_y),
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,
                    "teacher_checkpoint": teacher_info.get("path", ""), "teacher_val_acc": teacher_info.get("val_acc", ""),
-                   "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes))}
+                   "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes)), **perf_params}
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
         parent = _parent_run(tracker, exp, study, cfg, base_params)
     interval, grace = storage.heartbeat_interval, storage.grace_period
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
-                       study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace)
+                       study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace,
+                       cache=cache, accel=accel)
     _close_orphan_runs(ctx, finished_too=True)
 
     complete0, running0 = _counts(study)
@@ -520,11 +647,11 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                 say(f"--timeout {cfg.timeout:g}s reached; run the same command again to continue.")
                 break
             check_stop()
-            trial = _claim_next(ctx)
-            if trial is None:
+            group = _claim_group(ctx)
+            if not group:
                 break
-            if _execute(ctx, trial) == FAIL:
-                failures += 1
+            states = [_execute(ctx, group[0])] if len(group) == 1 else _execute_group(ctx, group)
+            failures += states.count(FAIL)
             if failures > cfg.trials:
                 raise UserError(f"{failures} trials failed in this run (see the FAIL runs' kdsweep.reason tags in MLflow); stopping")
             c = count(study, COMPLETE)
@@ -546,4 +673,4 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     return {"study": name, "storage": redact(storage.url if hasattr(storage, "url") else str(cfg.storage)),
             "tracking_uri": redact(tracker.uri), "experiment": cfg.experiment_name, "experiment_id": exp, "parent_run": parent,
             "complete": count(study, COMPLETE), "pruned": count(study, PRUNED), "failed": count(study, FAIL), "best": best,
-            "teacher": teacher_info}
+            "teacher": teacher_info, "teacher_cache": cache.stats()}

@@ -47,4 +47,5 @@ class Method(nn.Module):
         return None
 
     def forward(self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        # `t` is shared (teacher cache, lockstep trials): read it, never modify it in place.
         raise NotImplementedError

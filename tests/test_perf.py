@@ -1,0 +1,241 @@
+"""Performance paths must not change results: teacher cache, lockstep trials, the bench's output format.
+
+Everything runs on CPU on the bundled digits data (seconds); timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdsweep.data import load_data
+from kdsweep.methods import get_method
+from kdsweep.methods.base import Method
+from kdsweep.models import build_model
+from kdsweep.teacher_cache import TeacherCache, model_digest
+from kdsweep.train import Accel, Lockstep, Member, Schedule, train_student, train_students
+
+EPOCHS = 2
+CPU = torch.device("cpu")
+
+
+class EmbedKD(Method):
+    """A test-only method that reads every tap: KD on logits + a regressed embedding (exercises feature caching)."""
+
+    name = "test_embed_kd"
+    summary = reference = "test"
+    needs = frozenset({"logits", "feature", "embedding"})
+
+    def __init__(self, hp, student, teacher, epochs):
+        super().__init__(hp, student, teacher, epochs)
+        self.head = nn.Linear(student.embedding[0], teacher.embedding[0])
+
+    def forward(self, s, t, y, epoch):
+        assert t.feature is not None and t.embedding is not None
+        return {"ce": F.cross_entropy(s.logits, y), "hint": F.mse_loss(self.head(s.embedding), t.embedding),
+                "kd": 0.1 * F.kl_div(F.log_softmax(s.logits, 1), F.log_softmax(t.logits, 1), reduction="batchmean",
+                                     log_target=True)}
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(2)
+    return load_data("digits", None, 600, 0, 0.2, CPU)
+
+
+def make_teacher(data, seed=1):
+    torch.manual_seed(seed)
+    return build_model("digitnet_l", data.in_shape, data.num_classes).eval().requires_grad_(False)
+
+
+def make_member(data, teacher, lr=0.05, method="vanilla_kd", student="digitnet_s", seed=0):
+    torch.manual_seed(seed)
+    s = build_model(student, data.in_shape, data.num_classes)
+    cls = EmbedKD if method == "embed" else get_method(method)
+    hp = {"temperature": 4.0, "alpha": 0.7} if method == "vanilla_kd" else {}
+    m = cls(hp, s.shapes(data.in_shape), teacher.shapes(data.in_shape), EPOCHS)
+    return Member(s, m, Schedule(EPOCHS, 32, lr), rng=(torch.get_rng_state(), None))  # the stream it would train alone on
+
+
+def curve(result):
+    return [(h.train["loss"], h.train["acc"], h.val_loss, h.val_acc) for h in result.history]
+
+
+def assert_same(a, b, tol=1e-5):
+    assert len(a) == len(b) == EPOCHS
+    for ea, eb in zip(a, b):
+        for x, y in zip(ea, eb):
+            assert math.isclose(x, y, rel_tol=tol, abs_tol=tol), (a, b)
+
+
+def train(data, teacher, member, cache=None, accel=None):
+    return train_student(member.student, member.method, teacher, data, member.schedule, cache=cache, accel=accel)
+
+
+@pytest.mark.parametrize("method", ["vanilla_kd", "embed"])
+def test_cache_gives_the_same_losses(data, method):
+    teacher = make_teacher(data)
+    plain = curve(train(data, teacher, make_member(data, teacher, method=method)))
+    cache = TeacherCache(64 * 2**20)
+    first = curve(train(data, teacher, make_member(data, teacher, method=method), cache))
+    assert cache.hits == 0 and cache.misses > 0
+    second = curve(train(data, teacher, make_member(data, teacher, method=method), cache))
+    assert cache.hits == cache.misses  # the second trial read every batch back
+    assert_same(plain, first)
+    assert_same(plain, second)
+
+
+def test_cache_over_budget_keeps_logits_and_recomputes_features(data):
+    teacher = make_teacher(data)
+    plain = curve(train(data, teacher, make_member(data, teacher, method="embed")))
+    cache = TeacherCache(1)  # one byte: nothing but the (always kept) logits
+    for _ in range(2):
+        got = curve(train(data, teacher, make_member(data, teacher, method="embed"), cache))
+        assert_same(plain, got)
+    steps = data.steps_per_epoch(32) * EPOCHS
+    assert cache.used == steps * 32 * data.num_classes * 4  # logits only
+    assert cache.hits == 0  # features were needed and never kept: every batch recomputed
+
+
+def test_stale_entries_are_never_used(data):
+    teacher = make_teacher(data)
+    cache = TeacherCache(64 * 2**20)
+    train(data, teacher, make_member(data, teacher), cache)
+    misses = cache.misses
+
+    with torch.no_grad():  # same object, edited weights: the key changes
+        next(teacher.parameters()).add_(0.5)
+    fresh = curve(train(data, teacher, make_member(data, teacher)))
+    got = curve(train(data, teacher, make_member(data, teacher), cache))
+    assert cache.hits == 0 and cache.misses == 2 * misses
+    assert_same(fresh, got)
+
+    other = load_data("digits", None, 600, 1, 0.2, CPU)  # another seed: split and augmentation stream differ
+    train(other, teacher, make_member(other, teacher), cache)
+    assert cache.hits == 0
+
+    wide = make_teacher(data, seed=2)
+    assert model_digest(wide) != model_digest(teacher)
+    train(data, wide, make_member(data, wide), cache)
+    assert cache.hits == 0
+
+
+def test_an_output_edited_in_place_is_recomputed(data):
+    teacher = make_teacher(data)
+
+    class Clobber(get_method("vanilla_kd")):
+        def forward(self, s, t, y, epoch):
+            out = super().forward(s, t, y, epoch)
+            t.logits.mul_(0)  # a badly behaved method
+            return out
+
+    def member():
+        m = make_member(data, teacher)
+        m.method.__class__ = Clobber
+        return m
+
+    plain = curve(train(data, teacher, member()))
+    cache = TeacherCache(64 * 2**20)
+    train(data, teacher, member(), cache)
+    got = curve(train(data, teacher, member(), cache))
+    assert cache.hits == 0  # every stored tensor's version moved on: all misses
+    assert_same(plain, got)
+    with pytest.raises(RuntimeError, match="modified the teacher's outputs in place"):
+        train_students([member(), member()], teacher, data)  # lockstep members share `t`: refused, not silently wrong
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lockstep_equals_sequential(data, workers):
+    teacher = make_teacher(data)
+    accel = Accel(cpu_workers=workers)
+    specs = [dict(lr=0.05), dict(lr=0.2, method="embed"), dict(lr=0.1, student="mlp1200")]  # mlp1200: dropout 0.5
+    alone = [curve(train(data, teacher, make_member(data, teacher, **kw), accel=accel)) for kw in specs]
+    together = train_students([make_member(data, teacher, **kw) for kw in specs], teacher, data,
+                              cache=TeacherCache(64 * 2**20), accel=accel)
+    for a, r in zip(alone, together):
+        assert r.stopped_by is None
+        assert_same(a, curve(r))
+
+
+def test_lockstep_stops_members_independently(data):
+    teacher = make_teacher(data)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(stats):
+        raise Stop(f"epoch {stats.epoch}")
+
+    members = [make_member(data, teacher, lr=0.05), make_member(data, teacher, lr=1e6), make_member(data, teacher, lr=0.1)]
+    members[2].on_epoch = stop_after_first
+    group = Lockstep(members, teacher, data, stop_on=(Stop,))
+    while group.epoch():
+        pass
+    ok, diverged, stopped = group.results()
+    assert ok.stopped_by is None and len(ok.history) == EPOCHS
+    assert type(diverged.stopped_by).__name__ == "NonFiniteLoss" and diverged.history == []
+    assert isinstance(stopped.stopped_by, Stop) and len(stopped.history) == 1
+
+
+def test_parallel_study_matches_sequential(tmp_path, monkeypatch):
+    import mlflow
+
+    from kdsweep.config import resolve
+    from kdsweep.study import run_study
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
+    common = {"dataset": "digits", "trials": 3, "epochs": 2, "teacher_epochs": 1, "device": "cpu", "pruner": "none",
+              "data_size": 600}
+    seq = run_study(resolve("vanilla_kd", {**common, "study_name": "seq", "parallel": 1, "teacher_cache_mb": 0,
+                                           "channels_last": False, "cpu_workers": 0}), say=lambda s: None)
+    par = run_study(resolve("vanilla_kd", {**common, "study_name": "par", "parallel": 2}), say=lambda s: None)
+    assert seq["complete"] == par["complete"] == 3
+
+    import optuna
+
+    def values(name):
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+        return {t.number: (t.params, t.value) for t in study.trials}
+
+    s, p = values("seq"), values("par")
+    assert s.keys() == p.keys()
+    for n in s:
+        assert s[n][0] == p[n][0]  # the same hyperparameters were asked for
+        # and the same best val accuracy: all-off vs all-on differ by float rounding only (at most one of 60 val images)
+        assert math.isclose(s[n][1], p[n][1], abs_tol=1.01 / 60)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s").experiment_id],
+                              filter_string="tags.`kdsweep.study` = 'par' and tags.`kdsweep.role` = 'trial'")
+    assert len(runs) == 3
+    assert {r.data.tags["kdsweep.state"] for r in runs} == {"COMPLETE"}
+    assert {r.data.params["parallel"] for r in runs} == {"2"}
+
+
+def test_bench_smoke_prints_the_table_and_last_line(capsys):
+    from kdsweep.cli import main
+
+    rc = main(["bench", "--device", "cpu", "--dataset", "digits", "--teacher", "digitnet_l", "--student", "digitnet_s",
+               "--images", "128", "--epochs", "1", "--trials", "2", "--batch-size", "32", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"speedup=\d+\.\d\d bound=\d+\.\d\d", lines[-1])
+    for name in ("reference trial", "kdsweep trial", "kdsweep study, K=2"):
+        row = next(line for line in lines if name in line)
+        assert len(re.findall(r"\d+\.\d", row)) >= 3  # wall s, cpu s, images/s
+    assert "teacher weights random" in out
+    speedup, bound = map(float, re.findall(r"\d+\.\d+", lines[-1]))
+    assert speedup > 0 and 1 < bound < 2  # K=2: the bound lies between 1 and K
+
+
+def test_bench_rejects_bad_flags(capsys):
+    from kdsweep.cli import main
+
+    assert main(["bench", "--device", "cpu", "--trials", "0"]) == 2
+    assert "--trials must be at least 1" in capsys.readouterr().err
