@@ -367,9 +367,9 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     budget = default_budget_bytes(device) if cfg.teacher_cache_mb is None else int(cfg.teacher_cache_mb * 2**20)
     cache = TeacherCache(budget)  # fresh: filling it is part of the study's time
     lrs = [cfg.lr * 2 ** (i / max(1, k - 1) - 0.5) for i in range(k)]  # x0.7 .. x1.4 of --lr: no trial diverges
-    p = cfg.parallel or k
-    how = f"lockstep x{p} + teacher cache" if p > 1 else "sequential + teacher cache"
-    study = Phase(f"kdsweep study, K={k} ({how})", device, kdsweep_epochs(lrs, cache, p))
+    group = cfg.parallel or k
+    how = f"lockstep x{group} + teacher cache" if group > 1 else "sequential + teacher cache"
+    study = Phase(f"kdsweep study, K={k} ({how})", device, kdsweep_epochs(lrs, cache, group))
     # Round-robin, an epoch of each path in turn: on a shared machine every path sees the same load on average.
     pending = [*refs, one, study]
     while pending:
@@ -384,8 +384,8 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     speedup = ref_k / study.wall
     say("")
     say(f"  {'path':<52} {'wall s':>8} {'cpu s':>8} {'images/s':>9} {'peak MB':>8}")
-    for p in phases:
-        say(f"  {p.name:<52} {p.wall:8.1f} {p.cpu:8.1f} {p.rate:9.1f} {p.peak_mb:8.0f}")
+    for ph in phases:
+        say(f"  {ph.name:<52} {ph.wall:8.1f} {ph.cpu:8.1f} {ph.rate:9.1f} {ph.peak_mb:8.0f}")
     say("")
     say(f"  images/s, one trial: kdsweep / reference = {phases[1].rate / ref.rate:.2f}x")
     say(f"  K={k} trials: reference {k} x {ref.wall:.1f} s = {ref_k:.1f} s "
@@ -395,7 +395,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     data_mb = sum(t.numel() * t.element_size() for t in (data.train_x, data.val_x, data.test_x)) / 2**20
     say(f"  kdsweep keeps the images on the device as uint8: {data_mb:.1f} MB; peak memory on CPU is the shared process's "
         f"resident set while the path ran (+ DataLoader workers' private memory)")
-    note = " (one lockstep group: the teacher ran once per batch without needing the cache)" if p >= k else ""
+    note = " (one lockstep group: the teacher ran once per batch without needing the cache)" if group >= k else ""
     say(f"  teacher cache: {cs['teacher_cache_mb'] * 1024:.0f} KB held, {cs['teacher_cache_hits']} hits, "
         f"{cs['teacher_cache_misses']} misses{note}")
     say(f"  sharing alone, on kdsweep's path: {k} x kdsweep trial / kdsweep study = {k * one.wall / study.wall:.2f} "
