@@ -477,5 +477,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
+def entry() -> None:
+    """The `kdsweep` command: main(), and its status as the process's exit status."""
+    code = main()
+    if code in (130, 143):
+        # CPython remembers a KeyboardInterrupt that once passed through code run by PyRun_* (as pybind11's
+        # exec does), even one handled since, and at exit kills itself with SIGINT instead of returning our
+        # status (a parent process sees -2, not 130). Exit directly: everything is closed and flushed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
