@@ -27,7 +27,8 @@ from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
 from .report import Say, Selection, StudyRuns, data_key, confirm_seeds, find_teacher, split_data
-from .train import NonFiniteLoss, Schedule, evaluate, train_student
+from .study import record_result
+from .train import NonFiniteLoss, Schedule, train_student
 
 
 def _existing(study: StudyRuns) -> dict[str, str]:
@@ -124,18 +125,7 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
         tracker.end(run, "FAILED")
         raise
 
-    student.load_state_dict(result.state["student"])
-    method.load_state_dict(result.state["heads"])
-    test_loss, test_acc = evaluate(student, data, "test")
-    final = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "test_acc": test_acc,
-             "test_loss": test_loss, "train_seconds": sum(h.seconds for h in result.history)}
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = checkpoint.save(Path(tmp) / "student.pt", s.params["student"], data.in_shape, data.num_classes, result.state,
-                               {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial,
-                                "hparams": hp, "best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
-                                "test_acc": test_acc})
-        tracker.client.log_artifact(run, str(ckpt), "checkpoint")
-    tracker.log(run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
-    tracker.end(run)
-    say(f"  seed {seed}: val_acc={result.best_val_acc:.4f} test_acc={test_acc:.4f} (run {run})")
+    final = record_result(tracker, run, data, s.params["student"], student, method, result,
+                          {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial, "hparams": hp})
+    say(f"  seed {seed}: val_acc={result.best_val_acc:.4f} test_acc={final['test_acc']:.4f} (run {run})")
     return True

@@ -241,23 +241,31 @@ def _close_trial_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
         tracker.end(run, "FAILED")
 
 
-def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float:
-    """Evaluate the selected (best-val) epoch on test, log the checkpoint and final metrics; return best val acc."""
-    cfg, data, tracker, trial = ctx.cfg, ctx.data, ctx.tracker, tr.trial
-    tr.student.load_state_dict(result.state["student"])
-    tr.method.load_state_dict(result.state["heads"])
-    test_loss, test_acc = evaluate(tr.student, data, "test", ctx.accel)
+def record_result(tracker: Tracker, run: str, data: DeviceData, arch: str, student: torch.nn.Module, method: torch.nn.Module,
+                  result: TrainResult, meta: dict[str, Any], accel: Accel | None = None) -> dict[str, float]:
+    """Evaluate the selected (best-val) epoch on test, log its checkpoint and final metrics, end the run FINISHED."""
+    student.load_state_dict(result.state["student"])
+    method.load_state_dict(result.state["heads"])
+    test_loss, test_acc = evaluate(student, data, "test", accel)
     final = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "test_acc": test_acc, "test_loss": test_loss,
              "train_seconds": sum(s.seconds for s in result.history)}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = checkpoint.save(Path(tmp) / "student.pt", cfg.student, data.in_shape, data.num_classes, result.state,
-                               {"method": cfg.method, "study": cfg.full_study_name, "trial": trial.number, "hparams": tr.hp,
-                                "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc})
-        tracker.client.log_artifact(tr.run, str(ckpt), "checkpoint")
-    tracker.log(tr.run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
-    tracker.end(tr.run)
+        ckpt = checkpoint.save(Path(tmp) / "student.pt", arch, data.in_shape, data.num_classes, result.state,
+                               {**meta, "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc})
+        tracker.client.log_artifact(run, str(ckpt), "checkpoint")
+    tracker.log(run, final, tags={"kdsweep.state": "COMPLETE"}, step=result.best_epoch)
+    tracker.end(run)
+    return final
+
+
+def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float:
+    """Record a trial that trained to the end; return its best val acc (the Optuna objective)."""
+    cfg = ctx.cfg
+    final = record_result(ctx.tracker, tr.run, ctx.data, cfg.student, tr.student, tr.method, result,
+                          {"method": cfg.method, "study": cfg.full_study_name, "trial": tr.trial.number, "hparams": tr.hp},
+                          ctx.accel)
     for k in ("test_acc", "best_epoch"):
-        trial.set_user_attr(k, final[k])
+        tr.trial.set_user_attr(k, final[k])
     return result.best_val_acc
 
 
