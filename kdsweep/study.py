@@ -122,6 +122,7 @@ class TrialRun:
     method: torch.nn.Module
     run: str
     rng: tuple  # the RNG state right after initialisation (lockstep replays it)
+    reported: int = 0  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
 
 
 def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
@@ -150,6 +151,7 @@ def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
     def on_epoch(stats):
         ctx.tracker.log(tr.run, stats.metrics(), step=stats.epoch)
         tr.trial.report(stats.val_acc, stats.epoch)
+        tr.reported = stats.epoch + 1
         if tr.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
@@ -160,10 +162,10 @@ def _close_trial_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
     """Tag and end a trial's MLflow run that stopped with `e` (pruned, failed or interrupted)."""
     tracker, run, trial = ctx.tracker, tr.run, tr.trial
     if isinstance(e, optuna.TrialPruned):
-        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": len(trial.intermediate_values) - 1, "kdsweep.reason": str(e)})
+        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": tr.reported - 1, "kdsweep.reason": str(e)})
         tracker.end(run, "KILLED")
     elif isinstance(e, TRIAL_ERRORS):
-        epoch = getattr(e, "epoch", len(trial.intermediate_values))
+        epoch = getattr(e, "epoch", tr.reported)
         tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": str(e).splitlines()[0][:250], "kdsweep.failed_at_epoch": epoch})
         trial.set_user_attr("fail_reason", str(e).splitlines()[0][:250])
         tracker.end(run, "FAILED")
