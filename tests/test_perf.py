@@ -239,3 +239,31 @@ def test_bench_rejects_bad_flags(capsys):
 
     assert main(["bench", "--device", "cpu", "--trials", "0"]) == 2
     assert "--trials must be at least 1" in capsys.readouterr().err
+
+
+def test_pruning_in_lockstep_and_sequential_trials(tmp_path, monkeypatch):
+    import mlflow
+    import optuna
+
+    from kdsweep import study as study_mod
+    from kdsweep.config import resolve
+
+    class PruneOneAndTwo(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number in (1, 2)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(study_mod, "make_pruner", lambda cfg: PruneOneAndTwo())
+    cfg = resolve("vanilla_kd", {"dataset": "digits", "trials": 2, "epochs": 2, "teacher_epochs": 1, "device": "cpu",
+                                 "data_size": 300, "parallel": 2, "study_name": "pr"})
+    summary = study_mod.run_study(cfg, say=lambda s: None)
+    # trials 0+1 in lockstep (1 pruned there), then one at a time: 2 (pruned, sequential path), 3
+    assert (summary["complete"], summary["pruned"], summary["failed"]) == (2, 2, 0)
+    st = optuna.load_study(study_name="pr", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [t.state.name for t in st.trials] == ["COMPLETE", "PRUNED", "PRUNED", "COMPLETE"]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    for t in st.trials[1:3]:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["kdsweep.state"] == "PRUNED" and run.data.tags["kdsweep.pruned_at_epoch"] == "0"
+        assert run.info.status == "KILLED"
