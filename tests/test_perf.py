@@ -182,6 +182,12 @@ def test_lockstep_stops_members_independently(data):
     assert isinstance(stopped.stopped_by, Stop) and len(stopped.history) == 1
 
 
+def stores(tmp_path) -> dict:
+    # Absolute URIs: MLflow caches a store per URI string, so a relative one would follow the first test's cwd.
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    return {"storage": f"sqlite:///{tmp_path}/mlruns/optuna.db", "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+
+
 def test_parallel_study_matches_sequential(tmp_path, monkeypatch):
     import mlflow
 
@@ -191,7 +197,7 @@ def test_parallel_study_matches_sequential(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
     common = {"dataset": "digits", "trials": 3, "epochs": 2, "teacher_epochs": 1, "device": "cpu", "pruner": "none",
-              "data_size": 600}
+              "data_size": 600, **stores(tmp_path)}
     seq = run_study(resolve("vanilla_kd", {**common, "study_name": "seq", "parallel": 1, "teacher_cache_mb": 0,
                                            "channels_last": False, "cpu_workers": 0}), say=lambda s: None)
     par = run_study(resolve("vanilla_kd", {**common, "study_name": "par", "parallel": 2}), say=lambda s: None)
@@ -256,7 +262,7 @@ def test_pruning_in_lockstep_and_sequential_trials(tmp_path, monkeypatch):
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(study_mod, "make_pruner", lambda cfg: PruneOneAndTwo())
     cfg = resolve("vanilla_kd", {"dataset": "digits", "trials": 2, "epochs": 2, "teacher_epochs": 1, "device": "cpu",
-                                 "data_size": 300, "parallel": 2, "study_name": "pr"})
+                                 "data_size": 300, "parallel": 2, "study_name": "pr", **stores(tmp_path)})
     summary = study_mod.run_study(cfg, say=lambda s: None)
     # trials 0+1 in lockstep (1 pruned there), then one at a time: 2 (pruned, sequential path), 3
     assert (summary["complete"], summary["pruned"], summary["failed"]) == (2, 2, 0)
