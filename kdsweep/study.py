@@ -219,7 +219,25 @@ def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
 
 
 def _close_trial_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
-    """Tag and end a trial's MLflow run that stopped with `e` (pruned, failed or interrupted)."""
+    """Tag and end a trial's MLflow run that stopped with `e` (pruned, failed or interrupted).
+
+    Best effort: it runs while `e` propagates, and must not replace it (a Ctrl-C that landed
+    inside an MLflow write leaves the store locked for a moment). A run left open here is
+    closed by the orphan-run reconciliation when the study ends or resumes.
+    """
+    for attempt in range(2):  # a second try after the interrupted write's lock is released
+        try:
+            _tag_stopped_run(ctx, tr, e)
+            return
+        except Exception as err:  # noqa: BLE001
+            if attempt == 0:
+                time.sleep(2.0)
+                continue
+            ctx.say(f"warning: could not close MLflow run {tr.run} of trial {tr.trial.number} now "
+                    f"({type(err).__name__}); it is closed when the study ends or resumes")
+
+
+def _tag_stopped_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
     tracker, run, trial = ctx.tracker, tr.run, tr.trial
     if isinstance(e, optuna.TrialPruned):
         tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": tr.reported[-1] if tr.reported else -1,

@@ -92,3 +92,27 @@ def test_ce_study_with_median_pruner_prunes_and_marks_runs(kdsweep):
         assert "test_acc" not in run.data.metrics  # a pruned trial never touches test
     # The ce baseline trains no teacher and logs no distillation term.
     assert all("train_kd" not in r.data.metrics for r in runs)
+
+
+def test_closing_a_stopped_trial_never_masks_why_it_stopped(monkeypatch):
+    """A Ctrl-C inside an MLflow write can leave the store locked: cleanup warns instead of raising."""
+    from types import SimpleNamespace
+
+    from kdsweep import study as st
+
+    said, calls = [], []
+
+    class LockedTracker:
+        def log(self, *a, **k):
+            calls.append("log")
+            raise RuntimeError("database is locked")
+
+        def end(self, *a, **k):
+            raise AssertionError("not reached")
+
+    monkeypatch.setattr(st.time, "sleep", lambda s: None)
+    ctx = SimpleNamespace(tracker=LockedTracker(), say=said.append)
+    tr = SimpleNamespace(run="r1", trial=SimpleNamespace(number=7), reported=[0])
+    st._close_trial_run(ctx, tr, KeyboardInterrupt())  # must not raise
+    assert calls == ["log", "log"]  # tried again once
+    assert len(said) == 1 and "could not close MLflow run r1 of trial 7" in said[0]
