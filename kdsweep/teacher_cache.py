@@ -25,6 +25,7 @@ recomputed for each trial. Budget 0 disables the cache.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import weakref
 from collections import OrderedDict
@@ -48,11 +49,18 @@ def _update(h, t: torch.Tensor) -> None:
 
 
 def model_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's class, parameters and buffers. Not memoised: an edited teacher can never hit."""
+    """SHA-256 of a model's class, parameters and buffers.
+
+    Each tensor's digest is memoised (tensor_digest): the teacher is hashed once per
+    process, not at every trial start, and an in-place edit (its version counter) or a
+    replaced tensor is hashed anew, so an edited teacher can still never hit. The live
+    parameter objects are walked, not state_dict(), whose detached copies are new
+    objects at every call and would never hit the memo.
+    """
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for name, t in model.state_dict().items():
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         h.update(name.encode())
-        _update(h, t)
+        h.update(tensor_digest(t).encode())
     return h.hexdigest()
 
 

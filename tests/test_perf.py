@@ -273,3 +273,20 @@ def test_pruning_in_lockstep_and_sequential_trials(tmp_path, monkeypatch):
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["kdsweep.state"] == "PRUNED" and run.data.tags["kdsweep.pruned_at_epoch"] == "0"
         assert run.info.status == "KILLED"
+
+
+def test_teacher_digest_is_memoised_but_sees_in_place_edits():
+    import torch
+
+    from kdsweep.models import build_model
+    from kdsweep.teacher_cache import model_digest
+
+    m = build_model("digitnet_l", (1, 8, 8), 10)
+    first = model_digest(m)
+    assert model_digest(m) == first
+    with torch.no_grad():
+        m.body[0].weight.mul_(1.5)  # an in-place edit: the cached digest of that tensor must not be reused
+    assert model_digest(m) != first
+    twin = build_model("digitnet_l", (1, 8, 8), 10)
+    twin.load_state_dict(m.state_dict())  # equal weights in other tensors: the same key
+    assert model_digest(twin) == model_digest(m)
