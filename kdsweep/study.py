@@ -1,8 +1,9 @@
 """One Optuna study for one distillation method, every trial tracked as a nested MLflow run.
 
 Order of work, chosen so a bad input fails before anything is written:
-config -> device -> Optuna storage -> MLflow store -> data -> pair check ->
-teacher -> study + parent run -> trials.
+config -> pair check -> device (+ threads, teacher cache) -> Optuna storage ->
+MLflow store -> data -> teacher -> study + parent run (under the study lock) ->
+trials (claimed one by one, or --parallel K at a time in lockstep).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .config import StudyConfig
 from .data import DeviceData, get_dataset, load_data
 from .errors import UserError
 from .methods import get_method
-from .models import build_model, count_params
+from .models import Shapes, build_model, count_params
 from .teacher import get_teacher
 from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, redact, scrub
 from .train import Accel, Member, NonFiniteLoss, Schedule, TrainResult, evaluate, set_cpu_threads, train_student, train_students
@@ -156,6 +157,11 @@ class StudyContext:
     # The device path (see train.py, teacher_cache.py); set by run_study.
     cache: teacher_cache.TeacherCache | None = None  # teacher outputs shared by the study's trials
     accel: Accel | None = None
+    teacher_shapes: Shapes | None = None  # the frozen teacher's tap shapes: one dry forward per study, not per trial
+
+    def __post_init__(self):
+        if self.teacher is not None and self.teacher_shapes is None:
+            self.teacher_shapes = self.teacher.shapes(self.data.in_shape)
 
 
 def _trial_params(ctx: StudyContext, trial: optuna.Trial) -> dict[str, float]:
@@ -188,8 +194,7 @@ def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     torch.manual_seed(cfg.seed)  # every trial starts from the same student initialisation
     student = build_model(cfg.student, data.in_shape, data.num_classes).to(data.device)
     s_shapes = student.shapes(data.in_shape)
-    t_shapes = ctx.teacher.shapes(data.in_shape) if ctx.teacher is not None else None
-    method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, t_shapes, cfg.epochs).to(data.device)
+    method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
 
     run = tracker.start(ctx.experiment_id, f"{cfg.full_study_name}/t{trial.number:03d}",
