@@ -17,6 +17,9 @@ from reliability_helpers import (REPO, cli_env, free_port, load_trials, mlflow_r
 
 # Small and quick: 300 digits, 2 epochs, no pruning (a trial takes about a second on an idle CPU).
 STUDY = ["study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "2", "--pruner", "none", "--device", "cpu"]
+# Long trials (30 epochs) for the kill and signal tests, so the kill or signal lands mid-training even on a
+# fast, quiet machine (a 2-epoch trial can finish between "seen training" and the kill).
+LONG = [a if a != "2" else "30" for a in STUDY]
 
 
 def _stores(tmp: Path) -> tuple[str, str]:
@@ -48,7 +51,7 @@ def _training_trial(db: Path, proc: subprocess.Popen, at_least: int = 0):
 
 def test_kill_9_then_resume_recovers_the_trial_and_ends_with_exactly_n(tmp_path):
     env, (storage, tracking) = cli_env(tmp_path), _stores(tmp_path)
-    args = STUDY + ["--trials", "3", "--study-name", "kr"]
+    args = LONG + ["--trials", "3", "--study-name", "kr"]
     db = tmp_path / "mlruns" / "optuna.db"
     proc = start_cli(args, tmp_path, env)
     (killed,) = wait_for(_training_trial(db, proc, at_least=1), 300, proc)  # trial 0 complete, trial 1 training
@@ -92,9 +95,6 @@ def test_kill_9_then_resume_recovers_the_trial_and_ends_with_exactly_n(tmp_path)
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-# Long trials (30 epochs) for the signal tests, so the signal lands mid-training even on a fast machine;
-# the test ends at the signal, so they cost nothing.
-LONG = [a if a != "2" else "30" for a in STUDY]
 
 
 def test_ctrl_c_fails_the_trial_kills_its_run_and_says_how_to_resume(tmp_path):
