@@ -18,11 +18,18 @@ examples:
   kdsweep study ce --dataset digits --trials 10 --epochs 5  # the baseline to beat
   kdsweep study studies/my_kd.toml --device cuda            # a study file
   kdsweep study vanilla_kd --trials 48 --parallel 8         # 8 trials at a time, one teacher pass
+  kdsweep study dkd --dataset digits --budget-epochs 100 --epochs 5   # 100 epochs of compute, pruned trials included
 
 NAME is a method (`kdsweep methods` lists them) or a study file: studies/NAME.toml
 or a path to a .toml. Precedence: built-in defaults < study file < flags.
-Running the same command again resumes the study: it adds trials until the study
-holds --trials complete trials (pruned and failed trials do not count).
+
+The budget counts compute: --trials N is N trials that trained, whatever their
+end (complete, pruned by the pruner, or diverged); --budget-epochs E is E epochs
+summed over all trials, so pruning buys more configurations for the same compute.
+Trials lost to a killed worker are retried and not counted. Running the same
+command again resumes the study up to its budget; a larger budget adds the rest.
+What one trial computes (epochs, batch size, optimiser settings, data size, val
+fraction) is part of the study's name: other values are another study.
 
 Each trial trains the student with SGD (momentum, weight decay, per-step cosine
 lr) on the training split, reports validation accuracy to Optuna after every
@@ -50,7 +57,7 @@ def _common_tracking(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db; e.g. http://127.0.0.1:5000)")
 
 
-def _study_args(p: argparse.ArgumentParser) -> None:
+def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _common_data(p)
     g = p.add_argument_group("models")
     g.add_argument("--teacher", help="teacher architecture (default: the dataset's pair)")
@@ -58,7 +65,15 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-epochs", type=int, help="epochs of a teacher trained when none is cached (default: per dataset)")
     g.add_argument("--teacher-checkpoint", help="use this teacher checkpoint instead of the cache (loaded with weights_only=True)")
     g = p.add_argument_group("budget (the same for every method)")
-    g.add_argument("--trials", type=int, help="complete trials the study should hold (default: 20)")
+    g.add_argument("--trials", type=int, metavar="N",
+                   help="trials that trained (complete, pruned or diverged; trials lost to a killed worker are retried "
+                        "and not counted) the study should hold; a rerun with a larger N adds the difference "
+                        + ("(default: none; the sweep's default budget is --budget-epochs)" if sweep else
+                           "(default: 20, or no limit when --budget-epochs is given)"))
+    g.add_argument("--budget-epochs", type=int, metavar="E",
+                   help="training epochs summed over all the study's trials; no trial is claimed once they are spent "
+                        "(pruning then buys more configurations for the same compute: the fair unit for comparing "
+                        "methods) " + ("(default: 20 x --epochs per method)" if sweep else "(default: none)"))
     g.add_argument("--epochs", type=int, help="epochs per trial (default: per dataset, e.g. digits 10)")
     g.add_argument("--batch-size", type=int, help="default: per dataset (digits 32, others 128)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
@@ -67,7 +82,12 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--sampler", choices=["tpe", "random"], help="default: tpe")
     g.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: median")
-    g.add_argument("--study-name", help="Optuna study name (default: NAME-dataset-teacher-student-sSEED)")
+    if sweep:
+        g.add_argument("--study-suffix", metavar="TEXT",
+                       help="appended to every study's name: a separate set of studies with the same settings")
+    else:
+        g.add_argument("--study-name", help="Optuna study name (default: NAME-dataset-teacher-student-sSEED-eEPOCHS-bBATCH, "
+                                            "plus any non-default momentum, weight decay, data size or val fraction)")
     _perf_args(p)
     _common_tracking(p)
 
@@ -89,7 +109,7 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
 
 
 STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
-              "teacher_checkpoint", "trials", "epochs", "batch_size", "momentum", "weight_decay", "timeout", "sampler",
+              "teacher_checkpoint", "trials", "budget_epochs", "epochs", "batch_size", "momentum", "weight_decay", "timeout", "sampler",
               "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last",
               "cpu_workers")
 
@@ -105,20 +125,26 @@ def cmd_study(args) -> int:
 
 
 def print_summary(s: dict) -> None:
-    print(f"\nstudy {s['study']}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed")
+    print(f"\nstudy {s['study']}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed "
+          f"({s['trained']} trained, {s['epochs']} epochs; budget {s['budget']})")
     best = s["best"]
     if best:
         params = ", ".join(f"{k}={v:.4g}" for k, v in best["params"].items())
         print(f"  best trial #{best['number']}: val_acc={best['val_acc']:.4f} test_acc={best['test_acc']:.4f}  ({params})")
+    elif s["failed"]:
+        print("  no trial completed: every trial that trained failed (see the runs' kdsweep.reason tags); "
+              "a narrower lr range in a study file may help")
+    for line in s.get("edges", []):
+        print(f"  note: {line}")
     print(f"  MLflow: experiment {s['experiment']!r}, parent run {s['parent_run']} at {s['tracking_uri']}")
     print("  browse: kdsweep ui")
 
 
 def cmd_sweep(args) -> int:
-    """One study per method, one after another, with the same split, stream, epochs and trial budget."""
-    from .config import resolve
+    """One study per method, one after another, with the same split, stream, epochs and budget."""
+    from .config import DEFAULT_TRIALS, resolve
     from .methods import METHODS
-    from .study import pair_problem, run_study
+    from .study import open_storage, pair_problem, run_study, study_conflict
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if names == ["all"]:
@@ -127,6 +153,15 @@ def cmd_sweep(args) -> int:
         raise UserError("--methods takes `all` or a comma-separated list of methods/study files")
     flags = {k: getattr(args, k) for k in STUDY_KEYS if k != "study_name"}
     configs = [resolve(n, flags) for n in names]  # every name checked before any training
+    for cfg in configs:
+        if args.trials is None and args.budget_epochs is None and cfg.trials == DEFAULT_TRIALS and cfg.budget_epochs is None:
+            cfg.trials, cfg.budget_epochs = None, DEFAULT_TRIALS * cfg.epochs  # equal compute, however much each prunes
+        if args.study_suffix:
+            cfg.study_name = f"{cfg.full_study_name}-{args.study_suffix}"
+    budgets = {f"{c.name}: {c.budget.describe()} of {c.epochs}-epoch trials" for c in configs}
+    if len({(c.budget, c.batch_size) for c in configs}) > 1:
+        raise UserError("the sweep's methods would get different budgets (from their study files): " + "; ".join(sorted(budgets))
+                        + "; pass --trials/--budget-epochs/--epochs to give all the same")
     runnable = []
     for cfg in configs:
         why = pair_problem(cfg)
@@ -136,9 +171,17 @@ def cmd_sweep(args) -> int:
             print(f"skipping {cfg.name}: {why}")
         else:
             runnable.append(cfg)
+    # Every study checked before anything trains: a sweep never trains half its methods and then stops.
+    storage = open_storage(configs[0].storage)
+    conflicts = [why for why in (study_conflict(cfg, storage) for cfg in runnable) if why]
+    for why in conflicts:
+        print(f"kdsweep: conflict: {why}", file=sys.stderr)
+    if conflicts:
+        raise UserError(f"{len(conflicts)} of the sweep's studies exist with other settings; nothing was trained "
+                        f"(use their original settings, or --study-suffix NEW for a new set of studies)")
     summaries = []
     for i, cfg in enumerate(runnable, 1):
-        print(f"\n[{i}/{len(runnable)}] {cfg.name}")
+        print(f"\n[{i}/{len(runnable)}] {cfg.name}: budget {cfg.budget.describe()}")
         summaries.append(run_study(cfg))
         print_summary(summaries[-1])
     print("\nsweep: " + ", ".join(
@@ -345,11 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="one study per method, same budget for each", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run (or resume) one study per method, one after another, with the same data split, "
                                    "augmentation stream, epochs and trial budget, so the methods compare fairly.",
-                       epilog="examples:\n  kdsweep sweep --methods all --trials 30 --dataset digits --epochs 5\n"
-                              "  kdsweep sweep --methods ce,vanilla_kd,dkd --trials 3 --epochs 2 --dataset digits\n\n"
-                              "`all` runs every method whose needs the teacher/student pair can serve (ce first) and says which it skips.")
+                       epilog="examples:\n  kdsweep sweep --methods all --dataset digits --epochs 5       # 100 epochs per method\n"
+                              "  kdsweep sweep --methods ce,vanilla_kd,dkd --budget-epochs 60 --epochs 5 --dataset digits\n"
+                              "  kdsweep sweep --methods ce,vanilla_kd --trials 10 --epochs 3 --dataset digits --study-suffix try2\n\n"
+                              "Every method gets the same budget: by default 20 trials' worth of epochs\n"
+                              "(--budget-epochs 20 x --epochs), counted over all its trials, pruned ones\n"
+                              "included, so a method that prunes more tries more configurations for the\n"
+                              "same compute. Before anything trains, every method's study is checked: one\n"
+                              "that exists with other settings stops the sweep (one line each, exit 2).\n"
+                              "`all` runs every method whose needs the teacher/student pair can serve (ce\n"
+                              "first) and says which it skips.")
     p.add_argument("--methods", default="all", help="`all` or a comma list of methods / study files (default: all)")
-    _study_args(p)
+    _study_args(p, sweep=True)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("methods", help="list the distillation methods and their search spaces",

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .budget import Budget
 from .data import get_dataset
 from .errors import UserError
 from .methods import get_method
@@ -35,6 +36,7 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 DEVICES = ("auto", "cuda", "cpu")
 STUDIES_DIR = Path("studies")
+DEFAULT_TRIALS = 20
 
 
 @dataclass
@@ -54,7 +56,8 @@ class StudyConfig:
     batch_size: int | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    trials: int = 20
+    trials: int | None = None  # trials that trained (complete, pruned, diverged); None: 20, or unbounded with a budget
+    budget_epochs: int | None = None  # training epochs summed over all trials; the study stops claiming once spent
     sampler: str = "tpe"
     pruner: str = "median"
     storage: str | None = None
@@ -78,8 +81,10 @@ class StudyConfig:
         self.teacher_epochs = self.teacher_epochs or spec.teacher_epochs
         self.epochs = self.epochs or spec.epochs
         self.batch_size = self.batch_size or spec.batch_size
-        for name in ("trials", "epochs", "batch_size", "teacher_epochs", "parallel"):
-            if int(getattr(self, name)) < 1:
+        if self.trials is None and self.budget_epochs is None:
+            self.trials = DEFAULT_TRIALS
+        for name in ("trials", "budget_epochs", "epochs", "batch_size", "teacher_epochs", "parallel"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -97,21 +102,42 @@ class StudyConfig:
             sanitize(self.study_name)  # a name with no usable characters fails here, before anything is written
 
     @property
+    def budget_tag(self) -> str:
+        """What one trial computes, readably: epochs and batch size always, other settings when not the defaults.
+
+        Part of the study name, so a study with another per-trial budget is
+        another study (found again by the same command), never a collision.
+        """
+        spec = get_dataset(self.dataset)
+        parts = [f"e{self.epochs}", f"b{self.batch_size}"]
+        defaults = {f.name: f.default for f in fields(StudyConfig)}
+        for key, token in (("momentum", "m"), ("weight_decay", "wd"), ("val_fraction", "v"), ("data_size", "n")):
+            if getattr(self, key) != defaults[key]:
+                parts.append(f"{token}{getattr(self, key):g}")
+        if self.teacher_epochs != spec.teacher_epochs and get_method(self.method).uses_teacher:
+            parts.append(f"te{self.teacher_epochs}")
+        return "-".join(parts)
+
+    @property
     def full_study_name(self) -> str:
-        """Optuna study name: one study per (method config, dataset, pair, seed)."""
+        """Optuna study name: one study per (method config, dataset, pair, seed, per-trial budget)."""
         if self.study_name:
             return sanitize(self.study_name)
-        return sanitize(f"{self.name}-{self.dataset}-{self.teacher}-{self.student}-s{self.seed}")
+        return sanitize(f"{self.name}-{self.dataset}-{self.teacher}-{self.student}-s{self.seed}-{self.budget_tag}")
 
     @property
     def experiment_name(self) -> str:
         """MLflow experiment: one per dataset and teacher->student pair, so methods sit side by side."""
         return f"kdsweep/{self.dataset}/{self.teacher}->{self.student}"
 
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.trials, self.budget_epochs, self.epochs)
+
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when a study is resumed (else its trials are not comparable)."""
         keys = ("method", "dataset", "data_size", "val_fraction", "teacher", "student", "seed", "epochs",
-                "batch_size", "momentum", "weight_decay", "teacher_epochs")
+                "batch_size", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
         fp = {k: getattr(self, k) for k in keys}
         fp["space"] = {k: asdict(v) for k, v in sorted(self.space.items())}
         fp["fixed"] = dict(sorted(self.fixed.items()))

@@ -9,6 +9,10 @@ from typing import Any, Mapping
 from .errors import UserError
 
 
+# A best value this close to an end of its range (as a share of the range) suggests the range was too small.
+EDGE_MARGIN = 0.05
+
+
 @dataclass(frozen=True)
 class Float:
     """A float hyperparameter searched on [low, high]; `default` is used when it is fixed."""
@@ -30,6 +34,22 @@ class Float:
 
     def describe(self) -> str:
         return f"[{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
+
+    def edge(self, value: float, margin: float = EDGE_MARGIN) -> str | None:
+        """'top'/'bottom' when `value` lies within `margin` of the range's width (log width for log ranges) of an end."""
+        f = math.log if self.log else float
+        pos = (f(value) - f(self.low)) / (f(self.high) - f(self.low))
+        return "bottom" if pos <= margin else "top" if pos >= 1 - margin else None
+
+
+def edge_warnings(best: Mapping[str, float], space: Mapping[str, Float]) -> list[str]:
+    """One sentence per best hyperparameter that sits at an end of its searched range."""
+    out = []
+    for name, dist in space.items():
+        where = dist.edge(best[name]) if name in best else None
+        if where:
+            out.append(f"{name}={best[name]:.4g} is at the {where} of {dist.describe()}: widen the range")
+    return out
 
 
 # Every method trains with SGD; its learning rate is always searched.

@@ -23,9 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, teacher_cache
+from .budget import EPOCHS_ATTR, Spent
 from .config import StudyConfig
 from .data import DeviceData, get_dataset, load_data
 from .errors import UserError
+from .space import edge_warnings
 from .methods import get_method
 from .models import Shapes, build_model, count_params
 from .teacher import get_teacher
@@ -39,6 +41,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
 CONFIG_ATTR = "kdsweep_config"
+OBJECTIVE = "val_acc"
 # Exceptions that end one trial (recorded as FAIL) but not the study.
 TRIAL_ERRORS = (NonFiniteLoss, torch.cuda.OutOfMemoryError)
 
@@ -183,6 +186,12 @@ class TrialRun:
     run: str
     rng: tuple  # the RNG state right after initialisation (lockstep replays it)
     reported: list[int] = field(default_factory=list)  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
+    seconds: float = 0.0  # training wall time so far
+
+    def spend(self, epochs: int) -> dict[str, float]:
+        """Record on the trial that it trained `epochs` epochs (it then counts towards the budget); MLflow metrics."""
+        self.trial.set_user_attr(EPOCHS_ATTR, epochs)
+        return {"epochs_trained": epochs, "train_seconds": self.seconds}
 
 
 def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
@@ -215,6 +224,7 @@ def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
     def on_epoch(stats):
         check_stop()
         ctx.tracker.log(tr.run, stats.metrics(), step=stats.epoch)
+        tr.seconds += stats.seconds
         tr.trial.report(stats.val_acc, stats.epoch)
         tr.reported.append(stats.epoch)
         if tr.trial.should_prune():
@@ -245,13 +255,14 @@ def _close_trial_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
 def _tag_stopped_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
     tracker, run, trial = ctx.tracker, tr.run, tr.trial
     if isinstance(e, optuna.TrialPruned):
-        tracker.log(run, tags={"kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": tr.reported[-1] if tr.reported else -1,
-                               "kdsweep.reason": str(e)})
+        tracker.log(run, tr.spend(len(tr.reported)), tags={
+            "kdsweep.state": "PRUNED", "kdsweep.pruned_at_epoch": tr.reported[-1] if tr.reported else -1, "kdsweep.reason": str(e)})
         tracker.end(run, "KILLED")
-    elif isinstance(e, TRIAL_ERRORS):
+    elif isinstance(e, TRIAL_ERRORS):  # it trained until it diverged (or ran out of memory): it counts
         epoch = e.epoch if hasattr(e, "epoch") else len(tr.reported)  # an OOM: the epoch it was in
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:250]}"
-        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": reason, "kdsweep.failed_at_epoch": epoch})
+        tracker.log(run, tr.spend(epoch + 1), tags={"kdsweep.state": "FAIL", "kdsweep.reason": reason,
+                                                    "kdsweep.failed_at_epoch": epoch})
         trial.set_user_attr(REASON_ATTR, reason)
         trial.set_user_attr("failed_at_epoch", epoch)
         tracker.end(run, "FAILED")
@@ -271,7 +282,7 @@ def record_result(tracker: Tracker, run: str, data: DeviceData, arch: str, stude
     method.load_state_dict(result.state["heads"])
     test_loss, test_acc = evaluate(student, data, "test", accel)
     final = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "test_acc": test_acc, "test_loss": test_loss,
-             "train_seconds": sum(s.seconds for s in result.history)}
+             "train_seconds": sum(s.seconds for s in result.history), "epochs_trained": len(result.history)}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint.save(Path(tmp) / "student.pt", arch, data.in_shape, data.num_classes, result.state,
                                {**meta, "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc})
@@ -284,6 +295,7 @@ def record_result(tracker: Tracker, run: str, data: DeviceData, arch: str, stude
 def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float:
     """Record a trial that trained to the end; return its best val acc (the Optuna objective)."""
     cfg = ctx.cfg
+    tr.spend(len(result.history))
     final = record_result(ctx.tracker, tr.run, ctx.data, cfg.student, tr.student, tr.method, result,
                           {"method": cfg.method, "study": cfg.full_study_name, "trial": tr.trial.number, "hparams": tr.hp},
                           ctx.accel)
@@ -322,17 +334,36 @@ def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.T
     return cache, accel, params
 
 
-def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
+def _conflict(study: optuna.Study, cfg: StudyConfig) -> str | None:
+    """How `cfg` differs from what the existing study was created with (None: it may resume)."""
     old = study.user_attrs.get(CONFIG_ATTR)
-    new = cfg.fingerprint()
     if old is None:
-        study.set_user_attr(CONFIG_ATTR, new)
+        return None
+    new = cfg.fingerprint()
+    diff = [k for k in new if k in old and old[k] != new[k]]  # keys an older kdsweep did not record are not judged
+    if not diff:
+        return None
+    changes = "; ".join(f"{k}: {old[k]} -> {new[k]}" for k in diff)
+    return f"study {cfg.full_study_name!r} exists with other settings ({changes})"
+
+
+def study_conflict(cfg: StudyConfig, storage: optuna.storages.RDBStorage) -> str | None:
+    """Read-only: why `cfg` cannot resume the study of its name in `storage` (None if it is new or fits)."""
+    if cfg.full_study_name not in optuna.get_all_study_names(storage):
+        return None
+    return _conflict(optuna.load_study(study_name=cfg.full_study_name, storage=storage), cfg)
+
+
+def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
+    if study.user_attrs.get(CONFIG_ATTR) is None:
+        study.set_user_attr(CONFIG_ATTR, cfg.fingerprint())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])  # optuna-dashboard then says val_acc, not "Objective 0"
         return
-    diff = [k for k in new if old.get(k) != new[k]]
-    if diff:
-        changes = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in diff)
-        raise UserError(f"study {cfg.full_study_name!r} exists with other settings ({changes}); "
-                        f"use the original settings to resume, or --study-name NEW for a new study")
+    why = _conflict(study, cfg)
+    if why:
+        raise UserError(f"{why}; use the original settings to resume, or --study-name NEW for a new study")
 
 
 def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfig, base_params: dict) -> str:
@@ -345,13 +376,16 @@ def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfi
     run = run or tracker.find_run(exp, {"kdsweep.role": "study", "kdsweep.study": cfg.full_study_name})
     if run is None:
         run = tracker.start(exp, cfg.full_study_name, {"kdsweep.role": "study", "kdsweep.study": cfg.full_study_name,
-                                                       "kdsweep.method": cfg.method})
+                                                       "kdsweep.method": cfg.method, "kdsweep.label": cfg.name,
+                                                       "kdsweep.per_trial": cfg.budget_tag})
         space = {f"space.{k}": v.describe() for k, v in cfg.space.items()}
         tracker.log(run, params={**base_params, **space, **{f"fixed.{k}": v for k, v in cfg.fixed.items()},
                                  "sampler": cfg.sampler, "pruner": cfg.pruner})
         study.set_user_attr(PARENT_ATTR, run)
     else:
         tracker.client.update_run(run, status="RUNNING")
+    # The stopping rule may grow on resume (--trials 40 after 30): a tag, since params cannot change.
+    tracker.log(run, tags={"kdsweep.budget": cfg.budget.describe()})
     return run
 
 
@@ -359,7 +393,8 @@ def _record_best(tracker: Tracker, parent: str, study: optuna.Study) -> dict | N
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     counts = {s.name.lower(): count(study, s) for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                                                         optuna.trial.TrialState.FAIL)}
-    metrics = {f"trials_{k}": v for k, v in counts.items()}
+    now = spent(study)
+    metrics = {**{f"trials_{k}": v for k, v in counts.items()}, "trials_trained": now.trials, "epochs_trained": now.epochs}
     if not done:
         tracker.log(parent, metrics)
         return None
@@ -438,26 +473,26 @@ def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = Non
     return closed
 
 
-def _counts(study: optuna.Study) -> tuple[int, int]:
-    trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING))
-    complete = sum(t.state == COMPLETE for t in trials)
-    return complete, len(trials) - complete
+def spent(study: optuna.Study) -> Spent:
+    return Spent.of(study.get_trials(deepcopy=False))
 
 
 def _claim_next(ctx: StudyContext, wait: bool = True) -> optuna.Trial | None:
     """The next trial for this worker, claimed under the study lock; None once the study is done.
 
-    A trial is created only while complete + running < --trials, so workers
-    together never overshoot. While the trials still needed are all running
-    elsewhere, wait: one of them may fail or be pruned and need replacing.
+    A trial is created only while the budget has room for it with every
+    running trial counted in full (budget.py), so workers together never
+    overshoot. While the rest of the budget is reserved by trials running
+    elsewhere, wait: one of them may be pruned early or be lost and retried.
     """
     waiting = False
+    budget = ctx.cfg.budget
     while True:
         with ctx.lock:
             found = _recover(ctx)
-            complete, running = _counts(ctx.study)
+            now = spent(ctx.study)
             trial = None
-            if complete + running < ctx.cfg.trials:
+            if budget.room(now):
                 # A fresh sampler per trial, seeded by the trial count: workers claiming in turn
                 # never draw the same parameters, and a resumed study does not replay old draws.
                 ctx.study.sampler = make_sampler(ctx.cfg, len(ctx.study.get_trials(deepcopy=False)))
@@ -474,10 +509,10 @@ def _claim_next(ctx: StudyContext, wait: bool = True) -> optuna.Trial | None:
                     _tell(ctx, trial, FAIL, quiet=True)
                     raise
         _report_recovered(ctx, found)
-        if trial is not None or complete >= ctx.cfg.trials or not wait:
+        if trial is not None or budget.done(now) or not wait:
             return trial
         if not waiting:
-            ctx.say(f"{running} trial(s) running in other workers would complete the study; waiting for them.")
+            ctx.say(f"{now.running} trial(s) running in other workers would complete the study; waiting for them.")
             waiting = True
         time.sleep(ctx.poll)
         check_stop()
@@ -628,12 +663,15 @@ def _finish(ctx: StudyContext, status: str) -> dict | None:
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the study until it holds cfg.trials complete trials; return a summary."""
+    """Run (or resume) the study until it has spent its budget (budget.py); return a summary."""
     check_pair(cfg)
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
     cache, accel, perf_params = _perf_setup(cfg, device)
     storage = open_storage(cfg.storage)
+    why = study_conflict(cfg, storage)  # before a teacher is trained for nothing
+    if why:
+        raise UserError(f"{why}; use the original settings to resume, or --study-name NEW for a new study")
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
     teacher, teacher_info = (None, {})
@@ -662,15 +700,19 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                        cache=cache, accel=accel)
     _close_orphan_runs(ctx, finished_too=True)
 
-    complete0, running0 = _counts(study)
-    if complete0 >= cfg.trials:
-        say(f"Study {name!r} already holds {complete0} complete trials (asked for {cfg.trials}); nothing to run.")
-    elif running0:
-        say(f"Joining study {name!r}: {complete0} of {cfg.trials} trials complete, {running0} running elsewhere "
+    budget, now = cfg.budget, spent(study)
+    if budget.done(now):
+        say(f"Study {name!r} has spent its budget of {budget.describe()} ({budget.spent_text(now)}); nothing to run.")
+    elif now.running:
+        say(f"Joining study {name!r}: {budget.spent_text(now)} of {budget.describe()}, {now.running} running elsewhere "
             f"(or left by a dead worker: recovered when claiming).")
     elif study.trials:
-        say(f"Resuming study {name!r}: {complete0} of {cfg.trials} trials complete.")
-    bar = tqdm(total=cfg.trials, initial=min(complete0, cfg.trials), desc=cfg.method, unit="trial", disable=None)
+        say(f"Resuming study {name!r}: {budget.spent_text(now)} of {budget.describe()}.")
+    done, total = budget.progress(now)
+    unit = "epoch" if total == cfg.budget_epochs else "trial"
+    bar = tqdm(total=total, initial=done, desc=cfg.method, unit=unit, disable=None)
+    # A run of failures that train nothing (a bug, a broken store) must not loop forever.
+    max_failures = cfg.trials if cfg.trials is not None else math.ceil(cfg.budget_epochs / cfg.epochs)
     start, failures, status = time.monotonic(), 0, "FINISHED"
     try:
         while True:
@@ -683,12 +725,14 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                 break
             states = [_execute(ctx, group[0])] if len(group) == 1 else _execute_group(ctx, group)
             failures += states.count(FAIL)
-            if failures > cfg.trials:
+            if failures > max_failures:
                 raise UserError(f"{failures} trials failed in this run (see the FAIL runs' kdsweep.reason tags in MLflow); stopping")
-            c = count(study, COMPLETE)
-            bar.n = min(c, cfg.trials)
+            now = spent(study)
+            bar.n = budget.progress(now)[0]
+            c = now.by_state.get("COMPLETE", 0)
             best = study.best_value if c else float("nan")
-            bar.set_postfix_str(f"done={c} pruned={count(study, PRUNED)} failed={count(study, FAIL)} best_val={best:.4f}")
+            bar.set_postfix_str(f"done={c} pruned={now.by_state.get('PRUNED', 0)} failed={count(study, FAIL)} "
+                                f"epochs={now.epochs} best_val={best:.4f}")
             bar.refresh()
     except KeyboardInterrupt:
         status = "KILLED"
@@ -701,7 +745,10 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
         best = _finish(ctx, status)
         lock.close()
 
+    now = spent(study)
     return {"study": name, "storage": redact(storage.url if hasattr(storage, "url") else str(cfg.storage)),
             "tracking_uri": redact(tracker.uri), "experiment": cfg.experiment_name, "experiment_id": exp, "parent_run": parent,
             "complete": count(study, COMPLETE), "pruned": count(study, PRUNED), "failed": count(study, FAIL), "best": best,
+            "trained": now.trials, "epochs": now.epochs, "budget": budget.describe(),
+            "edges": edge_warnings(best["params"], cfg.space) if best else [],
             "teacher": teacher_info, "teacher_cache": cache.stats()}

@@ -28,7 +28,7 @@ def test_precedence_builtin_then_file_then_flags(tmp_path):
     assert cfg.teacher == "digitnet_l" and cfg.student == "digitnet_s"  # the dataset's pair
     assert (cfg.space["temperature"].low, cfg.space["temperature"].high, cfg.space["temperature"].log) == (2.0, 8.0, True)
     assert "alpha" not in cfg.space and cfg.fixed == {"alpha": 0.9}
-    assert cfg.full_study_name == "short-digits-digitnet_l-digitnet_s-s0"
+    assert cfg.full_study_name == "short-digits-digitnet_l-digitnet_s-s0-e7-b16"
     assert cfg.experiment_name == "kdsweep/digits/digitnet_l->digitnet_s"
 
 

@@ -24,7 +24,7 @@ def _trial_runs(study: str, experiment: str):
 def test_every_method_on_digits_logs_every_loss_term(kdsweep, method):
     code, _, err = kdsweep("study", method, "--trials", 2, "--epochs", 1, "--dataset", "digits", "--pruner", "none")
     assert code == 0, err
-    client, runs = _trial_runs(f"{method}-digits-digitnet_l-digitnet_s-s0", "kdsweep/digits/digitnet_l->digitnet_s")
+    client, runs = _trial_runs(f"{method}-digits-digitnet_l-digitnet_s-s0-e1-b32", "kdsweep/digits/digitnet_l->digitnet_s")
     assert len(runs) == 2
     for run in runs:
         terms = {k for k in run.data.metrics if k.startswith("train_") and k not in ("train_loss", "train_acc")}
@@ -39,7 +39,7 @@ def test_methods_with_heads_count_and_save_them(kdsweep):
     import torch
 
     assert kdsweep("study", "crd", "--trials", 1, "--epochs", 1, "--dataset", "digits")[0] == 0
-    client, (run,) = _trial_runs("crd-digits-digitnet_l-digitnet_s-s0", "kdsweep/digits/digitnet_l->digitnet_s")
+    client, (run,) = _trial_runs("crd-digits-digitnet_l-digitnet_s-s0-e1-b32", "kdsweep/digits/digitnet_l->digitnet_s")
     assert int(run.data.params["extra_params"]) > 0
     path = client.download_artifacts(run.info.run_id, "checkpoint/student.pt")
     ckpt = torch.load(path, weights_only=True)
@@ -67,7 +67,7 @@ def test_sweep_runs_one_study_per_method(kdsweep):
     parents = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'study'")
     assert sorted(r.data.tags["kdsweep.method"] for r in parents) == ["ce", "dkd", "vanilla_kd"]
     for m in ("ce", "vanilla_kd", "dkd"):
-        study = optuna.load_study(study_name=f"{m}-digits-digitnet_l-digitnet_s-s0", storage=f"sqlite:///{os.getcwd()}/mlruns/optuna.db")
+        study = optuna.load_study(study_name=f"{m}-digits-digitnet_l-digitnet_s-s0-e2-b32", storage=f"sqlite:///{os.getcwd()}/mlruns/optuna.db")
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
 
 

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-STUDY = "vanilla_kd-digits-digitnet_l-digitnet_s-s0"
+STUDY = "vanilla_kd-digits-digitnet_l-digitnet_s-s0-e2-b32"
 EXPERIMENT = "kdsweep/digits/digitnet_l->digitnet_s"
 
 
@@ -68,21 +68,30 @@ def test_study_logs_everything_and_resumes(kdsweep):
     assert code == 0 and "nothing to run" in out
 
 
-def test_resume_with_other_settings_is_refused(kdsweep):
+def test_other_budget_is_another_study_and_other_search_settings_are_refused(kdsweep):
     assert kdsweep("study", "ce", "--trials", 1, "--epochs", 1, "--dataset", "digits")[0] == 0
-    code, _, err = kdsweep("study", "ce", "--trials", 2, "--epochs", 2, "--dataset", "digits")
-    assert code == 2 and "epochs: 1 -> 2" in err
+    # Other epochs: what a trial computes differs, so it is a new study with its own readable name.
+    code, out, err = kdsweep("study", "ce", "--trials", 1, "--epochs", 2, "--dataset", "digits")
+    assert code == 0, err
+    names = set(optuna.get_all_study_names(f"sqlite:///{os.getcwd()}/mlruns/optuna.db"))
+    assert names == {"ce-digits-digitnet_l-digitnet_s-s0-e1-b32", "ce-digits-digitnet_l-digitnet_s-s0-e2-b32"}
+    # Another sampler on the same study would mix two searches in one: refused before anything trains.
+    code, _, err = kdsweep("study", "ce", "--trials", 2, "--epochs", 1, "--dataset", "digits", "--sampler", "random")
+    assert code == 2 and "sampler: tpe -> random" in err
+    assert len(_study("ce-digits-digitnet_l-digitnet_s-s0-e1-b32").trials) == 1
 
 
 def test_ce_study_with_median_pruner_prunes_and_marks_runs(kdsweep):
     code, out, err = kdsweep("study", "ce", "--trials", 8, "--epochs", 3, "--dataset", "digits", "--pruner", "median",
                              "--sampler", "random")
     assert code == 0, err
-    study = _study("ce-digits-digitnet_l-digitnet_s-s0")
+    study = _study("ce-digits-digitnet_l-digitnet_s-s0-e3-b32")
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
-    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
-    assert pruned, "a median pruner over 8+ random trials should prune at least one"
-    client, runs = _runs("trial", "ce-digits-digitnet_l-digitnet_s-s0")
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) + len(pruned) == 8  # --trials counts every trial that trained
+    assert pruned, "a median pruner over 8 random trials should prune at least one"
+    assert all(t.user_attrs["kdsweep.epochs_trained"] == len(t.intermediate_values) for t in pruned + complete)
+    client, runs = _runs("trial", "ce-digits-digitnet_l-digitnet_s-s0-e3-b32")
     by_id = {r.info.run_id: r for r in runs}
     for t in pruned:
         run = by_id[t.user_attrs["mlflow_run_id"]]

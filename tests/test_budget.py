@@ -1,0 +1,99 @@
+"""The budget counts compute: every trial that trained, and epochs summed over all trials (budget.py)."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+from reliability_helpers import cli_env, load_trials, start_cli
+
+from kdsweep.budget import EPOCHS_ATTR, Budget, Spent
+
+# Random sampling and the median pruner on tiny digits: trials get pruned, so counts of complete trials
+# and of trained trials differ, which is what these tests are about.
+PRUNING = ["--dataset", "digits", "--data-size", "300", "--device", "cpu", "--sampler", "random", "--pruner", "median"]
+
+
+def _trial(state: TrialState, epochs: int | None, reported: int = 0) -> optuna.trial.FrozenTrial:
+    attrs = {EPOCHS_ATTR: epochs} if epochs is not None else {}
+    value = 0.5 if state == TrialState.COMPLETE else None
+    return create_trial(state=state, value=value, user_attrs=attrs, intermediate_values={i: 0.1 for i in range(reported)})
+
+
+def test_what_counts_and_when_a_trial_may_be_claimed():
+    trials = [
+        _trial(TrialState.COMPLETE, 5),
+        _trial(TrialState.PRUNED, 2),
+        _trial(TrialState.FAIL, 3),  # diverged in its third epoch: it trained
+        _trial(TrialState.FAIL, None, reported=4),  # lost to a killed worker: retried, never counted
+        _trial(TrialState.PRUNED, None, reported=1),  # from a study older than the attribute: its reported epochs
+        _trial(TrialState.RUNNING, None),
+    ]
+    s = Spent.of(trials)
+    assert (s.trials, s.epochs, s.running) == (4, 11, 1)
+    assert s.by_state == {"COMPLETE": 1, "PRUNED": 2, "FAIL": 1}
+    assert Budget(5, None, 5).room(s) is False  # 4 trained + 1 running = 5
+    assert Budget(6, None, 5).room(s) is True
+    assert not Budget(5, None, 5).done(s) and Budget(4, None, 5).done(s)
+    # Epochs: the running trial reserves a whole trial (5), so 11 + 5 = 16 leaves room below 17 only.
+    assert Budget(None, 16, 5).room(s) is False and Budget(None, 17, 5).room(s) is True
+    assert Budget(None, 11, 5).done(s) and not Budget(None, 12, 5).done(s)
+    # Both rules: whichever is reached first.
+    assert Budget(4, 100, 5).done(s) and Budget(100, 11, 5).done(s)
+
+
+def _study(name_part: str):
+    storage = f"sqlite:///{os.getcwd()}/mlruns/optuna.db"
+    (name,) = [n for n in optuna.get_all_study_names(storage) if name_part in n]
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_trials_count_pruned_trials_too_and_resume_adds_the_difference(kdsweep):
+    code, out, err = kdsweep("study", "ce", "--trials", 9, "--epochs", 3, *PRUNING)
+    assert code == 0, err
+    trials = _study("ce-").trials
+    states = [t.state for t in trials]
+    assert len(trials) == 9 and TrialState.PRUNED in states, states  # pruned ones are part of the 9, not extra
+    assert "9 trained" in out
+    # The same command again: nothing to run.
+    code, out, _ = kdsweep("study", "ce", "--trials", 9, "--epochs", 3, *PRUNING)
+    assert code == 0 and "nothing to run" in out and len(_study("ce-").trials) == 9
+    # A larger budget adds exactly the difference.
+    assert kdsweep("study", "ce", "--trials", 12, "--epochs", 3, *PRUNING)[0] == 0
+    assert len(_study("ce-").trials) == 12
+
+
+def test_budget_epochs_sums_all_trials_and_resumes(kdsweep):
+    code, out, err = kdsweep("study", "ce", "--budget-epochs", 20, "--epochs", 3, *PRUNING)
+    assert code == 0, err
+    study = _study("ce-")
+    spent = Spent.of(study.trials)
+    assert 20 <= spent.epochs <= 20 + 3 - 1  # never more than one trial's epochs past the budget
+    assert spent.epochs == sum(len(t.intermediate_values) for t in study.trials)
+    assert spent.by_state.get("PRUNED", 0) >= 1  # pruning happened, so more than 20 / 3 trials ran
+    assert f"{spent.epochs} epochs; budget 20 epochs" in out
+    before = len(study.trials)
+    assert "nothing to run" in kdsweep("study", "ce", "--budget-epochs", 20, "--epochs", 3, *PRUNING)[1]
+    assert kdsweep("study", "ce", "--budget-epochs", 30, "--epochs", 3, *PRUNING)[0] == 0
+    spent = Spent.of(_study("ce-").trials)
+    assert 30 <= spent.epochs <= 32 and len(_study("ce-").trials) > before
+
+
+@pytest.mark.parametrize("rule", [["--trials", "8"], ["--budget-epochs", "16"]])
+def test_two_workers_share_one_budget_exactly(tmp_path, rule):
+    env = cli_env(tmp_path)
+    args = ["study", "ce", "--epochs", "2", "--study-name", "shared", *PRUNING, *rule]
+    procs = [start_cli(args, tmp_path, env, log=tmp_path / f"w{i}.log") for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, (tmp_path / "w0.log").read_text() + (tmp_path / "w1.log").read_text()
+    trials = load_trials(f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", "shared")
+    spent = Spent.of(trials)
+    assert spent.running == 0
+    if rule[0] == "--trials":
+        assert spent.trials == len(trials) == 8
+    else:
+        assert 16 <= spent.epochs <= 17
+    owners = {t.user_attrs["kdsweep.owner"]["pid"] for t in trials}
+    assert len(owners) == 2, "both workers trained trials"
