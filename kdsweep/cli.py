@@ -286,6 +286,9 @@ def _report_select(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student", help="student architecture (default: the dataset's pair)")
     g.add_argument("--seed", type=int, help="the studies' seed (default: the only one there)")
     g.add_argument("--studies", help="comma-separated study labels or names to include (default: all)")
+    g.add_argument("--per-trial", metavar="SETTINGS",
+                   help="the per-trial settings that end the studies' names, e.g. e5-b32: studies whose trials compute "
+                        "something else are not compared (default: the settings most studies share; the others are named)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: auto")
     g.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
@@ -304,17 +307,21 @@ def cmd_report(args) -> int:
     from .report import run_report
 
     run_report(args.tracking_uri, args.dataset, args.teacher, args.student, args.seed, _studies(args), args.format,
-               args.out, args.seeds, args.device, args.data_dir, plots=not args.no_plots, log=not args.no_log, say=_stderr)
+               args.out, args.seeds, args.device, args.data_dir, plots=not args.no_plots, log=not args.no_log, say=_stderr,
+               per_trial=args.per_trial)
     return 0
 
 
 def cmd_confirm(args) -> int:
     from .confirm import confirm
-    from .report import open_tracker, select
+    from .store import open_tracker, select
     from .study import resolve_device
 
     device = resolve_device(args.device)
-    sel = select(open_tracker(args.tracking_uri), args.dataset, args.teacher, args.student, args.seed, _studies(args))
+    sel = select(open_tracker(args.tracking_uri), args.dataset, args.teacher, args.student, args.seed, _studies(args),
+                 args.per_trial)
+    for note in sel.notes:
+        _stderr(f"note: {note}")
     summary = confirm(sel, args.seeds, device, args.data_dir, say=_stderr)
     for label, c in summary.items():
         print(f"{label}: {c['reused']} reused, {c['trained']} trained, {c['failed']} failed")

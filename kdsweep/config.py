@@ -114,7 +114,7 @@ class StudyConfig:
         for key, token in (("momentum", "m"), ("weight_decay", "wd"), ("val_fraction", "v"), ("data_size", "n")):
             if getattr(self, key) != defaults[key]:
                 parts.append(f"{token}{getattr(self, key):g}")
-        if self.teacher_epochs != spec.teacher_epochs and get_method(self.method).uses_teacher:
+        if self.teacher_epochs != spec.teacher_epochs:  # for ce too: its studies then group with the KD studies they serve
             parts.append(f"te{self.teacher_epochs}")
         return "-".join(parts)
 

@@ -26,7 +26,7 @@ from . import checkpoint
 from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
-from .report import Say, Selection, StudyRuns, data_key, confirm_seeds, find_teacher, split_data
+from .store import Say, Selection, StudyRuns, confirm_seeds, data_key, find_teacher, split_data
 from .study import record_result
 from .train import NonFiniteLoss, Schedule, train_student
 

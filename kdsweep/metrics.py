@@ -147,3 +147,54 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
         return math.nan
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+# Fewer confirmation seeds than this give no p-value: with n = 2 a t-test has one degree of freedom per
+# side and its p-value says almost nothing (and reads as if it did).
+MIN_SEEDS_FOR_TESTS = 3
+ALPHA = 0.05
+
+
+def mean_ci(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student-t confidence interval of the mean (NaN for fewer than two values)."""
+    from scipy import stats
+
+    a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=float)
+    if len(a) < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))
+    return float(a.mean() - half), float(a.mean() + half)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control over many comparisons); NaN stays NaN.
+
+    Sorted ascending, the i-th of m p-values (0-based) is multiplied by m - i,
+    made non-decreasing along the order, and capped at 1.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    ok = np.flatnonzero(~np.isnan(p))
+    out = np.full(len(p), np.nan)
+    m = len(ok)
+    running = 0.0
+    for i, j in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        out[j] = running
+    return out.tolist()
+
+
+def tied_with_best(samples: Mapping[str, Sequence[float]], alpha: float = ALPHA) -> tuple[str | None, dict[str, bool]]:
+    """The method with the highest mean, and for each method whether it is not significantly below it.
+
+    Each other method is compared with the best by Welch's t-test, the p-values
+    Holm-corrected over those comparisons; a method whose corrected p-value is
+    at least `alpha` (or that cannot be tested) shares the top group.
+    """
+    means = {k: float(np.mean(v)) for k, v in samples.items() if len(v)}
+    if not means:
+        return None, {}
+    best = max(means, key=lambda k: (means[k], k))
+    others = [k for k in means if k != best]
+    adj = holm([welch_p(samples[k], samples[best]) for k in others])
+    tied = {best: True, **{k: not (p < alpha) for k, p in zip(others, adj)}}
+    return best, tied

@@ -86,8 +86,13 @@ def val_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: st
     return _save(fig, path)
 
 
+# Importances from fewer complete trials are noise: on 4 trials fANOVA and optuna-dashboard ranked the same study's
+# parameters differently.
+MIN_TRIALS_FOR_IMPORTANCE = 10
+
+
 def optuna_plots(study, label: str, out: Path, say: Callable[[str], None]) -> list[Path]:
-    """Optuna's optimisation history and parameter importances of one study (importance needs 2+ complete trials)."""
+    """Optuna's optimisation history and parameter importances of one study (importances need 10+ complete trials)."""
     import optuna
     from optuna.visualization import matplotlib as ovm
 
@@ -102,8 +107,9 @@ def optuna_plots(study, label: str, out: Path, say: Callable[[str], None]) -> li
         _retitle(ax, f"{label}: optimisation history ({len(complete)} complete trials)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         paths.append(_save(ax.figure, out / f"history_{_slug(label)}.png"))
-        if len(complete) < 2 or not study.best_trial.params:
-            say(f"note: {label}: parameter importances need 2+ complete trials and a searched parameter; skipped")
+        if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not study.best_trial.params:
+            say(f"note: {label}: no importance plot: fANOVA on {len(complete)} complete trials would be noise "
+                f"(it needs {MIN_TRIALS_FOR_IMPORTANCE}+ and a searched parameter)")
             return paths
         try:
             ev = optuna.importance.FanovaImportanceEvaluator(seed=0)

@@ -1,23 +1,25 @@
 """The report: which method wins for one dataset and teacher -> student pair, by how much, how surely.
 
-MLflow is the source of truth: the studies, their trials and checkpoints are
-read back through the tracking client only (so a remote tracking server works
-as well as the local SQLite store), and the Optuna studies for the plots are
-rebuilt from the trial runs. Three tables are built with pandas:
+The studies are read back from MLflow (store.py), and the Optuna studies for
+the plots are rebuilt from the trial runs. Three tables are built with pandas:
 
   best     one row per study: its best trial (by validation accuracy, as
-           Optuna picks it), that trial's test accuracy and hyperparameters,
-           the trial counts and training time; the teacher on top;
-  metrics  the best checkpoint of every method evaluated on the test split
+           Optuna picks it), that trial's test accuracy and hyperparameters
+           (flagged when at the edge of the searched range), and what the
+           study cost: trials by state, epochs and seconds over all trials,
+           and its budget; the teacher on top;
+  metrics  the best config of every method evaluated on the test split
            (see kdsweep.metrics), with the cost of teacher and student;
-  ranks    rank per metric (directions in kdsweep.metrics.DIRECTIONS), the
-           average rank and the difference in test accuracy to `ce`.
+  ranks    the primary ranking by test accuracy - n, mean ± std, 95% CI,
+           the difference to `ce`, Holm-corrected p-values against `ce`, and
+           the group of methods not significantly below the best - beside seed
+           003's table of ranks per metric and their average.
 
 Once `kdsweep confirm` has retrained each best config with fresh seeds, the
-metrics of a method are the mean and sample standard deviation over those
-confirmation runs (the tuning trial itself is left out: it was selected for
-being lucky on validation), and p-values compare each method's test
-accuracies with ce's by Welch's unequal-variance t-test, two-sided.
+metrics of a method are over those confirmation runs (the tuning trial itself
+is left out: it was selected for being lucky on validation). p-values need at
+least MIN_SEEDS_FOR_TESTS seeds per method; with fewer the table says why
+there are none.
 """
 
 from __future__ import annotations
@@ -27,240 +29,29 @@ import os
 import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import checkpoint
-from .data import DeviceData, get_dataset, load_data
+from .data import DeviceData
 from .errors import UserError
-from .metrics import DIRECTIONS, all_metrics, mean_std, rank_table, welch_p
-from .tracking import Tracker, redact
+from .metrics import (ALPHA, DIRECTIONS, MIN_SEEDS_FOR_TESTS, all_metrics, holm, mean_ci, mean_std, rank_table,
+                      tied_with_best, welch_p)
+from .space import edge_warnings
+from .store import (REFERENCE, Say, Selection, StudyRuns, confirm_seeds, data_key, download, find_teacher, open_tracker,
+                    select, split_data)
+from .tracking import redact
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per checkpoint would drown the report
 
-REFERENCE = "ce"  # the baseline every method is compared with; the only method named here
-TEACHERS_EXPERIMENT = "teachers"
 FORMATS = ("md", "csv", "tex", "html", "json")
-TABLES = ("best", "metrics", "ranks")
+TABLES = ("best", "metrics", "ranking", "ranks")
 METRIC_COLS = list(DIRECTIONS)
-Say = Callable[[str], None]
-
-
-# ---------------------------------------------------------------- reading MLflow
-
-
-@dataclass
-class StudyRuns:
-    """One study as MLflow holds it: the parent run, its trial runs, its confirmation runs."""
-
-    run: Any  # mlflow Run of the study (kdsweep.role=study)
-    trials: list
-    confirms: list  # COMPLETE confirmation runs of the current best config
-    best: Any | None = None  # the best COMPLETE trial run
-
-    @property
-    def name(self) -> str:
-        return self.run.data.tags["kdsweep.study"]
-
-    @property
-    def method(self) -> str:
-        return self.run.data.tags.get("kdsweep.method") or self.run.data.params.get("method", "?")
-
-    @property
-    def params(self) -> dict[str, str]:
-        return self.run.data.params
-
-    @property
-    def label(self) -> str:
-        """The study's name without the shared '-dataset-teacher-student-sSEED' suffix."""
-        p = self.params
-        suffix = f"-{p.get('dataset')}-{p.get('teacher')}-{p.get('student')}-s{p.get('seed')}"
-        return self.name[: -len(suffix)] if self.name.endswith(suffix) and len(self.name) > len(suffix) else self.name
-
-    def counts(self) -> dict[str, int]:
-        c = Counter(r.data.tags.get("kdsweep.state", "") for r in self.trials)
-        return {"complete": c["COMPLETE"], "pruned": c["PRUNED"], "failed": c["FAIL"]}
-
-    def searched(self) -> list[str]:
-        return [k[len("space."):] for k in self.params if k.startswith("space.")]
-
-    def fixed(self) -> list[str]:
-        return [k[len("fixed."):] for k in self.params if k.startswith("fixed.")]
-
-
-@dataclass
-class Selection:
-    tracker: Tracker
-    experiment_id: str
-    experiment: str
-    dataset: str
-    teacher: str
-    student: str
-    seed: int
-    studies: list[StudyRuns] = field(default_factory=list)
-
-    @property
-    def reference(self) -> StudyRuns | None:
-        refs = [s for s in self.studies if s.method == REFERENCE]
-        return next((s for s in refs if s.label == REFERENCE), refs[0] if refs else None)
-
-
-def search_all(client, experiment_id: str, flt: str = "") -> list:
-    """Every active run of an experiment matching `flt`, page by page."""
-    out, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=flt, max_results=1000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
-def open_tracker(uri: str | None) -> Tracker:
-    """The tracking store to read, refusing to create an empty local one."""
-    from .tracking import absolute_sqlite, default_tracking_uri
-
-    u = absolute_sqlite(uri or default_tracking_uri())
-    if u.startswith("sqlite:///") and not Path(u[len("sqlite:///"):]).is_file():
-        raise UserError(f"no MLflow store at {u}: run `kdsweep study` first (or pass --tracking-uri)")
-    return Tracker(u)
-
-
-def _kdsweep_experiments(tracker: Tracker) -> list[str]:
-    exps = tracker.client.search_experiments(filter_string="name LIKE 'kdsweep/%'")
-    return sorted(e.name for e in exps)
-
-
-def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = None, student: str | None = None,
-           seed: int | None = None, studies: list[str] | None = None) -> Selection:
-    """The studies of one dataset, teacher -> student pair and seed, read from MLflow."""
-    names = _kdsweep_experiments(tracker)
-    if not names:
-        raise UserError(f"no kdsweep studies in the tracking store {redact(tracker.uri)}: run `kdsweep study` first")
-    if dataset is None and teacher is None and student is None:
-        if len(names) > 1:
-            raise UserError(f"the store holds several pairs ({', '.join(n[len('kdsweep/'):] for n in names)}); "
-                            f"choose one with --dataset (and --teacher/--student)")
-        experiment = names[0]
-        dataset, pair = experiment[len("kdsweep/"):].split("/", 1)
-        teacher, student = pair.split("->", 1)
-    else:
-        spec = get_dataset(dataset or "cifar10")
-        dataset, teacher, student = spec.name, teacher or spec.teacher, student or spec.student
-        experiment = f"kdsweep/{dataset}/{teacher}->{student}"  # as StudyConfig.experiment_name
-        if experiment not in names:
-            raise UserError(f"no studies of {dataset} {teacher}->{student} in {redact(tracker.uri)}; "
-                            f"it holds: {', '.join(n[len('kdsweep/'):] for n in names)}")
-    exp_id = tracker.client.get_experiment_by_name(experiment).experiment_id
-    runs = search_all(tracker.client, exp_id)
-    by_role: dict[str, list] = {}
-    for r in runs:
-        by_role.setdefault(r.data.tags.get("kdsweep.role", ""), []).append(r)
-    parents = by_role.get("study", [])
-    seeds = sorted({int(r.data.params.get("seed", 0)) for r in parents})
-    if not parents:
-        raise UserError(f"no studies in experiment {experiment!r} of {redact(tracker.uri)}: run `kdsweep study` first")
-    if seed is None:
-        if len(seeds) > 1:
-            raise UserError(f"{experiment} holds studies with seeds {', '.join(map(str, seeds))}; choose one with --seed")
-        seed = seeds[0]
-    parents = [r for r in parents if int(r.data.params.get("seed", 0)) == seed]
-    if not parents:
-        raise UserError(f"no studies with seed {seed} in {experiment} (seeds there: {', '.join(map(str, seeds))})")
-
-    sel = Selection(tracker, exp_id, experiment, dataset, teacher, student, seed)
-    for p in parents:
-        name = p.data.tags["kdsweep.study"]
-        trials = [r for r in by_role.get("trial", []) if r.data.tags.get("kdsweep.study") == name]
-        s = StudyRuns(p, trials, [])
-        s.best = best_trial(trials)
-        if s.best is not None:
-            s.confirms = [r for r in by_role.get("confirm", [])
-                          if r.data.tags.get("kdsweep.study") == name and r.data.tags.get("kdsweep.state") == "COMPLETE"
-                          and r.data.tags.get("kdsweep.source_run") == s.best.info.run_id]
-        sel.studies.append(s)
-    if studies:
-        want = set(studies)
-        sel.studies = [s for s in sel.studies if s.label in want or s.name in want]
-        missing = want - {s.label for s in sel.studies} - {s.name for s in sel.studies}
-        if missing:
-            raise UserError(f"no study {', '.join(sorted(missing))} in {experiment} (seed {seed}); "
-                            f"there: {', '.join(s.label for s in sel.studies) or 'none of those'}")
-    sel.studies.sort(key=lambda s: s.label)
-    return sel
-
-
-def best_trial(trials: list) -> Any | None:
-    """The COMPLETE trial with the highest validation accuracy; ties go to the earliest, as in Optuna."""
-    done = [r for r in trials if r.data.tags.get("kdsweep.state") == "COMPLETE" and "best_val_acc" in r.data.metrics]
-    if not done:
-        return None
-    return max(done, key=lambda r: (r.data.metrics["best_val_acc"], -int(r.data.tags.get("kdsweep.trial", 0))))
-
-
-def confirm_seeds(study_seed: int, k: int) -> list[int]:
-    """The fresh seeds of `kdsweep confirm --seeds k`: fixed, so a larger k extends a smaller one."""
-    return [study_seed + 1 + i for i in range(k)]
-
-
-# ---------------------------------------------------------------- checkpoints and data
-
-
-def split_data(params: dict[str, str], data_dir: str | None, device: torch.device, stream_seed: int | None = None) -> DeviceData:
-    """The splits a study trained on, rebuilt from its logged params.
-
-    `data_size` is logged after the validation slice left, so the size asked
-    of the loader is data_size + val_size; with the same seed and val_fraction
-    that reproduces the same train/val/test split.
-    """
-    try:
-        n = int(params["data_size"]) + int(params["val_size"])
-        return load_data(params["dataset"], data_dir, n, int(params["seed"]), float(params["val_fraction"]), device, stream_seed)
-    except KeyError as e:
-        raise UserError(f"study run lacks the param {e.args[0]!r}; it was not written by kdsweep study") from None
-
-
-def download(tracker: Tracker, run_id: str, path: str, dst: Path) -> Path | None:
-    d = dst / run_id
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        return Path(tracker.client.download_artifacts(run_id, path, str(d)))
-    except Exception:
-        return None
-
-
-def find_teacher(sel: Selection, dst: Path, say: Say) -> tuple[Path | None, str]:
-    """The teacher checkpoint the studies used: their logged path if it is here, else the `teachers` run's artifact.
-
-    Returns (path or None, where it came from / why it is missing).
-    """
-    named = Counter(s.params.get("teacher_checkpoint", "") for s in sel.studies)
-    named.pop("", None)
-    if len(named) > 1:
-        say(f"note: the studies used {len(named)} different teacher checkpoints; the report uses the most common one")
-    wanted = named.most_common(1)[0][0] if named else None
-    if wanted and Path(wanted).is_file():
-        return Path(wanted), wanted
-    exp = sel.tracker.client.get_experiment_by_name(TEACHERS_EXPERIMENT)
-    if exp is not None:
-        runs = search_all(sel.tracker.client, exp.experiment_id, f"tags.`kdsweep.dataset` = '{sel.dataset}'")
-        runs = [r for r in runs if r.data.params.get("arch") == sel.teacher and r.data.params.get("seed") == str(sel.seed)
-                and r.info.status == "FINISHED"]
-        if wanted:
-            runs = [r for r in runs if r.data.tags.get("kdsweep.checkpoint") == wanted]
-        for r in sorted(runs, key=lambda r: -r.info.start_time):
-            ckpt = Path(r.data.tags.get("kdsweep.checkpoint", "teacher.pt")).name
-            got = download(sel.tracker, r.info.run_id, f"checkpoint/{ckpt}", dst)
-            if got is not None:
-                return got, f"run {r.info.run_id} of experiment {TEACHERS_EXPERIMENT!r}"
-    if wanted:
-        return None, f"teacher checkpoint {wanted} is not on this machine, nor logged in MLflow"
-    return None, "no study names a teacher checkpoint (only teacher-free methods ran)"
 
 
 @torch.no_grad()
@@ -288,12 +79,27 @@ class Evaluated:
     def values(self, metric: str) -> list[float]:
         return [r[metric] for r in self.runs]
 
+    @property
+    def confirmed(self) -> bool:
+        return self.source.endswith("confirmation seeds")
+
+
+@dataclass
+class Teacher:
+    """The studies' teacher as the report sees it (every field empty when its checkpoint is missing)."""
+
+    model: torch.nn.Module | None = None
+    metrics: dict | None = None
+    meta: dict | None = None
+    logits: dict | None = None  # data key -> teacher logits on that split's test set
+
 
 @dataclass
 class Report:
     sel: Selection
     tables: dict[str, pd.DataFrame]  # numeric, for csv/json
     display: dict[str, pd.DataFrame]  # formatted strings, for md/tex/html and the terminal
+    warnings: list[str]  # shown above the tables: what makes the comparison unfair
     notes: list[str]
     curves: dict[str, list[tuple[int, float]]]  # label -> best trial's val_acc per epoch
     bars: pd.DataFrame  # label, acc mean, acc std, n (+ teacher)
@@ -305,10 +111,6 @@ def _fmt_params(run, names: list[str], fixed: list[str]) -> str:
     parts = [f"{k}={float(p[k]):.4g}" for k in sorted(names) if k in p]
     parts += [f"{k}={float(p[k]):.4g} (fixed)" for k in sorted(fixed) if k in p]
     return ", ".join(parts)
-
-
-def data_key(params: dict[str, str]) -> tuple:
-    return tuple(params.get(k) for k in ("dataset", "data_size", "val_size", "seed", "val_fraction"))
 
 
 def _runs_to_evaluate(s: StudyRuns, study_seed: int, seeds: int | None) -> tuple[list, str]:
@@ -325,165 +127,220 @@ def _runs_to_evaluate(s: StudyRuns, study_seed: int, seeds: int | None) -> tuple
     return [s.best], "best trial"
 
 
-def build(sel: Selection, data_dir: str | None = None, device: torch.device | str = "cpu", seeds: int | None = None,
-          say: Say = print, latency: bool = True) -> Report:
-    """Evaluate the selection's best checkpoints and build the three tables."""
+# ---------------------------------------------------------------- evaluating checkpoints
+
+
+class _Splits:
+    """Each study is evaluated on the split it trained on (normally one split shared by all); built once each."""
+
+    def __init__(self, data_dir: str | None, device: torch.device):
+        self.data_dir, self.device, self.cache = data_dir, device, {}
+
+    def __call__(self, params) -> DeviceData:
+        k = data_key(params)
+        if k not in self.cache:
+            self.cache[k] = split_data(params, self.data_dir, self.device)
+        return self.cache[k]
+
+
+def _evaluate_teacher(sel: Selection, data: DeviceData, key: tuple, tmp: Path, say: Say, notes: list[str]) -> Teacher:
+    t_path, t_where = find_teacher(sel, tmp, say)
+    if t_path is None:
+        notes.append(f"teacher missing: {t_where}; teacher-comparison metrics are empty")
+        say(f"note: teacher missing: {t_where}")
+        return Teacher()
+    model, payload = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes)
+    logits, labels = predict(model, data)
+    return Teacher(model, all_metrics(logits, labels), payload.get("meta", {}), {key: logits})
+
+
+def _evaluate_study(s: StudyRuns, sel: Selection, splits: _Splits, teacher: Teacher, tmp: Path, seeds: int | None,
+                    say: Say) -> Evaluated:
+    if s.best is None:
+        return Evaluated(s, [], "no complete trial")
+    d, k = splits(s.params), data_key(s.params)
+    if teacher.model is not None and k not in teacher.logits:
+        teacher.logits[k] = predict(teacher.model, d)[0]
+    t_logits = teacher.logits.get(k) if teacher.logits else None
+    runs, source = _runs_to_evaluate(s, sel.seed, seeds)
+    out = []
+    for r in runs:
+        path = download(sel.tracker, r.info.run_id, "checkpoint/student.pt", tmp)
+        if path is None:
+            say(f"note: {s.label}: run {r.info.run_id} has no checkpoint/student.pt artifact; skipped")
+            continue
+        model, _ = checkpoint.load_model(path, sel.student, d.in_shape, d.num_classes)
+        logits, labels = predict(model, d)
+        out.append(all_metrics(logits, labels, t_logits))
+    return Evaluated(s, out, source if out else "checkpoint missing")
+
+
+def _cost(sel: Selection, teacher: Teacher, data: DeviceData, device: torch.device, latency: bool) -> dict[str, dict]:
+    """Parameters, MACs and latency: one measurement per architecture."""
     from .models import build_model
     from .profile import count_macs, count_params, latency_ms
 
-    device = torch.device(device)
-    if not sel.studies:
-        raise UserError("no studies selected")
-    tmp = Path(tempfile.mkdtemp(prefix="kdsweep-report-"))
-    notes: list[str] = []
-
-    # Each study is evaluated on the split it trained on; normally they all share one.
-    keys = Counter(data_key(s.params) for s in sel.studies)
-    if len(keys) > 1:
-        notes.append(f"the studies used {len(keys)} different data settings (data_size/val_fraction); "
-                     f"each is evaluated on its own split, the teacher row on the most common one")
-    budgets = Counter(tuple(s.best.data.params.get(k) for k in ("epochs", "batch_size", "momentum", "weight_decay"))
-                      for s in sel.studies if s.best is not None)
-    if len(budgets) > 1:
-        notes.append("the studies' training budgets differ (epochs, batch size, momentum, weight decay): "
-                     + "; ".join("/".join(map(str, b)) for b in budgets) + " - the comparison is not like for like")
-    datas: dict[tuple, DeviceData] = {}
-
-    def data_for(params) -> DeviceData:
-        k = data_key(params)
-        if k not in datas:
-            datas[k] = split_data(params, data_dir, device)
-        return datas[k]
-
-    main_key = keys.most_common(1)[0][0]
-    data = data_for(next(s.params for s in sel.studies if data_key(s.params) == main_key))
-
-    # The teacher: its logits on each split, shared by every comparison.
-    t_path, t_where = find_teacher(sel, tmp, say)
-    t_logits: dict[tuple, torch.Tensor] = {}
-    t_row, t_model = None, None
-    if t_path is not None:
-        t_model, payload = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes)
-        t_logits[main_key], labels = predict(t_model, data)
-        t_row = {"metrics": all_metrics(t_logits[main_key], labels), "meta": payload.get("meta", {}), "where": t_where}
-    else:
-        notes.append(f"teacher missing: {t_where}; teacher-comparison metrics are empty")
-        say(f"note: teacher missing: {t_where}")
-
-    evaluated: list[Evaluated] = []
-    for s in sel.studies:
-        if s.best is None:
-            evaluated.append(Evaluated(s, [], "no complete trial"))
-            continue
-        d, k = data_for(s.params), data_key(s.params)
-        if t_model is not None and k not in t_logits:
-            t_logits[k] = predict(t_model, d)[0]
-        runs, source = _runs_to_evaluate(s, sel.seed, seeds)
-        out = []
-        for r in runs:
-            path = download(sel.tracker, r.info.run_id, "checkpoint/student.pt", tmp)
-            if path is None:
-                say(f"note: {s.label}: run {r.info.run_id} has no checkpoint/student.pt artifact; skipped")
-                continue
-            model, _ = checkpoint.load_model(path, sel.student, d.in_shape, d.num_classes)
-            logits, labels = predict(model, d)
-            out.append(all_metrics(logits, labels, t_logits.get(k)))
-        evaluated.append(Evaluated(s, out, source if out else "checkpoint missing"))
-
-    # Model cost: one measurement per architecture.
     cost = {}
-    for role, arch, model in (("teacher", sel.teacher, t_model), ("student", sel.student, None)):
-        m = model if model is not None else build_model(arch, data.in_shape, data.num_classes)
-        m = m.to(device)
+    for role, arch, model in (("teacher", sel.teacher, teacher.model), ("student", sel.student, None)):
+        m = (model if model is not None else build_model(arch, data.in_shape, data.num_classes)).to(device)
         cost[role] = {"params": count_params(m), "macs": count_macs(m, data.in_shape),
                       "latency_ms": latency_ms(m, data.in_shape, device) if latency else math.nan}
-    if latency:
-        notes.append(f"ms/image: median of 10 batches of 128 on {device.type}"
-                     + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
-                     + ", measured now on this machine (noisy when it is busy)")
+    return cost
 
-    ref = sel.reference
-    ref_eval = next((e for e in evaluated if ref is not None and e.study is ref), None)
-    ref_acc = ref_eval.values("acc") if ref_eval and ref_eval.runs else []
-    if ref is None:
-        notes.append(f"no {REFERENCE!r} study: differences to the baseline are not computed")
 
-    # The teacher's row is always there; without a checkpoint it says so and holds only the cost.
-    meta = t_row["meta"] if t_row else {}
-    t_metrics = t_row["metrics"] if t_row else {k: np.nan for k in METRIC_COLS}
-    best_rows = [{"label": "teacher", "method": "teacher", "study": "", "best_trial": np.nan,
-                  "best_val_acc": meta.get("val_acc", np.nan), "test_acc": t_metrics["acc"],
-                  "params": f"{sel.teacher}, {meta.get('epochs', '?')} epochs" if t_row else sel.teacher,
-                  "complete": np.nan, "pruned": np.nan, "failed": np.nan, "train_seconds_best": np.nan,
-                  "train_seconds_all": np.nan, "status": "reference" if t_row else "teacher checkpoint missing"}]
-    metric_rows = [{"label": "teacher", "method": "teacher", "n": 1 if t_row else 0,
-                    "source": "teacher checkpoint" if t_row else "missing", **t_metrics,
-                    **{f"{k}_std": np.nan for k in METRIC_COLS}, **cost["teacher"]}]
+# ---------------------------------------------------------------- the tables
+
+
+def _budget_warnings(sel: Selection) -> list[str]:
+    """What makes the studies' compute unequal, in words for the top of the report."""
+    studies = [s for s in sel.studies if s.trials]
+    out = []
+    budgets = {s.label: s.budget or "unrecorded" for s in studies}
+    if len(set(budgets.values())) > 1:
+        out.append("the methods ran with different budgets (" + ", ".join(f"{k}: {v}" for k, v in sorted(budgets.items()))
+                   + "): the comparison is not like for like; `kdsweep sweep --budget-epochs E` gives every method the same")
+    epochs = {s.label: s.epochs_trained() for s in studies}
+    per_trial = max((int(s.params.get("epochs", 1)) for s in studies), default=1)
+    if not out and epochs and max(epochs.values()) - min(epochs.values()) > per_trial:
+        out.append("the methods trained for different numbers of epochs (" + ", ".join(f"{k}: {v}" for k, v in sorted(epochs.items()))
+                   + "), as a budget counted in trials allows when some methods prune more; --budget-epochs gives equal compute")
+    per = {s.per_trial for s in studies}
+    if len(per) > 1:
+        out.append(f"the studies' trials compute different things ({', '.join(sorted(per))}): not like for like")
+    return out
+
+
+def _best_table(sel: Selection, evaluated: list[Evaluated], teacher: Teacher, ref: StudyRuns | None) -> pd.DataFrame:
+    meta = teacher.meta or {}
+    rows = [{"label": "teacher", "method": "teacher", "study": "", "best_trial": np.nan,
+             "best_val_acc": meta.get("val_acc", np.nan), "test_acc": teacher.metrics["acc"] if teacher.metrics else np.nan,
+             "params": f"{sel.teacher}, {meta.get('epochs', '?')} epochs" if teacher.metrics else sel.teacher,
+             "at_range_edge": "", "complete": np.nan, "pruned": np.nan, "failed": np.nan, "epochs_all": np.nan,
+             "train_seconds_best": np.nan, "train_seconds_all": np.nan, "budget": "", "per_trial": "",
+             "status": "reference" if teacher.metrics else "teacher checkpoint missing"}]
     for e in evaluated:
-        s, c = e.study, e.study.counts()
-        b = s.best
-        secs_all = sum(r.data.metrics.get("train_seconds", 0.0) for r in s.trials
-                       if r.data.tags.get("kdsweep.state") == "COMPLETE")
-        best_rows.append({
+        s, b = e.study, e.study.best
+        edges = edge_warnings(s.best_params(), s.space()) if b else []
+        rows.append({
             "label": s.label, "method": s.method, "study": s.name,
             "best_trial": int(b.data.tags.get("kdsweep.trial", -1)) if b else np.nan,
             "best_val_acc": b.data.metrics.get("best_val_acc", np.nan) if b else np.nan,
             "test_acc": b.data.metrics.get("test_acc", np.nan) if b else np.nan,
             "params": _fmt_params(b, s.searched(), s.fixed()) if b else "",
-            "complete": c["complete"], "pruned": c["pruned"], "failed": c["failed"],
+            "at_range_edge": "; ".join(edges), **s.counts(), "epochs_all": s.epochs_trained(),
             "train_seconds_best": b.data.metrics.get("train_seconds", np.nan) if b else np.nan,
-            "train_seconds_all": secs_all,
+            "train_seconds_all": s.train_seconds(), "budget": s.budget, "per_trial": s.per_trial,
             "status": ("reference" if s is ref else "ok") if b else "no complete trial",
         })
-        row = {"label": s.label, "method": s.method, "n": len(e.runs), "source": e.source}
+    best = pd.DataFrame(rows)
+    return best.astype({k: "Int64" for k in ("best_trial", "complete", "pruned", "failed", "epochs_all")})
+
+
+def _metrics_table(evaluated: list[Evaluated], teacher: Teacher, cost: dict) -> pd.DataFrame:
+    t_metrics = teacher.metrics or {k: np.nan for k in METRIC_COLS}
+    rows = [{"label": "teacher", "method": "teacher", "n": 1 if teacher.metrics else 0,
+             "source": "teacher checkpoint" if teacher.metrics else "missing", **t_metrics,
+             **{f"{k}_std": np.nan for k in METRIC_COLS}, **cost["teacher"]}]
+    for e in evaluated:
+        row = {"label": e.study.label, "method": e.study.method, "n": len(e.runs), "source": e.source}
         for k in METRIC_COLS:
             row[k], row[f"{k}_std"] = mean_std(e.values(k)) if e.runs else (np.nan, np.nan)
-        row.update(cost["student"])
-        metric_rows.append(row)
-
-    best = pd.DataFrame(best_rows)
-    best = best.astype({k: "Int64" for k in ("best_trial", "complete", "pruned", "failed")})
-    met = pd.DataFrame(metric_rows)
+        rows.append({**row, **cost["student"]})
+    met = pd.DataFrame(rows)
     # Order: teacher first, then by (mean) test accuracy, methods without data last.
     order = met.assign(_t=met["label"] != "teacher", _a=-met["acc"].fillna(-np.inf)).sort_values(["_t", "_a", "label"]).index
-    met = met.loc[order].reset_index(drop=True)
-    best = best.set_index("label").loc[met["label"]].reset_index()
+    return met.loc[order].reset_index(drop=True)
 
-    students = met[met["label"] != "teacher"].reset_index(drop=True)
-    ranks = rank_table(students[METRIC_COLS])
-    rk = pd.concat([students[["label", "method", "n"]], ranks], axis=1)
-    rk["acc"], rk["acc_std"] = students["acc"], students["acc_std"]
-    ref_mean = mean_std(ref_acc)[0] if ref_acc else np.nan
-    rk["delta_acc_vs_ce"] = students["acc"] - ref_mean
+
+def _ranking_table(students: pd.DataFrame, evaluated: list[Evaluated], ref: StudyRuns | None) -> tuple[pd.DataFrame, list[str]]:
+    """The primary ranking, by test accuracy: CI, difference and Holm-corrected p-value against ce, the top group."""
     by_label = {e.study.label: e for e in evaluated}
-    rk["p_vs_ce"] = [welch_p(by_label[l].values("acc"), ref_acc) if ref is not None and l != ref.label else np.nan
-                     for l in students["label"]]
+    accs = {lbl: by_label[lbl].values("acc") for lbl in students["label"]}
+    testable = {lbl for lbl in accs if by_label[lbl].confirmed and len(accs[lbl]) >= MIN_SEEDS_FOR_TESTS}
+    ref_acc = accs.get(ref.label, []) if ref is not None else []
+    out = students[["label", "method", "n", "acc", "acc_std"]].copy()
+    cis = [mean_ci(accs[lbl]) if by_label[lbl].confirmed else (np.nan, np.nan) for lbl in out["label"]]
+    out["ci95_low"], out["ci95_high"] = [c[0] for c in cis], [c[1] for c in cis]
+    out["delta_acc_vs_ce"] = out["acc"] - (np.mean(ref_acc) if ref_acc else np.nan)
+    compared = [lbl for lbl in out["label"] if ref is not None and lbl != ref.label and lbl in testable and ref.label in testable]
+    raw = {lbl: welch_p(accs[lbl], ref_acc) for lbl in compared}
+    adj = dict(zip(compared, holm([raw[lbl] for lbl in compared])))
+    out["p_vs_ce"] = [raw.get(lbl, np.nan) for lbl in out["label"]]
+    out["p_vs_ce_holm"] = [adj.get(lbl, np.nan) for lbl in out["label"]]
+    best, tied = tied_with_best({lbl: accs[lbl] for lbl in testable})
+    out["top_group"] = [(bool(tied[lbl]) if lbl in tied else pd.NA) for lbl in out["label"]]
+    out["top_group"] = out["top_group"].astype("boolean")
 
-    seeded = [e for e in evaluated if e.source.endswith("confirmation seeds")]
-    if seeded:
-        ns = sorted({len(e.runs) for e in seeded})
-        notes.append(f"metrics: mean ± sample std over {'/'.join(map(str, ns))} confirmation seeds per method "
-                     f"(fresh init and batch order, same split and teacher; the tuning trial is not counted); "
-                     f"p_vs_ce: two-sided Welch t-test of test accuracy vs {REFERENCE}")
-        plain = [e.study.label for e in evaluated if e.source == "best trial"]
-        if plain:
-            notes.append(f"not confirmed (single best trial, no p-value): {', '.join(plain)}")
+    notes = []
+    ns = sorted({len(accs[lbl]) for lbl in accs if by_label[lbl].confirmed})
+    if not ns:
+        notes.append(f"one run per method (its best trial, selected on validation): no CI and no p-values; run "
+                     f"`kdsweep confirm --seeds 5` for mean ± std, 95% CIs and tests")
+    elif len(testable) < 2:
+        notes.append(f"no p-values: they need at least {MIN_SEEDS_FOR_TESTS} confirmation seeds per method "
+                     f"(here {'/'.join(map(str, ns))}); a t-test on fewer says almost nothing; run `kdsweep confirm --seeds 5`")
     else:
-        notes.append("one run per method (its best trial): run `kdsweep confirm` for mean ± std and p-values")
+        notes.append(f"p_vs_ce: two-sided Welch t-test of test accuracy against {REFERENCE}, Holm-corrected over the "
+                     f"{len(compared)} comparisons (p_vs_ce_holm; raw p in the CSV); top group: the best mean ({best}) and "
+                     f"every method not significantly below it (Welch vs the best, Holm, alpha={ALPHA}); CI: 95% Student t")
+        short = sorted(set(accs) - testable)
+        if short:
+            notes.append(f"not tested (fewer than {MIN_SEEDS_FOR_TESTS} confirmation seeds): {', '.join(short)}")
+    return out, notes
+
+
+def _ranks_table(students: pd.DataFrame) -> pd.DataFrame:
+    """Seed 003's table: a rank per metric (its directions) and the average rank."""
+    return pd.concat([students[["label", "method", "n"]], rank_table(students[METRIC_COLS])], axis=1)
+
+
+def build(sel: Selection, data_dir: str | None = None, device: torch.device | str = "cpu", seeds: int | None = None,
+          say: Say = print, latency: bool = True) -> Report:
+    """Evaluate the selection's best configs and build the tables."""
+    device = torch.device(device)
+    if not sel.studies:
+        raise UserError("no studies selected")
+    tmp = Path(tempfile.mkdtemp(prefix="kdsweep-report-"))
+    notes = list(sel.notes)
+    keys = Counter(data_key(s.params) for s in sel.studies)
+    if len(keys) > 1:
+        notes.append(f"the studies used {len(keys)} different data settings (data_size/val_fraction); "
+                     f"each is evaluated on its own split, the teacher row on the most common one")
+    splits = _Splits(data_dir, device)
+    main_key = keys.most_common(1)[0][0]
+    data = splits(next(s.params for s in sel.studies if data_key(s.params) == main_key))
+
+    teacher = _evaluate_teacher(sel, data, main_key, tmp, say, notes)
+    evaluated = [_evaluate_study(s, sel, splits, teacher, tmp, seeds, say) for s in sel.studies]
+    cost = _cost(sel, teacher, data, device, latency)
+    if latency:
+        notes.append(f"ms/image: median of 10 batches of 128 on {device.type}"
+                     + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+                     + ", measured now on this machine (noisy when it is busy)")
+    ref = sel.reference
+    if ref is None:
+        notes.append(f"no {REFERENCE!r} study: differences to the baseline are not computed")
+
+    met = _metrics_table(evaluated, teacher, cost)
+    best = _best_table(sel, evaluated, teacher, ref).set_index("label").loc[met["label"]].reset_index()
+    students = met[met["label"] != "teacher"].reset_index(drop=True)
+    ranking, stat_notes = _ranking_table(students, evaluated, ref)
+    notes += stat_notes
     for e in evaluated:
         if not e.runs:
             notes.append(f"{e.study.label}: {e.source}")
+    for _, row in best[best["at_range_edge"] != ""].iterrows():
+        notes.append(f"{row['label']}: {row['at_range_edge']}")
 
     curves = {}
     for s in sel.studies:
         if s.best is not None:
             hist = sel.tracker.client.get_metric_history(s.best.info.run_id, "val_acc")
             curves[s.label] = sorted((m.step, m.value) for m in hist)
-    bars = met[["label", "acc", "acc_std", "n"]].copy()
-
-    tables = {"best": best, "metrics": met, "ranks": rk}
-    display = {"best": _display_best(best), "metrics": _display_metrics(met), "ranks": _display_ranks(rk)}
-    return Report(sel, tables, display, notes, curves, bars, tmp)
+    tables = {"best": best, "metrics": met, "ranking": ranking, "ranks": _ranks_table(students)}
+    display = {"best": _display_best(best), "metrics": _display_metrics(met), "ranking": _display_ranking(ranking),
+               "ranks": _display_ranks(tables["ranks"])}
+    return Report(sel, tables, display, _budget_warnings(sel), notes, curves, met[["label", "acc", "acc_std", "n"]].copy(), tmp)
 
 
 # ---------------------------------------------------------------- formatting
@@ -514,10 +371,12 @@ def _int(v) -> str:
 def _display_best(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "method": df["label"], "best val acc": df["best_val_acc"].map(_num), "test acc": df["test_acc"].map(_num),
-        "params": df["params"], "trial": df["best_trial"].map(_int), "complete": df["complete"].map(_int),
-        "pruned": df["pruned"].map(_int), "failed": df["failed"].map(_int),
-        "train s (best)": df["train_seconds_best"].map(lambda v: _num(v, 1)),
-        "train s (all)": df["train_seconds_all"].map(lambda v: _num(v, 1)), "status": df["status"],
+        "params": [p + (" ⚠ edge: " + ", ".join(w.split("=")[0] for w in e.split("; ")) if e else "")
+                   for p, e in zip(df["params"], df["at_range_edge"])],
+        "trial": df["best_trial"].map(_int), "complete": df["complete"].map(_int),
+        "pruned": df["pruned"].map(_int), "failed": df["failed"].map(_int), "epochs (all)": df["epochs_all"].map(_int),
+        "train s (all)": df["train_seconds_all"].map(lambda v: _num(v, 1)), "budget": df["budget"],
+        "status": df["status"],
     })
 
 
@@ -531,14 +390,22 @@ def _display_metrics(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _display_ranking(df: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "rank": range(1, len(df) + 1), "method": df["label"], "n": df["n"].map(_int),
+        "test acc": [_pm(m, s) for m, s in zip(df["acc"], df["acc_std"])],
+        "95% CI": ["–" if _missing(lo) else f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(df["ci95_low"], df["ci95_high"])],
+        "Δ vs ce": df["delta_acc_vs_ce"].map(lambda v: "–" if _missing(v) else f"{v:+.4f}"),
+        "p vs ce (Holm)": df["p_vs_ce_holm"].map(lambda v: "–" if _missing(v) else f"{v:.3g}"),
+        "top group": df["top_group"].map(lambda v: "–" if _missing(v) else ("yes" if v else "no")),
+    })
+
+
 def _display_ranks(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"method": df["label"], "n": df["n"].map(_int)})
     for k in METRIC_COLS:
         out[k] = df[f"{k}_rank"].map(_int)
     out["avg rank"] = df["avg_rank"].map(lambda v: _num(v, 2))
-    out["test acc"] = [_pm(m, s) for m, s in zip(df["acc"], df["acc_std"])]
-    out["Δ acc vs ce"] = df["delta_acc_vs_ce"].map(lambda v: "–" if _missing(v) else f"{v:+.4f}")
-    out["p vs ce"] = df["p_vs_ce"].map(lambda v: "–" if _missing(v) else f"{v:.3g}")
     return out
 
 
@@ -557,13 +424,15 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([line(head), sep] + [line(r) for r in cells])
 
 
-TITLES = {"best": "Best trial per method", "metrics": "Test metrics of the best config", "ranks": "Ranks"}
+TITLES = {"best": "Best trial per method, and what each study cost", "metrics": "Test metrics of the best config",
+          "ranking": "Ranking by test accuracy", "ranks": "Ranks per metric (seed 003's table)"}
 
 
 def to_markdown(rep: Report) -> str:
     s = rep.sel
     lines = [f"# kdsweep report: {s.dataset}, {s.teacher} -> {s.student}, seed {s.seed}", "",
              f"MLflow experiment `{s.experiment}` at {redact(s.tracker.uri)}", ""]
+    lines += [f"**Warning:** {w}" for w in rep.warnings] + ([""] if rep.warnings else [])
     for name in TABLES:
         lines += [f"## {TITLES[name]}", "", markdown_table(rep.display[name]), ""]
     lines += ["Directions: " + ", ".join(f"{k} {'higher' if d > 0 else 'lower'} is better" for k, d in DIRECTIONS.items())
@@ -610,20 +479,16 @@ def parse_formats(text: str) -> list[str]:
 # ---------------------------------------------------------------- Optuna studies rebuilt from MLflow
 
 
-_RANGE = re.compile(r"^\[([^,\]]+), ([^\]]+)\]( log)?$")
-
-
 def optuna_study(s: StudyRuns):
     """An in-memory Optuna study holding the study's trials as MLflow recorded them (for Optuna's plots)."""
     import optuna
     from optuna.distributions import FloatDistribution
 
-    names = s.searched()
+    space = s.space()
     dists = {}
-    for k in names:
-        m = _RANGE.match(s.params.get(f"space.{k}", ""))
-        if m:
-            dists[k] = FloatDistribution(float(m.group(1)), float(m.group(2)), log=bool(m.group(3)))
+    for k in s.searched():
+        if k in space:
+            dists[k] = FloatDistribution(space[k].low, space[k].high, log=space[k].log)
         else:  # an unreadable range: the observed one
             vals = [float(r.data.params[k]) for r in s.trials if k in r.data.params]
             dists[k] = FloatDistribution(min(vals), max(vals)) if vals else None
@@ -662,7 +527,7 @@ def log_report(rep: Report, files: list[Path]) -> str:
 def run_report(tracking_uri: str | None = None, dataset: str | None = None, teacher: str | None = None,
                student: str | None = None, seed: int | None = None, studies: list[str] | None = None,
                formats: str | None = None, out: str | None = None, seeds: int | None = None, device: str = "auto",
-               data_dir: str | None = None, plots: bool = True, log: bool = True, say: Say = print,
+               data_dir: str | None = None, plots: bool = True, log: bool = True, say: Say = print, per_trial: str | None = None,
                show: Callable[[str], None] = print) -> Report:
     """`kdsweep report`: select, (confirm), evaluate, print markdown, export, plot, log."""
     import shutil
@@ -674,12 +539,15 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
         raise UserError("--format needs --out DIR (without it the report is printed as markdown)")
     dev = resolve_device(device)
     tracker = open_tracker(tracking_uri)
-    sel = select(tracker, dataset, teacher, student, seed, studies)
+    sel = select(tracker, dataset, teacher, student, seed, studies, per_trial)
     if seeds is not None:
         from .confirm import confirm
 
         confirm(sel, seeds, dev, data_dir, say)
-        sel = select(tracker, sel.dataset, sel.teacher, sel.student, sel.seed, studies)  # pick up the new runs
+        # Pick up the new runs, from the same studies.
+        notes = sel.notes
+        sel = select(tracker, sel.dataset, sel.teacher, sel.student, sel.seed, [x.name for x in sel.studies])
+        sel.notes = notes
     rep = build(sel, data_dir, dev, seeds, say)
     try:
         show(to_markdown(rep))

@@ -97,3 +97,35 @@ def test_two_workers_share_one_budget_exactly(tmp_path, rule):
         assert 16 <= spent.epochs <= 17
     owners = {t.user_attrs["kdsweep.owner"]["pid"] for t in trials}
     assert len(owners) == 2, "both workers trained trials"
+
+
+def test_a_sweep_checks_every_study_before_training_anything(kdsweep):
+    assert kdsweep("study", "vanilla_kd", "--trials", 1, "--epochs", 2, *PRUNING)[0] == 0  # random sampler
+    code, out, err = kdsweep("sweep", "--methods", "ce,vanilla_kd", "--trials", 2, "--epochs", 2, "--dataset", "digits",
+                             "--data-size", "300", "--device", "cpu")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("kdsweep: conflict: study 'vanilla_kd-") and "sampler: random -> tpe" in lines[0]
+    assert lines[-1].startswith("kdsweep: error: 1 of the sweep's studies exist with other settings; nothing was trained")
+    storage = f"sqlite:///{os.getcwd()}/mlruns/optuna.db"
+    assert not [n for n in optuna.get_all_study_names(storage) if n.startswith("ce-")]  # ce, listed first, never started
+    # A suffix makes a separate set of studies, so the sweep runs.
+    code, out, err = kdsweep("sweep", "--methods", "ce,vanilla_kd", "--trials", 2, "--epochs", 2, "--dataset", "digits",
+                             "--data-size", "300", "--device", "cpu", "--study-suffix", "tpe")
+    assert code == 0, err
+    assert sum(n.endswith("-tpe") for n in optuna.get_all_study_names(storage)) == 2
+
+
+def test_a_sweep_gives_every_method_the_same_epoch_budget_and_the_report_shows_the_cost(kdsweep, tmp_path):
+    import pandas as pd
+
+    code, out, err = kdsweep("sweep", "--methods", "ce,vanilla_kd", "--budget-epochs", 12, "--epochs", 3, *PRUNING)
+    assert code == 0, err
+    for m in ("ce", "vanilla_kd"):
+        assert 12 <= Spent.of(_study(f"{m}-").trials).epochs <= 14
+    assert kdsweep("report", "--format", "csv", "--out", tmp_path / "R", "--no-plots", "--no-log", "--device", "cpu")[0] == 0
+    best = pd.read_csv(tmp_path / "R" / "best.csv").set_index("label")
+    for m in ("ce", "vanilla_kd"):
+        row = best.loc[m]
+        assert row["budget"] == "12 epochs" and 12 <= row["epochs_all"] <= 14 and row["train_seconds_all"] > 0
+        assert row["complete"] + row["pruned"] + row["failed"] == len(_study(f"{m}-").trials)

@@ -104,3 +104,61 @@ def test_mean_std_and_welch():
     assert M.welch_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.02131, abs=1e-4)
     assert math.isnan(M.welch_p([1.0], [2.0, 3.0]))
     assert math.isnan(M.welch_p([1.0, 1.0], [1.0, 1.0]))
+
+
+def test_confidence_interval_matches_scipy():
+    from scipy import stats
+
+    xs = [0.81, 0.84, 0.79, 0.86, 0.83]
+    lo, hi = M.mean_ci(xs)
+    ref = stats.ttest_1samp(xs, 0.0).confidence_interval(0.95)
+    assert (lo, hi) == (pytest.approx(ref.low, rel=1e-12), pytest.approx(ref.high, rel=1e-12))
+    assert all(math.isnan(v) for v in M.mean_ci([0.8]))
+
+
+def test_holm_on_fixed_numbers():
+    # Sorted 0.01, 0.02, 0.04, 0.30 with m = 4: x4, x3, x2, x1 -> 0.04, 0.06, 0.08, 0.30 (already monotone).
+    assert M.holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    # Monotonicity: 0.01*3 = 0.03, 0.011*2 = 0.022 -> raised to 0.03; capped at 1; NaN untouched.
+    out = M.holm([0.011, 0.01, 0.9, float("nan")])
+    assert out[:3] == pytest.approx([0.03, 0.03, 0.9]) and math.isnan(out[3])
+    assert M.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_ranking_table_tests_against_ce_with_holm_and_groups_the_best():
+    """Fixed accuracies over 5 seeds: Welch p-values from scipy, Holm-corrected, and the top group."""
+    from types import SimpleNamespace
+
+    from scipy import stats
+
+    from kdsweep.report import Evaluated, _ranking_table
+
+    accs = {"ce": [0.70, 0.71, 0.69, 0.70, 0.72], "kd": [0.75, 0.76, 0.74, 0.77, 0.75],
+            "dkd": [0.74, 0.77, 0.73, 0.76, 0.78], "bad": [0.60, 0.62, 0.61, 0.59, 0.60]}
+    evaluated = [Evaluated(SimpleNamespace(label=k), [{"acc": a} for a in v], "5 confirmation seeds") for k, v in accs.items()]
+    students = pd.DataFrame({"label": list(accs), "method": list(accs), "n": 5,
+                             "acc": [np.mean(v) for v in accs.values()], "acc_std": [np.std(v, ddof=1) for v in accs.values()]})
+    table, notes = _ranking_table(students, evaluated, SimpleNamespace(label="ce"))
+    t = table.set_index("label")
+    raw = {k: stats.ttest_ind(accs[k], accs["ce"], equal_var=False).pvalue for k in ("kd", "dkd", "bad")}
+    order = sorted(raw, key=raw.get)
+    expect, running = {}, 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (3 - i) * raw[k]))
+        expect[k] = running
+    for k in raw:
+        assert t.loc[k, "p_vs_ce"] == pytest.approx(raw[k], rel=1e-9)
+        assert t.loc[k, "p_vs_ce_holm"] == pytest.approx(expect[k], rel=1e-9)
+    assert math.isnan(t.loc["ce", "p_vs_ce_holm"])
+    ci = stats.ttest_1samp(accs["kd"], 0).confidence_interval(0.95)
+    assert (t.loc["kd", "ci95_low"], t.loc["kd", "ci95_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    # kd has the best mean; dkd is not significantly below it, ce and bad are.
+    assert bool(t.loc["kd", "top_group"]) and bool(t.loc["dkd", "top_group"])
+    assert not t.loc["ce", "top_group"] and not t.loc["bad", "top_group"]
+    assert any("Holm-corrected" in n for n in notes)
+
+    # Two seeds: a CI, but no p-value and no group, and a note that says why.
+    two = [Evaluated(e.study, e.runs[:2], "2 confirmation seeds") for e in evaluated]
+    table, notes = _ranking_table(students, two, SimpleNamespace(label="ce"))
+    assert table["p_vs_ce_holm"].isna().all() and table["top_group"].isna().all()
+    assert any("need at least 3 confirmation seeds" in n for n in notes)

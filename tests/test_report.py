@@ -43,24 +43,33 @@ def sweep(tmp_path_factory):
         yield root, uri, mp
 
 
-def test_report_writes_three_tables_per_format(sweep, capsys):
+def test_report_writes_four_tables_per_format(sweep, capsys):
     root, uri, _ = sweep
     out = root / "R"
     rc = cli.main(["report", "--tracking-uri", uri, "--format", "md,csv,json,tex,html", "--out", str(out), "--device", "cpu"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "## Ranks" in printed and "| vanilla_kd" in printed and "| teacher" in printed
-    for table in ("best", "metrics", "ranks"):
+    assert "## Ranking by test accuracy" in printed and "## Ranks per metric" in printed
+    assert "| vanilla_kd" in printed and "| teacher" in printed
+    assert "no CI and no p-values" in printed  # one run per method: nothing to test yet, and it says so
+    for table in ("best", "metrics", "ranking", "ranks"):
         for ext in ("md", "csv", "json", "tex", "html"):
             assert (out / f"{table}.{ext}").stat().st_size > 0
 
     best = pd.read_csv(out / "best.csv")
     assert best["label"].tolist()[0] == "teacher"
     assert sorted(best["label"]) == ["ce", "teacher", "vanilla_kd"]
-    for col in ("method", "best_val_acc", "test_acc", "params", "complete", "pruned", "failed", "train_seconds_best"):
+    for col in ("method", "best_val_acc", "test_acc", "params", "complete", "pruned", "failed", "train_seconds_best",
+                "epochs_all", "train_seconds_all", "budget", "per_trial", "at_range_edge"):
         assert col in best.columns
     methods = best.set_index("label")
     assert methods.loc["ce", "complete"] == 2 and methods.loc["vanilla_kd", "complete"] == 2
+    # What each study cost: all its trials' epochs and seconds, and the budget it ran with.
+    assert methods.loc["ce", "epochs_all"] == 2 and methods.loc["ce", "budget"] == "2 trials"
+    assert methods.loc["ce", "per_trial"] == "e1-b32-n300-te1"
+    for m in ("ce", "vanilla_kd"):
+        secs = [r.data.metrics["train_seconds"] for r in _runs(uri, "trial") if r.data.tags["kdsweep.method"] == m]
+        assert len(secs) == 2 and methods.loc[m, "train_seconds_all"] == pytest.approx(sum(secs))
     assert "temperature=" in methods.loc["vanilla_kd", "params"] and "alpha=" in methods.loc["vanilla_kd", "params"]
     assert methods.loc["ce", "params"].startswith("lr=")
 
@@ -73,11 +82,12 @@ def test_report_writes_three_tables_per_format(sweep, capsys):
     assert math.isnan(met.loc["teacher", "agree_t"])
     assert met.loc["teacher", "params"] > met.loc["ce", "params"] and met.loc["teacher", "macs"] > met.loc["ce", "macs"]
 
-    ranks = json.loads((out / "ranks.json").read_text())
-    by = {r["label"]: r for r in ranks}
+    ranking = json.loads((out / "ranking.json").read_text())
+    by = {r["label"]: r for r in ranking}
     assert set(by) == {"ce", "vanilla_kd"}
-    assert by["ce"]["delta_acc_vs_ce"] == 0.0 and by["ce"]["p_vs_ce"] is None
+    assert by["ce"]["delta_acc_vs_ce"] == 0.0 and by["vanilla_kd"]["p_vs_ce_holm"] is None
     assert by["vanilla_kd"]["delta_acc_vs_ce"] == pytest.approx(met.loc["vanilla_kd", "acc"] - met.loc["ce", "acc"])
+    ranks = json.loads((out / "ranks.json").read_text())
     assert sorted(r["acc_rank"] for r in ranks) in ([1, 2], [1, 1])
 
     # Plots as files and as artifacts of the MLflow report run.
@@ -119,18 +129,30 @@ def test_confirm_adds_runs_then_reuses_them(sweep, capsys):
     out = root / "R2"
     assert cli.main(["report", "--tracking-uri", uri, "--format", "csv", "--out", str(out), "--no-plots", "--no-log"]) == 0
     printed = capsys.readouterr().out
-    assert " ± " in printed and "Welch" in printed
+    assert " ± " in printed and "no p-values: they need at least 3 confirmation seeds" in printed
     met = pd.read_csv(out / "metrics.csv").set_index("label")
     accs = {m: sorted(r.data.metrics["test_acc"] for r in runs if r.data.tags["kdsweep.method"] == m) for m in ("ce", "vanilla_kd")}
     for m, a in accs.items():
         assert met.loc[m, "n"] == 2
         assert met.loc[m, "acc"] == pytest.approx(sum(a) / 2, abs=1e-6)
         assert met.loc[m, "acc_std"] == pytest.approx(abs(a[1] - a[0]) / math.sqrt(2), abs=1e-6)
-    ranks = pd.read_csv(out / "ranks.csv").set_index("label")
+    ranking = pd.read_csv(out / "ranking.csv").set_index("label")
+    assert ranking["p_vs_ce_holm"].isna().all() and ranking["top_group"].isna().all()
+    assert ranking["acc"].is_monotonic_decreasing  # sorted by the mean
+    assert (ranking["ci95_low"] < ranking["acc"]).all()  # n = 2: a CI (a wide one), but no test
+
+    # A third seed: now every method can be tested, with Holm's correction (one comparison here: raw == Holm).
+    assert cli.main(["report", "--tracking-uri", uri, "--seeds", "3", "--format", "csv", "--out", str(out), "--no-plots",
+                     "--no-log", "--device", "cpu"]) == 0
+    assert "Holm-corrected" in capsys.readouterr().out
+    runs = _runs(uri, "confirm")
+    accs = {m: [r.data.metrics["test_acc"] for r in runs if r.data.tags["kdsweep.method"] == m] for m in ("ce", "vanilla_kd")}
+    ranking = pd.read_csv(out / "ranking.csv").set_index("label")
     from kdsweep.metrics import welch_p
 
-    assert ranks.loc["vanilla_kd", "p_vs_ce"] == pytest.approx(welch_p(accs["vanilla_kd"], accs["ce"]), rel=1e-5)
-    assert ranks["acc"].is_monotonic_decreasing  # sorted by the mean
+    assert len(accs["ce"]) == 3 and ranking.loc["vanilla_kd", "n"] == 3
+    assert ranking.loc["vanilla_kd", "p_vs_ce_holm"] == pytest.approx(welch_p(accs["vanilla_kd"], accs["ce"]), rel=1e-5)
+    assert ranking.loc[ranking["acc"].idxmax(), "top_group"]
 
 
 def test_study_without_complete_trial_and_missing_teacher(sweep, capsys):
@@ -140,24 +162,33 @@ def test_study_without_complete_trial_and_missing_teacher(sweep, capsys):
     parent = _runs(uri, "study")[0]
     name = "slow_kd-digits-digitnet_l-digitnet_s-s0"
     run = c.create_run(parent.info.experiment_id, run_name=name,
-                       tags={"kdsweep.role": "study", "kdsweep.study": name, "kdsweep.method": "vanilla_kd"})
+                       tags={"kdsweep.role": "study", "kdsweep.study": name, "kdsweep.method": "vanilla_kd",
+                             "kdsweep.per_trial": parent.data.tags["kdsweep.per_trial"]})
     for k, v in parent.data.params.items():
         c.log_param(run.info.run_id, k, v)
     # The teacher not in the cache (as on another machine than the study's): the `teachers` run's artifact serves.
-    for p in (root / "cache" / "teachers").glob("*.pt"):
-        p.rename(p.with_suffix(".moved"))
-    from kdsweep.report import find_teacher, open_tracker, select
-
-    got, where = find_teacher(select(open_tracker(uri)), root / "dl", print)
-    assert got is not None and got.is_file() and "teachers" in where and str(root / "cache") not in str(got)
-    # ... and with that run deleted, the teacher is nowhere.
+    moved = [p.rename(p.with_suffix(".moved")) for p in (root / "cache" / "teachers").glob("*.pt")]
     texp = c.get_experiment_by_name("teachers")
-    for r in c.search_runs([texp.experiment_id]):
-        c.delete_run(r.info.run_id)
+    deleted = []
+    try:
+        from kdsweep.store import find_teacher, open_tracker, select
 
-    out = root / "R3"
-    assert cli.main(["report", "--tracking-uri", uri, "--format", "csv", "--out", str(out), "--no-plots", "--no-log"]) == 0
-    captured = capsys.readouterr()
+        got, where = find_teacher(select(open_tracker(uri)), root / "dl", print)
+        assert got is not None and got.is_file() and "teachers" in where and str(root / "cache") not in str(got)
+        # ... and with that run deleted, the teacher is nowhere.
+        for r in c.search_runs([texp.experiment_id]):
+            c.delete_run(r.info.run_id)
+            deleted.append(r.info.run_id)
+
+        out = root / "R3"
+        assert cli.main(["report", "--tracking-uri", uri, "--format", "csv", "--out", str(out), "--no-plots", "--no-log"]) == 0
+        captured = capsys.readouterr()
+    finally:  # the store and cache are the module's: leave them as found for the tests after this one
+        for p in moved:
+            p.rename(p.with_suffix(".pt"))
+        for r in deleted:
+            c.restore_run(r)
+        c.delete_run(run.info.run_id)
     assert "teacher missing" in captured.err
     best = pd.read_csv(out / "best.csv").set_index("label")
     assert best.loc["slow_kd", "status"] == "no complete trial" and math.isnan(best.loc["slow_kd", "test_acc"])
