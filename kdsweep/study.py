@@ -2,8 +2,9 @@
 
 Order of work, chosen so a bad input fails before anything is written:
 config -> pair check -> device (+ threads, teacher cache) -> Optuna storage ->
-MLflow store -> data -> teacher -> study + parent run (under the study lock) ->
-trials (claimed one by one, or --parallel K at a time in lockstep).
+MLflow store -> data -> resume pre-check (settings, split: read-only, before a
+teacher is trained) -> teacher -> study + identity check + parent run (under
+the study lock) -> trials (claimed one by one, or --parallel K at a time in lockstep).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, teacher_cache
+from . import checkpoint, identity, teacher_cache
 from .config import StudyConfig
 from .data import DeviceData, get_dataset, load_data
 from .errors import UserError
@@ -335,6 +336,17 @@ def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
                         f"use the original settings to resume, or --study-name NEW for a new study")
 
 
+def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict) -> None:
+    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained."""
+    try:
+        study = optuna.load_study(study_name=cfg.full_study_name, storage=storage)
+    except KeyError:
+        return  # a new study: nothing to compare with
+    if CONFIG_ATTR in study.user_attrs:
+        _check_resume(study, cfg)
+    identity.check(cfg.full_study_name, study.user_attrs, split, None)
+
+
 def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfig, base_params: dict) -> str:
     run = study.user_attrs.get(PARENT_ATTR)
     if run:
@@ -636,6 +648,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     storage = open_storage(cfg.storage)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
+    split = identity.split_record(data)
+    _precheck(storage, cfg, split)
     teacher, teacher_info = (None, {})
     if method_cls.uses_teacher:
         teacher, teacher_info = get_teacher(cfg, data, tracker, say)
@@ -652,9 +666,11 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                    "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y), "test_size": len(data.test_y),
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,
                    "teacher_checkpoint": teacher_info.get("path", ""), "teacher_val_acc": teacher_info.get("val_acc", ""),
+                   "teacher_sha256": teacher_info.get("sha256", ""),
                    "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes)), **perf_params}
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
+        identity.check_and_record(study, split, identity.teacher_record(teacher_info))
         parent = _parent_run(tracker, exp, study, cfg, base_params)
     interval, grace = storage.heartbeat_interval, storage.grace_period
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
