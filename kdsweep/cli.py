@@ -213,12 +213,13 @@ def cmd_methods(args) -> int:
 
 
 def cmd_teacher(args) -> int:
+    import contextlib
     from pathlib import Path
 
     from .config import StudyConfig
     from .data import load_data
     from .study import resolve_device
-    from .teacher import cache_path, train_teacher
+    from .teacher import cache_lock, cache_path, train_teacher
     from .tracking import Tracker
 
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
@@ -229,10 +230,12 @@ def cmd_teacher(args) -> int:
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
     path = Path(args.out) if args.out else cache_path(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
-    if path.exists() and not args.force:
-        print(f"teacher already cached at {path} (--force to retrain)")
-        return 0
-    train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path, batch_size=cfg.batch_size)
+    # The cache lock: a study starting meanwhile waits for this teacher instead of training its own.
+    with cache_lock(path) if not args.out else contextlib.nullcontext():
+        if path.exists() and not args.force:
+            print(f"teacher already cached at {path} (--force to retrain)")
+            return 0
+        train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path, batch_size=cfg.batch_size)
     from . import checkpoint
 
     meta = checkpoint.load(path)["meta"]

@@ -2,8 +2,9 @@
 
 Order of work, chosen so a bad input fails before anything is written:
 config -> pair check -> device (+ threads, teacher cache) -> Optuna storage ->
-MLflow store -> data -> teacher -> study + parent run (under the study lock) ->
-trials (claimed one by one, or --parallel K at a time in lockstep).
+MLflow store -> data -> resume pre-check (settings, split: read-only, before a
+teacher is trained) -> teacher -> study + identity check + parent run (under
+the study lock) -> trials (claimed one by one, or --parallel K at a time in lockstep).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, teacher_cache
+from . import checkpoint, identity, teacher_cache
 from .budget import EPOCHS_ATTR, Spent
 from .config import StudyConfig
 from .data import DeviceData, get_dataset, load_data
@@ -42,6 +43,7 @@ RUN_ID_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
 CONFIG_ATTR = "kdsweep_config"
 OBJECTIVE = "val_acc"
+RESUME_HINT = "use the original settings to resume, or --study-name NEW for a new study"
 # Exceptions that end one trial (recorded as FAIL) but not the study.
 TRIAL_ERRORS = (NonFiniteLoss, torch.cuda.OutOfMemoryError)
 
@@ -363,7 +365,18 @@ def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
         return
     why = _conflict(study, cfg)
     if why:
-        raise UserError(f"{why}; use the original settings to resume, or --study-name NEW for a new study")
+        raise UserError(f"{why}; {RESUME_HINT}")
+
+
+def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict) -> None:
+    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained."""
+    if cfg.full_study_name not in optuna.get_all_study_names(storage):
+        return  # a new study: nothing to compare with
+    study = optuna.load_study(study_name=cfg.full_study_name, storage=storage)
+    why = _conflict(study, cfg)
+    if why:
+        raise UserError(f"{why}; {RESUME_HINT}")
+    identity.check(cfg.full_study_name, study.user_attrs, split, None)
 
 
 def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfig, base_params: dict) -> str:
@@ -669,11 +682,10 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     device = resolve_device(cfg.device)
     cache, accel, perf_params = _perf_setup(cfg, device)
     storage = open_storage(cfg.storage)
-    why = study_conflict(cfg, storage)  # before a teacher is trained for nothing
-    if why:
-        raise UserError(f"{why}; use the original settings to resume, or --study-name NEW for a new study")
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
+    split = identity.split_record(data)
+    _precheck(storage, cfg, split)
     teacher, teacher_info = (None, {})
     if method_cls.uses_teacher:
         teacher, teacher_info = get_teacher(cfg, data, tracker, say)
@@ -690,9 +702,11 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                    "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y), "test_size": len(data.test_y),
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,
                    "teacher_checkpoint": teacher_info.get("path", ""), "teacher_val_acc": teacher_info.get("val_acc", ""),
+                   "teacher_sha256": teacher_info.get("sha256", ""),
                    "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes)), **perf_params}
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
+        identity.check_and_record(study, split, identity.teacher_record(teacher_info))
         parent = _parent_run(tracker, exp, study, cfg, base_params)
     interval, grace = storage.heartbeat_interval, storage.grace_period
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
