@@ -56,6 +56,14 @@ def test_every_method_on_seed003_pair_synthetic(kdsweep, method):
     code, _, err = kdsweep("study", method, "--trials", 1, "--epochs", 1, "--dataset", "synthetic", "--data-size", 96,
                            "--batch-size", 32, "--teacher-epochs", 1, "--teacher", "resnet18", "--student", "smallnet")
     assert code == 0, err
+    # Not only an exit code: the trial trained with every loss term finite, and was evaluated on test.
+    import math
+
+    client, (run,) = _trial_runs(f"{method}-synthetic-resnet18-smallnet-s0-e1-b32-n96-te1", "kdsweep/synthetic/resnet18->smallnet")
+    assert run.data.tags["kdsweep.state"] == "COMPLETE" and 0 <= run.data.metrics["test_acc"] <= 1
+    terms = {k: v for k, v in run.data.metrics.items() if k.startswith("train_")}
+    assert "train_loss" in terms and all(math.isfinite(v) for v in terms.values())
+    assert len(terms) >= (3 if method in ("ce", "hard_label") else 4), terms  # loss, acc and each term (KD: 2+)
 
 
 def test_sweep_runs_one_study_per_method(kdsweep):
