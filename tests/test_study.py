@@ -42,6 +42,7 @@ def test_study_logs_everything_and_resumes(kdsweep):
         assert artifacts == ["checkpoint/student.pt"]
 
     study = _study()
+    assert study.metric_names == ["val_acc"]  # optuna-dashboard shows the objective's name, not "Objective 0"
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 3
     assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in children}
