@@ -2,7 +2,8 @@
 
 Order of work, chosen so a bad input fails before anything is written:
 config -> pair check -> device (+ threads, teacher cache) -> Optuna storage ->
-MLflow store -> data -> teacher -> study + parent run (under the study lock) ->
+MLflow store -> data -> teacher -> study + parent run, Optuna checked against MLflow
+(truth.py; under the study lock) ->
 trials (claimed one by one, or --parallel K at a time in lockstep).
 """
 

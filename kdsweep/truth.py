@@ -172,7 +172,8 @@ def settle(tracker: Tracker, d: Disagreement, mode: str, say: Callable[[str], No
     if mode == "refuse":
         raise UserError(f"{d.line()}; {d.hint()}")
     if mode == "ignore":
-        say(f"warning: {d.line()}; going on as asked (--on-mismatch ignore): the report reads MLflow and may disagree with Optuna")
+        say(f"warning: {d.line()}; going on as asked (--on-mismatch ignore): "
+            f"the report reads MLflow and may disagree with Optuna")
         return d.parent
     why = "no trial of this Optuna study owns it (retired by --on-mismatch repair)"
     for r in d.orphans:

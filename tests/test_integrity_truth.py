@@ -7,11 +7,14 @@ under the old parent: two runs per trial number); two names that sanitise alike 
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from reliability_helpers import load_trials, mlflow_runs
+from reliability_helpers import REPO, cli_env, load_trials, mlflow_runs
 
 STUDY = ["study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "2", "--pruner", "none", "--device", "cpu"]
 
@@ -171,6 +174,23 @@ def test_optuna_store_deleted_then_repair_retires_the_old_runs_and_the_report_sk
     assert code == 0 and "already holds 2 complete trials" in out, out + err
 
 
+def test_a_parent_from_before_binding_is_adopted_when_everything_agrees(kdsweep, two_trials):
+    from mlflow.tracking import MlflowClient
+
+    storage, tracking = _stores(two_trials)
+    _, (parent,) = mlflow_runs(tracking, "t")
+    bound = {k: v for k, v in parent.data.tags.items() if k.startswith("kdsweep.optuna_")}
+    assert set(bound) == {"kdsweep.optuna_study_id", "kdsweep.optuna_created"}
+    client = MlflowClient(tracking_uri=tracking)
+    for tag in bound:
+        client.delete_tag(parent.info.run_id, tag)
+    code, out, err = kdsweep(*STUDY, "--trials", "2", "--study-name", "t")
+    assert code == 0 and "disagree" not in out + err, out + err
+    _, (again,) = mlflow_runs(tracking, "t")
+    assert again.info.run_id == parent.info.run_id
+    assert {k: v for k, v in again.data.tags.items() if k.startswith("kdsweep.optuna_")} == bound
+
+
 # --------------------------------------------------------------------------- names
 
 
@@ -213,8 +233,22 @@ def test_a_name_typed_like_anothers_stored_form_is_refused(kdsweep, workdir):
     assert code == 2 and "belongs to the name '研究1'" in line
 
 
-def test_names_needing_no_change_are_kept():
-    from kdsweep.config import sanitize
+# --------------------------------------------------------------------------- the fault script's other rounds
 
-    for name in ("t", "vanilla_kd-digits-digitnet_l-digitnet_s-s0", "a" * 200, "x.y>z-1"):
-        assert sanitize(name) == name
+
+def test_fault_script_reports_store_deletion_teacher_mismatch_and_disk_full(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_test.py"), "--rounds", "store,teacher,disk",
+                          "--workdir", str(tmp_path / "fault")], cwd=tmp_path, env=cli_env(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    print(out.stdout[-3000:])
+    m = re.search(r"^store_deleted=(\S+) teacher_mismatch=(\S+) disk_full=(\S+)$", out.stdout, re.M)
+    assert m, out.stdout[-4000:] + out.stderr[-4000:]
+    store, teacher, disk = m.groups()
+    assert store == "refused"  # both deletions: exit 2, one line, nothing trained; repair then makes the stores agree
+    assert "--on-mismatch repair -> exit 0, the stores agree" in out.stdout
+    # What kdsweep does on a teacher change and a full disk is measured, not assumed here (other parts of issue 9).
+    assert teacher in ("refused", "accepted") and re.fullmatch(r"exit\d+|not_full", disk)
+    assert "with space again -> exit 0, resumed, the stores agree" in out.stdout  # a full disk loses nothing
+    (disk_line,) = [line for line in out.stdout.splitlines() if line.startswith("  disk: ")]
+    expected = teacher == "refused" and disk == "exit2" and ", 1 stderr line(s)" in disk_line
+    assert (out.returncode == 0) == expected  # the script's verdict: every round as issue 9 asks
