@@ -90,6 +90,18 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                                             "plus any non-default momentum, weight decay, data size or val fraction)")
     _perf_args(p)
     _common_tracking(p)
+    _integrity_args(p)
+
+
+def _integrity_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("integrity")
+    g.add_argument("--on-mismatch", choices=["refuse", "repair", "ignore"],
+                   help="when the study's Optuna trials and MLflow runs disagree at start (a store deleted or replaced): "
+                        "refuse says what disagrees in one line and stops (default); repair marks MLflow runs that no "
+                        "trial of this Optuna study owns (and a parent run of another Optuna study) "
+                        "kdsweep.state=ORPHANED, status KILLED, which the report skips, and re-creates a run from "
+                        "Optuna's record (params, val/test accuracy; no curves, no checkpoint) for each complete "
+                        "trial whose run is gone; ignore goes on and says so")
 
 
 def _perf_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +123,7 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
 STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
               "teacher_checkpoint", "trials", "budget_epochs", "epochs", "batch_size", "momentum", "weight_decay", "timeout", "sampler",
               "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last",
-              "cpu_workers")
+              "cpu_workers", "on_mismatch")
 
 
 def cmd_study(args) -> int:

@@ -14,6 +14,7 @@ and search ranges:
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +36,8 @@ else:  # pragma: no cover
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 DEVICES = ("auto", "cuda", "cpu")
+ON_MISMATCH = ("refuse", "repair", "ignore")  # see truth.py
+MAX_NAME = 200
 STUDIES_DIR = Path("studies")
 DEFAULT_TRIALS = 20
 
@@ -65,6 +68,7 @@ class StudyConfig:
     device: str = "auto"
     timeout: float | None = None
     study_name: str | None = None
+    on_mismatch: str = "refuse"  # when Optuna and MLflow disagree at start (truth.py)
     # Performance only: they never change what a trial computes beyond float rounding.
     parallel: int = 1  # trials trained in lockstep on the same batches
     teacher_cache_mb: float | None = None  # None: sized to the device; 0: off
@@ -90,6 +94,8 @@ class StudyConfig:
             raise UserError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise UserError(f"unknown pruner {self.pruner!r}; choose from {', '.join(PRUNERS)}")
+        if self.on_mismatch not in ON_MISMATCH:
+            raise UserError(f"unknown --on-mismatch {self.on_mismatch!r}; choose from {', '.join(ON_MISMATCH)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if self.cpu_workers is not None and self.cpu_workers < 0:
@@ -119,11 +125,14 @@ class StudyConfig:
         return "-".join(parts)
 
     @property
+    def requested_study_name(self) -> str:
+        """The study name as asked for (or built), before sanitize."""
+        return self.study_name or f"{self.name}-{self.dataset}-{self.teacher}-{self.student}-s{self.seed}-{self.budget_tag}"
+
+    @property
     def full_study_name(self) -> str:
         """Optuna study name: one study per (method config, dataset, pair, seed, per-trial budget)."""
-        if self.study_name:
-            return sanitize(self.study_name)
-        return sanitize(f"{self.name}-{self.dataset}-{self.teacher}-{self.student}-s{self.seed}-{self.budget_tag}")
+        return sanitize(self.requested_study_name)
 
     @property
     def experiment_name(self) -> str:
@@ -145,15 +154,24 @@ class StudyConfig:
 
 
 def sanitize(name: str) -> str:
-    """Study names become file and run names: keep them to a safe alphabet."""
+    """Study names become file and run names: a safe alphabet, at most MAX_NAME characters, one study per name.
+
+    A name that needs no change is kept as it is. A changed one (characters replaced or dropped,
+    or cut to length) ends in a hash of the original, so two names never become one study:
+    `研究1` and `調査1` both lose their kanji but are stored under two names, `1-<hash>`.
+    """
     clean = re.sub(r"[^A-Za-z0-9_.>-]+", "_", name).strip("._")
     if not clean:
         raise UserError(f"study name {name!r} has no usable characters")
-    return clean[:200]
+    if clean == name and len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean[:MAX_NAME - len(digest) - 1]}-{digest}"
 
 
 _FILE_KEYS = {"method", "description", "defaults", "search", "fixed"}
-_DEFAULT_KEYS = {f.name for f in fields(StudyConfig)} - {"method", "name", "space", "fixed", "study_name"}
+# on_mismatch is a flag for one start, never a study file's standing order.
+_DEFAULT_KEYS = {f.name for f in fields(StudyConfig)} - {"method", "name", "space", "fixed", "study_name", "on_mismatch"}
 
 
 def read_study_file(path: Path) -> dict[str, Any]:

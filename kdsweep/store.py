@@ -187,7 +187,8 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
             raise UserError(f"no studies of {dataset} {teacher}->{student} in {redact(tracker.uri)}; "
                             f"it holds: {', '.join(n[len('kdsweep/'):] for n in names)}")
     exp_id = tracker.client.get_experiment_by_name(experiment).experiment_id
-    runs = search_all(tracker.client, exp_id)
+    # Runs retired by `kdsweep study --on-mismatch repair` belong to no Optuna study: never a best trial.
+    runs = [r for r in search_all(tracker.client, exp_id) if r.data.tags.get("kdsweep.state") != "ORPHANED"]
     by_role: dict[str, list] = {}
     for r in runs:
         by_role.setdefault(r.data.tags.get("kdsweep.role", ""), []).append(r)

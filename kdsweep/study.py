@@ -3,8 +3,9 @@
 Order of work, chosen so a bad input fails before anything is written:
 config -> pair check -> device (+ threads, teacher cache) -> Optuna storage ->
 MLflow store -> data -> resume pre-check (settings, split: read-only, before a
-teacher is trained) -> teacher -> study + identity check + parent run (under
-the study lock) -> trials (claimed one by one, or --parallel K at a time in lockstep).
+teacher is trained) -> teacher -> study + identity check + parent run, Optuna
+checked against MLflow (truth.py; under the study lock) -> trials (claimed one
+by one, or --parallel K at a time in lockstep).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, identity, teacher_cache
+from . import checkpoint, identity, teacher_cache, truth
 from .budget import EPOCHS_ATTR, Spent
 from .config import StudyConfig
 from .data import DeviceData, get_dataset, load_data
@@ -379,24 +380,26 @@ def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict
     identity.check(cfg.full_study_name, study.user_attrs, split, None)
 
 
-def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfig, base_params: dict) -> str:
-    run = study.user_attrs.get(PARENT_ATTR)
-    if run:
-        try:
-            tracker.client.get_run(run)
-        except Exception:
-            run = None
-    run = run or tracker.find_run(exp, {"kdsweep.role": "study", "kdsweep.study": cfg.full_study_name})
+def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfig, base_params: dict,
+                say: Callable[[str], None] = print) -> str:
+    """The study's parent run, found or made, after Optuna and MLflow were checked to agree (see truth.py)."""
+    name, recorded = cfg.full_study_name, study.user_attrs.get(PARENT_ATTR)
+    found = truth.find_parent(tracker, exp, name, recorded)
+    disagreement = truth.check(tracker, exp, study, name, found, recorded, RUN_ID_ATTR)
+    run = truth.settle(tracker, disagreement, cfg.on_mismatch, say)  # refuses unless told to repair or ignore
     if run is None:
-        run = tracker.start(exp, cfg.full_study_name, {"kdsweep.role": "study", "kdsweep.study": cfg.full_study_name,
-                                                       "kdsweep.method": cfg.method, "kdsweep.label": cfg.name,
-                                                       "kdsweep.per_trial": cfg.budget_tag})
+        run = tracker.start(exp, name, {"kdsweep.role": "study", "kdsweep.study": name, "kdsweep.method": cfg.method,
+                                        "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag})
         space = {f"space.{k}": v.describe() for k, v in cfg.space.items()}
         tracker.log(run, params={**base_params, **space, **{f"fixed.{k}": v for k, v in cfg.fixed.items()},
                                  "sampler": cfg.sampler, "pruner": cfg.pruner})
         study.set_user_attr(PARENT_ATTR, run)
     else:
         tracker.client.update_run(run, status="RUNNING")
+    if disagreement and cfg.on_mismatch == "repair":
+        truth.restore(tracker, exp, run, disagreement, cfg.method, {**base_params, **cfg.fixed}, RUN_ID_ATTR, say)
+    if not (disagreement.foreign and cfg.on_mismatch == "ignore"):
+        truth.bind(tracker, run, study)
     # The stopping rule may grow on resume (--trials 40 after 30): a tag, since params cannot change.
     tracker.log(run, tags={"kdsweep.budget": cfg.budget.describe()})
     return run
@@ -678,6 +681,8 @@ def _finish(ctx: StudyContext, status: str) -> dict | None:
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study until it has spent its budget (budget.py); return a summary."""
     check_pair(cfg)
+    if cfg.full_study_name != cfg.requested_study_name:  # said once, before anything runs
+        say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
     cache, accel, perf_params = _perf_setup(cfg, device)
@@ -707,7 +712,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
         identity.check_and_record(study, split, identity.teacher_record(teacher_info))
-        parent = _parent_run(tracker, exp, study, cfg, base_params)
+        truth.check_name(study, cfg.requested_study_name, name)
+        parent = _parent_run(tracker, exp, study, cfg, base_params, say)
     interval, grace = storage.heartbeat_interval, storage.grace_period
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                        study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace,

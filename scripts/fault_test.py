@@ -29,8 +29,31 @@ what Optuna and MLflow hold, not from this script's memory:
 `resumed` counts the runs started after a kill that went on to be killed in
 turn or to finish with exit status 0. Children are forked from this process
 after it has imported kdsweep (fast), or started as `python -m kdsweep.cli` with
---spawn. The exit status is 0 only if kills = resumed = K and the three other
-counts are 0.
+--spawn.
+
+Three more rounds (--rounds; all by default) attack what a kill does not, each
+in its own directory under the workdir, and report what kdsweep did:
+
+  store_deleted     a 2-trial study; its MLflow store deleted, then (on a copy)
+                    its Optuna store deleted; each resumed: `refused` if every
+                    resume exited 2 with one line on stderr and trained nothing.
+                    Then `--on-mismatch repair` must resume both with exit 0
+                    and the stores must agree (every COMPLETE trial with its
+                    FINISHED run, every live trial run with its trial).
+  teacher_mismatch  a vanilla_kd study on teacher A (1 epoch), resumed with
+                    --teacher-checkpoint B (2 epochs): `refused` (exit 2, one
+                    line, no trial added) or `accepted` (exit 0).
+  disk_full         the stores on a 3 MB tmpfs filled to a few KB free (as root),
+                    or else a file-size limit (RLIMIT_FSIZE) a few KB above the
+                    stores' size: `exitN` is the status of the study that ran
+                    out of space; it should be 2 with one line, and the study
+                    must resume once there is space again, its stores agreeing.
+
+    python scripts/fault_test.py --kills 5
+    -> kills=5 resumed=5 lost=0 duplicates=0 stuck_runs=0 store_deleted=refused teacher_mismatch=refused disk_full=exit2
+
+The exit status is 0 only if kills = resumed = K, the three other counts are 0
+and every other round came out as expected above.
 """
 
 from __future__ import annotations
@@ -43,9 +66,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +78,9 @@ sys.path.insert(0, str(ROOT))  # this checkout's kdsweep, not an installed one
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+ROUNDS = ("kill", "store", "teacher", "disk")
 
 
 def parse_args(argv=None):
@@ -69,6 +97,11 @@ def parse_args(argv=None):
                    "each kill hits one of them and a new worker replaces it")
     p.add_argument("--spawn", action="store_true", help="start `python -m kdsweep.cli` instead of forking")
     p.add_argument("--round-timeout", type=float, default=300, help="seconds one round may take")
+    p.add_argument("--rounds", default=",".join(ROUNDS),
+                   help=f"comma-separated, of {', '.join(ROUNDS)} (default: all)")
+    p.add_argument("--disk-mode", choices=["auto", "tmpfs", "fsize"], default="auto",
+                   help="disk_full round: a 3 MB tmpfs (needs root) or a file-size limit (auto: tmpfs when it mounts)")
+    p.add_argument("--disk-slack-kb", type=int, default=48, help="disk_full round: space left before the study resumes")
     p.add_argument("-v", "--verbose", action="store_true", help="print each round and the children's output")
     return p.parse_args(argv)
 
@@ -77,13 +110,16 @@ def parse_args(argv=None):
 
 
 class Child:
-    def __init__(self, argv: list[str], workdir: Path, log: Path, spawn: bool):
-        self.log = log
+    def __init__(self, argv: list[str], workdir: Path, log: Path, spawn: bool, err: Path | None = None,
+                 fsize: int | None = None):
+        """`kdsweep ARGV` in `workdir`: stdout to `log`, stderr too unless `err` is given; `fsize`: RLIMIT_FSIZE in bytes."""
+        self.log, self.err = log, err
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if spawn:
-            with open(log, "wb") as out:
+            with open(log, "wb") as out, open(err or os.devnull, "wb") as errf:
                 self.proc = subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *argv], cwd=workdir, env=env,
-                                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                             stdout=out, stderr=errf if err else subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, preexec_fn=lambda: limit_file_size(fsize))
             self.pid = self.proc.pid
         else:
             self.proc = None
@@ -94,7 +130,8 @@ class Child:
                     os.chdir(workdir)
                     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     os.dup2(fd, 1)
-                    os.dup2(fd, 2)
+                    os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if err else fd, 2)
+                    limit_file_size(fsize)
                     from kdsweep import cli
 
                     code = cli.main(argv)
@@ -135,6 +172,22 @@ class Child:
             return self.log.read_text(errors="replace")
         except OSError:
             return ""
+
+    def errors(self) -> list[str]:
+        """The non-blank lines the child wrote to stderr (when kept apart)."""
+        try:
+            return [line for line in self.err.read_text(errors="replace").splitlines() if line.strip()]
+        except (OSError, AttributeError):
+            return []
+
+
+def limit_file_size(limit: int | None) -> None:
+    """A quota without a mount: no file may grow past `limit` bytes; writes beyond fail (EFBIG) instead of killing."""
+    if limit is not None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 # --------------------------------------------------------------------------- reading the Optuna file while a child runs
@@ -248,16 +301,17 @@ def audit(workdir: Path, study_name: str, trials: int, completed_before: dict[in
             "parent": [r.info.status for r in parents]}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.kills < 1 or args.workers < 1:
-        sys.exit("--kills and --workers must be at least 1")
+@dataclass
+class Result:
+    summary: str  # fields of the summary line
+    detail: str  # a line of what happened
+    ok: bool
+
+
+def kill_rounds(args, workdir: Path) -> Result:
+    """The SIGKILL rounds in `workdir` (see the module docstring)."""
     trials = args.trials or 2 * args.kills + 2
     rng = random.Random(args.seed)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdsweep-fault-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if (workdir / "mlruns").exists():
-        sys.exit(f"{workdir} already holds mlruns/: give a fresh --workdir")
     log_dir = workdir / "logs"
     log_dir.mkdir()
     db = workdir / "mlruns" / "optuna.db"
@@ -265,18 +319,13 @@ def main(argv=None) -> int:
     cli_argv = ["study", args.method, "--dataset", args.dataset, "--data-size", str(args.data_size),
                 "--trials", str(trials), "--epochs", str(args.epochs),
                 "--pruner", "none", "--device", "cpu", "--study-name", study_name]
-    os.environ.setdefault("KDSWEEP_CACHE", str(workdir / "cache"))
-    if not args.spawn:
-        # Pay the imports once, here; forked children start at cli.main.
-        import torch
-
-        from kdsweep import cli, study  # noqa: F401
-
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # its first use imports torch._dynamo
-
     t0 = time.monotonic()
     kills = resumed = rounds = serial = 0
     completed: dict[int, float] = {}  # trial number -> value, for every trial seen COMPLETE after some round
+
+    def failed(why: str) -> Result:
+        print(why)
+        return Result(f"kills={kills} resumed={resumed} failed", why.splitlines()[0], False)
 
     def start(resumes: bool) -> Child:
         nonlocal serial
@@ -299,15 +348,14 @@ def main(argv=None) -> int:
     while kills < args.kills:
         rounds += 1
         if rounds > 6 * args.kills:
-            print(f"gave up after {rounds} rounds and {kills} kills")
-            return 1
+            return failed(f"gave up after {rounds} rounds and {kills} kills")
         if any(w.poll() is not None for w in workers):
             # A worker left on its own: the study completed before the kills were done. Let the others
             # finish, then ask for more trials (a resume may raise --trials) and start again.
             for w in workers:
                 w.wait(timeout=args.round_timeout)
                 if not ended(w):
-                    return 1
+                    return failed(f"a worker exited with status {w.status}")
             trials += args.kills
             cli_argv[cli_argv.index("--trials") + 1] = str(trials)
             if args.verbose:
@@ -319,7 +367,7 @@ def main(argv=None) -> int:
         if args.verbose:
             print(f"round {rounds}: {r['mode']} kill of worker {i} at {r['at']:.2f}s -> status {r['status']}", flush=True)
         if not ended(workers[i]):
-            return 1
+            return failed(f"a worker exited with status {workers[i].status}")
         if r["killed"]:
             kills += 1
             completed.update(complete_values(db))
@@ -330,16 +378,243 @@ def main(argv=None) -> int:
         if args.verbose:
             print(w.output()[-2000:])
         if w.status != 0:
-            print(f"the final run of a worker exited with status {w.status}:\n{w.output()[-3000:]}")
-            return 1
+            return failed(f"the final run of a worker exited with status {w.status}:\n{w.output()[-3000:]}")
         ended(w)
     a = audit(workdir, study_name, trials, completed)
-    print(f"kills={kills} resumed={resumed} lost={a['lost']} duplicates={a['duplicates']} stuck_runs={a['stuck_runs']}")
-    print(f"  trials={trials} optuna={a['states']} retried={a['retries']} mlflow_trial_runs={a['mlflow_trial_runs']} "
-          f"parent={a['parent']} workers={args.workers} runs={serial} seconds={time.monotonic() - t0:.0f} workdir={workdir}")
     ok = kills == args.kills and resumed == kills and a["lost"] == 0 and a["duplicates"] == 0 and a["stuck_runs"] == 0
-    return 0 if ok else 1
+    return Result(f"kills={kills} resumed={resumed} lost={a['lost']} duplicates={a['duplicates']} stuck_runs={a['stuck_runs']}",
+                  f"trials={trials} optuna={a['states']} retried={a['retries']} mlflow_trial_runs={a['mlflow_trial_runs']} "
+                  f"parent={a['parent']} workers={args.workers} runs={serial} seconds={time.monotonic() - t0:.0f} "
+                  f"workdir={workdir}", ok)
 
+
+# --------------------------------------------------------------------------- the other attacks
+
+
+def run(args, argv: list[str], cwd: Path, name: str, fsize: int | None = None) -> Child:
+    """`kdsweep ARGV` in `cwd` to its end; its stdout in logs/NAME.log, its stderr apart in logs/NAME.err."""
+    logs = cwd / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    child = Child(argv, cwd, logs / f"{name}.log", args.spawn, err=logs / f"{name}.err", fsize=fsize)
+    child.wait(timeout=args.round_timeout)
+    if args.verbose:
+        print(f"  {name}: exit {child.status}, {len(child.errors())} stderr line(s)", *child.errors()[-3:], sep="\n    ")
+    return child
+
+
+def study_argv(args, method: str, name: str, trials: int, *extra: str) -> list[str]:
+    return ["study", method, "--dataset", args.dataset, "--data-size", str(args.data_size), "--trials", str(trials),
+            "--epochs", str(args.epochs), "--pruner", "none", "--device", "cpu", "--study-name", name, *extra]
+
+
+def optuna_trials(mlruns: Path, study: str) -> dict[int, tuple[str, str | None]]:
+    """number -> (state, recorded MLflow run id) of a study, read with sqlite3 (no client: children fork after this)."""
+    db = mlruns / "optuna.db"
+    rows = _query(db, "SELECT t.number, t.state, t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                      "WHERE s.study_name = ?", (study,))
+    ids = dict(_query(db, "SELECT trial_id, value_json FROM trial_user_attributes WHERE key = 'mlflow_run_id'"))
+    return {int(n): (state, json.loads(ids[tid]) if tid in ids else None) for n, state, tid in rows}
+
+
+def mlflow_runs_of(mlruns: Path, study: str) -> list[dict]:
+    """The active runs tagged with the study: id, status and tags, read with sqlite3."""
+    db = mlruns / "mlflow.db"
+    ids = {r for (r,) in _query(db, "SELECT run_uuid FROM tags WHERE key = 'kdsweep.study' AND value = ?", (study,))}
+    runs = {rid: {"id": rid, "status": status, "tags": {}} for rid, status in
+            _query(db, "SELECT run_uuid, status FROM runs WHERE lifecycle_stage = 'active'") if rid in ids}
+    for rid, key, value in _query(db, "SELECT run_uuid, key, value FROM tags"):
+        if rid in runs:
+            runs[rid]["tags"][key] = value
+    return list(runs.values())
+
+
+def disagreement(mlruns: Path, study: str) -> str:
+    """What the two stores disagree on ('' if nothing): a check of its own, not kdsweep's."""
+    trials = optuna_trials(mlruns, study)
+    runs = [r for r in mlflow_runs_of(mlruns, study) if r["tags"].get("kdsweep.state") != "ORPHANED"]
+    trial_runs = [r for r in runs if r["tags"].get("kdsweep.role") == "trial"]
+    stands_for = lambda r: r["tags"].get("kdsweep.stands_for", r["id"])  # noqa: E731 - a run re-created by repair
+    finished = {stands_for(r) for r in trial_runs if r["status"] == "FINISHED"}
+    problems = []
+    no_run = [n for n, (state, rid) in trials.items() if state == "COMPLETE" and rid not in finished]
+    if no_run:
+        problems.append(f"complete trials without a FINISHED run: {sorted(no_run)}")
+    no_trial = []
+    for r in trial_runs:
+        number = int(r["tags"].get("kdsweep.trial", -1))
+        state, rid = trials.get(number, (None, None))
+        # A trial killed before recording its run id holds none: its run is still its own.
+        if state is None or (rid != stands_for(r) and not (rid is None and state != "COMPLETE")):
+            no_trial.append(number)
+    if no_trial:
+        problems.append(f"trial runs without their trial: {no_trial}")
+    parents = [r for r in runs if r["tags"].get("kdsweep.role") == "study"]
+    if len(parents) != 1:
+        problems.append(f"{len(parents)} live parent runs")
+    stuck = sum(r["status"] == "RUNNING" for r in runs) + sum(s == "RUNNING" for s, _ in trials.values())
+    if stuck:
+        problems.append(f"{stuck} RUNNING")
+    return "; ".join(problems)
+
+
+def gist(child: Child, width: int = 100) -> str:
+    """The line of stderr that says what happened: kdsweep's own, else the last exception line; shortened."""
+    errors = child.errors()
+    said = [line for line in errors if line.startswith("kdsweep:")]
+    raised = [line for line in errors if not line[:1].isspace() and ("Error" in line.split(":")[0] or "Exception" in line)]
+    line = (said or raised or errors or [""])[-1 if not said else 0]
+    line = line if len(line) <= width else line[:width] + "..."
+    return f" ({line})" if line else ""
+
+
+def verdict(child: Child, trained: bool) -> str:
+    """refused: exit 2, one line on stderr, nothing trained; accepted: exit 0; else exitN."""
+    if child.status == 2 and len(child.errors()) == 1 and not trained:
+        return "refused"
+    return "accepted" if child.status == 0 else f"exit{child.status}"
+
+
+def store_round(args, root: Path) -> Result:
+    """Delete one store of a finished study and resume; then repair."""
+    base = root / "base"
+    base.mkdir(parents=True)
+    first = run(args, study_argv(args, "ce", "store", 2), base, "first")
+    if first.status != 0:
+        return Result("store_deleted=setup_failed", f"store: the first study exited {first.status}: "
+                      f"{(first.errors() or ['?'])[-1]}", False)
+    outcomes, notes, ok = {}, [], True
+    for which, lost in (("mlflow", ["mlflow.db", "artifacts"]), ("optuna", ["optuna.db"])):
+        cwd = root / f"{which}-deleted"
+        shutil.copytree(base / "mlruns", cwd / "mlruns")
+        for name in lost:
+            path = cwd / "mlruns" / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        before = len(optuna_trials(cwd / "mlruns", "store"))
+        child = run(args, study_argv(args, "ce", "store", 3), cwd, "resume")
+        outcomes[which] = verdict(child, trained=len(optuna_trials(cwd / "mlruns", "store")) != before)
+        repaired = run(args, study_argv(args, "ce", "store", 3, "--on-mismatch", "repair"), cwd, "repair")
+        differ = disagreement(cwd / "mlruns", "store") if repaired.status == 0 else f"exit {repaired.status}"
+        ok &= outcomes[which] == "refused" and not differ
+        notes.append(f"{which} deleted -> exit {child.status}, {len(child.errors())} stderr line(s){gist(child)}; "
+                     f"--on-mismatch repair -> {differ or 'exit 0, the stores agree'}")
+    value = "refused" if set(outcomes.values()) == {"refused"} else ",".join(f"{k}:{v}" for k, v in outcomes.items())
+    return Result(f"store_deleted={value}", "store: " + "; ".join(notes), ok)
+
+
+def teacher_round(args, root: Path) -> Result:
+    """A study on one teacher, resumed with another."""
+    root.mkdir(parents=True)
+    for name, epochs in (("A", 1), ("B", 2)):
+        child = run(args, ["teacher", "--dataset", args.dataset, "--data-size", str(args.data_size), "--device", "cpu",
+                           "--epochs", str(epochs), "--out", str(root / f"{name}.pt")], root, f"teacher{name}")
+        if child.status != 0:
+            return Result("teacher_mismatch=setup_failed", f"teacher: training teacher {name} exited {child.status}", False)
+    first = run(args, study_argv(args, "vanilla_kd", "teach", 1, "--teacher-checkpoint", str(root / "A.pt")), root, "first")
+    if first.status != 0:
+        return Result("teacher_mismatch=setup_failed", f"teacher: the first study exited {first.status}: "
+                      f"{(first.errors() or ['?'])[-1]}", False)
+    before = len(optuna_trials(root / "mlruns", "teach"))
+    child = run(args, study_argv(args, "vanilla_kd", "teach", 2, "--teacher-checkpoint", str(root / "B.pt")), root, "other")
+    after = len(optuna_trials(root / "mlruns", "teach"))
+    value = verdict(child, trained=after != before)
+    return Result(f"teacher_mismatch={value}", f"teacher: study on teacher A (1 epoch) resumed with teacher B (2 epochs) "
+                  f"-> exit {child.status}, {len(child.errors())} stderr line(s){gist(child)}, trials {before} -> {after}",
+                  value == "refused")
+
+
+def mount_tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return out.returncode == 0
+
+
+def disk_round(args, root: Path) -> Result:
+    """Run out of space mid-study, then free it and resume."""
+    mlruns = root / "mlruns"
+    mlruns.mkdir(parents=True)
+    mode = args.disk_mode
+    if mode in ("auto", "tmpfs"):
+        if mount_tmpfs(mlruns, "3m"):
+            mode = "tmpfs"
+        elif mode == "tmpfs":
+            return Result("disk_full=no_tmpfs", "disk: cannot mount a tmpfs (not root, or no permission)", False)
+        else:
+            mode = "fsize"
+    try:
+        first = run(args, study_argv(args, "ce", "disk", 1), root, "first")
+        if first.status != 0:
+            return Result("disk_full=setup_failed", f"disk: the first study exited {first.status}", False)
+        slack = args.disk_slack_kb * 1024
+        fsize = None
+        if mode == "tmpfs":
+            filler = mlruns / "filler"
+            st = os.statvfs(mlruns)
+            try:
+                with open(filler, "wb") as f:
+                    left = st.f_bavail * st.f_frsize - slack
+                    while left > 0:
+                        left -= f.write(b"\0" * min(left, 1 << 20))
+            except OSError:
+                pass
+            st = os.statvfs(mlruns)
+            where = f"a 3 MB tmpfs with {st.f_bavail * st.f_frsize // 1024} KB free"
+        else:
+            fsize = max(p.stat().st_size for p in mlruns.glob("*.db")) + slack
+            where = f"RLIMIT_FSIZE {fsize // 1024} KB (the stores' size + {args.disk_slack_kb} KB)"
+        full = run(args, study_argv(args, "ce", "disk", 40), root, "full", fsize=fsize)
+        done = sum(s == "COMPLETE" for s, _ in optuna_trials(mlruns, "disk").values())  # 1 before this run
+        if mode == "tmpfs":
+            (mlruns / "filler").unlink(missing_ok=True)
+        errors = full.errors()
+        traceback = any(line.startswith("Traceback") for line in errors)
+        value = "not_full" if full.status == 0 else f"exit{full.status}"
+        resumed = run(args, study_argv(args, "ce", "disk", done + 1), root, "resume")
+        differ = disagreement(mlruns, "disk") if resumed.status == 0 else f"exit {resumed.status}"
+        ok = full.status == 2 and len(errors) == 1 and not differ
+        return Result(f"disk_full={value}", f"disk: {where}: exit {full.status} after {done - 1} more complete trial(s), "
+                      f"{len(errors)} stderr line(s){', a traceback' if traceback else ''}{gist(full)}; "
+                      f"with space again -> {differ or 'exit 0, resumed, the stores agree'}", ok)
+    finally:
+        if mode == "tmpfs":
+            if subprocess.run(["umount", str(mlruns)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(mlruns)], capture_output=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rounds = [r.strip() for r in args.rounds.split(",") if r.strip()]
+    unknown = set(rounds) - set(ROUNDS)
+    if unknown or not rounds:
+        sys.exit(f"--rounds takes some of {', '.join(ROUNDS)}")
+    if ("kill" in rounds and args.kills < 1) or args.workers < 1:
+        sys.exit("--kills and --workers must be at least 1")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdsweep-fault-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "mlruns").exists():
+        sys.exit(f"{workdir} already holds mlruns/: give a fresh --workdir")
+    os.environ.setdefault("KDSWEEP_CACHE", str(workdir / "cache"))
+    if not args.spawn:
+        # Pay the imports once, here; forked children start at cli.main.
+        import torch
+
+        from kdsweep import cli, study  # noqa: F401
+
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # its first use imports torch._dynamo
+
+    attacks = {"kill": lambda: kill_rounds(args, workdir), "store": lambda: store_round(args, workdir / "store"),
+               "teacher": lambda: teacher_round(args, workdir / "teacher"), "disk": lambda: disk_round(args, workdir / "disk")}
+    # The kill rounds last: their audit opens the stores with MLflow's and Optuna's clients in this process, and
+    # children forked after that would inherit open database connections.
+    done = {r: attacks[r]() for r in sorted(rounds, key=lambda r: r == "kill")}
+    results = [done[r] for r in ROUNDS if r in done]
+    print(" ".join(r.summary for r in results))
+    for r in results:
+        print(f"  {r.detail}")
+    return 0 if all(r.ok for r in results) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

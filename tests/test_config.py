@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,12 @@ def test_precedence_builtin_then_file_then_flags(tmp_path):
 
 
 def test_study_names_are_sanitised():
-    assert sanitize("../../etc/passwd") == "etc_passwd"
-    assert sanitize("my study/1") == "my_study_1"
+    # A changed name keeps the safe part and gains a hash of the original: two names never become one.
+    assert re.fullmatch(r"etc_passwd-[0-9a-f]{8}", sanitize("../../etc/passwd"))
+    assert re.fullmatch(r"my_study_1-[0-9a-f]{8}", sanitize("my study/1"))
+    assert sanitize("my study/1") != sanitize("my_study/1") != sanitize("my_study_1") == "my_study_1"
+    assert len(sanitize("x" * 300)) == 200 and sanitize("x" * 300) != sanitize("x" * 301)
+    for name in ("t", "vanilla_kd-digits-digitnet_l-digitnet_s-s0", "a" * 200, "x.y>z-1"):  # no change needed: kept
+        assert sanitize(name) == name
     with pytest.raises(UserError):
         sanitize("///")

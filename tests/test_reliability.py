@@ -500,8 +500,9 @@ def test_ui_binds_loopback_unless_told(tmp_path, monkeypatch, capsys):
 
 
 def test_fault_script_kills_resumes_and_loses_nothing(tmp_path):
+    # The kill rounds only: the store, teacher and disk rounds are tested in test_integrity_truth.py.
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_test.py"), "--kills", "5", "--seed", "1",
-                          "--workdir", str(tmp_path / "fault")], cwd=tmp_path, env=cli_env(tmp_path),
+                          "--rounds", "kill", "--workdir", str(tmp_path / "fault")], cwd=tmp_path, env=cli_env(tmp_path),
                          capture_output=True, text=True, timeout=900)
     print(out.stdout[-2000:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
