@@ -417,7 +417,7 @@ def ref_crd(d, hp, case, state):
     """Tian et al. with the reference constants: scores exp(v . m / 0.07) / Z against the other side's bank (column 0:
     the sample's own row), Z = mean score * N fixed on the first batch, NCE with uniform noise P_n = 1/N summed over
     both directions; then each bank's rows of the batch move to the new embeddings (momentum 0.5) and are renormalised."""
-    p, n, T, m = state["params"], CRD_N, 0.07, 0.5
+    p, n, T, m = state["params"], state["n"], 0.07, 0.5
     vs, vt = _embed(d["s_embedding"], p["proj_s.weight"], p["proj_s.bias"]), _embed(d["t_embedding"], p["proj_t.weight"], p["proj_t.bias"])
     cols = d["cols"]
     k_pn = (cols.shape[1] - 1) / n
@@ -440,7 +440,7 @@ REFERENCES = {name[4:]: fn for name, fn in globals().items() if name.startswith(
 
 def expected(case: dict) -> list[dict[str, float]]:
     steps = case_inputs(case)
-    state = {k: v for k, v in steps[0].items() if k in ("params", "memory_s", "memory_t")}
+    state = {k: v for k, v in steps[0].items() if k in ("params", "memory_s", "memory_t")} | {"n": CRD_N}
     return [REFERENCES[case["method"]](d, case["hp"], case, state) for d in steps]
 
 
