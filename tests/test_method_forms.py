@@ -59,6 +59,18 @@ def test_methods_command_lists_both_forms_with_references(kdsweep):
     assert "training-sample ids" in blocks["crd"] and "training-sample ids" not in blocks["crd_seed003"]
 
 
+def test_report_names_each_studys_form_and_reference():
+    from types import SimpleNamespace
+
+    from kdsweep.report import method_lines
+
+    studies = [SimpleNamespace(label=n, method=n) for n in ("rkd", "rkd_seed003", "gone")]
+    text = "\n".join(method_lines(studies))
+    assert f"- rkd: {METHODS['rkd'].summary} Reference: {METHODS['rkd'].reference}." in text
+    assert "- rkd_seed003: RKD (seed 003's notebook form)" in text and METHODS["rkd_seed003"].reference in text
+    assert "- gone: 'gone' is not a method of this kdsweep version" in text
+
+
 @pytest.mark.parametrize("path", sorted(STUDIES.glob("*.toml")), ids=lambda p: p.stem)
 def test_study_file_ranges_are_the_methods(path):
     doc = tomllib.loads(path.read_text())

@@ -35,7 +35,7 @@ def get_method(name: str) -> type[Method]:
 def describe(name: str) -> str:
     """One line naming a method's form and reference, for tables that list studies by method."""
     cls = METHODS.get(name)
-    return f"{cls.summary} Reference: {cls.reference}." if cls else f"{name}: not a method of this kdsweep version"
+    return f"{cls.summary} Reference: {cls.reference}." if cls else f"{name!r} is not a method of this kdsweep version"
 
 
 for _mod in pkgutil.iter_modules(__path__):
