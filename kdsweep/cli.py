@@ -211,6 +211,7 @@ def cmd_methods(args) -> int:
     for name in sorted(METHODS, key=lambda n: (n != "ce", n != "vanilla_kd", n)):
         m = METHODS[name]
         needs = "-" if not m.uses_teacher else ", ".join(t for t in ("logits", "feature", "embedding") if t in m.needs)
+        needs += "; training-sample ids" if m.needs_index else ""  # issue 14: CRD's memory bank
         space = "; ".join(f"{k} {v.describe()}" for k, v in {**m.space, "lr": LR}.items())
         rows.append((name, m.summary, needs, space, m.reference))
     if args.format == "tsv":
@@ -219,7 +220,7 @@ def cmd_methods(args) -> int:
             print("\t".join(r))
         return 0
     for name, summary, needs, space, ref in rows:
-        print(f"{name}\n    {summary}\n    needs: {needs} (from teacher and student)\n    searches: {space}\n    reference: {ref}\n")
+        print(f"{name}\n    {summary}\n    needs: {needs}{'' if needs == '-' else ' (taps from teacher and student)'}\n    searches: {space}\n    reference: {ref}\n")
     print(f"{len(rows)} methods. Run one: kdsweep study NAME --dataset digits --trials 10")
     return 0
 

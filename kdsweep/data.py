@@ -221,15 +221,19 @@ class DeviceData:
         flips = torch.rand(n, generator=g) < 0.5 if self.augment.flip else torch.zeros(n, dtype=torch.bool)
         return perm, offsets, flips
 
-    def epoch(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised, augmented training batches of one epoch (last partial batch dropped)."""
+    def epoch(self, epoch: int, batch_size: int, index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Normalised, augmented training batches of one epoch (last partial batch dropped).
+
+        With `index`, each batch is (x, y, ids): ids are the samples' rows in the training split,
+        for methods that keep per-sample state (CRD's memory bank).
+        """
         batch_size = min(batch_size, self.n_train)
         perm, offsets, flips = (t.to(self.device, non_blocking=True) for t in self.epoch_plan(epoch, batch_size))
         for i in range(self.steps_per_epoch(batch_size)):
             sl = slice(i * batch_size, (i + 1) * batch_size)
             idx = perm[sl]
             x = self._augment(self.train_x[idx], offsets[sl], flips[sl])
-            yield self.normalize(x), self.train_y[idx]
+            yield (self.normalize(x), self.train_y[idx]) + ((idx,) if index else ())
 
     def _augment(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         p = self.augment.pad

@@ -428,6 +428,13 @@ TITLES = {"best": "Best trial per method, and what each study cost", "metrics": 
           "ranking": "Ranking by test accuracy", "ranks": "Ranks per metric (seed 003's table)"}
 
 
+def method_lines(studies) -> list[str]:
+    """Which form of each method ran (paper or seed notebook) and its reference (issue 14)."""
+    from .methods import describe
+
+    return ["## Methods", ""] + [f"- {x.label}: {describe(x.method)}" for x in studies] + [""]
+
+
 def to_markdown(rep: Report) -> str:
     s = rep.sel
     lines = [f"# kdsweep report: {s.dataset}, {s.teacher} -> {s.student}, seed {s.seed}", "",
@@ -435,6 +442,7 @@ def to_markdown(rep: Report) -> str:
     lines += [f"**Warning:** {w}" for w in rep.warnings] + ([""] if rep.warnings else [])
     for name in TABLES:
         lines += [f"## {TITLES[name]}", "", markdown_table(rep.display[name]), ""]
+    lines += method_lines(s.studies)
     lines += ["Directions: " + ", ".join(f"{k} {'higher' if d > 0 else 'lower'} is better" for k, d in DIRECTIONS.items())
               + "; ECE over 10 bins; KL is KL(teacher || student) in nats; ranks among the students (1 = best, "
               "ties share the best rank).", ""]

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DeviceData
-from .methods.base import Method
+from .methods.base import Method, SampleIndex
 from .models import Net, Outputs
 from .teacher_cache import TeacherCache, TeacherFeed
 
@@ -292,10 +292,11 @@ class _Run:
         self.lr_now = self.opt.param_groups[0]["lr"]
         self.sums, self.correct = {}, torch.zeros((), device=self.device)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, epoch: int) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, epoch: int, index: SampleIndex) -> None:
+        extra = {"index": index} if self.m.method.needs_index else {}
         with autocast(self.device):
             s_out = self.taps(self.m.student, x)
-            terms = self.m.method(s_out, t_out, y, epoch)
+            terms = self.m.method(s_out, t_out, y, epoch, **extra)
         loss = sum(terms.values())
         if self.first_loss is None:
             self.first_loss = loss.detach().float()  # the untrained model's loss: the yardstick for divergence
@@ -409,7 +410,8 @@ class Lockstep:
     def results(self) -> list[TrainResult]:
         return [r.result for r in self.runs]
 
-    def _steps(self, active: list[_Run], xs: dict, y: torch.Tensor, t_out: Outputs | None, epoch: int) -> None:
+    def _steps(self, active: list[_Run], xs: dict, y: torch.Tensor, t_out: Outputs | None, epoch: int,
+               index: SampleIndex) -> None:
         """One step of every active member on this batch."""
         shared = [(t, t._version) for t in (t_out or ()) if t is not None]
         serial = active
@@ -417,7 +419,7 @@ class Lockstep:
             serial = [r for r in active if r.stochastic]
             hands = _deal([r for r in active if not r.stochastic], self.workers)
             before = torch.get_rng_state()
-            _in_pool(self.workers, lambda hand: [r.step(xs[r.fmt], y, t_out, epoch) for r in hand], hands)
+            _in_pool(self.workers, lambda hand: [r.step(xs[r.fmt], y, t_out, epoch, index) for r in hand], hands)
             if not torch.equal(before, torch.get_rng_state()):
                 raise RuntimeError("a lockstep member drew random numbers on a worker thread after its first step; "
                                    "its stream cannot be replayed: run it with --parallel 1")
@@ -425,7 +427,7 @@ class Lockstep:
             if self.swap_rng:
                 before = r.m.rng
                 _set_rng_state(before, self.device)
-            r.step(xs[r.fmt], y, t_out, epoch)
+            r.step(xs[r.fmt], y, t_out, epoch, index)
             if self.swap_rng:
                 r.m.rng = _rng_state(self.device)
                 if not self.probed:
@@ -463,10 +465,10 @@ class Lockstep:
         if self.feed is not None:
             self.feed.begin_epoch(epoch)
         n = 0
-        for step, (x, y) in enumerate(self.data.epoch(epoch, self.batch_size)):
+        for step, (x, y, ids) in enumerate(self.data.epoch(epoch, self.batch_size, index=True)):
             xs = {fmt: _as(x, fmt) for fmt in self.fmts}
             t_out = self.feed(step, x) if self.feed is not None else None
-            self._steps(active, xs, y, t_out, epoch)
+            self._steps(active, xs, y, t_out, epoch, SampleIndex(ids, self.data.n_train))
             n += len(y)
         # One sync per epoch: every member's train statistics at once.
         flat = [r.epoch_tensors() for r in active]

@@ -4,13 +4,16 @@ the teacher, gradients into the student and every head, bf16-autocast safety."""
 
 from __future__ import annotations
 
+import copy
 import math
 
+import make_method_fixture as fx
 import numpy as np
 import pytest
 import torch
 
 from kdsweep.methods import METHODS
+from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.dkd import dkd_terms
 from kdsweep.methods.vanilla_kd import kd_kl
 from kdsweep.models import Outputs, Shapes, build_model
@@ -20,8 +23,9 @@ IN_SHAPE, CLASSES, BATCH, EPOCHS = (1, 8, 8), 10, 6, 4
 EXPECTED = {
     "ce", "vanilla_kd", "hard_label", "logit_l2", "focal_kd", "cosine", "fitnet", "feature_mse",
     "attention", "rkd", "crd", "pkt", "dkd", "dist", "sp",
+    "fitnet_seed003", "attention_seed003", "rkd_seed003", "crd_seed003", "pkt_seed003",
 }
-HEADED = {"fitnet", "feature_mse", "crd"}
+HEADED = {"fitnet", "fitnet_seed003", "feature_mse", "crd", "crd_seed003"}
 # teacher -> student pairs: same spatial size; teacher map pooled 4x4 -> 2x2; MLPs (no spatial map)
 PAIRS = {"conv": ("digitnet_l", "digitnet_s"), "pooled": ("digitnet_l", "lightnn"), "mlp": ("mlp1200", "mlp800")}
 
@@ -47,6 +51,15 @@ def nets():
 
 def defaults(cls):
     return {k: v.default for k, v in cls.space.items()}
+
+
+N_TRAIN = 40  # the id space of the batches below (rows 0 .. BATCH - 1 of it)
+
+
+def call(m, s, t, y, epoch):
+    """The method's terms, with the batch's sample ids when it asks for them (as the trainer does)."""
+    extra = {"index": SampleIndex(torch.arange(len(y)), N_TRAIN)} if m.needs_index else {}
+    return m(s, t, y, epoch, **extra)
 
 
 def setup(nets, name, pair, same=False, teacher_no_grad=True):
@@ -145,7 +158,7 @@ def ref_cosine(m, s, t, y, epoch, hp):
     return {"ce": cross_entropy(s.logits, y), "cos": hp["weight"] * float(np.mean(1 - np.array(cos)))}
 
 
-def ref_fitnet(m, s, t, y, epoch, hp):
+def ref_fitnet_seed003(m, s, t, y, epoch, hp):
     w, b = npy(m.regressor.weight), npy(m.regressor.bias)
     f = np.pad(s.feature, ((0, 0), (0, 0), (1, 1), (1, 1)))
     h, wd = s.feature.shape[2:]
@@ -173,7 +186,7 @@ def ref_feature_mse(m, s, t, y, epoch, hp):
     return {"ce": cross_entropy(s.logits, y), "feat": hp["weight"] * ramp * mse}
 
 
-def ref_attention(m, s, t, y, epoch, hp):
+def ref_attention_seed003(m, s, t, y, epoch, hp):
     hw = (min(s.feature.shape[2], t.feature.shape[2]), min(s.feature.shape[3], t.feature.shape[3]))
 
     def att(f):
@@ -182,7 +195,7 @@ def ref_attention(m, s, t, y, epoch, hp):
     return {"ce": cross_entropy(s.logits, y), "at": hp["beta"] * float(np.mean((att(s.feature) - att(t.feature)) ** 2))}
 
 
-def ref_rkd(m, s, t, y, epoch, hp):
+def ref_rkd_seed003(m, s, t, y, epoch, hp):
     n = len(y)
 
     def dist(z):
@@ -207,14 +220,14 @@ def ref_rkd(m, s, t, y, epoch, hp):
     }
 
 
-def ref_crd(m, s, t, y, epoch, hp):
+def ref_crd_seed003(m, s, t, y, epoch, hp):
     n = len(y)
     zs = unit_rows(s.embedding.reshape(n, -1) @ npy(m.proj_s.weight).T + npy(m.proj_s.bias))
     zt = unit_rows(t.embedding.reshape(n, -1) @ npy(m.proj_t.weight).T + npy(m.proj_t.bias))
     return {"ce": cross_entropy(s.logits, y), "nce": hp["weight"] * cross_entropy(zs @ zt.T / hp["tau"], np.arange(n))}
 
 
-def ref_pkt(m, s, t, y, epoch, hp):
+def ref_pkt_seed003(m, s, t, y, epoch, hp):
     n, sigma = len(y), hp["sigma"]
     zs, zt = unit_rows(s.embedding.reshape(n, -1)), unit_rows(t.embedding.reshape(n, -1))
     total = 0.0
@@ -257,14 +270,34 @@ def ref_sp(m, s, t, y, epoch, hp):
     return {"ce": cross_entropy(s.logits, y), "sp": hp["gamma"] * float(np.sum((gram(t.feature) - gram(s.feature)) ** 2)) / n**2}
 
 
+def _paper_form(name):
+    """The paper forms' float64 references live in make_method_fixture.py (also behind the frozen fixture);
+    here they run on real networks' taps and the method's own (randomly initialised) heads."""
+
+    def ref(m, s, t, y, epoch, hp):
+        d = {f"{side}_{k}": getattr(o, k) for side, o in (("s", s), ("t", t)) for k in Outputs._fields} | {"y": y}
+        case = {"s_feature": list(s.feature.shape[1:]), "t_feature": list(t.feature.shape[1:]), "epochs": m.epochs, "epoch": epoch}
+        state = {"params": {k: npy(v) for k, v in m.named_parameters()}}
+        if m.needs_index:
+            state.update(memory_s=m.pre["memory_s"], memory_t=m.pre["memory_t"], n=N_TRAIN)
+            d.update(ids=np.arange(len(y)), cols=m.pre["cols"].numpy())
+        return fx.REFERENCES[name](d, hp, case, state)
+
+    return ref
+
+
+ref_rkd, ref_pkt, ref_crd, ref_attention, ref_fitnet = map(_paper_form, ("rkd", "pkt", "crd", "attention", "fitnet"))
 REFERENCES = {name[4:]: fn for name, fn in globals().items() if name.startswith("ref_")}
-ZERO_AT_EQUALITY = ["vanilla_kd", "logit_l2", "focal_kd", "cosine", "attention", "rkd", "pkt", "dkd", "dist", "sp"]
+ZERO_AT_EQUALITY = ["vanilla_kd", "logit_l2", "focal_kd", "cosine", "attention", "rkd", "pkt", "dkd", "dist", "sp",
+                    "attention_seed003", "rkd_seed003", "pkt_seed003"]
 NOT_ZERO_AT_EQUALITY = {
     "ce": "no distillation term",
     "hard_label": "CE towards the student's own argmax is its (positive) confidence gap, not 0",
-    "fitnet": "randomly initialised regressor (checked with an identity regressor below)",
+    "fitnet": "randomly initialised regressor, and BN + ReLU after it",
+    "fitnet_seed003": "randomly initialised regressor (checked with an identity regressor below)",
     "feature_mse": "randomly initialised conv+BN+ReLU projection is not the identity",
-    "crd": "random projection heads; InfoNCE is bounded below by a positive value",
+    "crd": "random projection heads and memory banks; NCE is bounded below by a positive value",
+    "crd_seed003": "random projection heads; InfoNCE is bounded below by a positive value",
 }
 # Defects in modules outside this test's remit, kept visible: strict, so a fix turns them into failures
 # that ask for the marker's removal.
@@ -297,9 +330,9 @@ def test_declarations(name, nets):
 def test_spatial_requirements(nets):
     _, mlp_t, _ = nets["mlp1200"]
     _, mlp_s, _ = nets["mlp800"]
-    for name in ("fitnet", "feature_mse", "attention"):
+    for name in ("fitnet", "fitnet_seed003", "feature_mse", "attention", "attention_seed003"):
         assert isinstance(METHODS[name].unsupported(mlp_s, mlp_t), str)
-    for name in ("sp", "cosine", "rkd", "pkt", "crd", "dkd", "dist"):
+    for name in ("sp", "cosine", "rkd", "rkd_seed003", "pkt", "pkt_seed003", "crd", "crd_seed003", "dkd", "dist"):
         assert METHODS[name].unsupported(mlp_s, mlp_t) is None
 
 
@@ -312,7 +345,12 @@ def test_value_matches_independent_reference(name, pair, nets):
     m, s, t, y, *_ = setup(nets, name, pair)
     # untrained nets give near-uniform predictions; sharpen them so logit terms are far from 0
     s, t = s._replace(logits=s.logits * 5), t._replace(logits=t.logits * 5)
-    got = m(s, t, y, 0)
+    if m.needs_index:  # crd: the banks before the step, and the columns it draws, for the reference
+        m.init_memory(N_TRAIN, torch.device("cpu"))
+        m.pre = {"memory_s": npy(m.memory_s), "memory_t": npy(m.memory_t)}
+        draw = m.contrast_index
+        m.contrast_index = lambda index: m.pre.setdefault("cols", draw(index))
+    got = call(m, s, t, y, 0)
     ref = REFERENCES[name](m, Outputs(*map(npy, s)), Outputs(*map(npy, t)), y.numpy(), 0, m.hp)
     assert set(got) == set(ref)
     for key, want in ref.items():
@@ -350,6 +388,45 @@ def test_dkd_decomposes_kd():
         assert (tckd + w * nckd).item() == pytest.approx(kd_kl(s, t, T).item(), rel=1e-4)
 
 
+def test_dkd_warmup_scaled_to_the_study(nets):
+    # The official code: min(e / 20, 1) in 1-based epoch e of 240; scaled: warmup = ceil(epochs * 20 / 240).
+    m, s, t, y, *_ = setup(nets, "dkd", "conv")
+    full = {k: v.item() for k, v in call(m, s, t, y, 0).items()}  # EPOCHS = 4: warmup 1, full weight at once
+    for epochs, epoch, factor in [(24, 0, 0.5), (24, 1, 1.0), (240, 0, 1 / 20), (240, 4, 5 / 20), (240, 19, 1.0), (240, 30, 1.0)]:
+        m.epochs = epochs
+        got = call(m, s, t, y, epoch)
+        assert got["ce"].item() == pytest.approx(full["ce"])
+        for key in ("tckd", "nckd"):
+            assert got[key].item() == pytest.approx(factor * full[key], rel=1e-6), (epochs, epoch, key)
+
+
+def test_crd_memory_bank(nets):
+    from kdsweep.methods.crd import DIM, NCE_K, NCE_M, NCE_T
+
+    assert (NCE_K, NCE_T, NCE_M, DIM) == (16384, 0.07, 0.5, 128)  # the paper's constants
+    m, s, t, y, *_ = setup(nets, "crd", "conv")
+    assert m.needs_index and m.nce_k == NCE_K
+    index = SampleIndex(torch.tensor([5, 0, 39, 7, 12, 3]), N_TRAIN)
+    cols = m.contrast_index(index)
+    assert cols.shape == (BATCH, 1 + NCE_K) and torch.equal(cols[:, 0], index.ids)
+    assert 0 <= cols.min() and cols.max() < N_TRAIN and len(cols[:, 1:].unique()) == N_TRAIN  # uniform over all samples
+    m(s, t, y, 0, index=index)
+    assert m.memory_s.shape == m.memory_t.shape == (N_TRAIN, DIM)  # 2 x N x 128 floats
+    assert set(m.state_dict()) == {"proj_s.weight", "proj_s.bias", "proj_t.weight", "proj_t.bias"}  # banks are not heads
+    assert torch.allclose(m.memory_s[index.ids].norm(dim=1), torch.ones(BATCH))  # moved rows are renormalised
+    before, z = m.memory_s.clone(), (m.z_s.item(), m.z_t.item())
+    m(Outputs(*(v[:2] for v in s)), Outputs(*(v[:2] for v in t)), y[:2], 0, index=SampleIndex(torch.tensor([1, 2]), N_TRAIN))
+    changed = (m.memory_s != before).any(1)
+    assert changed.nonzero().flatten().tolist() == [1, 2]  # only the batch's rows move
+    assert (m.z_s.item(), m.z_t.item()) == z  # Z is estimated once, on the first batch
+    # The same study seed draws the same banks and negatives: trials are comparable.
+    torch.manual_seed(0)
+    a = METHODS["crd"]({"weight": 0.8}, *[nets[k][1] for k in PAIRS["conv"][::-1]], EPOCHS)
+    torch.manual_seed(0)
+    b = METHODS["crd"]({"weight": 0.8}, *[nets[k][1] for k in PAIRS["conv"][::-1]], EPOCHS)
+    assert torch.equal(a.contrast_index(index), b.contrast_index(index))
+
+
 def test_feature_mse_ramp(nets):
     m, s, t, y, *_ = setup(nets, "feature_mse", "conv")
     at = [m(s, t, y, e)["feat"].item() for e in range(EPOCHS)]
@@ -365,20 +442,20 @@ def test_feature_mse_ramp(nets):
 @pytest.mark.parametrize("name", ZERO_AT_EQUALITY)
 def test_zero_when_student_is_teacher(name, pair, nets):
     m, s, t, y, *_ = setup(nets, name, pair, same=True)
-    terms = {k: v.item() for k, v in m(s, t, y, 0).items() if k != "ce"}
+    terms = {k: v.item() for k, v in call(m, s, t, y, 0).items() if k != "ce"}
     assert terms
     for key, v in terms.items():
         assert abs(v) < 1e-5, (key, v)
 
 
-def test_fitnet_zero_with_identity_regressor(nets):
-    m, s, t, y, *_ = setup(nets, "fitnet", "conv", same=True)
+def test_fitnet_seed003_zero_with_identity_regressor(nets):
+    m, s, t, y, *_ = setup(nets, "fitnet_seed003", "conv", same=True)
     with torch.no_grad():
         m.regressor.weight.zero_()
         m.regressor.bias.zero_()
         c = m.regressor.weight.shape[0]
         m.regressor.weight[range(c), range(c), 1, 1] = 1.0
-    assert m(s, t, y, 0)["hint"].item() < 1e-10
+    assert call(m, s, t, y, 0)["hint"].item() < 1e-10
 
 
 # ---------------------------------------------------------------- gradients
@@ -390,7 +467,7 @@ def test_fitnet_zero_with_identity_regressor(nets):
 def test_gradients(name, pair, teacher_no_grad, nets):
     # teacher_graph: the teacher's outputs carry a graph; the methods' own .detach() must cut it.
     m, s, t, y, teacher, student, _ = setup(nets, name, pair, teacher_no_grad=teacher_no_grad)
-    terms = m(s, t, y, 0)
+    terms = call(m, s, t, y, 0)
     distill = sum(v for k, v in terms.items() if k != "ce")
     distill.backward(retain_graph=True)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()), "no gradient from the distillation terms"
@@ -412,7 +489,7 @@ def test_tiny_batches_stay_finite(name, batch, nets):
     m = METHODS[name](defaults(METHODS[name]), s_shapes, t_shapes, EPOCHS)
     s = Outputs(*(torch.randn(batch, *shape, requires_grad=True) for shape in (s_shapes.logits, s_shapes.feature, s_shapes.embedding)))
     t = Outputs(*(torch.randn(batch, *shape) for shape in (t_shapes.logits, t_shapes.feature, t_shapes.embedding)))
-    terms = m(s, t, torch.randint(0, CLASSES, (batch,)), 0)
+    terms = call(m, s, t, torch.randint(0, CLASSES, (batch,)), 0)
     assert all(torch.isfinite(v) for v in terms.values()), terms
     sum(terms.values()).backward()
     assert all(torch.isfinite(v.grad).all() for v in s if v.grad is not None)
@@ -427,14 +504,15 @@ def test_bf16_autocast(name, nets):
     # autocast from bf16 taps must equal those computed outside it from the same taps cast to
     # float32. Heads do run in bf16 under autocast (they are network layers), hence a looser bound.
     m, _, _, y, teacher, student, x = setup(nets, name, "pooled")
+    twin = copy.deepcopy(m)  # a stateful method (crd's banks) must see the same state in both calls
     student.eval()  # no dropout
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             t16 = teacher.taps(x)
         s16 = student.taps(x)
         assert s16.logits.dtype == torch.bfloat16
-        terms = m(s16, t16, y, 0)
-    exact = m(Outputs(*(v.detach().float() for v in s16)), Outputs(*(v.float() for v in t16)), y, 0)
+        terms = call(m, s16, t16, y, 0)
+    exact = call(twin, Outputs(*(v.detach().float() for v in s16)), Outputs(*(v.float() for v in t16)), y, 0)
     rel = 0.05 if name in HEADED else 1e-4
     for key, v in terms.items():
         assert v.dtype == torch.float32 and torch.isfinite(v), key

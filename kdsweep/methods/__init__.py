@@ -32,8 +32,14 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
+def describe(name: str) -> str:
+    """One line naming a method's form and reference, for tables that list studies by method."""
+    cls = METHODS.get(name)
+    return f"{cls.summary} Reference: {cls.reference}." if cls else f"{name!r} is not a method of this kdsweep version"
+
+
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["METHODS", "Method", "get_method", "register"]
+__all__ = ["METHODS", "Method", "describe", "get_method", "register"]

@@ -6,31 +6,32 @@ from .fitnet import common_hw, pool_hw
 from ..space import Float
 
 
-def attention_map(f, hw, eps: float = 1e-6):
-    """Mean over channels of squared activations, pooled to `hw`, flattened, L2-normalised per sample."""
-    a = pool_hw(f.float().pow(2).mean(1, keepdim=True), hw)
-    return F.normalize(a.flatten(1), dim=1, eps=eps)
+def at_map(f, p: float = 2.0, eps: float = 1e-12):
+    """The attention map of (B, C, H, W) activations: channel mean of |F|^p, flattened, L2-normalised per sample."""
+    return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1, eps=eps)
 
 
 @register
 class Attention(Method):
-    """Attention transfer: match *where* the teacher's last map is active, not its values.
-
-    Channel counts never matter (the map is a channel mean), so no head is needed; the
-    two maps are compared at the smaller spatial size. MSE is a mean over positions, hence
-    the large weights (seed 003: 250; Zagoruyko & Komodakis' code: beta/2 = 500).
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): match *where* the teacher's last map
+    is active, not its values. Channel counts never matter (the map is a channel mean), so no head
+    is needed. Maps of different sizes: the larger *feature map* is average-pooled to the smaller
+    size before the map is taken, as mdistiller and RepDistiller do (seed 003 pooled the squared
+    map: `attention_seed003`). MSE is a mean over positions, hence the large weights
+    (RepDistiller and mdistiller: 1000; the authors' code: beta / 2 = 500).
     """
 
     name = "attention"
-    summary = "Attention transfer: CE + beta * MSE(normalised spatial attention maps)."
-    reference = "Zagoruyko & Komodakis 2017; seed 003 (method 4, beta=250)"
+    summary = "Attention transfer (paper form): CE + beta * MSE(normalised attention maps, larger feature map pooled first)."
+    reference = "Zagoruyko & Komodakis, ICLR 2017 (p=2; beta=1000 as RepDistiller)"
     needs = frozenset({"logits", "feature"})
-    space = {"beta": Float(1.0, 1e4, 250.0, log=True)}
+    space = {"beta": Float(10.0, 1e5, 1000.0, log=True)}
 
     def forward(self, s, t, y, epoch):
         f_s, f_t = s.feature, t.feature.detach()
         hw = common_hw(f_s, f_t)
+        a_s, a_t = at_map(pool_hw(f_s.float(), hw)), at_map(pool_hw(f_t.float(), hw))
         return {
             "ce": F.cross_entropy(s.logits.float(), y),
-            "at": self.hp["beta"] * F.mse_loss(attention_map(f_s, hw), attention_map(f_t, hw)),
+            "at": self.hp["beta"] * F.mse_loss(a_s, a_t),
         }

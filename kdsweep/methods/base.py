@@ -8,14 +8,17 @@ A method declares
   * heads       - any trainable modules it builds in ``__init__`` from the
                   models' tap shapes; they are optimised with the student;
   * ``forward`` - returns a dict of *weighted* loss terms; the trainer
-                  minimises their sum and logs each one under its own name.
+                  minimises their sum and logs each one under its own name;
+  * ``needs_index`` - set by methods that keep per-sample state across steps
+                  (CRD's memory bank): ``forward`` then also gets ``index``,
+                  the batch's rows in the training split (a SampleIndex).
 
 The trainer never names a method: it only reads these declarations.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,12 +29,20 @@ from ..space import Float
 TAPS = ("logits", "feature", "embedding")
 
 
+class SampleIndex(NamedTuple):
+    """Which training samples a batch holds: `ids` (B,) int64 rows of the training split, in 0 .. total - 1."""
+
+    ids: torch.Tensor
+    total: int
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str]
     reference: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     uses_teacher: ClassVar[bool] = True
+    needs_index: ClassVar[bool] = False
     space: ClassVar[dict[str, Float]] = {}
 
     def __init__(self, hp: Mapping[str, float], student: Shapes, teacher: Shapes | None, epochs: int):
@@ -46,6 +57,7 @@ class Method(nn.Module):
             return f"{cls.name} needs spatial feature maps from both models"
         return None
 
-    def forward(self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int, **kw) -> dict[str, torch.Tensor]:
         # `t` is shared (teacher cache, lockstep trials): read it, never modify it in place.
+        # `epoch` is 0-based; `kw` holds `index` (a SampleIndex) for methods with needs_index.
         raise NotImplementedError

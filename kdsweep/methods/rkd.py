@@ -1,3 +1,5 @@
+"""RKD in the paper's form; the distance and angle terms are shared with `rkd_seed003`."""
+
 import torch
 import torch.nn.functional as F
 
@@ -43,26 +45,30 @@ def rkd_angle(z_s, z_t, eps: float = 1e-12):
 
 @register
 class RKD(Method):
-    """Relational KD: transfer the geometry of the batch (distances and angles between
-    samples' embeddings), not the embeddings themselves, so widths may differ freely.
+    """Relational KD (Park et al., CVPR 2019): transfer the geometry of the batch - distances
+    and angles between samples' embeddings - not the embeddings themselves, so widths may differ.
 
-    Embeddings are L2-normalised first (seed 003). Computed in float32 with autocast off,
-    because bf16 Gram matrices lose the small differences the angles depend on.
+    The paper's form, as its peers (RepDistiller, torchdistill) compute it: the raw embeddings,
+    distances divided by their mean, Huber (smooth L1) on both terms, weights 25 and 50.
+    Float32 with autocast off, because bf16 Gram matrices lose the small differences the
+    angles depend on. `rkd_seed003` is the notebook's form (embeddings L2-normalised first).
     """
 
     name = "rkd"
-    summary = "RKD: CE + w_dist * distance loss + w_angle * angle loss on L2-normalised embeddings."
-    reference = "Park et al. 2019; seed 003 (method 7, w_dist=25, w_angle=50)"
+    summary = "RKD (paper form): CE + w_dist * distance loss + w_angle * angle loss on the raw embeddings."
+    reference = "Park et al., CVPR 2019 (w_dist=25, w_angle=50, as RepDistiller)"
     needs = frozenset({"logits", "embedding"})
     space = {
         "w_dist": Float(0.5, 500.0, 25.0, log=True),
         "w_angle": Float(0.5, 1000.0, 50.0, log=True),
     }
 
+    def embed(self, e):
+        return e.float().flatten(1)
+
     def forward(self, s, t, y, epoch):
         with torch.autocast(s.embedding.device.type, enabled=False):
-            z_s = F.normalize(s.embedding.float().flatten(1), dim=1, eps=1e-6)
-            z_t = F.normalize(t.embedding.detach().float().flatten(1), dim=1, eps=1e-6)
+            z_s, z_t = self.embed(s.embedding), self.embed(t.embedding.detach())
             dist, angle = rkd_distance(z_s, z_t), rkd_angle(z_s, z_t)
         return {
             "ce": F.cross_entropy(s.logits.float(), y),
