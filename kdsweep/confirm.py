@@ -92,7 +92,8 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
     tracker, best = sel.tracker, s.best
     p = best.data.params
     hp = {k: float(p[k]) for k in [*method_cls.space, "lr"] if k in p}
-    schedule = Schedule(int(p["epochs"]), int(p["batch_size"]), hp["lr"], float(p["momentum"]), float(p["weight_decay"]))
+    schedule = Schedule(int(p["epochs"]), int(p["batch_size"]), hp["lr"], float(p["momentum"]), float(p["weight_decay"]),
+                        p.get("optimizer", "sgd"))  # runs from before the optimiser choice trained with SGD
     run_data = copy.copy(data)
     run_data.stream_seed = seed  # same split, fresh batch order and augmentation
     torch.manual_seed(seed)  # fresh student (and head) initialisation

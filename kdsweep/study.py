@@ -201,7 +201,7 @@ def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     cfg, data, tracker = ctx.cfg, ctx.data, ctx.tracker
     method_cls = get_method(cfg.method)
     hp = _trial_params(ctx, trial)
-    schedule = Schedule(cfg.epochs, cfg.batch_size, hp["lr"], cfg.momentum, cfg.weight_decay)
+    schedule = Schedule(cfg.epochs, cfg.batch_size, hp["lr"], cfg.momentum, cfg.weight_decay, cfg.optimizer)
     torch.manual_seed(cfg.seed)  # every trial starts from the same student initialisation
     student = build_model(cfg.student, data.in_shape, data.num_classes).to(data.device)
     s_shapes = student.shapes(data.in_shape)
