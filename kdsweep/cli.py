@@ -224,15 +224,19 @@ def cmd_teacher(args) -> int:
 
     from .config import StudyConfig
     from .data import load_data
+    from .data import get_dataset
     from .study import resolve_device
     from .teacher import cache_lock, cache_path, train_teacher
     from .tracking import Tracker
+    from .train import set_cpu_threads
 
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
                                                        if k in ("dataset", "data_dir", "data_size", "val_fraction", "seed",
                                                                 "device", "tracking_uri") and v is not None},
                       teacher=args.arch, teacher_epochs=args.epochs)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":  # as a study's teacher trains
+        set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
     path = Path(args.out) if args.out else cache_path(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .data import get_dataset
 from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
 from .store import Say, Selection, StudyRuns, confirm_seeds, data_key, find_teacher, split_data
 from .study import record_result
-from .train import NonFiniteLoss, Schedule, train_student
+from .train import NonFiniteLoss, Schedule, set_cpu_threads, train_student
 
 
 def _existing(study: StudyRuns) -> dict[str, str]:
@@ -42,6 +43,8 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     device = torch.device(device)
+    if device.type == "cpu":  # as the study's trials trained
+        set_cpu_threads(default=get_dataset(sel.dataset).cpu_threads)
     wanted = confirm_seeds(sel.seed, seeds)
     summary: dict[str, dict[str, int]] = {}
     todo = [s for s in sel.studies if s.best is not None]

@@ -74,6 +74,9 @@ class DatasetSpec:
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     teacher_lr: float = 0.05
+    # CPU intra-op threads when $OMP_NUM_THREADS is unset (None: every core). Models of a few thousand
+    # parameters run ops too small to share: on a busy machine extra threads mostly wait for each other.
+    cpu_threads: int | None = None
 
 
 def default_data_dir() -> Path:
@@ -241,9 +244,10 @@ DATASETS: dict[str, DatasetSpec] = {
         # The paper's recipe (Adam, batch 100, no weight decay) in epochs of 36 steps; measured on CPU:
         # the CNN teacher reaches ~93% test in 100 epochs (its cosine lr from 2e-2 averages the paper's constant
         # 1e-2; 1e-2 peaks at ~91%), the MLP ~64% in 30 (~2 s; longer training only overfits: 100% train acc).
+        # One CPU thread: measured on a loaded 2-core machine, 2 threads made a ce trial 17x slower.
         DatasetSpec("mnist1d", _mnist1d, "cnn1d", "mlp100", 100, 30, 100,
                     "MNIST-1D (Greydanus & Kobak 2024), generated offline: 4k train / 1k test signals; paper's CNN/MLP",
-                    in_shape=(1, 40), optimizer="adam", weight_decay=0.0, teacher_lr=2e-2),
+                    in_shape=(1, 40), optimizer="adam", weight_decay=0.0, teacher_lr=2e-2, cpu_threads=1),
         DatasetSpec("synthetic", _synthetic, "resnet18", "smallnet", 5, 5, 128,
                     "generated CIFAR-shaped data (size: --data-size, default 5000): tests and benchmarks"),
     ]

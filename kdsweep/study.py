@@ -327,7 +327,7 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
 
 def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.TeacherCache, Accel, dict[str, Any]]:
     """The device path of a study: CPU threads, the shared teacher cache, memory format, compile; and their params."""
-    threads = set_cpu_threads() if device.type == "cpu" else None
+    threads = set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads) if device.type == "cpu" else None
     cache = teacher_cache.shared(cfg.teacher_cache_mb, device)
     accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile, cpu_workers=cfg.cpu_workers)
     params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,

@@ -111,11 +111,12 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def set_cpu_threads(threads: int | None = None) -> int:
-    """Intra-op threads for CPU runs: `threads`, else $OMP_NUM_THREADS, else the cores this process may use."""
+def set_cpu_threads(threads: int | None = None, default: int | None = None) -> int:
+    """Intra-op threads for CPU runs: `threads`, else $OMP_NUM_THREADS, else `default` (a dataset's
+    DatasetSpec.cpu_threads), else the cores this process may use."""
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+        threads = int(env) if env.isdigit() and int(env) > 0 else default or len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 
