@@ -31,8 +31,9 @@ command again resumes the study up to its budget; a larger budget adds the rest.
 What one trial computes (epochs, batch size, optimiser settings, data size, val
 fraction) is part of the study's name: other values are another study.
 
-Each trial trains the student with SGD (momentum, weight decay, per-step cosine
-lr) on the training split, reports validation accuracy to Optuna after every
+Each trial trains the student with the dataset's optimiser (SGD with momentum;
+mnist1d: Adam; --optimizer to choose), weight decay and a per-step cosine lr on
+the training split, reports validation accuracy to Optuna after every
 epoch (so the pruner can stop bad trials) and logs everything to MLflow: one
 parent run per study, one child run per trial. The test split is evaluated once
 per complete trial, at its best-validation epoch, and never used for tuning.
@@ -58,6 +59,8 @@ def _common_tracking(p: argparse.ArgumentParser) -> None:
 
 
 def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    from .space import OPTIMIZERS
+
     _common_data(p)
     g = p.add_argument_group("models")
     g.add_argument("--teacher", help="teacher architecture (default: the dataset's pair)")
@@ -75,9 +78,11 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                         "(pruning then buys more configurations for the same compute: the fair unit for comparing "
                         "methods) " + ("(default: 20 x --epochs per method)" if sweep else "(default: none)"))
     g.add_argument("--epochs", type=int, help="epochs per trial (default: per dataset, e.g. digits 10)")
-    g.add_argument("--batch-size", type=int, help="default: per dataset (digits 32, others 128)")
-    g.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, help="default: 5e-4")
+    g.add_argument("--batch-size", type=int, help="default: per dataset (digits 32, mnist1d 100, others 128)")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS),
+                   help="default: per dataset (sgd; mnist1d: adam, the paper's); sets the searched lr range (kdsweep methods)")
+    g.add_argument("--momentum", type=float, help="SGD momentum, or Adam's/AdamW's beta1 (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, help="default: per dataset (5e-4; mnist1d: 0)")
     g.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     g = p.add_argument_group("search")
     g.add_argument("--sampler", choices=["tpe", "random"], help="default: tpe")
@@ -87,7 +92,7 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                        help="appended to every study's name: a separate set of studies with the same settings")
     else:
         g.add_argument("--study-name", help="Optuna study name (default: NAME-dataset-teacher-student-sSEED-eEPOCHS-bBATCH, "
-                                            "plus any non-default momentum, weight decay, data size or val fraction)")
+                                            "plus any non-default optimizer, momentum, weight decay, data size or val fraction)")
     _perf_args(p)
     _common_tracking(p)
     _integrity_args(p)
@@ -121,7 +126,7 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
 
 
 STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
-              "teacher_checkpoint", "trials", "budget_epochs", "epochs", "batch_size", "momentum", "weight_decay", "timeout", "sampler",
+              "teacher_checkpoint", "trials", "budget_epochs", "epochs", "batch_size", "optimizer", "momentum", "weight_decay", "timeout", "sampler",
               "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last",
               "cpu_workers", "on_mismatch")
 
@@ -205,14 +210,15 @@ def cmd_sweep(args) -> int:
 def cmd_methods(args) -> int:
     """The registry as a table: what each method is, what it reads, what it searches."""
     from .methods import METHODS
-    from .space import LR
+    from .space import LR_RANGES
 
+    lr = "lr " + ", ".join(f"{v.describe()} ({opt})" for opt, v in LR_RANGES.items())
     rows = []
     for name in sorted(METHODS, key=lambda n: (n != "ce", n != "vanilla_kd", n)):
         m = METHODS[name]
         needs = "-" if not m.uses_teacher else ", ".join(t for t in ("logits", "feature", "embedding") if t in m.needs)
         needs += "; training-sample ids" if m.needs_index else ""  # issue 14: CRD's memory bank
-        space = "; ".join(f"{k} {v.describe()}" for k, v in {**m.space, "lr": LR}.items())
+        space = "; ".join([f"{k} {v.describe()}" for k, v in m.space.items()] + [lr])
         rows.append((name, m.summary, needs, space, m.reference))
     if args.format == "tsv":
         print("name\tdescription\tneeds\tsearch space\treference")
@@ -230,16 +236,19 @@ def cmd_teacher(args) -> int:
     from pathlib import Path
 
     from .config import StudyConfig
-    from .data import load_data
+    from .data import get_dataset, load_data
     from .study import resolve_device
     from .teacher import cache_lock, cache_path, train_teacher
     from .tracking import Tracker
+    from .train import set_cpu_threads
 
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
                                                        if k in ("dataset", "data_dir", "data_size", "val_fraction", "seed",
                                                                 "device", "tracking_uri") and v is not None},
                       teacher=args.arch, teacher_epochs=args.epochs)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":  # as a study's teacher trains
+        set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
     path = Path(args.out) if args.out else cache_path(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)

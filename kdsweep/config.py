@@ -26,7 +26,7 @@ from .data import get_dataset
 from .errors import UserError
 from .methods import get_method
 from .models import check_arch
-from .space import LR, Float, apply_overrides
+from .space import OPTIMIZERS, Float, apply_overrides, lr_range
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,8 +57,9 @@ class StudyConfig:
     seed: int = 0
     epochs: int | None = None
     batch_size: int | None = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    optimizer: str | None = None  # None: the dataset's (sgd; mnist1d: adam)
+    momentum: float = 0.9  # SGD momentum; Adam's beta1
+    weight_decay: float | None = None  # None: the dataset's (5e-4; mnist1d: 0)
     trials: int | None = None  # trials that trained (complete, pruned, diverged); None: 20, or unbounded with a budget
     budget_epochs: int | None = None  # training epochs summed over all trials; the study stops claiming once spent
     sampler: str = "tpe"
@@ -80,11 +81,15 @@ class StudyConfig:
 
     def __post_init__(self):
         spec = get_dataset(self.dataset)
-        self.teacher = check_arch(self.teacher or spec.teacher)
-        self.student = check_arch(self.student or spec.student)
+        self.teacher = check_arch(self.teacher or spec.teacher, spec.in_shape)
+        self.student = check_arch(self.student or spec.student, spec.in_shape)
         self.teacher_epochs = self.teacher_epochs or spec.teacher_epochs
         self.epochs = self.epochs or spec.epochs
         self.batch_size = self.batch_size or spec.batch_size
+        self.optimizer = self.optimizer or spec.optimizer
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        self.weight_decay = spec.weight_decay if self.weight_decay is None else self.weight_decay
         if self.trials is None and self.budget_epochs is None:
             self.trials = DEFAULT_TRIALS
         for name in ("trials", "budget_epochs", "epochs", "batch_size", "teacher_epochs", "parallel"):
@@ -109,14 +114,17 @@ class StudyConfig:
 
     @property
     def budget_tag(self) -> str:
-        """What one trial computes, readably: epochs and batch size always, other settings when not the defaults.
+        """What one trial computes, readably: epochs and batch size always, other settings when not the defaults
+        (the dataset's, for the optimiser and weight decay).
 
         Part of the study name, so a study with another per-trial budget is
         another study (found again by the same command), never a collision.
         """
         spec = get_dataset(self.dataset)
         parts = [f"e{self.epochs}", f"b{self.batch_size}"]
-        defaults = {f.name: f.default for f in fields(StudyConfig)}
+        if self.optimizer != spec.optimizer:
+            parts.append(self.optimizer)
+        defaults = {**{f.name: f.default for f in fields(StudyConfig)}, "weight_decay": spec.weight_decay}
         for key, token in (("momentum", "m"), ("weight_decay", "wd"), ("val_fraction", "v"), ("data_size", "n")):
             if getattr(self, key) != defaults[key]:
                 parts.append(f"{token}{getattr(self, key):g}")
@@ -146,7 +154,7 @@ class StudyConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when a study is resumed (else its trials are not comparable)."""
         keys = ("method", "dataset", "data_size", "val_fraction", "teacher", "student", "seed", "epochs",
-                "batch_size", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
+                "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
         fp = {k: getattr(self, k) for k in keys}
         fp["space"] = {k: asdict(v) for k, v in sorted(self.space.items())}
         fp["fixed"] = dict(sorted(self.fixed.items()))
@@ -210,8 +218,11 @@ def resolve(name: str, cli: Mapping[str, Any], studies_dir: Path = STUDIES_DIR) 
     method = get_method(doc["method"])
     values: dict[str, Any] = dict(doc.get("defaults", {}))
     values.update({k: v for k, v in cli.items() if v is not None})
-    space, fixed = apply_overrides({**method.space, "lr": LR}, doc.get("search", {}), doc.get("fixed", {}))
     try:
-        return StudyConfig(method=method.name, name=stem, space=space, fixed=fixed, **values)
+        cfg = StudyConfig(method=method.name, name=stem, **values)
     except TypeError as e:
         raise UserError(f"bad study option: {e}") from None
+    # The lr range follows the optimiser, which the config has just resolved (flag, file, or the dataset's).
+    cfg.space, cfg.fixed = apply_overrides({**method.space, "lr": lr_range(cfg.optimizer)}, doc.get("search", {}),
+                                           doc.get("fixed", {}))
+    return cfg

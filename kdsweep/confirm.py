@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .data import get_dataset
 from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
 from .store import Say, Selection, StudyRuns, confirm_seeds, data_key, find_teacher, split_data
 from .study import record_result
-from .train import NonFiniteLoss, Schedule, train_student
+from .train import NonFiniteLoss, Schedule, set_cpu_threads, train_student
 
 
 def _existing(study: StudyRuns) -> dict[str, str]:
@@ -42,6 +43,8 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     device = torch.device(device)
+    if device.type == "cpu":  # as the study's trials trained
+        set_cpu_threads(default=get_dataset(sel.dataset).cpu_threads)
     wanted = confirm_seeds(sel.seed, seeds)
     summary: dict[str, dict[str, int]] = {}
     todo = [s for s in sel.studies if s.best is not None]
@@ -92,7 +95,8 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
     tracker, best = sel.tracker, s.best
     p = best.data.params
     hp = {k: float(p[k]) for k in [*method_cls.space, "lr"] if k in p}
-    schedule = Schedule(int(p["epochs"]), int(p["batch_size"]), hp["lr"], float(p["momentum"]), float(p["weight_decay"]))
+    schedule = Schedule(int(p["epochs"]), int(p["batch_size"]), hp["lr"], float(p["momentum"]), float(p["weight_decay"]),
+                        p.get("optimizer", "sgd"))  # runs from before the optimiser choice trained with SGD
     run_data = copy.copy(data)
     run_data.stream_seed = seed  # same split, fresh batch order and augmentation
     torch.manual_seed(seed)  # fresh student (and head) initialisation

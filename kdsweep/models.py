@@ -8,6 +8,8 @@ so a distillation method can ask for any of the three taps through one call,
 ``net.taps(x)``, and no method ever needs a "Modified" copy of a model.
 For MLPs the feature "map" is the last hidden vector (no spatial extent);
 methods that need a spatial map say so and the CLI refuses such a pair.
+1D conv nets (signals (C, L)) expose their map as (C, 1, L), an image of
+height 1, so the spatial methods serve them unchanged (see Conv1dNet).
 """
 
 from __future__ import annotations
@@ -173,15 +175,16 @@ def lightnn(in_shape, num_classes):
 
 
 class MLP(Net):
-    """Seed 002's Hinton MLPs: the 'feature' is the last hidden vector."""
+    """Seed 002's Hinton MLPs (and MNIST-1D's plain one): the 'feature' is the last hidden vector."""
 
-    def __init__(self, in_shape, hidden: int, dropout: float, num_classes: int):
+    def __init__(self, in_shape, hidden: int, dropout: float, num_classes: int, batchnorm: bool = True):
         super().__init__()
         d = 1
         for s in in_shape:
             d *= s
-        self.fc1, self.bn1 = nn.Linear(d, hidden), nn.BatchNorm1d(hidden)
-        self.fc2, self.bn2 = nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden)
+        norm = nn.BatchNorm1d if batchnorm else (lambda _: nn.Identity())
+        self.fc1, self.bn1 = nn.Linear(d, hidden), norm(hidden)
+        self.fc2, self.bn2 = nn.Linear(hidden, hidden), norm(hidden)
         self.fc3 = nn.Linear(hidden, num_classes)
         self.dropout = dropout
 
@@ -204,6 +207,51 @@ def mlp1200(in_shape, num_classes):
 def mlp800(in_shape, num_classes):
     """Seed 002's student: 2x800 hidden units, BN, no dropout."""
     return MLP(in_shape, 800, 0.0, num_classes)
+
+
+def mlp100(in_shape, num_classes):
+    """MNIST-1D's reference MLP (Greydanus & Kobak 2024): 2x100 hidden units, ReLU, no BN, no dropout."""
+    return MLP(in_shape, 100, 0.0, num_classes, batchnorm=False)
+
+
+class Conv1dNet(Net):
+    """Conv1d(k, stride 2, padding 1) + ReLU layers over a signal (C, L), flattened into one linear layer.
+
+    The feature tap is the last map (B, C, L) viewed as (B, C, 1, L): a signal is an image of
+    height 1. Every method that reads spatial maps then applies unchanged and means the 1D thing:
+    attention maps and pooling to a common size act along the length, a 1x1 projection is per
+    position, and a 3x3 regressor with padding 1 is a width-3 kernel along the length (its top
+    and bottom rows only ever see the zero padding).
+    """
+
+    def __init__(self, in_shape, plan: list[tuple[int, int]], num_classes: int):
+        super().__init__()
+        cin, length = in_shape
+        layers: list[nn.Module] = []
+        for width, k in plan:
+            layers += [nn.Conv1d(cin, width, k, stride=2, padding=1), nn.ReLU()]
+            cin, length = width, (length + 2 - k) // 2 + 1
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin * length, num_classes)
+
+    def features(self, x):
+        return self.body(x).unsqueeze(2)
+
+    def embed(self, f):
+        return f.flatten(1)
+
+    def classify(self, e):
+        return self.fc(e)
+
+
+def cnn1d(in_shape, num_classes):
+    """MNIST-1D's reference CNN (Greydanus & Kobak 2024): 3 conv layers of 25 channels, Linear(125, 10) (~5.2K params)."""
+    return Conv1dNet(in_shape, [(25, 5), (25, 3), (25, 3)], num_classes)
+
+
+def cnn1d_s(in_shape, num_classes):
+    """A small CNN student for MNIST-1D: cnn1d's layout at 8 channels (~0.9K params)."""
+    return Conv1dNet(in_shape, [(8, 5), (8, 3), (8, 3)], num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -253,17 +301,30 @@ ARCHS: dict[str, Callable[[tuple[int, ...], int], Net]] = {
     "mlp800": mlp800,
     "digitnet_l": digitnet_l,
     "digitnet_s": digitnet_s,
+    "mlp100": mlp100,
+    "cnn1d": cnn1d,
+    "cnn1d_s": cnn1d_s,
 }
 
+# What each architecture reads: images (C, H, W) unless named here; MLPs flatten any input.
+_INPUTS = {"cnn1d": "signal", "cnn1d_s": "signal", "mlp1200": "any", "mlp800": "any", "mlp100": "any"}
+_RANK = {"image": 3, "signal": 2}
 
-def check_arch(name: str) -> str:
+
+def check_arch(name: str, in_shape: tuple[int, ...] | None = None) -> str:
+    """`name` if it is a known architecture that reads inputs of `in_shape` (when given)."""
     if name not in ARCHS:
         raise UserError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}")
+    kind = _INPUTS.get(name, "image")
+    if in_shape is not None and kind != "any" and len(in_shape) != _RANK[kind]:
+        fits = [a for a in ARCHS if _INPUTS.get(a, "image") in ("any", "signal" if len(in_shape) == 2 else "image")]
+        raise UserError(f"architecture {name!r} reads {kind}s ({'C, L' if kind == 'signal' else 'C, H, W'}), "
+                        f"not inputs of shape {tuple(in_shape)}; these do: {', '.join(fits)}")
     return name
 
 
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> Net:
-    return ARCHS[check_arch(name)](tuple(in_shape), num_classes)
+    return ARCHS[check_arch(name, in_shape)](tuple(in_shape), num_classes)
 
 
 def count_params(module: nn.Module) -> int:

@@ -52,8 +52,22 @@ def edge_warnings(best: Mapping[str, float], space: Mapping[str, Float]) -> list
     return out
 
 
-# Every method trains with SGD; its learning rate is always searched.
-LR = Float(1e-3, 0.3, 0.05, log=True)
+# Every method's learning rate is always searched, over a range that depends on the optimiser (the
+# one place it is defined): Adam's useful steps are one to two orders of magnitude below SGD's.
+LR_RANGES: dict[str, Float] = {
+    "sgd": Float(1e-3, 0.3, 0.05, log=True),
+    "adam": Float(1e-4, 0.1, 1e-3, log=True),
+    "adamw": Float(1e-4, 0.1, 1e-3, log=True),
+}
+OPTIMIZERS = tuple(LR_RANGES)
+LR = LR_RANGES["sgd"]
+
+
+def lr_range(optimizer: str) -> Float:
+    """The learning-rate range searched with `optimizer`."""
+    if optimizer not in LR_RANGES:
+        raise UserError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    return LR_RANGES[optimizer]
 
 
 def apply_overrides(space: Mapping[str, Float], search: Mapping[str, Any], fixed: Mapping[str, Any]) -> tuple[dict[str, Float], dict[str, float]]:

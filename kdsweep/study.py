@@ -202,7 +202,7 @@ def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     cfg, data, tracker = ctx.cfg, ctx.data, ctx.tracker
     method_cls = get_method(cfg.method)
     hp = _trial_params(ctx, trial)
-    schedule = Schedule(cfg.epochs, cfg.batch_size, hp["lr"], cfg.momentum, cfg.weight_decay)
+    schedule = Schedule(cfg.epochs, cfg.batch_size, hp["lr"], cfg.momentum, cfg.weight_decay, cfg.optimizer)
     torch.manual_seed(cfg.seed)  # every trial starts from the same student initialisation
     student = build_model(cfg.student, data.in_shape, data.num_classes).to(data.device)
     s_shapes = student.shapes(data.in_shape)
@@ -328,7 +328,7 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
 
 def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.TeacherCache, Accel, dict[str, Any]]:
     """The device path of a study: CPU threads, the shared teacher cache, memory format, compile; and their params."""
-    threads = set_cpu_threads() if device.type == "cpu" else None
+    threads = set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads) if device.type == "cpu" else None
     cache = teacher_cache.shared(cfg.teacher_cache_mb, device)
     accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile, cpu_workers=cfg.cpu_workers)
     params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,

@@ -48,12 +48,17 @@ def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int |
 
 
 def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceData, tracker: Tracker, path: Path,
-                  batch_size: int = 128, lr: float = 0.05) -> Path:
-    """Train `arch` with cross-entropy, keep the best-val epoch, save it to `path`, log a `teachers` run."""
+                  batch_size: int = 128, lr: float | None = None) -> Path:
+    """Train `arch` with cross-entropy, keep the best-val epoch, save it to `path`, log a `teachers` run.
+
+    The optimiser, its weight decay and (unless `lr` is given) its learning rate are the dataset's recipe.
+    """
+    spec = get_dataset(dataset)
     torch.manual_seed(seed)
     model = build_model(arch, data.in_shape, data.num_classes)
     ce = get_method("ce")({}, model.shapes(data.in_shape), None, epochs)
-    schedule = Schedule(epochs=epochs, batch_size=batch_size, lr=lr)
+    schedule = Schedule(epochs=epochs, batch_size=batch_size, lr=spec.teacher_lr if lr is None else lr,
+                        weight_decay=spec.weight_decay, optimizer=spec.optimizer)
     exp = tracker.experiment(TEACHERS_EXPERIMENT)
     params = {"dataset": dataset, "arch": arch, "seed": seed, "epochs": epochs, "params": count_params(model),
               "data_size": data.n_train, **{k: v for k, v in vars(schedule).items() if k != "epochs"}}

@@ -2,7 +2,7 @@
 
 The loop knows no method by name. It asks each method which taps it needs,
 computes only those (teacher under no_grad), sums the method's loss terms
-and steps SGD over the student and the method's heads. Per-step statistics
+and steps the optimiser (SGD, Adam or AdamW) over the student and the method's heads. Per-step statistics
 are accumulated on the device and read once per epoch, so the step loop has
 no host synchronisation.
 
@@ -39,8 +39,18 @@ class Schedule:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD's momentum; Adam's and AdamW's beta1
+    weight_decay: float = 5e-4  # SGD and Adam: L2 in the gradient; AdamW: decoupled
+    optimizer: str = "sgd"  # one of space.OPTIMIZERS
+
+
+def make_optimizer(params, s: Schedule) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if s.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=s.lr, betas=(s.momentum, 0.999), weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimizer {s.optimizer!r}")
 
 
 @dataclass
@@ -101,11 +111,12 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def set_cpu_threads(threads: int | None = None) -> int:
-    """Intra-op threads for CPU runs: `threads`, else $OMP_NUM_THREADS, else the cores this process may use."""
+def set_cpu_threads(threads: int | None = None, default: int | None = None) -> int:
+    """Intra-op threads for CPU runs: `threads`, else $OMP_NUM_THREADS, else `default` (a dataset's
+    DatasetSpec.cpu_threads), else the cores this process may use."""
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+        threads = int(env) if env.isdigit() and int(env) > 0 else default or len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 
@@ -274,7 +285,7 @@ class _Run:
         self.taps = _taps_fn(m.student, self.needs, accel, device)
         params = list(m.student.parameters()) + list(m.method.parameters())
         s = m.schedule
-        self.opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        self.opt = make_optimizer(params, s)
         # Cosine decay per step (not per epoch), so short budgets also anneal to ~0.
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
         self.result = TrainResult(-1, -1.0, {})
