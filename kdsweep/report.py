@@ -274,7 +274,7 @@ def _ranking_table(students: pd.DataFrame, evaluated: list[Evaluated], ref: Stud
     notes = []
     ns = sorted({len(accs[lbl]) for lbl in accs if by_label[lbl].confirmed})
     if not ns:
-        notes.append(f"one run per method (its best trial, selected on validation): no CI and no p-values; run "
+        notes.append("one run per method (its best trial, selected on validation): no CI and no p-values; run "
                      f"`kdsweep confirm --seeds 5` for mean ± std, 95% CIs and tests")
     elif len(testable) < 2:
         notes.append(f"no p-values: they need at least {MIN_SEEDS_FOR_TESTS} confirmation seeds per method "

@@ -19,7 +19,6 @@ from kdsweep.data import Augment, DeviceData, RawData, load_data
 from kdsweep.methods import METHODS, describe, get_method
 from kdsweep.methods.base import Method
 from kdsweep.models import build_model
-from kdsweep.space import LR
 from kdsweep.teacher_cache import TeacherCache
 from kdsweep.train import Accel, Member, Schedule, train_student, train_students
 
