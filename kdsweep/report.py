@@ -22,6 +22,7 @@ accuracies with ce's by Welch's unequal-variance t-test, two-sided.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoint
+from . import checkpoint, failures, leftovers
 from .data import DeviceData, get_dataset, load_data
 from .errors import UserError
 from .metrics import DIRECTIONS, all_metrics, mean_std, rank_table, welch_p
@@ -326,15 +327,15 @@ def _runs_to_evaluate(s: StudyRuns, study_seed: int, seeds: int | None) -> tuple
 
 
 def build(sel: Selection, data_dir: str | None = None, device: torch.device | str = "cpu", seeds: int | None = None,
-          say: Say = print, latency: bool = True) -> Report:
-    """Evaluate the selection's best checkpoints and build the three tables."""
+          say: Say = print, latency: bool = True, tmp: Path | None = None) -> Report:
+    """Evaluate the selection's best checkpoints and build the three tables (downloads go to `tmp`)."""
     from .models import build_model
     from .profile import count_macs, count_params, latency_ms
 
     device = torch.device(device)
     if not sel.studies:
         raise UserError("no studies selected")
-    tmp = Path(tempfile.mkdtemp(prefix="kdsweep-report-"))
+    tmp = tmp or Path(tempfile.mkdtemp(prefix="kdsweep-report-"))
     notes: list[str] = []
 
     # Each study is evaluated on the split it trained on; normally they all share one.
@@ -650,13 +651,23 @@ def log_report(rep: Report, files: list[Path]) -> str:
     """An MLflow run (kdsweep.role=report) in the pair's experiment holding the exported files and plots."""
     s = rep.sel
     t = s.tracker
-    run = t.start(s.experiment_id, f"report-s{s.seed}", {"kdsweep.role": "report", "kdsweep.dataset": s.dataset})
-    t.log(run, params={"dataset": s.dataset, "teacher": s.teacher, "student": s.student, "seed": s.seed,
-                       "studies": ",".join(x.label for x in s.studies)})
-    for f in files:
-        t.client.log_artifact(run, str(f), "report/plots" if f.suffix == ".png" else "report")
+    run = t.start(s.experiment_id, f"report-s{s.seed}", {"kdsweep.role": "report", "kdsweep.dataset": s.dataset,
+                                                         **leftovers.owner_tags()})
+    try:
+        t.log(run, params={"dataset": s.dataset, "teacher": s.teacher, "student": s.student, "seed": s.seed,
+                           "studies": ",".join(x.label for x in s.studies)})
+        for f in files:
+            t.client.log_artifact(run, str(f), "report/plots" if f.suffix == ".png" else "report")
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # best effort: else the next report closes it (its owner is gone)
+            t.close(run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                    {"kdsweep.reason": "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"})
+        raise
     t.end(run)
     return run
+
+
+_REPORT_FILE = re.compile(r"^((best|metrics|ranks)\.(md|csv|tex|html|json)|report\.md|plots)$")
 
 
 def run_report(tracking_uri: str | None = None, dataset: str | None = None, teacher: str | None = None,
@@ -665,41 +676,55 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
                data_dir: str | None = None, plots: bool = True, log: bool = True, say: Say = print,
                show: Callable[[str], None] = print) -> Report:
     """`kdsweep report`: select, (confirm), evaluate, print markdown, export, plot, log."""
-    import shutil
-
     from .study import resolve_device
 
     fmts = parse_formats(formats) if formats else []
     if fmts and not out:
         raise UserError("--format needs --out DIR (without it the report is printed as markdown)")
+    if out:
+        leftovers.check_out(Path(out), _REPORT_FILE.match)
     dev = resolve_device(device)
     tracker = open_tracker(tracking_uri)
     sel = select(tracker, dataset, teacher, student, seed, studies)
+    if log or seeds is not None:  # --no-log writes nothing to MLflow (the store may be read-only)
+        leftovers.close_dead_runs(tracker, sel.experiment_id, ("report",), say)
     if seeds is not None:
         from .confirm import confirm
 
         confirm(sel, seeds, dev, data_dir, say)
         sel = select(tracker, sel.dataset, sel.teacher, sel.student, sel.seed, studies)  # pick up the new runs
-    rep = build(sel, data_dir, dev, seeds, say)
-    try:
+    with leftovers.tmp_dir("kdsweep-report") as tmp:
+        rep = build(sel, data_dir, dev, seeds, say, tmp=tmp)
         show(to_markdown(rep))
-        out_dir = Path(out) if out else rep.tmp / "out"
-        files = export(rep, fmts or ["md"], out_dir)
-        if plots:
-            from . import plots as P
-
-            pdir = out_dir / "plots"
-            title = f"{sel.dataset}: {sel.teacher} -> {sel.student}, seed {sel.seed}"
-            ref = sel.reference.label if sel.reference else None
-            files.append(P.acc_bars(rep.bars, pdir / "test_acc.png", title, ref))
-            files.append(P.val_curves(rep.curves, pdir / "val_curves.png", f"best trial per method - {title}"))
-            for s in sel.studies:
-                files += P.optuna_plots(optuna_study(s), s.label, pdir, say)
-        if out:
-            say(f"wrote {len(files)} files to {out_dir}")
+        with (leftovers.atomic_dir(Path(out), _REPORT_FILE.match) if out else contextlib.nullcontext(tmp / "out")) as out_dir:
+            files = _write(rep, fmts or ["md"], out_dir, plots, say)
+        if out:  # renamed into place: the files are now under `out`
+            files = [Path(out) / f.relative_to(out_dir) for f in files]
+            say(f"wrote {len(files)} files to {out}")
         if log:
-            run = log_report(rep, files)
+            try:
+                run = log_report(rep, files)
+            except Exception as e:
+                why = failures.explain(e)
+                if why is None:
+                    raise
+                raise UserError(f"{why}; `--no-log` reports without writing to MLflow") from None
             say(f"logged to MLflow run {run} (experiment {sel.experiment!r}, artifacts under report/)")
-    finally:
-        shutil.rmtree(rep.tmp, ignore_errors=True)
     return rep
+
+
+def _write(rep: Report, fmts: list[str], out_dir: Path, plots: bool, say: Say) -> list[Path]:
+    """The tables in every format, and the plots, into `out_dir`."""
+    sel = rep.sel
+    files = export(rep, fmts, out_dir)
+    if plots:
+        from . import plots as P
+
+        pdir = out_dir / "plots"
+        title = f"{sel.dataset}: {sel.teacher} -> {sel.student}, seed {sel.seed}"
+        ref = sel.reference.label if sel.reference else None
+        files.append(P.acc_bars(rep.bars, pdir / "test_acc.png", title, ref))
+        files.append(P.val_curves(rep.curves, pdir / "val_curves.png", f"best trial per method - {title}"))
+        for s in sel.studies:
+            files += P.optuna_plots(optuna_study(s), s.label, pdir, say)
+    return files

@@ -23,6 +23,7 @@ along one chain). Closing its MLflow run is the caller's job (`on_stale`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -208,6 +209,24 @@ class Heartbeat:
 # --------------------------------------------------------------------------- the study lock
 
 
+def _open_lock_file(path: Path) -> int:
+    """A descriptor to flock `path` through; -1 (no lock) where neither it nor its directory may be written.
+
+    flock works on a read-only descriptor too, so a lock file someone else created still locks. Without
+    one, a store in a read-only directory can still be read (`kdsweep report --no-log`), and nothing
+    here can write it either: there is nothing to serialise. A write fails later, with its own message.
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, PermissionError):
+        return -1
+
+
 def _lock_key(name: str) -> int:
     """A signed 64-bit key for PostgreSQL's advisory locks."""
     return int.from_bytes(hashlib.blake2b(f"kdsweep:{name}".encode(), digest_size=8).digest(), "big", signed=True)
@@ -250,8 +269,9 @@ class StudyLock:
                 import fcntl
 
                 if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                    self._fd = _open_lock_file(self._path)
+                if self._fd >= 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX)
             elif self._engine is not None:
                 from sqlalchemy import text
 
@@ -272,7 +292,7 @@ class StudyLock:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self._fd is not None:
+            if self._fd is not None and self._fd >= 0:
                 import fcntl
 
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -282,7 +302,8 @@ class StudyLock:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
             self._fd = None
         if self._engine is not None:
             self._engine.dispose()
