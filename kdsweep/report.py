@@ -686,6 +686,8 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
     dev = resolve_device(device)
     tracker = open_tracker(tracking_uri)
     sel = select(tracker, dataset, teacher, student, seed, studies)
+    if log:
+        _check_writable(tracker)
     if log or seeds is not None:  # --no-log writes nothing to MLflow (the store may be read-only)
         leftovers.close_dead_runs(tracker, sel.experiment_id, ("report",), say)
     if seeds is not None:
@@ -711,6 +713,16 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
                 raise UserError(f"{why}; `--no-log` reports without writing to MLflow") from None
             say(f"logged to MLflow run {run} (experiment {sel.experiment!r}, artifacts under report/)")
     return rep
+
+
+def _check_writable(tracker: Tracker) -> None:
+    """A report that will be logged fails now, not after evaluating every checkpoint, if its store is read-only."""
+    if tracker.uri.startswith("sqlite:///"):
+        db = Path(tracker.uri[len("sqlite:///"):].split("?", 1)[0])
+        for p in (db, db.parent):
+            if not os.access(p, os.W_OK):
+                raise UserError(f"permission problem: the MLflow store {db} cannot be written ({p} is read-only for this "
+                                f"user); `--no-log` reports without writing to MLflow")
 
 
 def _write(rep: Report, fmts: list[str], out_dir: Path, plots: bool, say: Say) -> list[Path]:
