@@ -314,7 +314,7 @@ def test_study_file_value_types_are_checked_with_file_and_key_named(kdsweep, wor
     (workdir / "studies").mkdir()
     text = body if body.startswith("method") else f'method = "ce"\n{body}\n'
     (workdir / "studies" / "x.toml").write_text(text)
-    code, _, err = kdsweep("study", "x", "--dataset", "digits")
+    code, _, err = kdsweep("study", "x", "--dataset", "digits", "--trials", 1, "--epochs", 1)
     assert code == 2
     assert _one_error_line(err) == f"kdsweep: error: study file studies/x.toml: {message}"
     assert not (workdir / "mlruns").exists()  # refused before anything was written
@@ -370,6 +370,11 @@ def _kill_at(where: str, args: list[str], cwd: Path, tmpdir: Path) -> subprocess
                           timeout=300, stdin=subprocess.DEVNULL)
 
 
+def _ours(tmp: Path) -> list[str]:
+    """kdsweep's entries in a temp directory (torch may add its own, e.g. torchinductor_USER)."""
+    return [p.name for p in tmp.iterdir() if p.name.startswith(("kdsweep-", ".kdsweep-"))]
+
+
 @pytest.fixture
 def private_tmp(workdir, monkeypatch):
     """The system temp directory of this test (and of its child processes)."""
@@ -386,13 +391,13 @@ def test_a_killed_report_leaves_no_half_written_out_and_no_temp_dirs(kdsweep, wo
     r = _kill_at("kdsweep.plots:val_curves", ["report", "--out", "R", "--format", "md,csv"], workdir, private_tmp)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert not (workdir / "R").exists()  # the tables were written, but beside R, not in it
-    assert [p.name for p in private_tmp.iterdir()]  # what SIGKILL leaves: the next report removes it
+    assert _ours(private_tmp)  # what SIGKILL leaves: the next report removes it
 
     code, _, err = kdsweep("report", "--out", "R", "--format", "md,csv", "--no-plots")
     assert code == 0, err
     assert {p.name for p in (workdir / "R").iterdir()} >= {"report.md", "best.csv", "ranks.md"}
     assert not [p for p in workdir.iterdir() if p.name.startswith(".R.kdsweep-")]
-    assert not list(private_tmp.iterdir())
+    assert not _ours(private_tmp)
 
     # Replaced as a whole, not merged: a second report with other formats leaves no csv from the first.
     code, _, err = kdsweep("report", "--out", "R", "--format", "json", "--no-plots")
@@ -408,7 +413,7 @@ def test_a_killed_report_leaves_no_half_written_out_and_no_temp_dirs(kdsweep, wo
     monkeypatch.setattr(report, "predict", boom)
     with pytest.raises(RuntimeError):
         kdsweep("report", "--out", "R", "--no-plots")
-    assert not list(private_tmp.iterdir())
+    assert not _ours(private_tmp)
     assert (workdir / "R" / "best.json").is_file()  # the previous report is untouched
 
 
@@ -466,7 +471,7 @@ def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, work
     assert by_id[alive].info.status == "RUNNING" and by_id[legacy].info.status == "RUNNING"
     done = [r for r in by_id.values() if r.data.tags.get("kdsweep.role") == "confirm" and r.info.status == "FINISHED"]
     assert len(done) == 1  # the killed seed was trained again
-    assert not list(private_tmp.iterdir())  # the killed confirm's and report's temp dirs are gone
+    assert not _ours(private_tmp)  # the killed confirm's and report's temp dirs are gone
 
 
 def test_confirm_closes_runs_of_dead_owners_only(workdir):
