@@ -209,21 +209,24 @@ class Heartbeat:
 # --------------------------------------------------------------------------- the study lock
 
 
-def _open_lock_file(path: Path) -> int:
-    """A descriptor to flock `path` through; -1 (no lock) where neither it nor its directory may be written.
+def _open_lock_file(path: Path, db: Path) -> int:
+    """A descriptor to flock `path` through; -1 (no lock) where it cannot be had and store `db` is read-only.
 
     flock works on a read-only descriptor too, so a lock file someone else created still locks. Without
-    one, a store in a read-only directory can still be read (`kdsweep report --no-log`), and nothing
-    here can write it either: there is nothing to serialise. A write fails later, with its own message.
+    one, a store this process cannot write can still be read (`kdsweep report --no-log`), and there is
+    nothing to serialise. A store it can write is never used unlocked: the permission error stands.
     """
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as e:
         if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
             raise
+        refused = e
     try:
         return os.open(path, os.O_RDONLY)
     except (FileNotFoundError, PermissionError):
+        if db.exists() and os.access(db, os.W_OK) and os.access(db.parent, os.W_OK):
+            raise refused from None
         return -1
 
 
@@ -253,7 +256,8 @@ class StudyLock:
         self._conn = None
         self._mutex = threading.Lock()
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            self._path = Path(url[len("sqlite:///"):].split("?", 1)[0] + ".kdsweep-lock")
+            self._db = Path(url[len("sqlite:///"):].split("?", 1)[0])
+            self._path = self._db.with_name(self._db.name + ".kdsweep-lock")
         elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
             import sqlalchemy
             from sqlalchemy.pool import NullPool
@@ -269,7 +273,7 @@ class StudyLock:
                 import fcntl
 
                 if self._fd is None:
-                    self._fd = _open_lock_file(self._path)
+                    self._fd = _open_lock_file(self._path, self._db)
                 if self._fd >= 0:
                     fcntl.flock(self._fd, fcntl.LOCK_EX)
             elif self._engine is not None:

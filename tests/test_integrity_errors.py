@@ -259,7 +259,12 @@ def test_a_lock_file_that_cannot_be_written_is_opened_read_only_or_skipped(tmp_p
     with lock:  # no lock file, none may be created: no lock, no error
         pass
     lock.close()
-    (tmp_path / "db.sqlite.kdsweep-lock").touch()
+    open(tmp_path / "db.sqlite", "w").close()  # (builtins.open does not go through os.open)
+    if os.access(tmp_path / "db.sqlite", os.W_OK):
+        lock = workers.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
+        with pytest.raises(PermissionError), lock:  # a store we may write is never used unlocked
+            pass
+    open(tmp_path / "db.sqlite.kdsweep-lock", "w").close()
     lock = workers.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
     with lock:  # an existing one: locked through a read-only descriptor
         assert lock._fd is not None and lock._fd >= 0
