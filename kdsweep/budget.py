@@ -25,13 +25,15 @@ EPOCHS_ATTR = "kdsweep.epochs_trained"  # set on every trial that trained; its p
 
 
 def trained(t: FrozenTrial) -> bool:
-    # COMPLETE and PRUNED trials of studies from before the attribute existed count too.
-    return EPOCHS_ATTR in t.user_attrs or t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    # COMPLETE and PRUNED trials of studies from before the attribute existed count too. A trial whose worker
+    # died after writing the attribute but before ending the trial is failed as stale, which clears it
+    # (workers.fail_trial): it is retried, and must not count twice.
+    return t.user_attrs.get(EPOCHS_ATTR) is not None or t.state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def epochs_of(t: FrozenTrial) -> int:
     """Epochs a finished trial trained (older studies: the epochs it reported)."""
-    if EPOCHS_ATTR in t.user_attrs:
+    if t.user_attrs.get(EPOCHS_ATTR) is not None:
         return int(t.user_attrs[EPOCHS_ATTR])
     return len(t.intermediate_values) if trained(t) else 0
 

@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import Callable
 
+from . import failures
 from .errors import UserError
 
 EPILOG_STUDY = """\
@@ -236,7 +237,8 @@ def cmd_teacher(args) -> int:
     from pathlib import Path
 
     from .config import StudyConfig
-    from .data import get_dataset, load_data
+    from .data import check_split, get_dataset, load_data
+
     from .study import resolve_device
     from .teacher import cache_lock, cache_path, train_teacher
     from .tracking import Tracker
@@ -251,6 +253,7 @@ def cmd_teacher(args) -> int:
         set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
+    check_split(data, cfg.batch_size, cfg.val_fraction)
     path = Path(args.out) if args.out else cache_path(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
     # The cache lock: a study starting meanwhile waits for this teacher instead of training its own.
     with cache_lock(path) if not args.out else contextlib.nullcontext():
@@ -544,10 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable = args.func
     previous = _install_signal_handlers()
+    failures.forget()
     try:
         return func(args) or 0
     except UserError as e:
         print(f"kdsweep: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # A full disk, a corrupt or read-only store, a permission: one line; anything else is a bug (traceback).
+        msg = failures.explain(e)
+        if msg is None:
+            raise
+        print(f"kdsweep: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"

@@ -19,7 +19,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args, get_type_hints
 
 from .budget import Budget
 from .data import get_dataset
@@ -92,8 +92,13 @@ class StudyConfig:
         self.weight_decay = spec.weight_decay if self.weight_decay is None else self.weight_decay
         if self.trials is None and self.budget_epochs is None:
             self.trials = DEFAULT_TRIALS
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.data_size is not None and self.data_size < 10:
+            raise UserError(f"--data-size must be at least 10, got {self.data_size}")
         for name in ("trials", "budget_epochs", "epochs", "batch_size", "teacher_epochs", "parallel"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -192,10 +197,46 @@ def read_study_file(path: Path) -> dict[str, Any]:
         raise UserError(f"study file {path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_FILE_KEYS))}")
     if "method" not in doc:
         raise UserError(f"study file {path}: missing `method = \"...\"`")
+    for key, kind in (("method", str), ("description", str), ("defaults", dict), ("search", dict), ("fixed", dict)):
+        if key in doc and not isinstance(doc[key], kind):
+            want = "a table [" + key + "]" if kind is dict else "a string"
+            raise UserError(f"study file {path}: {key} must be {want}, got {doc[key]!r}")
     bad = set(doc.get("defaults", {})) - _DEFAULT_KEYS
     if bad:
         raise UserError(f"study file {path}: unknown [defaults] key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(_DEFAULT_KEYS))}")
+    for key, value in doc.get("defaults", {}).items():
+        want = _expected(key)
+        if want and not _is(value, want[0]):
+            raise UserError(f"study file {path}: [defaults] {key} must be {want[1]}, got {value!r}")
+    for name, spec in doc.get("search", {}).items():
+        if isinstance(spec, dict):
+            for k, v in spec.items():
+                if not _is(v, bool if k == "log" else float):
+                    raise UserError(f"study file {path}: [search] {name}.{k} must be "
+                                    f"{'true or false' if k == 'log' else 'a number'}, got {v!r}")
+    for name, value in doc.get("fixed", {}).items():
+        if not _is(value, float):
+            raise UserError(f"study file {path}: [fixed] {name} must be a number, got {value!r}")
     return doc
+
+
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _expected(key: str) -> tuple[type, str] | None:
+    """The type a [defaults] key must have: StudyConfig's annotation of the field, without its None."""
+    hint = get_type_hints(StudyConfig)[key]
+    kinds = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
+    return (kinds[0], _WORDS[kinds[0]]) if len(kinds) == 1 and kinds[0] in _WORDS else None
+
+
+def _is(value: Any, kind: type) -> bool:
+    """TOML's value as the field's type: an integer is a number, but true is not 1 and "32" is not 32."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def find_study(name: str, studies_dir: Path = STUDIES_DIR) -> tuple[str, dict[str, Any]]:

@@ -16,14 +16,15 @@ gets its own runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import tempfile
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, leftovers
 from .data import get_dataset
+
 from .errors import UserError
 from .methods import get_method
 from .models import build_model, count_params
@@ -54,9 +55,10 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     if not todo:
         return summary
 
+    leftovers.close_dead_runs(sel.tracker, sel.experiment_id, ("confirm",), say)
     datas: dict[tuple, object] = {}
     teacher = t_where = None
-    with tempfile.TemporaryDirectory(prefix="kdsweep-confirm-") as tmp:
+    with leftovers.tmp_dir("kdsweep-confirm") as tmp:
         for s in todo:
             have = _existing(s)
             missing = [k for k in wanted if str(k) not in have]
@@ -108,28 +110,38 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
     run = tracker.start(sel.experiment_id, f"{s.name}/confirm-s{seed}",
                         {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
                          "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
-                         "kdsweep.source_trial": source_trial, "kdsweep.state": "RUNNING"}, parent=s.run.info.run_id)
+                         "kdsweep.source_trial": source_trial, "kdsweep.state": "RUNNING", **leftovers.owner_tags()},
+                        parent=s.run.info.run_id)
     params = {**p, "device": data.device.type, "confirm_seed": seed, "source_trial": source_trial,
               "extra_params": count_params(method)}
-    tracker.log(run, params=params)
     try:
+        tracker.log(run, params=params)
         result = train_student(student, method, teacher, run_data, schedule,
                                on_epoch=lambda st: tracker.log(run, st.metrics(), step=st.epoch))
     except NonFiniteLoss as e:
-        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": str(e)})
-        tracker.end(run, "FAILED")
+        _close(tracker, run, "FAILED", str(e))
         say(f"  seed {seed}: {e}; recorded as FAIL")
         return False
-    except KeyboardInterrupt:
-        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": "interrupted"})
-        tracker.end(run, "KILLED")
-        raise
     except BaseException as e:
-        tracker.log(run, tags={"kdsweep.state": "FAIL", "kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
-        tracker.end(run, "FAILED")
+        _close(tracker, run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", _reason(e))
         raise
-
-    final = record_result(tracker, run, data, s.params["student"], student, method, result,
-                          {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial, "hparams": hp})
+    try:
+        final = record_result(tracker, run, data, s.params["student"], student, method, result,
+                              {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial,
+                               "hparams": hp})
+    except BaseException as e:
+        _close(tracker, run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", _reason(e))
+        raise
     say(f"  seed {seed}: val_acc={result.best_val_acc:.4f} test_acc={final['test_acc']:.4f} (run {run})")
     return True
+
+
+def _reason(e: BaseException) -> str:
+    return "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _close(tracker, run: str, status: str, reason: str) -> None:
+    """End a confirmation run that did not complete; best effort (the store may be what failed), never masking
+    the error: a run left open is closed by the next `confirm`, its owner being gone."""
+    with contextlib.suppress(Exception):
+        tracker.close(run, status, {"kdsweep.state": "FAIL", "kdsweep.reason": reason})

@@ -341,6 +341,31 @@ class DeviceData:
             yield self.normalize(x[i : i + EVAL_BATCH]), y[i : i + EVAL_BATCH]
 
 
+MIN_VAL_PER_CLASS = 10  # below this, validation accuracy moves in steps too coarse to tune on
+
+
+def check_split(data: DeviceData, batch_size: int, val_fraction: float, say: Callable[[str], None] = print) -> None:
+    """Refuse splits a study cannot train or tune on; warn about a validation split too small to mean much.
+
+    Called before any teacher is trained, so a bad split costs seconds, not a teacher.
+    """
+    n_val, n_train = len(data.val_y), data.n_train
+    total = n_val + n_train
+    if n_train < batch_size:
+        raise UserError(f"the training split holds {n_train} image{'s' * (n_train != 1)} ({total} minus {n_val} held out "
+                        f"for validation by --val-fraction {val_fraction:g}): a full batch of {batch_size} is needed; "
+                        f"lower --val-fraction or --batch-size, or raise --data-size")
+    classes = data.num_classes
+    if n_val < classes:
+        raise UserError(f"the validation split holds {n_val} image{'s' * (n_val != 1)} (--val-fraction {val_fraction:g} of "
+                        f"{total}): at least {classes} (one per class) are needed, {MIN_VAL_PER_CLASS * classes} "
+                        f"({MIN_VAL_PER_CLASS} per class) to tune on; raise --val-fraction or --data-size")
+    if n_val < MIN_VAL_PER_CLASS * classes:
+        say(f"warning: the validation split holds only {n_val} images (--val-fraction {val_fraction:g} of {total}): "
+            f"validation accuracy moves in steps of {100 / n_val:.1f}%; {MIN_VAL_PER_CLASS * classes} "
+            f"({MIN_VAL_PER_CLASS} per class) or more make a study worth trusting")
+
+
 def load_data(name: str, data_dir: Path | None, size: int | None, seed: int, val_fraction: float, device: torch.device,
               stream_seed: int | None = None) -> DeviceData:
     """The dataset's splits for `seed`; `stream_seed` (default: `seed`) seeds the training batch stream only."""

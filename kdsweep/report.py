@@ -24,6 +24,7 @@ there are none.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoint
+from . import checkpoint, failures, leftovers
 from .data import DeviceData
 from .errors import UserError
 from .metrics import (ALPHA, DIRECTIONS, MIN_SEEDS_FOR_TESTS, all_metrics, holm, mean_ci, mean_std, rank_table,
@@ -163,15 +164,24 @@ def _evaluate_study(s: StudyRuns, sel: Selection, splits: _Splits, teacher: Teac
         teacher.logits[k] = predict(teacher.model, d)[0]
     t_logits = teacher.logits.get(k) if teacher.logits else None
     runs, source = _runs_to_evaluate(s, sel.seed, seeds)
+    if source == "best trial":  # a lost checkpoint must not drop the method: the next best trial that has one
+        runs = sorted((r for r in s.trials if r.data.tags.get("kdsweep.state") == "COMPLETE" and "best_val_acc" in r.data.metrics),
+                      key=lambda r: (-r.data.metrics["best_val_acc"], int(r.data.tags.get("kdsweep.trial", 0))))
     out = []
     for r in runs:
         path = download(sel.tracker, r.info.run_id, "checkpoint/student.pt", tmp)
         if path is None:
-            say(f"note: {s.label}: run {r.info.run_id} has no checkpoint/student.pt artifact; skipped")
+            if source != "best trial":
+                say(f"note: {s.label}: run {r.info.run_id} has no checkpoint/student.pt artifact; skipped")
             continue
+        if r is not s.best and source == "best trial":
+            say(f"note: {s.label}: best trial {s.best.data.tags.get('kdsweep.trial')} has no checkpoint/student.pt "
+                f"artifact; evaluating trial {r.data.tags.get('kdsweep.trial')}, the best trial that has one")
         model, _ = checkpoint.load_model(path, sel.student, d.in_shape, d.num_classes)
         logits, labels = predict(model, d)
         out.append(all_metrics(logits, labels, t_logits))
+        if source == "best trial":
+            break
     return Evaluated(s, out, source if out else "checkpoint missing")
 
 
@@ -275,7 +285,7 @@ def _ranking_table(students: pd.DataFrame, evaluated: list[Evaluated], ref: Stud
     ns = sorted({len(accs[lbl]) for lbl in accs if by_label[lbl].confirmed})
     if not ns:
         notes.append("one run per method (its best trial, selected on validation): no CI and no p-values; run "
-                     f"`kdsweep confirm --seeds 5` for mean ± std, 95% CIs and tests")
+                     "`kdsweep confirm --seeds 5` for mean ± std, 95% CIs and tests")
     elif len(testable) < 2:
         notes.append(f"no p-values: they need at least {MIN_SEEDS_FOR_TESTS} confirmation seeds per method "
                      f"(here {'/'.join(map(str, ns))}); a t-test on fewer says almost nothing; run `kdsweep confirm --seeds 5`")
@@ -295,12 +305,12 @@ def _ranks_table(students: pd.DataFrame) -> pd.DataFrame:
 
 
 def build(sel: Selection, data_dir: str | None = None, device: torch.device | str = "cpu", seeds: int | None = None,
-          say: Say = print, latency: bool = True) -> Report:
-    """Evaluate the selection's best configs and build the tables."""
+          say: Say = print, latency: bool = True, tmp: Path | None = None) -> Report:
+    """Evaluate the selection's best configs and build the tables (downloads go to `tmp`)."""
     device = torch.device(device)
     if not sel.studies:
         raise UserError("no studies selected")
-    tmp = Path(tempfile.mkdtemp(prefix="kdsweep-report-"))
+    tmp = tmp or Path(tempfile.mkdtemp(prefix="kdsweep-report-"))
     notes = list(sel.notes)
     keys = Counter(data_key(s.params) for s in sel.studies)
     if len(keys) > 1:
@@ -523,13 +533,23 @@ def log_report(rep: Report, files: list[Path]) -> str:
     """An MLflow run (kdsweep.role=report) in the pair's experiment holding the exported files and plots."""
     s = rep.sel
     t = s.tracker
-    run = t.start(s.experiment_id, f"report-s{s.seed}", {"kdsweep.role": "report", "kdsweep.dataset": s.dataset})
-    t.log(run, params={"dataset": s.dataset, "teacher": s.teacher, "student": s.student, "seed": s.seed,
-                       "studies": ",".join(x.label for x in s.studies)})
-    for f in files:
-        t.client.log_artifact(run, str(f), "report/plots" if f.suffix == ".png" else "report")
+    run = t.start(s.experiment_id, f"report-s{s.seed}", {"kdsweep.role": "report", "kdsweep.dataset": s.dataset,
+                                                         **leftovers.owner_tags()})
+    try:
+        t.log(run, params={"dataset": s.dataset, "teacher": s.teacher, "student": s.student, "seed": s.seed,
+                           "studies": ",".join(x.label for x in s.studies)})
+        for f in files:
+            t.client.log_artifact(run, str(f), "report/plots" if f.suffix == ".png" else "report")
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # best effort: else the next report closes it (its owner is gone)
+            t.close(run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                    {"kdsweep.reason": "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"})
+        raise
     t.end(run)
     return run
+
+
+_REPORT_FILE = re.compile(r"^((best|metrics|ranking|ranks)\.(md|csv|tex|html|json)|report\.(md|html)|plots)$")
 
 
 def run_report(tracking_uri: str | None = None, dataset: str | None = None, teacher: str | None = None,
@@ -538,16 +558,20 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
                data_dir: str | None = None, plots: bool = True, log: bool = True, say: Say = print, per_trial: str | None = None,
                show: Callable[[str], None] = print) -> Report:
     """`kdsweep report`: select, (confirm), evaluate, print markdown, export, plot, log."""
-    import shutil
-
     from .study import resolve_device
 
     fmts = parse_formats(formats) if formats else []
     if fmts and not out:
         raise UserError("--format needs --out DIR (without it the report is printed as markdown)")
+    if out:
+        leftovers.check_out(Path(out), _REPORT_FILE.match)
     dev = resolve_device(device)
     tracker = open_tracker(tracking_uri)
     sel = select(tracker, dataset, teacher, student, seed, studies, per_trial)
+    if log:
+        _check_writable(tracker)
+    if log or seeds is not None:  # --no-log writes nothing to MLflow (the store may be read-only)
+        leftovers.close_dead_runs(tracker, sel.experiment_id, ("report",), say)
     if seeds is not None:
         from .confirm import confirm
 
@@ -556,26 +580,48 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
         notes = sel.notes
         sel = select(tracker, sel.dataset, sel.teacher, sel.student, sel.seed, [x.name for x in sel.studies])
         sel.notes = notes
-    rep = build(sel, data_dir, dev, seeds, say)
-    try:
+    with leftovers.tmp_dir("kdsweep-report") as tmp:
+        rep = build(sel, data_dir, dev, seeds, say, tmp=tmp)
         show(to_markdown(rep))
-        out_dir = Path(out) if out else rep.tmp / "out"
-        files = export(rep, fmts or ["md"], out_dir)
-        if plots:
-            from . import plots as P
-
-            pdir = out_dir / "plots"
-            title = f"{sel.dataset}: {sel.teacher} -> {sel.student}, seed {sel.seed}"
-            ref = sel.reference.label if sel.reference else None
-            files.append(P.acc_bars(rep.bars, pdir / "test_acc.png", title, ref))
-            files.append(P.val_curves(rep.curves, pdir / "val_curves.png", f"best trial per method - {title}"))
-            for s in sel.studies:
-                files += P.optuna_plots(optuna_study(s), s.label, pdir, say)
-        if out:
-            say(f"wrote {len(files)} files to {out_dir}")
+        with (leftovers.atomic_dir(Path(out), _REPORT_FILE.match) if out else contextlib.nullcontext(tmp / "out")) as out_dir:
+            files = _write(rep, fmts or ["md"], out_dir, plots, say)
+        if out:  # renamed into place: the files are now under `out`
+            files = [Path(out) / f.relative_to(out_dir) for f in files]
+            say(f"wrote {len(files)} files to {out}")
         if log:
-            run = log_report(rep, files)
+            try:
+                run = log_report(rep, files)
+            except Exception as e:
+                why = failures.explain(e)
+                if why is None:
+                    raise
+                raise UserError(f"{why}; `--no-log` reports without writing to MLflow") from None
             say(f"logged to MLflow run {run} (experiment {sel.experiment!r}, artifacts under report/)")
-    finally:
-        shutil.rmtree(rep.tmp, ignore_errors=True)
     return rep
+
+
+def _check_writable(tracker) -> None:
+    """A report that will be logged fails now, not after evaluating every checkpoint, if its store is read-only."""
+    if tracker.uri.startswith("sqlite:///"):
+        db = Path(tracker.uri[len("sqlite:///"):].split("?", 1)[0])
+        for p in (db, db.parent):
+            if not os.access(p, os.W_OK):
+                raise UserError(f"permission problem: the MLflow store {db} cannot be written ({p} is read-only for this "
+                                f"user); `--no-log` reports without writing to MLflow")
+
+
+def _write(rep: Report, fmts: list[str], out_dir: Path, plots: bool, say: Say) -> list[Path]:
+    """The tables in every format, and the plots, into `out_dir`."""
+    sel = rep.sel
+    files = export(rep, fmts, out_dir)
+    if plots:
+        from . import plots as P
+
+        pdir = out_dir / "plots"
+        title = f"{sel.dataset}: {sel.teacher} -> {sel.student}, seed {sel.seed}"
+        ref = sel.reference.label if sel.reference else None
+        files.append(P.acc_bars(rep.bars, pdir / "test_acc.png", title, ref))
+        files.append(P.val_curves(rep.curves, pdir / "val_curves.png", f"best trial per method - {title}"))
+        for s in sel.studies:
+            files += P.optuna_plots(optuna_study(s), s.label, pdir, say)
+    return files

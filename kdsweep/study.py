@@ -24,16 +24,17 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, identity, teacher_cache, truth
+from . import checkpoint, failures, identity, teacher_cache, truth
 from .budget import EPOCHS_ATTR, Spent
+
 from .config import StudyConfig
-from .data import DeviceData, get_dataset, load_data
+from .data import DeviceData, check_split, get_dataset, load_data
 from .errors import UserError
 from .space import edge_warnings
 from .methods import get_method
 from .models import Shapes, build_model, count_params
 from .teacher import get_teacher
-from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, redact, scrub
+from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, make_store_dir, redact, scrub
 from .train import Accel, Member, NonFiniteLoss, Schedule, TrainResult, evaluate, set_cpu_threads, train_student, train_students
 from .workers import (OWNER_ATTR, REASON_ATTR, Heartbeat, Owner, StudyLock, check_stop, claim, heartbeat_settings,
                       recover_stale, retry)
@@ -82,12 +83,13 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
         db = Path(url[len("sqlite:///"):])
         if not db.parent.is_dir():
             if db.parent == DEFAULT_DIR.resolve():
-                db.parent.mkdir(parents=True)
+                make_store_dir(db.parent, "--storage")
             else:
                 raise UserError(f"storage {url}: directory {db.parent} does not exist")
         # Several workers on one host share the file: wait for its write lock instead of failing after 5 s.
         engine_kwargs = {"connect_args": {"timeout": 60}}
     interval, grace = heartbeat_settings()
+    failures.register("Optuna", given)
     lock = None
     try:
         # Workers starting together on a fresh database would race to create Optuna's tables.
@@ -96,6 +98,9 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace)
     except Exception as e:
+        explained = failures.explain(e)
+        if explained:
+            raise UserError(scrub(explained, given)) from None
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot open Optuna storage {redact(given)}: {scrub(msg, given)}") from None
     finally:
@@ -248,6 +253,8 @@ def _close_trial_run(ctx: StudyContext, tr: TrialRun, e: BaseException) -> None:
             _tag_stopped_run(ctx, tr, e)
             return
         except Exception as err:  # noqa: BLE001
+            if failures.explain(e) and failures.explain(err):
+                return  # the store is full, corrupt or read-only: the CLI says so; a resume closes the run
             if attempt == 0:
                 time.sleep(2.0)
                 continue
@@ -667,15 +674,31 @@ def _close_parent(ctx: StudyContext, status: str) -> None:
 
 
 def _finish(ctx: StudyContext, status: str) -> dict | None:
-    """Summarise into the parent run and close it; never mask the exception that ended the study."""
+    """Summarise into the parent run and close it; never mask the exception that ended the study.
+
+    Each step on its own: with the Optuna store broken (full, corrupt) the summary cannot be read, but
+    the parent run can still be closed; if even that fails, the next start reopens and closes it.
+    """
+    best, problems = None, []
     try:
         best = _record_best(ctx.tracker, ctx.parent_run, ctx.study)
-        _close_orphan_runs(ctx)
-        _close_parent(ctx, status)
-        return best
     except Exception as e:  # noqa: BLE001 - e.g. the tracking server went away during an interrupt
-        ctx.say(f"warning: could not update MLflow at the end of the study: {scrub(str(e).splitlines()[0][:200], ctx.tracker.uri)}")
-        return None
+        problems.append(e)
+    try:
+        _close_orphan_runs(ctx)
+    except Exception as e:  # noqa: BLE001
+        problems.append(e)
+    try:
+        _close_parent(ctx, status)
+    except Exception as e:  # noqa: BLE001
+        problems.append(e)
+        with contextlib.suppress(Exception):  # Optuna could not say which trials still run: close it all the same
+            ctx.tracker.end(ctx.parent_run, status)
+    # A store that failed and stopped the study is reported once, by the CLI, not here as well.
+    if problems and not (status == "FAILED" and failures.explain(problems[0])):
+        why = failures.explain(problems[0]) or str(problems[0]).splitlines()[0][:200]
+        ctx.say(f"warning: could not update MLflow at the end of the study: {scrub(why, ctx.tracker.uri)}")
+    return best
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
@@ -689,8 +712,10 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     storage = open_storage(cfg.storage)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
+    check_split(data, cfg.batch_size, cfg.val_fraction, say)  # before a teacher is trained on it
     split = identity.split_record(data)
     _precheck(storage, cfg, split)
+
     teacher, teacher_info = (None, {})
     if method_cls.uses_teacher:
         teacher, teacher_info = get_teacher(cfg, data, tracker, say)
@@ -718,7 +743,11 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                        study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace,
                        cache=cache, accel=accel)
-    _close_orphan_runs(ctx, finished_too=True)
+    try:
+        _close_orphan_runs(ctx, finished_too=True)
+    except BaseException as e:  # the parent was just reopened: not left RUNNING by a store that fails here
+        _finish(ctx, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
     budget, now = cfg.budget, spent(study)
     if budget.done(now):

@@ -9,6 +9,7 @@ and works against a remote tracking server as well as SQLite.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 import logging  # noqa: E402
 import re  # noqa: E402
 
+from . import failures  # noqa: E402
 from .errors import UserError  # noqa: E402
 
 DEFAULT_DIR = Path("mlruns")
@@ -46,6 +48,41 @@ def quiet() -> None:
     """MLflow and alembic log every schema migration at INFO: keep the terminal for our output."""
     for name in ("mlflow", "alembic", "alembic.runtime.migration", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs a traceback for every failed SQL statement before raising it (a full disk: dozens of lines);
+    # the exception itself still reaches the CLI, which says what it means (kdsweep.failures).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+def make_store_dir(path: Path, flag: str) -> None:
+    """Create the directory of a SQLite store; a directory we may not write is a one-line error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+            raise UserError(f"permission problem: cannot create the store directory {path} ({e.strerror}): "
+                            f"run kdsweep in a directory you may write, or pass {flag}") from None
+        raise UserError(failures.explain(e) or f"cannot create the store directory {path}: {e}") from None
+
+
+# Probing an HTTP tracking server that is not there: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout)
+# take about 4 minutes to give up. The first request gets a few seconds; later ones keep MLflow's patience.
+PROBE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@contextlib.contextmanager
+def quick_http():
+    """MLflow's HTTP retry settings lowered for one probe, unless the user set them (MLflow reads them per request)."""
+    saved = {k: os.environ.get(k) for k in PROBE_HTTP}
+    for k, v in PROBE_HTTP.items():
+        if saved[k] is None:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 SECRET_KEYS = ("password", "passwd", "pwd", "sslpassword", "token", "secret", "api_key", "apikey", "access_key")
@@ -106,6 +143,17 @@ def scrub(text: str, *uris: str | None) -> str:
     return text
 
 
+def _unreachable(e: Exception) -> str | None:
+    """Why an HTTP tracking server did not answer, in a few words; None if it did answer (with an error)."""
+    text = str(e)
+    for marker, why in (("refused", "connection refused"), ("timed out", "timed out"),
+                        ("Name or service not known", "unknown host"), ("nodename nor servname", "unknown host"),
+                        ("Max retries exceeded", "no connection")):
+        if marker in text:
+            return why
+    return None
+
+
 def _quote(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
@@ -116,9 +164,10 @@ class Tracker:
 
         self.uri = absolute_sqlite(uri or default_tracking_uri())
         if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            make_store_dir(Path(self.uri[len("sqlite:///"):]).parent, "--tracking-uri")
         elif "://" not in self.uri and not self.uri.startswith("databricks"):
             raise UserError(f"tracking URI {self.uri!r} is not a URL (expected e.g. sqlite:///mlruns/mlflow.db or http://127.0.0.1:5000)")
+        failures.register("MLflow", self.uri)
         quiet()
         lock = None
         try:
@@ -127,10 +176,17 @@ class Tracker:
 
                 # Workers starting together on one fresh SQLite store would race through its migrations.
                 lock = StudyLock(self.uri, "tracking-init")
-            with lock or contextlib.nullcontext():
+            with lock or contextlib.nullcontext(), quick_http():
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.client.search_experiments(max_results=1)
         except Exception as e:
+            explained = failures.explain(e)
+            if explained:
+                raise UserError(scrub(explained, self.uri)) from None
+            unreachable = _unreachable(e) if self.uri.startswith(("http://", "https://")) else None
+            if unreachable:
+                raise UserError(f"cannot reach the MLflow tracking server {redact(self.uri)} ({unreachable}): is it running? "
+                                f"(`mlflow server`), or drop --tracking-uri for the local store") from None
             msg = scrub(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__, self.uri)
             raise UserError(f"cannot open MLflow tracking store {redact(self.uri)}: {msg}") from None
         finally:

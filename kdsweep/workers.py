@@ -23,6 +23,7 @@ along one chain). Closing its MLflow run is the caller's job (`on_stale`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -36,6 +37,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .budget import EPOCHS_ATTR
 from .errors import UserError
 
 OWNER_ATTR = "kdsweep.owner"
@@ -208,6 +210,27 @@ class Heartbeat:
 # --------------------------------------------------------------------------- the study lock
 
 
+def _open_lock_file(path: Path, db: Path) -> int:
+    """A descriptor to flock `path` through; -1 (no lock) where it cannot be had and store `db` is read-only.
+
+    flock works on a read-only descriptor too, so a lock file someone else created still locks. Without
+    one, a store this process cannot write can still be read (`kdsweep report --no-log`), and there is
+    nothing to serialise. A store it can write is never used unlocked: the permission error stands.
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+            raise
+        refused = e
+    try:
+        return os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, PermissionError):
+        if db.exists() and os.access(db, os.W_OK) and os.access(db.parent, os.W_OK):
+            raise refused from None
+        return -1
+
+
 def _lock_key(name: str) -> int:
     """A signed 64-bit key for PostgreSQL's advisory locks."""
     return int.from_bytes(hashlib.blake2b(f"kdsweep:{name}".encode(), digest_size=8).digest(), "big", signed=True)
@@ -234,7 +257,8 @@ class StudyLock:
         self._conn = None
         self._mutex = threading.Lock()
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            self._path = Path(url[len("sqlite:///"):].split("?", 1)[0] + ".kdsweep-lock")
+            self._db = Path(url[len("sqlite:///"):].split("?", 1)[0])
+            self._path = self._db.with_name(self._db.name + ".kdsweep-lock")
         elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
             import sqlalchemy
             from sqlalchemy.pool import NullPool
@@ -250,8 +274,9 @@ class StudyLock:
                 import fcntl
 
                 if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                    self._fd = _open_lock_file(self._path, self._db)
+                if self._fd >= 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX)
             elif self._engine is not None:
                 from sqlalchemy import text
 
@@ -272,7 +297,7 @@ class StudyLock:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self._fd is not None:
+            if self._fd is not None and self._fd >= 0:
                 import fcntl
 
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -282,7 +307,8 @@ class StudyLock:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
             self._fd = None
         if self._engine is not None:
             self._engine.dispose()
@@ -312,6 +338,8 @@ def fail_trial(storage, trial: FrozenTrial, reason: str) -> bool:
     """Mark a RUNNING trial FAIL; False if another worker (or its owner) finished it first."""
     try:
         storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
+        # Lost to infrastructure: whatever it trained does not count (budget.py); its retry trains it again.
+        storage.set_trial_user_attr(trial._trial_id, EPOCHS_ATTR, None)
         return bool(storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
     except optuna.exceptions.UpdateFinishedTrialError:
         return False

@@ -215,3 +215,26 @@ def test_report_on_store_without_studies_is_one_line_exit_2(tmp_path, monkeypatc
     assert cli.main(["report", "--dataset", "digits"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no kdsweep studies" in err[0]
+
+
+def test_a_lost_best_checkpoint_falls_back_to_the_next_best_trial(sweep, capsys, monkeypatch):
+    """Attack: the best trial's checkpoint is gone; the method used to vanish from the ranking (ce: rank 1 on all)."""
+    from kdsweep import report as R
+
+    root, uri, _ = sweep
+    from kdsweep.store import open_tracker, select
+
+    sel = select(open_tracker(uri))
+    for s in sel.studies:
+        s.confirms = []  # the tuning trials, as before any `confirm` (an earlier test of this module confirmed)
+    kd = next(s for s in sel.studies if s.label == "vanilla_kd")
+    lost = kd.best.info.run_id
+    real = R.download
+    monkeypatch.setattr(R, "download", lambda t, run, path, dst: None if run == lost else real(t, run, path, dst))
+    rep = R.build(sel, device="cpu", say=print, latency=False)
+    said = capsys.readouterr().out
+    assert "has no checkpoint/student.pt artifact; evaluating trial" in said
+    met = rep.tables["metrics"].set_index("label")
+    other = next(r for r in kd.trials if r.info.run_id != lost)
+    assert met.loc["vanilla_kd", "n"] == 1
+    assert met.loc["vanilla_kd", "acc"] == pytest.approx(other.data.metrics["test_acc"], abs=1e-6)
