@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import Callable
 
+from .catalog import DATASET_NAMES  # not .data: building the parser must not import torch (issue 13)
 from .errors import UserError
 
 EPILOG_STUDY = """\
@@ -40,10 +41,8 @@ per complete trial, at its best-validation epoch, and never used for tuning.
 
 
 def _common_data(p: argparse.ArgumentParser) -> None:
-    from .data import DATASETS
-
     g = p.add_argument_group("data and models")
-    g.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: cifar10)")
+    g.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: cifar10)")
     g.add_argument("--data-dir", help="where real datasets live / are downloaded (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
     g.add_argument("--data-size", type=int, help="training images to use (synthetic: to generate; default: all, synthetic 5000)")
     g.add_argument("--val-fraction", type=float, help="share of the training set held out for validation (default: 0.1)")
@@ -467,9 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure kdsweep's training path against a seed-style reference",
                        description="Benchmark a K-trial kdsweep study against K seed-style reference trials.",
                        epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .data import DATASETS
-
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: synthetic, generated: no network)")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: synthetic, generated: no network)")
     p.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
     p.add_argument("--teacher", help="teacher architecture (default: resnet18, seed 003's)")
     p.add_argument("--student", help="student architecture (default: smallnet, seed 003's)")
