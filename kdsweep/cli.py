@@ -90,6 +90,13 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _perf_args(p)
     _common_tracking(p)
     _integrity_args(p)
+    _output_args(p)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output (in a terminal: progress bars; otherwise one line per finished trial and study)")
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="print only the summary at the end (notes and warnings still go to stderr)")
 
 
 def _integrity_args(p: argparse.ArgumentParser) -> None:
@@ -129,8 +136,10 @@ def cmd_study(args) -> int:
     from .config import resolve
     from .study import run_study
 
+    from .progress import Reporter
+
     cfg = resolve(args.name, {k: getattr(args, k) for k in STUDY_KEYS})
-    summary = run_study(cfg)
+    summary = run_study(cfg, reporter=Reporter.auto(args.quiet))
     print_summary(summary)
     return 0
 
@@ -148,13 +157,14 @@ def print_summary(s: dict) -> None:
     for line in s.get("edges", []):
         print(f"  note: {line}")
     print(f"  MLflow: experiment {s['experiment']!r}, parent run {s['parent_run']} at {s['tracking_uri']}")
-    print("  browse: kdsweep ui")
+    print("  browse: kdsweep ui", flush=True)
 
 
 def cmd_sweep(args) -> int:
     """One study per method, one after another, with the same split, stream, epochs and budget."""
     from .config import DEFAULT_TRIALS, resolve
     from .methods import METHODS
+    from .progress import Reporter
     from .study import open_storage, pair_problem, run_study, study_conflict
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -192,8 +202,9 @@ def cmd_sweep(args) -> int:
                         f"(use their original settings, or --study-suffix NEW for a new set of studies)")
     summaries = []
     for i, cfg in enumerate(runnable, 1):
-        print(f"\n[{i}/{len(runnable)}] {cfg.name}: budget {cfg.budget.describe()}")
-        summaries.append(run_study(cfg))
+        if not args.quiet:
+            print(f"\n[{i}/{len(runnable)}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
+        summaries.append(run_study(cfg, reporter=Reporter.auto(args.quiet)))
         print_summary(summaries[-1])
     print("\nsweep: " + ", ".join(
         f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial" for s in summaries))

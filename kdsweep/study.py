@@ -11,6 +11,7 @@ by one, or --parallel K at a time in lockstep).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import tempfile
@@ -32,6 +33,7 @@ from .errors import UserError
 from .space import edge_warnings
 from .methods import get_method
 from .models import Shapes, build_model, count_params
+from .progress import Reporter
 from .teacher import get_teacher
 from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, redact, scrub
 from .train import Accel, Member, NonFiniteLoss, Schedule, TrainResult, evaluate, set_cpu_threads, train_student, train_students
@@ -164,6 +166,7 @@ class StudyContext:
     cache: teacher_cache.TeacherCache | None = None  # teacher outputs shared by the study's trials
     accel: Accel | None = None
     teacher_shapes: Shapes | None = None  # the frozen teacher's tap shapes: one dry forward per study, not per trial
+    reporter: Reporter = field(default_factory=Reporter.auto)  # bars, log lines or nothing (progress.py)
 
     def __post_init__(self):
         if self.teacher is not None and self.teacher_shapes is None:
@@ -310,7 +313,7 @@ def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float
 def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     """Train one trial alone; raises TrialPruned or a trial error, after closing its MLflow run."""
     tr = _start_trial(ctx, trial)
-    bar = tqdm(total=ctx.cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=not ctx.reporter.bars)
     try:
         result = train_student(tr.student, tr.method, ctx.teacher, ctx.data, tr.schedule, on_epoch=_epoch_callback(ctx, tr),
                                progress=lambda e: bar.update(1), cache=ctx.cache, accel=ctx.accel)
@@ -569,6 +572,28 @@ def _note_reason(trial: optuna.Trial, reason: str) -> None:
         pass
 
 
+def _report_end(ctx: StudyContext, trial: optuna.Trial) -> None:
+    """Tell the reporter a trial ended, as Optuna now holds it (a log line; nothing in a terminal)."""
+    if not ctx.reporter.lines:
+        return
+    try:
+        frozen = ctx.storage.get_trial(trial._trial_id)
+    except Exception:  # noqa: BLE001 - a log line is never worth stopping the study for
+        return
+    ctx.reporter.trial_end(ctx.cfg.name, frozen)
+
+
+def _reports_end(execute: Callable) -> Callable:
+    """`execute(ctx, trial or TrialRun, ...)` ends one trial: report it once it returns (not when it raises)."""
+    @functools.wraps(execute)
+    def run(ctx: StudyContext, which, *args):
+        state = execute(ctx, which, *args)
+        _report_end(ctx, which.trial if isinstance(which, TrialRun) else which)
+        return state
+    return run
+
+
+@_reports_end
 def _execute(ctx: StudyContext, trial: optuna.Trial) -> optuna.trial.TrialState:
     """Train one claimed trial with a heartbeat and record its end; a bad trial does not stop the study."""
     try:
@@ -595,7 +620,7 @@ def _execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[optuna
     """Train claimed trials in lockstep on the same batches (--parallel); each reports, prunes and ends on its own."""
     started: list[TrialRun] = []
     bar = tqdm(total=ctx.cfg.epochs, desc=f"trials {trials[0].number}-{trials[-1].number}", unit="epoch", leave=False,
-               disable=None)
+               disable=not ctx.reporter.bars)
     try:
         with contextlib.ExitStack() as beats:
             for t in trials:
@@ -614,6 +639,8 @@ def _execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[optuna
             _tell(ctx, t, FAIL, quiet=True)
         if isinstance(e, TRIAL_ERRORS):
             _free_memory(ctx.data.device)
+            for t in trials:
+                _report_end(ctx, t)
             return [FAIL] * len(trials)
         raise
     finally:
@@ -630,6 +657,7 @@ def _execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[optuna
     return states
 
 
+@_reports_end
 def _tell_member(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> optuna.trial.TrialState:
     """Finish one trial of a lockstep group and tell Optuna how it ended."""
     e = result.stopped_by
@@ -678,8 +706,11 @@ def _finish(ctx: StudyContext, status: str) -> dict | None:
         return None
 
 
-def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
+def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Reporter | None = None) -> dict:
     """Run (or resume) the study until it has spent its budget (budget.py); return a summary."""
+    reporter = reporter or Reporter.auto()
+    if say is print:
+        say = reporter.say  # flushed in logs, on stderr with --quiet
     check_pair(cfg)
     if cfg.full_study_name != cfg.requested_study_name:  # said once, before anything runs
         say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")
@@ -717,7 +748,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     interval, grace = storage.heartbeat_interval, storage.grace_period
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                        study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace,
-                       cache=cache, accel=accel)
+                       cache=cache, accel=accel, reporter=reporter)
     _close_orphan_runs(ctx, finished_too=True)
 
     budget, now = cfg.budget, spent(study)
@@ -730,7 +761,9 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
         say(f"Resuming study {name!r}: {budget.spent_text(now)} of {budget.describe()}.")
     done, total = budget.progress(now)
     unit = "epoch" if total == cfg.budget_epochs else "trial"
-    bar = tqdm(total=total, initial=done, desc=cfg.method, unit=unit, disable=None)
+    reporter.study_start(name, f"{cfg.method}, {cfg.epochs}-epoch trials, budget {budget.describe()}; "
+                               f"spent so far: {budget.spent_text(now)}")
+    bar = tqdm(total=total, initial=done, desc=cfg.method, unit=unit, disable=not reporter.bars)
     # A run of failures that train nothing (a bug, a broken store) must not loop forever.
     max_failures = cfg.trials if cfg.trials is not None else math.ceil(cfg.budget_epochs / cfg.epochs)
     start, failures, status = time.monotonic(), 0, "FINISHED"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from reliability_helpers import REPO, cli_env
+from reliability_helpers import cli_env, run_cli, start_cli, stop, wait_for
 
 HEAVY = ("torch", "mlflow", "optuna")
 
@@ -42,3 +43,39 @@ def test_dataset_names_declared_for_the_parser_match_the_loaders():
 
     assert list(DATASET_SUMMARIES) == list(DATASETS)
     assert DATASET_SUMMARIES == {name: spec.summary for name, spec in DATASETS.items()}
+
+
+# ---------------------------------------------------------------- output that fits where it goes
+
+STUDY = ["--dataset", "digits", "--data-size", "300", "--epochs", "2", "--device", "cpu", "--pruner", "none"]
+TRIAL_LINE = re.compile(r"^ce trial (\d+): (COMPLETE|PRUNED|FAIL)\S* val_acc=(\d\.\d{4}|-) epochs=(\d+) seconds=([\d.]+) lr=\S+$")
+
+
+def _buffered_env(tmp):
+    env = cli_env(tmp)
+    env.pop("PYTHONUNBUFFERED")  # as under nohup or CI: a pipe or file is block-buffered unless we flush
+    return env
+
+
+def test_a_log_gets_one_flushed_line_per_trial_then_quiet_gets_only_the_summary(tmp_path):
+    log = tmp_path / "nohup.out"
+    proc = start_cli(["study", "ce", *STUDY, "--trials", "3"], tmp_path, _buffered_env(tmp_path), log)
+    try:
+        # Flushed at once: the first trial's line is in the file while the study still runs.
+        wait_for(lambda: "ce trial 0:" in log.read_text(), 120, proc)
+        assert proc.poll() is None, "the line came only when the process ended"
+        assert proc.wait(120) == 0
+    finally:
+        stop(proc)
+    out = log.read_text()
+    lines = [m for m in map(TRIAL_LINE.match, out.splitlines()) if m]
+    assert [int(m.group(1)) for m in lines] == [0, 1, 2], out
+    assert all(m.group(2) == "COMPLETE" and m.group(4) == "2" and m.group(3) != "-" for m in lines), out
+    assert re.search(r"^study ce-digits-\S+: ce, 2-epoch trials, budget 3 trials", out, re.M), out
+    assert "\r" not in out and "it/s" not in out and "epoch/s" not in out  # no progress bars in a log
+
+    quiet = run_cli(["study", "ce", *STUDY, "--trials", "4", "--quiet"], tmp_path, _buffered_env(tmp_path))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.lstrip().startswith("study ce-digits-") and "4 complete" in quiet.stdout
+    assert " trial 3:" not in quiet.stdout and "Resuming" not in quiet.stdout
+    assert "Resuming study" in quiet.stderr and "trial 3:" not in quiet.stderr
