@@ -378,24 +378,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
     from .tracking import absolute_sqlite, default_tracking_uri
+    from .ui import serve
 
     uri = absolute_sqlite(args.tracking_uri or default_tracking_uri())
     if uri.startswith("http"):
         raise UserError(f"{uri} is already a tracking server: open it in a browser")
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         raise UserError(f"no MLflow store at {uri} yet: run a study first")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-           "--workers", "1"]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host} exposes the MLflow UI, which has no login, to other machines", file=sys.stderr)
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 130
+    return serve(uri, args.host, args.port, say=lambda m: print(m, flush=True))  # owns and stops every process it starts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,8 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-cache-mb", type=float, help="teacher cache budget of the study (default: sized to the device)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on the study results", description="Start `mlflow ui` on kdsweep's tracking store.",
-                       epilog="example:\n  kdsweep ui                 # then open http://127.0.0.1:5000",
+    p = sub.add_parser("ui", help="open the MLflow UI on the study results",
+                       description="Start `mlflow ui` on kdsweep's tracking store and print the link to the newest "
+                                   "experiment's runs. Ctrl-C, `kill` or closing the terminal stops the server and every "
+                                   "process it started; a port already in use is refused (exit 2).",
+                       epilog="example:\n  kdsweep ui                 # then open the runs link it prints\n"
+                              "  kdsweep ui --port 5001     # when 5000 is taken",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", help="default: sqlite:///mlruns/mlflow.db")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from reliability_helpers import cli_env, run_cli, start_cli, stop, wait_for
+from reliability_helpers import cli_env, free_port, run_cli, start_cli, stop, wait_for
 
 HEAVY = ("torch", "mlflow", "optuna")
 
@@ -79,3 +82,98 @@ def test_a_log_gets_one_flushed_line_per_trial_then_quiet_gets_only_the_summary(
     assert quiet.stdout.lstrip().startswith("study ce-digits-") and "4 complete" in quiet.stdout
     assert " trial 3:" not in quiet.stdout and "Resuming" not in quiet.stdout
     assert "Resuming study" in quiet.stderr and "trial 3:" not in quiet.stderr
+
+
+# ---------------------------------------------------------------- kdsweep ui
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """An MLflow store with one kdsweep experiment and one run: all `kdsweep ui` needs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("kdsweep/digits/digitnet_l->digitnet_s",
+                                   artifact_location=(tmp_path / "mlruns" / "artifacts").as_uri())
+    client.set_terminated(client.create_run(exp, run_name="ce-digits").info.run_id)
+    return uri, exp
+
+
+def _stat(pid):
+    """(state, session, start time) of a process, read from /proc; None once it is gone."""
+    try:
+        raw = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    f = raw[raw.rindex(")") + 2:].split()
+    return f[0], int(f[3]), f[19]
+
+
+def _descendants(root):
+    """pid -> (session, start time) of every live process below `root`."""
+    children = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            raw = open(f"/proc/{p}/stat").read()
+        except OSError:
+            continue
+        children.setdefault(int(raw[raw.rindex(")") + 2:].split()[1]), []).append(int(p))
+    found, todo = {}, [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            st = _stat(pid)
+            if st and st[0] != "Z" and pid not in found:
+                found[pid] = (st[1], st[2])
+                todo.append(pid)
+    return found
+
+
+def test_ui_refuses_a_taken_port_in_one_line(tmp_path, small_store):
+    uri, _ = small_store
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run_cli(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path, cli_env(tmp_path), timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"kdsweep: error: port {port} on 127.0.0.1 is already in use (another `kdsweep ui` or " \
+                                 f"MLflow server?); choose another with --port"
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_ui_stops_every_process_it_started(tmp_path, small_store, sig, status):
+    uri, exp = small_store
+    port = free_port()
+    log = tmp_path / "ui.log"
+    proc = start_cli(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path, cli_env(tmp_path), log)
+    try:
+        wait_for(lambda: f"/#/experiments/{exp}/runs" in log.read_text(), 180, proc)
+        assert _answers(port)
+        started = _descendants(proc.pid)
+        assert started, "no server process below kdsweep ui"
+        sessions = {s for s, _ in started.values()} - {os.getsid(proc.pid)}
+        assert sessions, "the server should run in a session of its own"
+        proc.send_signal(sig)
+        assert proc.wait(60) == status
+    finally:
+        stop(proc, signal.SIGKILL)
+    text = log.read_text()
+    assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs" in text and "Model training" in text
+    assert "Traceback" not in text and "CancelledError" not in text
+    left = [pid for pid, (_, t) in started.items() if (st := _stat(pid)) and st[0] != "Z" and st[2] == t]
+    assert left == [], f"processes left running: {left}"
+    in_sessions = [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+                   if (st := _stat(int(p))) and st[0] != "Z" and st[1] in sessions]
+    assert in_sessions == [], f"processes left in the server's session: {in_sessions}"
+    assert not _answers(port)
+
+
+def _answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
