@@ -262,7 +262,7 @@ def cmd_teacher(args) -> int:
     from . import checkpoint
 
     meta = checkpoint.load(path)["meta"]
-    print(f"teacher {cfg.teacher} on {cfg.dataset}: best epoch {meta['best_epoch']}, val_acc={meta['val_acc']:.4f}, "
+    print(f"teacher {cfg.teacher} on {cfg.dataset}: best epoch {meta['best_epoch'] + 1}, val_acc={meta['val_acc']:.4f}, "
           f"test_acc={meta['test_acc']:.4f} -> {path}")
     return 0
 

@@ -29,6 +29,7 @@ from . import checkpoint, identity, teacher_cache, truth
 from .budget import EPOCHS_ATTR, Spent
 from .config import StudyConfig
 from .data import DeviceData, get_dataset, load_data
+from .describe import NOTE_TAG, study_note
 from .errors import UserError
 from .space import edge_warnings
 from .methods import get_method
@@ -212,7 +213,7 @@ def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
 
-    run = tracker.start(ctx.experiment_id, f"{cfg.full_study_name}/t{trial.number:03d}",
+    run = tracker.start(ctx.experiment_id, f"t{trial.number:03d}",  # short: the table cuts long names; the parent names the study
                         {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                          "kdsweep.trial": trial.number, "kdsweep.state": "RUNNING"}, parent=ctx.parent_run)
     tr = TrialRun(trial, hp, schedule, student, method, run, rng)
@@ -234,7 +235,7 @@ def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
         tr.trial.report(stats.val_acc, stats.epoch)
         tr.reported.append(stats.epoch)
         if tr.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch + 1} of {ctx.cfg.epochs}")  # 1-based for people
 
     return on_epoch
 
@@ -395,17 +396,43 @@ def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfi
                                         "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag})
         space = {f"space.{k}": v.describe() for k, v in cfg.space.items()}
         tracker.log(run, params={**base_params, **space, **{f"fixed.{k}": v for k, v in cfg.fixed.items()},
-                                 "sampler": cfg.sampler, "pruner": cfg.pruner})
+                                 "sampler": cfg.sampler, "pruner": cfg.pruner, **_settings_params(cfg, study)})
         study.set_user_attr(PARENT_ATTR, run)
     else:
         tracker.client.update_run(run, status="RUNNING")
+        have = tracker.client.get_run(run).data.params  # a parent made by an older kdsweep: add what it lacks
+        tracker.log(run, params={k: v for k, v in _settings_params(cfg, study).items() if k not in have})
     if disagreement and cfg.on_mismatch == "repair":
         truth.restore(tracker, exp, run, disagreement, cfg.method, {**base_params, **cfg.fixed}, RUN_ID_ATTR, say)
     if not (disagreement.foreign and cfg.on_mismatch == "ignore"):
         truth.bind(tracker, run, study)
     # The stopping rule may grow on resume (--trials 40 after 30): a tag, since params cannot change.
     tracker.log(run, tags={"kdsweep.budget": cfg.budget.describe()})
+    _write_note(tracker, run, study, cfg, _best_of(study))
     return run
+
+
+def _settings_params(cfg: StudyConfig, study: optuna.Study) -> dict[str, Any]:
+    """What every trial of the study computes, and the split it sees, as parent-run params for the MLflow UI.
+
+    The budget (--trials/--budget-epochs) may grow on resume, and MLflow params cannot change: it is the
+    tag kdsweep.budget and part of the run's description instead.
+    """
+    split = study.user_attrs.get(identity.SPLIT_ATTR) or {}
+    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "teacher_epochs": cfg.teacher_epochs, "split_sha256": split.get("sha256", "")}
+
+
+def _best_of(study: optuna.Study) -> dict | None:
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return None
+    best = study.best_trial
+    return {"number": best.number, "val_acc": best.value, "test_acc": best.user_attrs.get("test_acc")}
+
+
+def _write_note(tracker: Tracker, run: str, study: optuna.Study, cfg: StudyConfig, best: dict | None) -> None:
+    """The parent run's description (describe.py), rewritten when a run of the study starts and ends."""
+    tracker.log(run, tags={NOTE_TAG: study_note(cfg, cfg.budget.spent_text(spent(study)), best)})
 
 
 def _record_best(tracker: Tracker, parent: str, study: optuna.Study) -> dict | None:
@@ -698,6 +725,7 @@ def _finish(ctx: StudyContext, status: str) -> dict | None:
     """Summarise into the parent run and close it; never mask the exception that ended the study."""
     try:
         best = _record_best(ctx.tracker, ctx.parent_run, ctx.study)
+        _write_note(ctx.tracker, ctx.parent_run, ctx.study, ctx.cfg, best)
         _close_orphan_runs(ctx)
         _close_parent(ctx, status)
         return best

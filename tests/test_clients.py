@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -77,7 +78,25 @@ def test_a_log_gets_one_flushed_line_per_trial_then_quiet_gets_only_the_summary(
     assert re.search(r"^study ce-digits-\S+: ce, 2-epoch trials, budget 3 trials", out, re.M), out
     assert "\r" not in out and "it/s" not in out and "epoch/s" not in out  # no progress bars in a log
 
-    quiet = run_cli(["study", "ce", *STUDY, "--trials", "4", "--quiet"], tmp_path, _buffered_env(tmp_path))
+    # The MLflow side (issue 13, part 4): short child names under a parent that carries the settings and a description.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.data.tags.get("kdsweep.role") == "study")
+    assert sorted(r.info.run_name for r in runs if r.data.tags.get("kdsweep.role") == "trial") == ["t000", "t001", "t002"]
+    assert parent.info.run_name == parent.data.tags["kdsweep.study"]
+    assert {k: parent.data.params[k] for k in ("epochs", "batch_size", "dataset", "teacher", "student", "seed")} == \
+        {"epochs": "2", "batch_size": "32", "dataset": "digits", "teacher": "digitnet_l", "student": "digitnet_s", "seed": "0"}
+    assert len(parent.data.params["split_sha256"]) == 64 and parent.data.tags["kdsweep.budget"] == "3 trials"
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("ce (ce) on digits, digitnet_l -> digitnet_s, seed 0: 2-epoch trials of batch 32; budget 3 trials; "
+                           "spent 3 trials trained (3 complete), 6 epochs; best val_acc ")
+    command = next(line.strip() for line in note.splitlines() if line.strip().startswith("kdsweep study "))
+
+    # ... and that command resumes the study: here with a larger budget and --quiet.
+    quiet = run_cli([*shlex.split(command)[1:], "--device", "cpu", "--trials", "4", "--quiet"], tmp_path,
+                    _buffered_env(tmp_path))
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.lstrip().startswith("study ce-digits-") and "4 complete" in quiet.stdout
     assert " trial 3:" not in quiet.stdout and "Resuming" not in quiet.stdout
@@ -177,3 +196,20 @@ def _answers(port):
             return True
     except OSError:
         return False
+
+
+def test_trial_lines_count_epochs_from_one():
+    import optuna
+
+    from kdsweep.progress import trial_line
+
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True)}
+    pruned = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"lr": 0.01}, distributions=dist,
+                                       intermediate_values={0: 0.5, 1: 0.625})
+    pruned.number, pruned.datetime_start, pruned.datetime_complete = 7, None, None
+    assert trial_line("ce", pruned) == "ce trial 7: PRUNED after epoch 2 val_acc=0.6250 epochs=2 seconds=- lr=0.01"
+    failed = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"lr": 0.2}, distributions=dist,
+                                       user_attrs={"kdsweep.epochs_trained": 1, "fail_reason": "NonFiniteLoss: in epoch 1"})
+    failed.number = 8
+    assert trial_line("ce", failed).startswith("ce trial 8: FAIL val_acc=- epochs=1 seconds=")
+    assert trial_line("ce", failed).endswith(" lr=0.2 (NonFiniteLoss: in epoch 1)")
