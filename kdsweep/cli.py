@@ -286,7 +286,8 @@ Once `kdsweep confirm` (or --seeds K here) has retrained each best config with
 K fresh seeds, the metrics are mean ± sample std over those runs and `ranks`
 adds a two-sided Welch t-test p-value of each method's test accuracy vs ce.
 Tables go to --out DIR as best/metrics/ranks.{md,csv,tex,html,json} (plus
-report.md) and, with the plots (plots/*.png), to an MLflow run tagged
+report.md; with html also report.html, one self-contained page with the tables,
+notes and plots) and, with the plots (plots/*.png), to an MLflow run tagged
 kdsweep.role=report. Progress and notes go to stderr, the markdown to stdout.
 """
 
@@ -391,6 +392,14 @@ def cmd_ui(args) -> int:
     return serve(uri, args.host, args.port, say=lambda m: print(m, flush=True))  # owns and stops every process it starts
 
 
+def cmd_status(args) -> int:
+    from .status import as_json, collect, text
+
+    status = collect(args.storage, args.tracking_uri)
+    print(as_json(status) if args.json else text(status))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdsweep",
@@ -399,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n"
                "  kdsweep study ce --dataset digits --trials 10 --epochs 5\n"
                "  kdsweep confirm --dataset digits --seeds 3\n  kdsweep report --dataset digits --out R --format md,csv\n"
-               "  kdsweep ui\n\n"
+               "  kdsweep ui\n  kdsweep status\n\n"
                "`kdsweep COMMAND --help` explains each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -497,6 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("status", help="the studies in a store: budget, trials by state, best, a worker running now",
+                       description="List the studies of an Optuna storage: method, per-trial settings, budget, trials by "
+                                   "state, epochs spent, best validation and test accuracy, whether a worker is running "
+                                   "the study now, and its MLflow experiment and parent run. Reads only.",
+                       epilog="examples:\n  kdsweep status\n  kdsweep status --json | jq '.studies[].best'\n"
+                              "  kdsweep status --storage postgresql://user@host/db --tracking-uri http://127.0.0.1:5000",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_tracking(p)
+    p.add_argument("--json", action="store_true", help="the same as JSON")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

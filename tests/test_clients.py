@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
 import re
@@ -213,3 +215,91 @@ def test_trial_lines_count_epochs_from_one():
     failed.number = 8
     assert trial_line("ce", failed).startswith("ce trial 8: FAIL val_acc=- epochs=1 seconds=")
     assert trial_line("ce", failed).endswith(" lr=0.2 (NonFiniteLoss: in epoch 1)")
+
+
+# ---------------------------------------------------------------- one report page, kdsweep status
+
+TINY = ["--dataset", "digits", "--data-size", "300", "--device", "cpu", "--trials", "2", "--epochs", "1",
+        "--teacher-epochs", "1", "--pruner", "none", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def two_studies(tmp_path_factory):
+    """ce and vanilla_kd, 2 one-epoch trials each, in the default stores (mlruns/) of a fresh directory."""
+    from kdsweep import cli
+
+    root = tmp_path_factory.mktemp("two")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("KDSWEEP_CACHE", str(root / "cache"))
+        for method in ("ce", "vanilla_kd"):
+            assert cli.main(["study", method, *TINY]) == 0
+        yield root
+
+
+def test_report_html_is_one_self_contained_page(two_studies, capsys):
+    from kdsweep import cli
+    from kdsweep.report import TITLES
+
+    out = two_studies / "R"
+    assert cli.main(["report", "--format", "html", "--out", str(out), "--device", "cpu", "--no-log"]) == 0
+    capsys.readouterr()
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    for title in TITLES.values():
+        assert f"<h2>{html.escape(title)}</h2>" in page
+    assert "<h2>Notes</h2>" in page and "no CI and no p-values" in page
+    # Nothing to fetch: every src is an embedded PNG, no link, script, stylesheet or CSS url() at all.
+    srcs = re.findall(r"""\bsrc\s*=\s*["']?([^"'\s>]*)""", page, re.I)
+    assert len(srcs) >= 2 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for ref in (r"\bhref\s*=", r"<link\b", r"<script\b", r"<iframe\b", r"url\(", r"@import", r"""=\s*["']?(https?:)?//"""):
+        assert not re.search(ref, page, re.I), ref
+    for b64 in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page):
+        assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_lists_both_studies_with_workers_and_json(two_studies, capsys, monkeypatch):
+    import optuna
+
+    from kdsweep import cli, status, study as study_mod
+    from kdsweep.workers import OWNER_ATTR, Owner
+
+    assert (status.CONFIG_ATTR, status.PARENT_ATTR) == (study_mod.CONFIG_ATTR, study_mod.PARENT_ATTR)
+    monkeypatch.chdir(two_studies)
+    assert cli.main(["status"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("2 studies in sqlite:///")
+    for method in ("ce", "vanilla_kd"):
+        block = text.split(f"\n{method}-digits-", 1)[1].split("\n\n", 1)[0]
+        assert f"method {method}; per trial e1-b32-n300-te1; budget 2 trials" in block
+        assert "trials: 2 complete, 0 pruned, 0 failed, 0 running (2 trained, 2 epochs)" in block
+        assert re.search(r"best: trial \d, val_acc \d\.\d{4}, test_acc \d\.\d{4}", block)
+        assert "worker: none running" in block and "MLflow: experiment 'kdsweep/digits/digitnet_l->digitnet_s'" in block
+
+    # A worker at work on ce (this very process), and a trial of vanilla_kd left RUNNING by a dead one.
+    storage = f"sqlite:///{two_studies / 'mlruns' / 'optuna.db'}"
+    names = {n.split("-")[0]: n for n in optuna.get_all_study_names(storage)}
+    me = Owner.me()
+    gone = Owner(me.node, me.host, me.pid, "not-my-start-time")  # as a dead worker whose pid came back
+    held = []
+    for method, owner in (("ce", me), ("vanilla_kd", gone)):
+        s = optuna.load_study(study_name=names[method], storage=storage)
+        t = s.ask()
+        t.set_user_attr(OWNER_ATTR, owner.as_attr())
+        held.append((s, t))
+    try:
+        assert cli.main(["status", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+    finally:
+        for s, t in held:
+            s.tell(t, state=optuna.trial.TrialState.FAIL)
+    rows = {r["method"]: r for r in data["studies"]}
+    assert set(rows) == {"ce", "vanilla_kd"}
+    ce, kd = rows["ce"], rows["vanilla_kd"]
+    assert ce["active"] is True and ce["workers"]["running_now"] == [str(me)] and ce["trials"]["RUNNING"] == 1
+    assert kd["active"] is False and kd["workers"]["stale_trials"] == 1 and kd["workers"]["running_now"] == []
+    for r in (ce, kd):
+        assert r["budget"] == "2 trials" and r["trained"] == 2 and r["epochs_spent"] == 2
+        assert r["trials"]["COMPLETE"] == 2 and r["per_trial"]["epochs"] == 1 and r["per_trial"]["batch_size"] == 32
+        assert 0 <= r["best"]["val_acc"] <= 1 and 0 <= r["best"]["test_acc"] <= 1
+        assert r["mlflow"]["experiment"] == "kdsweep/digits/digitnet_l->digitnet_s" and len(r["mlflow"]["parent_run"]) == 32
