@@ -10,6 +10,7 @@ import threading
 from typing import Callable
 
 from . import failures
+from .catalog import DATASET_NAMES  # not .data: building the parser must not import torch (issue 13)
 from .errors import UserError
 
 EPILOG_STUDY = """\
@@ -42,10 +43,8 @@ per complete trial, at its best-validation epoch, and never used for tuning.
 
 
 def _common_data(p: argparse.ArgumentParser) -> None:
-    from .data import DATASETS
-
     g = p.add_argument_group("data and models")
-    g.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: cifar10)")
+    g.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: cifar10)")
     g.add_argument("--data-dir", help="where real datasets live / are downloaded (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
     g.add_argument("--data-size", type=int, help="training images to use (synthetic: to generate; default: all, synthetic 5000)")
     g.add_argument("--val-fraction", type=float, help="share of the training set held out for validation (default: 0.1)")
@@ -97,6 +96,13 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _perf_args(p)
     _common_tracking(p)
     _integrity_args(p)
+    _output_args(p)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output (in a terminal: progress bars; otherwise one line per finished trial and study)")
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="print only the summary at the end (notes and warnings still go to stderr)")
 
 
 def _integrity_args(p: argparse.ArgumentParser) -> None:
@@ -136,8 +142,10 @@ def cmd_study(args) -> int:
     from .config import resolve
     from .study import run_study
 
+    from .progress import Reporter
+
     cfg = resolve(args.name, {k: getattr(args, k) for k in STUDY_KEYS})
-    summary = run_study(cfg)
+    summary = run_study(cfg, reporter=Reporter.auto(args.quiet))
     print_summary(summary)
     return 0
 
@@ -155,13 +163,14 @@ def print_summary(s: dict) -> None:
     for line in s.get("edges", []):
         print(f"  note: {line}")
     print(f"  MLflow: experiment {s['experiment']!r}, parent run {s['parent_run']} at {s['tracking_uri']}")
-    print("  browse: kdsweep ui")
+    print("  browse: kdsweep ui", flush=True)
 
 
 def cmd_sweep(args) -> int:
     """One study per method, one after another, with the same split, stream, epochs and budget."""
     from .config import DEFAULT_TRIALS, resolve
     from .methods import METHODS
+    from .progress import Reporter
     from .study import open_storage, pair_problem, run_study, study_conflict
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -199,8 +208,9 @@ def cmd_sweep(args) -> int:
                         f"(use their original settings, or --study-suffix NEW for a new set of studies)")
     summaries = []
     for i, cfg in enumerate(runnable, 1):
-        print(f"\n[{i}/{len(runnable)}] {cfg.name}: budget {cfg.budget.describe()}")
-        summaries.append(run_study(cfg))
+        if not args.quiet:
+            print(f"\n[{i}/{len(runnable)}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
+        summaries.append(run_study(cfg, reporter=Reporter.auto(args.quiet)))
         print_summary(summaries[-1])
     print("\nsweep: " + ", ".join(
         f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial" for s in summaries))
@@ -264,7 +274,7 @@ def cmd_teacher(args) -> int:
     from . import checkpoint
 
     meta = checkpoint.load(path)["meta"]
-    print(f"teacher {cfg.teacher} on {cfg.dataset}: best epoch {meta['best_epoch']}, val_acc={meta['val_acc']:.4f}, "
+    print(f"teacher {cfg.teacher} on {cfg.dataset}: best epoch {meta['best_epoch'] + 1}, val_acc={meta['val_acc']:.4f}, "
           f"test_acc={meta['test_acc']:.4f} -> {path}")
     return 0
 
@@ -288,7 +298,8 @@ Once `kdsweep confirm` (or --seeds K here) has retrained each best config with
 K fresh seeds, the metrics are mean ± sample std over those runs and `ranks`
 adds a two-sided Welch t-test p-value of each method's test accuracy vs ce.
 Tables go to --out DIR as best/metrics/ranks.{md,csv,tex,html,json} (plus
-report.md) and, with the plots (plots/*.png), to an MLflow run tagged
+report.md; with html also report.html, one self-contained page with the tables,
+notes and plots) and, with the plots (plots/*.png), to an MLflow run tagged
 kdsweep.role=report. Progress and notes go to stderr, the markdown to stdout.
 """
 
@@ -380,24 +391,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
     from .tracking import absolute_sqlite, default_tracking_uri
+    from .ui import serve
 
     uri = absolute_sqlite(args.tracking_uri or default_tracking_uri())
     if uri.startswith("http"):
         raise UserError(f"{uri} is already a tracking server: open it in a browser")
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         raise UserError(f"no MLflow store at {uri} yet: run a study first")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-           "--workers", "1"]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host} exposes the MLflow UI, which has no login, to other machines", file=sys.stderr)
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 130
+    return serve(uri, args.host, args.port, say=lambda m: print(m, flush=True))  # owns and stops every process it starts
+
+
+def cmd_status(args) -> int:
+    from .status import as_json, collect, text
+
+    status = collect(args.storage, args.tracking_uri)
+    print(as_json(status) if args.json else text(status))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n"
                "  kdsweep study ce --dataset digits --trials 10 --epochs 5\n"
                "  kdsweep confirm --dataset digits --seeds 3\n  kdsweep report --dataset digits --out R --format md,csv\n"
-               "  kdsweep ui\n\n"
+               "  kdsweep ui\n  kdsweep status\n\n"
                "`kdsweep COMMAND --help` explains each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -479,9 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure kdsweep's training path against a seed-style reference",
                        description="Benchmark a K-trial kdsweep study against K seed-style reference trials.",
                        epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .data import DATASETS
-
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: synthetic, generated: no network)")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: synthetic, generated: no network)")
     p.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
     p.add_argument("--teacher", help="teacher architecture (default: resnet18, seed 003's)")
     p.add_argument("--student", help="student architecture (default: smallnet, seed 003's)")
@@ -497,13 +507,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-cache-mb", type=float, help="teacher cache budget of the study (default: sized to the device)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on the study results", description="Start `mlflow ui` on kdsweep's tracking store.",
-                       epilog="example:\n  kdsweep ui                 # then open http://127.0.0.1:5000",
+    p = sub.add_parser("ui", help="open the MLflow UI on the study results",
+                       description="Start `mlflow ui` on kdsweep's tracking store and print the link to the newest "
+                                   "experiment's runs. Ctrl-C, `kill` or closing the terminal stops the server and every "
+                                   "process it started; a port already in use is refused (exit 2).",
+                       epilog="example:\n  kdsweep ui                 # then open the runs link it prints\n"
+                              "  kdsweep ui --port 5001     # when 5000 is taken",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", help="default: sqlite:///mlruns/mlflow.db")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("status", help="the studies in a store: budget, trials by state, best, a worker running now",
+                       description="List the studies of an Optuna storage: method, per-trial settings, budget, trials by "
+                                   "state, epochs spent, best validation and test accuracy, whether a worker is running "
+                                   "the study now, and its MLflow experiment and parent run. Reads only.",
+                       epilog="examples:\n  kdsweep status\n  kdsweep status --json | jq '.studies[].best'\n"
+                              "  kdsweep status --storage postgresql://user@host/db --tracking-uri http://127.0.0.1:5000",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_tracking(p)
+    p.add_argument("--json", action="store_true", help="the same as JSON")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

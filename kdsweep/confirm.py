@@ -107,7 +107,7 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
                         schedule.epochs).to(data.device)
 
     source_trial = best.data.tags.get("kdsweep.trial", "")
-    run = tracker.start(sel.experiment_id, f"{s.name}/confirm-s{seed}",
+    run = tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
                         {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
                          "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
                          "kdsweep.source_trial": source_trial, "kdsweep.state": "RUNNING", **leftovers.owner_tags()},

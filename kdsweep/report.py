@@ -445,6 +445,22 @@ def method_lines(studies) -> list[str]:
     return ["## Methods", ""] + [f"- {x.label}: {describe(x.method)}" for x in studies] + [""]
 
 
+def directions_text() -> str:
+    return ("Directions: " + ", ".join(f"{k} {'higher' if d > 0 else 'lower'} is better" for k, d in DIRECTIONS.items())
+            + "; ECE over 10 bins; KL is KL(teacher || student) in nats; ranks among the students (1 = best, "
+            "ties share the best rank).")
+
+
+def write_html(rep: Report, out: Path, plots: list[Path]) -> Path:
+    """report.html: the whole report on one self-contained page, plots embedded (report_html.py)."""
+    from .report_html import render
+
+    methods = [line[2:] for line in method_lines(rep.sel.studies) if line.startswith("- ")]
+    path = out / "report.html"
+    path.write_text(render(rep, plots, {n: TITLES[n] for n in TABLES}, methods, directions_text()), encoding="utf-8")
+    return path
+
+
 def to_markdown(rep: Report) -> str:
     s = rep.sel
     lines = [f"# kdsweep report: {s.dataset}, {s.teacher} -> {s.student}, seed {s.seed}", "",
@@ -453,9 +469,7 @@ def to_markdown(rep: Report) -> str:
     for name in TABLES:
         lines += [f"## {TITLES[name]}", "", markdown_table(rep.display[name]), ""]
     lines += method_lines(s.studies)
-    lines += ["Directions: " + ", ".join(f"{k} {'higher' if d > 0 else 'lower'} is better" for k, d in DIRECTIONS.items())
-              + "; ECE over 10 bins; KL is KL(teacher || student) in nats; ranks among the students (1 = best, "
-              "ties share the best rank).", ""]
+    lines += [directions_text(), ""]
     lines += [f"- {n}" for n in rep.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -624,4 +638,6 @@ def _write(rep: Report, fmts: list[str], out_dir: Path, plots: bool, say: Say) -
         files.append(P.val_curves(rep.curves, pdir / "val_curves.png", f"best trial per method - {title}"))
         for s in sel.studies:
             files += P.optuna_plots(optuna_study(s), s.label, pdir, say)
+    if "html" in fmts:  # one page with everything, after the plots it embeds
+        files.append(write_html(rep, out_dir, [f for f in files if f.suffix == ".png"]))
     return files

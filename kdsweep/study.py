@@ -11,6 +11,7 @@ by one, or --parallel K at a time in lockstep).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import tempfile
@@ -29,10 +30,12 @@ from .budget import EPOCHS_ATTR, Spent
 
 from .config import StudyConfig
 from .data import DeviceData, check_split, get_dataset, load_data
+from .describe import NOTE_TAG, study_note
 from .errors import UserError
 from .space import edge_warnings
 from .methods import get_method
 from .models import Shapes, build_model, count_params
+from .progress import Reporter
 from .teacher import get_teacher
 from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, make_store_dir, redact, scrub
 from .train import Accel, Member, NonFiniteLoss, Schedule, TrainResult, evaluate, set_cpu_threads, train_student, train_students
@@ -169,6 +172,7 @@ class StudyContext:
     cache: teacher_cache.TeacherCache | None = None  # teacher outputs shared by the study's trials
     accel: Accel | None = None
     teacher_shapes: Shapes | None = None  # the frozen teacher's tap shapes: one dry forward per study, not per trial
+    reporter: Reporter = field(default_factory=Reporter.auto)  # bars, log lines or nothing (progress.py)
 
     def __post_init__(self):
         if self.teacher is not None and self.teacher_shapes is None:
@@ -214,7 +218,7 @@ def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
 
-    run = tracker.start(ctx.experiment_id, f"{cfg.full_study_name}/t{trial.number:03d}",
+    run = tracker.start(ctx.experiment_id, f"t{trial.number:03d}",  # short: the table cuts long names; the parent names the study
                         {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                          "kdsweep.trial": trial.number, "kdsweep.state": "RUNNING"}, parent=ctx.parent_run)
     tr = TrialRun(trial, hp, schedule, student, method, run, rng)
@@ -236,7 +240,7 @@ def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
         tr.trial.report(stats.val_acc, stats.epoch)
         tr.reported.append(stats.epoch)
         if tr.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch + 1} of {ctx.cfg.epochs}")  # 1-based for people
 
     return on_epoch
 
@@ -317,7 +321,7 @@ def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float
 def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     """Train one trial alone; raises TrialPruned or a trial error, after closing its MLflow run."""
     tr = _start_trial(ctx, trial)
-    bar = tqdm(total=ctx.cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=None)
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=not ctx.reporter.bars)
     try:
         result = train_student(tr.student, tr.method, ctx.teacher, ctx.data, tr.schedule, on_epoch=_epoch_callback(ctx, tr),
                                progress=lambda e: bar.update(1), cache=ctx.cache, accel=ctx.accel)
@@ -399,17 +403,43 @@ def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfi
                                         "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag})
         space = {f"space.{k}": v.describe() for k, v in cfg.space.items()}
         tracker.log(run, params={**base_params, **space, **{f"fixed.{k}": v for k, v in cfg.fixed.items()},
-                                 "sampler": cfg.sampler, "pruner": cfg.pruner})
+                                 "sampler": cfg.sampler, "pruner": cfg.pruner, **_settings_params(cfg, study)})
         study.set_user_attr(PARENT_ATTR, run)
     else:
         tracker.client.update_run(run, status="RUNNING")
+        have = tracker.client.get_run(run).data.params  # a parent made by an older kdsweep: add what it lacks
+        tracker.log(run, params={k: v for k, v in _settings_params(cfg, study).items() if k not in have})
     if disagreement and cfg.on_mismatch == "repair":
         truth.restore(tracker, exp, run, disagreement, cfg.method, {**base_params, **cfg.fixed}, RUN_ID_ATTR, say)
     if not (disagreement.foreign and cfg.on_mismatch == "ignore"):
         truth.bind(tracker, run, study)
     # The stopping rule may grow on resume (--trials 40 after 30): a tag, since params cannot change.
     tracker.log(run, tags={"kdsweep.budget": cfg.budget.describe()})
+    _write_note(tracker, run, study, cfg, _best_of(study))
     return run
+
+
+def _settings_params(cfg: StudyConfig, study: optuna.Study) -> dict[str, Any]:
+    """What every trial of the study computes, and the split it sees, as parent-run params for the MLflow UI.
+
+    The budget (--trials/--budget-epochs) may grow on resume, and MLflow params cannot change: it is the
+    tag kdsweep.budget and part of the run's description instead.
+    """
+    split = study.user_attrs.get(identity.SPLIT_ATTR) or {}
+    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "teacher_epochs": cfg.teacher_epochs, "split_sha256": split.get("sha256", "")}
+
+
+def _best_of(study: optuna.Study) -> dict | None:
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return None
+    best = study.best_trial
+    return {"number": best.number, "val_acc": best.value, "test_acc": best.user_attrs.get("test_acc")}
+
+
+def _write_note(tracker: Tracker, run: str, study: optuna.Study, cfg: StudyConfig, best: dict | None) -> None:
+    """The parent run's description (describe.py), rewritten when a run of the study starts and ends."""
+    tracker.log(run, tags={NOTE_TAG: study_note(cfg, cfg.budget.spent_text(spent(study)), best)})
 
 
 def _record_best(tracker: Tracker, parent: str, study: optuna.Study) -> dict | None:
@@ -576,6 +606,28 @@ def _note_reason(trial: optuna.Trial, reason: str) -> None:
         pass
 
 
+def _report_end(ctx: StudyContext, trial: optuna.Trial) -> None:
+    """Tell the reporter a trial ended, as Optuna now holds it (a log line; nothing in a terminal)."""
+    if not ctx.reporter.lines:
+        return
+    try:
+        frozen = ctx.storage.get_trial(trial._trial_id)
+    except Exception:  # noqa: BLE001 - a log line is never worth stopping the study for
+        return
+    ctx.reporter.trial_end(ctx.cfg.name, frozen)
+
+
+def _reports_end(execute: Callable) -> Callable:
+    """`execute(ctx, trial or TrialRun, ...)` ends one trial: report it once it returns (not when it raises)."""
+    @functools.wraps(execute)
+    def run(ctx: StudyContext, which, *args):
+        state = execute(ctx, which, *args)
+        _report_end(ctx, which.trial if isinstance(which, TrialRun) else which)
+        return state
+    return run
+
+
+@_reports_end
 def _execute(ctx: StudyContext, trial: optuna.Trial) -> optuna.trial.TrialState:
     """Train one claimed trial with a heartbeat and record its end; a bad trial does not stop the study."""
     try:
@@ -602,7 +654,7 @@ def _execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[optuna
     """Train claimed trials in lockstep on the same batches (--parallel); each reports, prunes and ends on its own."""
     started: list[TrialRun] = []
     bar = tqdm(total=ctx.cfg.epochs, desc=f"trials {trials[0].number}-{trials[-1].number}", unit="epoch", leave=False,
-               disable=None)
+               disable=not ctx.reporter.bars)
     try:
         with contextlib.ExitStack() as beats:
             for t in trials:
@@ -621,6 +673,8 @@ def _execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[optuna
             _tell(ctx, t, FAIL, quiet=True)
         if isinstance(e, TRIAL_ERRORS):
             _free_memory(ctx.data.device)
+            for t in trials:
+                _report_end(ctx, t)
             return [FAIL] * len(trials)
         raise
     finally:
@@ -637,6 +691,7 @@ def _execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[optuna
     return states
 
 
+@_reports_end
 def _tell_member(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> optuna.trial.TrialState:
     """Finish one trial of a lockstep group and tell Optuna how it ended."""
     e = result.stopped_by
@@ -682,6 +737,7 @@ def _finish(ctx: StudyContext, status: str) -> dict | None:
     best, problems = None, []
     try:
         best = _record_best(ctx.tracker, ctx.parent_run, ctx.study)
+        _write_note(ctx.tracker, ctx.parent_run, ctx.study, ctx.cfg, best)
     except Exception as e:  # noqa: BLE001 - e.g. the tracking server went away during an interrupt
         problems.append(e)
     try:
@@ -701,8 +757,11 @@ def _finish(ctx: StudyContext, status: str) -> dict | None:
     return best
 
 
-def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
+def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Reporter | None = None) -> dict:
     """Run (or resume) the study until it has spent its budget (budget.py); return a summary."""
+    reporter = reporter or Reporter.auto()
+    if say is print:
+        say = reporter.say  # flushed in logs, on stderr with --quiet
     check_pair(cfg)
     if cfg.full_study_name != cfg.requested_study_name:  # said once, before anything runs
         say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")
@@ -742,7 +801,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     interval, grace = storage.heartbeat_interval, storage.grace_period
     ctx = StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                        study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=interval, grace=grace,
-                       cache=cache, accel=accel)
+                       cache=cache, accel=accel, reporter=reporter)
     try:
         _close_orphan_runs(ctx, finished_too=True)
     except BaseException as e:  # the parent was just reopened: not left RUNNING by a store that fails here
@@ -759,7 +818,9 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
         say(f"Resuming study {name!r}: {budget.spent_text(now)} of {budget.describe()}.")
     done, total = budget.progress(now)
     unit = "epoch" if total == cfg.budget_epochs else "trial"
-    bar = tqdm(total=total, initial=done, desc=cfg.method, unit=unit, disable=None)
+    reporter.study_start(name, f"{cfg.method}, {cfg.epochs}-epoch trials, budget {budget.describe()}; "
+                               f"spent so far: {budget.spent_text(now)}")
+    bar = tqdm(total=total, initial=done, desc=cfg.method, unit=unit, disable=not reporter.bars)
     # A run of failures that train nothing (a bug, a broken store) must not loop forever.
     max_failures = cfg.trials if cfg.trials is not None else math.ceil(cfg.budget_epochs / cfg.epochs)
     start, failures, status = time.monotonic(), 0, "FINISHED"

@@ -81,7 +81,7 @@ class NonFiniteLoss(RuntimeError):
     """The trial diverged: its loss became NaN/inf, or grew DIVERGENCE_FACTOR-fold over the first step's."""
 
     def __init__(self, epoch: int, detail: str = "non-finite training loss"):
-        super().__init__(f"{detail} in epoch {epoch}")
+        super().__init__(f"{detail} in epoch {epoch + 1}")  # 1-based for people; .epoch stays 0-based
         self.epoch = epoch
 
 

@@ -199,7 +199,7 @@ def restore(tracker: Tracker, exp: str, parent: str, d: Disagreement, method: st
         tags = {"kdsweep.role": "trial", "kdsweep.method": method, "kdsweep.study": d.name, "kdsweep.trial": t.number,
                 "kdsweep.state": "COMPLETE", "kdsweep.restored": "from Optuna's record: no curves, no checkpoint",
                 STANDS_FOR_TAG: t.user_attrs.get(run_id_attr, "")}
-        run = tracker.start(exp, f"{d.name}/t{t.number:03d}", tags, parent=parent)
+        run = tracker.start(exp, f"t{t.number:03d}", tags, parent=parent)
         metrics = {"best_val_acc": t.value}
         metrics.update({k: t.user_attrs[k] for k in ("test_acc", "best_epoch") if isinstance(t.user_attrs.get(k), (int, float))})
         tracker.log(run, metrics, params={**params, **t.params})

@@ -117,14 +117,14 @@ def test_help_teaches(kdsweep):
 
 
 def test_ui_binds_loopback_on_the_study_store(kdsweep, workdir, monkeypatch):
-    import subprocess
+    from kdsweep import ui
 
     code, _, err = kdsweep("ui")
     assert code == 2 and "run a study first" in _one_line(err)
     (workdir / "mlruns").mkdir()
     (workdir / "mlruns" / "mlflow.db").touch()
     seen = {}
-    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
+    monkeypatch.setattr(ui, "serve", lambda uri, host, port, say: seen.setdefault("cmd", ui.server_command(uri, host, port)) and 0)
     assert kdsweep("ui")[0] == 0
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "mlflow", "ui"]

@@ -483,15 +483,14 @@ def test_study_names_cannot_escape_their_directory():
 
 
 def test_ui_binds_loopback_unless_told(tmp_path, monkeypatch, capsys):
-    from kdsweep import cli
+    from kdsweep import cli, ui
 
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(ui, "serve", lambda uri, host, port, say: calls.append(host) or 0)
     db = tmp_path / "mlflow.db"
     db.touch()
     assert cli.main(["ui", "--tracking-uri", f"sqlite:///{db}"]) == 0
-    cmd = calls[-1]
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert calls[-1] == "127.0.0.1"
     assert cli.main(["ui", "--tracking-uri", f"sqlite:///{db}", "--host", "0.0.0.0"]) == 0
     assert "exposes the MLflow UI" in capsys.readouterr().err
 
