@@ -309,12 +309,12 @@ def record_result(tracker: Tracker, run: str, data: DeviceData, arch: str, stude
 def _finish_trial(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> float:
     """Record a trial that trained to the end; return its best val acc (the Optuna objective)."""
     cfg = ctx.cfg
-    tr.spend(len(result.history))
     final = record_result(ctx.tracker, tr.run, ctx.data, cfg.student, tr.student, tr.method, result,
                           {"method": cfg.method, "study": cfg.full_study_name, "trial": tr.trial.number, "hparams": tr.hp},
                           ctx.accel)
     for k in ("test_acc", "best_epoch"):
         tr.trial.set_user_attr(k, final[k])
+    tr.spend(len(result.history))  # last: a trial whose results could not be recorded does not count
     return result.best_val_acc
 
 
@@ -598,10 +598,12 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _note_reason(trial: optuna.Trial, reason: str) -> None:
-    """Record why a trial failed, unless it already says; never raises (it runs while cleaning up)."""
+    """Record why a trial failed, unless it already says, and that it does not count (it ended by no fault of
+    its own: an interrupt, a store, a bug); never raises (it runs while cleaning up)."""
     try:
         if REASON_ATTR not in trial.user_attrs:
             trial.set_user_attr(REASON_ATTR, reason)
+        trial.set_user_attr(EPOCHS_ATTR, None)
     except Exception:  # noqa: BLE001
         pass
 
@@ -703,6 +705,7 @@ def _tell_member(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> optuna
         value = _finish_trial(ctx, tr, result)
     except BaseException as e2:
         _close_trial_run(ctx, tr, e2)
+        _note_reason(tr.trial, "interrupted" if isinstance(e2, KeyboardInterrupt) else f"{type(e2).__name__}: {str(e2)[:200]}")
         _tell(ctx, tr.trial, FAIL, quiet=True)
         raise
     return COMPLETE if _tell(ctx, tr.trial, COMPLETE, value) else FAIL
