@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .catalog import DATASET_SUMMARIES
 from .errors import UserError
 
 # Batch size used for evaluation passes: large, since no gradients are kept.
@@ -67,7 +68,6 @@ class DatasetSpec:
     teacher_epochs: int
     epochs: int  # default student epochs per trial
     batch_size: int
-    summary: str
     in_shape: tuple[int, ...] = (3, 32, 32)
     num_classes: int = 10
     # The training recipe every method of a sweep shares (and teachers use): see train.OPTIMIZERS.
@@ -77,6 +77,11 @@ class DatasetSpec:
     # CPU intra-op threads when $OMP_NUM_THREADS is unset (None: every core). Models of a few thousand
     # parameters run ops too small to share: on a busy machine extra threads mostly wait for each other.
     cpu_threads: int | None = None
+
+    @property
+    def summary(self) -> str:
+        """Declared once, in the torch-free catalog the command line reads."""
+        return DATASET_SUMMARIES[self.name]
 
 
 def default_data_dir() -> Path:
@@ -234,22 +239,19 @@ DATASETS: dict[str, DatasetSpec] = {
     s.name: s
     for s in [
         DatasetSpec("cifar10", _torchvision("CIFAR10", "CIFAR-10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _CIFAR_AUG),
-                    "resnet18", "smallnet", 30, 10, 128, "CIFAR-10 (torchvision), 50k train / 10k test, crop+flip"),
+                    "resnet18", "smallnet", 30, 10, 128),
         DatasetSpec("cifar100", _torchvision("CIFAR100", "CIFAR-100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), _CIFAR_AUG),
-                    "resnet18", "smallnet", 30, 10, 128, "CIFAR-100 (torchvision), 100 classes, crop+flip", num_classes=100),
+                    "resnet18", "smallnet", 30, 10, 128, num_classes=100),
         DatasetSpec("mnist", _torchvision("MNIST", "MNIST", (0.1307,), (0.3081,), Augment()),
-                    "mlp1200", "mlp800", 10, 10, 128, "MNIST (torchvision), Hinton's MLP pair", in_shape=(1, 28, 28)),
-        DatasetSpec("digits", _digits, "digitnet_l", "digitnet_s", 30, 10, 32,
-                    "scikit-learn's bundled 8x8 digits: real, offline, seconds on CPU", in_shape=(1, 8, 8)),
+                    "mlp1200", "mlp800", 10, 10, 128, in_shape=(1, 28, 28)),
+        DatasetSpec("digits", _digits, "digitnet_l", "digitnet_s", 30, 10, 32, in_shape=(1, 8, 8)),
         # The paper's recipe (Adam, batch 100, no weight decay) in epochs of 36 steps; measured on CPU:
         # the CNN teacher reaches ~93% test in 100 epochs (its cosine lr from 2e-2 averages the paper's constant
         # 1e-2; 1e-2 peaks at ~91%), the MLP ~64% in 30 (~2 s; longer training only overfits: 100% train acc).
         # One CPU thread: measured on a loaded 2-core machine, 2 threads made a ce trial 17x slower.
         DatasetSpec("mnist1d", _mnist1d, "cnn1d", "mlp100", 100, 30, 100,
-                    "MNIST-1D (Greydanus & Kobak 2024), generated offline: 4k train / 1k test signals; paper's CNN/MLP",
                     in_shape=(1, 40), optimizer="adam", weight_decay=0.0, teacher_lr=2e-2, cpu_threads=1),
-        DatasetSpec("synthetic", _synthetic, "resnet18", "smallnet", 5, 5, 128,
-                    "generated CIFAR-shaped data (size: --data-size, default 5000): tests and benchmarks"),
+        DatasetSpec("synthetic", _synthetic, "resnet18", "smallnet", 5, 5, 128),
     ]
 }
 
