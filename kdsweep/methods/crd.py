@@ -25,6 +25,18 @@ NCE_M = 0.5  # momentum of the bank update
 EPS = 1e-7
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of int64 tensors to uniform 32-bit values (xor-shift-multiply rounds; multipliers
+    below 2^31 keep every product inside int64)."""
+    x = x & _MASK32
+    for mult in (0x7FEB352D, 0x2C1B3C6D):
+        x = ((x ^ (x >> 16)) * mult) & _MASK32
+    return x ^ (x >> 16)
+
+
 def nce_loss(p, n: int):
     """The paper's NCE loss over (B, 1 + K) scores p (column 0: the positive), with the uniform
     noise distribution P_n = 1 / n: -mean_i [log h(pos_i) + sum_k log(1 - h(neg_ik))],
@@ -48,9 +60,9 @@ class CRD(Method):
     divided by a constant Z = mean * N estimated on the first batch, as the reference does;
     after the step the batch's rows move to their new embeddings with momentum 0.5.
 
-    Negatives and the bank's initial rows come from the method's own generator, seeded from
-    torch's initial seed (the study's seed), so every trial of a study draws the same ones
-    and the global random stream is untouched. RepDistiller's CIFAR loader draws negatives
+    The bank's initial rows come from the method's own generator and the negatives from a hash
+    of (seed, step, position), both seeded from torch's initial seed (the study's seed), so every
+    trial of a study draws the same ones and the global random stream is untouched. RepDistiller's CIFAR loader draws negatives
     from other classes only; the paper's estimator, used here, draws them from all samples.
     Seed 003's in-batch InfoNCE is `crd_seed003`.
     """
@@ -67,7 +79,7 @@ class CRD(Method):
         self.proj_s = nn.Linear(math.prod(student.embedding), DIM)
         self.proj_t = nn.Linear(math.prod(teacher.embedding), DIM)
         self.nce_k = NCE_K
-        for name in ("memory_s", "memory_t", "z_s", "z_t"):  # made on first use; not in state_dict
+        for name in ("memory_s", "memory_t", "z_s", "z_t", "draws"):  # made on first use; not in state_dict
             self.register_buffer(name, None, persistent=False)
         self.seed = torch.initial_seed()
         self._gen: torch.Generator | None = None
@@ -85,9 +97,18 @@ class CRD(Method):
         self.z_s = self.z_t = None
 
     def contrast_index(self, index) -> torch.Tensor:
-        """(B, 1 + K) bank rows: each sample's own id, then K ids drawn uniformly with replacement."""
+        """(B, 1 + K) bank rows: each sample's own id, then K ids drawn uniformly with replacement.
+
+        Drawn by hashing (seed, step, position) on the device: a torch.Generator cannot be traced
+        into a captured graph, and the global stream must stay the trial's own.
+        """
         ids = index.ids
-        neg = torch.randint(index.total, (len(ids), self.nce_k), generator=self.generator(ids.device), device=ids.device)
+        if self.draws is None or self.draws.device != ids.device:
+            self.draws = torch.zeros((), dtype=torch.long, device=ids.device)
+        key = _hash32(self.draws * 0x9E37 + (self.seed & _MASK32))
+        pos = torch.arange(len(ids) * self.nce_k, device=ids.device).view(len(ids), self.nce_k)
+        neg = (_hash32(key ^ pos) * index.total) >> 32  # uniform in [0, total): total < 2^31, so no overflow
+        self.draws.add_(1)
         return torch.cat([ids[:, None], neg], 1)
 
     def _probs(self, v, bank, cols, z_name: str, n: int):

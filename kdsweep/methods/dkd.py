@@ -28,8 +28,13 @@ def dkd_terms(s_logits, t_logits, y, T: float):
         lp = F.log_softmax(z, 1)
         return torch.stack([lp.gather(1, y[:, None]).squeeze(1), torch.logsumexp(lp.masked_fill(gt, float("-inf")), 1)], 1)
 
+    # The non-target columns of each row, in order, by gather: boolean indexing (z[~gt]) would give a
+    # data-dependent shape and make the host wait for the device at every step.
+    cols = torch.arange(c - 1, device=y.device)
+    others = cols + (cols >= y[:, None]).long()  # (n, c-1): skip each row's target column
+
     def non_target(z):
-        return F.log_softmax(z[~gt].view(n, c - 1), 1)
+        return F.log_softmax(z.gather(1, others), 1)
 
     return _kl(binary(z_t), binary(z_s)) * T * T, _kl(non_target(z_t), non_target(z_s)) * T * T
 
