@@ -6,7 +6,8 @@ weights and student initialisation:
   1. reference trial - as seed 003 trains vanilla KD: per-sample torchvision
      transforms (RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) on PIL
      images in DataLoader workers, the teacher's forward pass at every step,
-     `.item()` per step, a val pass per epoch;
+     `.item()` per step, a val pass per epoch; at kdsweep's precision (bf16
+     autocast on CUDA, fp32 on CPU), so both do the same arithmetic;
   2. kdsweep trial - one trial through kdsweep's trainer with the teacher
      cache off: device-resident uint8 data, batched augmentation, channels_last
      (bf16 autocast on CUDA), one host sync per epoch;
@@ -40,7 +41,7 @@ from .methods import get_method
 from .models import build_model, check_arch
 from .profile import count_macs
 from .teacher_cache import TeacherCache, default_budget_bytes
-from .train import Accel, Lockstep, Member, Schedule, set_cpu_threads
+from .train import Accel, Lockstep, Member, Schedule, autocast, frozen_copy, set_cpu_threads, teacher_dtype
 
 SEED_PAIR = ("resnet18", "smallnet")  # seed 003: CIFAR ResNet-18 -> SmallNet
 VAL_FRACTION = 0.1
@@ -259,33 +260,35 @@ def _evaluate_seed(model, loader, device) -> float:
     correct, total = 0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct += (model(x).argmax(1) == y).sum().item()
+        with autocast(device):
+            correct += (model(x).argmax(1) == y).sum().item()
         total += y.size(0)
     return correct / total
 
 
 def reference_trial(student, teacher, train_loader, val_loader, device: torch.device, epochs: int, lr: float) -> Iterator[int]:
-    """Seed 003's vanilla-KD training loop (teacher forward every step); yields the images trained in each epoch."""
-    cuda = device.type == "cuda"
+    """Seed 003's vanilla-KD training loop (teacher forward every step); yields the images trained in each epoch.
+
+    On CUDA it computes in bf16 autocast, teacher included, as kdsweep does (the seed's fp16 and
+    grad scaler would be other work, not the same work done another way).
+    """
     teacher.eval()
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     best_val = 0.0
     for _ in range(epochs):
         student.train()
         correct, images = 0, 0
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad():
-                logits_t = teacher(x)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=cuda):
+            with autocast(device):
+                with torch.no_grad():
+                    logits_t = teacher(x)
                 logits_s = student(x)
                 loss = _kd_loss_seed(logits_s, logits_t, y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
             correct += (logits_s.argmax(1) == y).sum().item()
             images += y.size(0)
         sched.step()
@@ -299,15 +302,23 @@ def reference_trial(student, teacher, train_loader, val_loader, device: torch.de
 
 
 def _warm_up(teacher, student, data: DeviceData, batch: int) -> None:
-    """One untimed step of each model in both memory formats: one-off kernel/primitive setup is nobody's cost."""
+    """Untimed steps of each model in both memory formats (the reference's NCHW, kdsweep's NHWC), at the precision
+    the runs use, teacher also as kdsweep holds it: one-off kernel setup and cuDNN's autotuning are nobody's cost."""
     x = next(iter(data.eval_batches("train")))[0][:batch]
     y = data.train_y[: len(x)]
+    device = x.device
     for fmt in (torch.contiguous_format, torch.channels_last):
         t, s = copy.deepcopy(teacher).to(memory_format=fmt), copy.deepcopy(student).to(memory_format=fmt)
         xx = x.contiguous(memory_format=fmt)
-        with torch.no_grad():
-            t(xx)
-        F.cross_entropy(s(xx), y).backward()
+        for net in (t, frozen_copy(t, teacher_dtype(device))):  # the reference's teacher, and kdsweep's
+            with torch.no_grad(), autocast(device):
+                net(xx)
+        for _ in range(2):  # cuDNN benchmarks a shape on its first call; the second runs what it chose
+            with autocast(device):
+                loss = F.cross_entropy(s(xx), y)
+            loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:

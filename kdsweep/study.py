@@ -58,6 +58,10 @@ def resolve_device(name: str) -> torch.device:
         raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        # Every trial runs the same few shapes thousands of times: cuDNN's one-off search for the
+        # fastest kernel per shape pays for itself within the first epoch.
+        torch.backends.cudnn.benchmark = True
     return torch.device(name)
 
 

@@ -15,6 +15,7 @@ batch for all K. `train_student` is the K=1 case.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -109,6 +110,22 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def frozen_copy(teacher: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen network's inference copy with its weights in `dtype`, cast once.
+
+    Under autocast an fp32 network's weights are cast to bf16 again at every forward pass: for a
+    frozen teacher that is a copy of all its weights per batch, for nothing.
+    """
+    if next(teacher.parameters()).dtype == dtype:
+        return teacher
+    return copy.deepcopy(teacher).to(dtype).eval().requires_grad_(False)
+
+
+def teacher_dtype(device: torch.device) -> torch.dtype:
+    """What a frozen teacher's weights are held in: bf16 on CUDA (what autocast computes in), fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def set_cpu_threads(threads: int | None = None, default: int | None = None) -> int:
@@ -398,12 +415,13 @@ class Lockstep:
         device, workers = self.device, self.workers
         teacher.to(device).eval()
         fmt = _to_format(teacher, self.accel)
-        fn = _taps_fn(teacher, needs, self.accel, device)
+        net = frozen_copy(teacher, teacher_dtype(device))  # bf16 once on CUDA, not per forward pass
+        fn = _taps_fn(net, needs, self.accel, device)
 
         @torch.no_grad()  # grad mode is per thread: the workers set it themselves
         def run(x):
             with autocast(device):
-                return fn(teacher, _as(x, fmt))
+                return fn(net, _as(x, fmt))
 
         def compute(x):
             if workers == 1:
