@@ -139,14 +139,10 @@ STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "devic
 
 
 def cmd_study(args) -> int:
-    from .config import resolve
-    from .study import run_study
+    from . import api
 
-    from .progress import Reporter
-
-    cfg = resolve(args.name, {k: getattr(args, k) for k in STUDY_KEYS})
-    summary = run_study(cfg, reporter=Reporter.auto(args.quiet))
-    print_summary(summary)
+    result = api.study(args.name, quiet=args.quiet, **{k: getattr(args, k) for k in STUDY_KEYS})
+    print_summary(result.summary)
     return 0
 
 
@@ -168,52 +164,21 @@ def print_summary(s: dict) -> None:
 
 def cmd_sweep(args) -> int:
     """One study per method, one after another, with the same split, stream, epochs and budget."""
-    from .config import DEFAULT_TRIALS, resolve
-    from .methods import METHODS
-    from .progress import Reporter
-    from .study import open_storage, pair_problem, run_study, study_conflict
+    from . import api
 
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    if names == ["all"]:
-        names = ["ce"] + sorted(n for n in METHODS if n != "ce")
-    elif not names or "all" in names:
-        raise UserError("--methods takes `all` or a comma-separated list of methods/study files")
-    flags = {k: getattr(args, k) for k in STUDY_KEYS if k != "study_name"}
-    configs = [resolve(n, flags) for n in names]  # every name checked before any training
-    for cfg in configs:
-        if args.trials is None and args.budget_epochs is None and cfg.trials == DEFAULT_TRIALS and cfg.budget_epochs is None:
-            cfg.trials, cfg.budget_epochs = None, DEFAULT_TRIALS * cfg.epochs  # equal compute, however much each prunes
-        if args.study_suffix:
-            cfg.study_name = f"{cfg.full_study_name}-{args.study_suffix}"
-    budgets = {f"{c.name}: {c.budget.describe()} of {c.epochs}-epoch trials" for c in configs}
-    if len({(c.budget, c.batch_size) for c in configs}) > 1:
-        raise UserError("the sweep's methods would get different budgets (from their study files): " + "; ".join(sorted(budgets))
-                        + "; pass --trials/--budget-epochs/--epochs to give all the same")
-    runnable = []
-    for cfg in configs:
-        why = pair_problem(cfg)
-        if why and args.methods.strip() != "all":
-            raise UserError(why)
-        if why:
-            print(f"skipping {cfg.name}: {why}")
-        else:
-            runnable.append(cfg)
-    # Every study checked before anything trains: a sweep never trains half its methods and then stops.
-    storage = open_storage(configs[0].storage)
-    conflicts = [why for why in (study_conflict(cfg, storage) for cfg in runnable) if why]
-    for why in conflicts:
-        print(f"kdsweep: conflict: {why}", file=sys.stderr)
-    if conflicts:
-        raise UserError(f"{len(conflicts)} of the sweep's studies exist with other settings; nothing was trained "
-                        f"(use their original settings, or --study-suffix NEW for a new set of studies)")
-    summaries = []
-    for i, cfg in enumerate(runnable, 1):
+    def starting(i: int, n: int, cfg) -> None:
         if not args.quiet:
-            print(f"\n[{i}/{len(runnable)}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
-        summaries.append(run_study(cfg, reporter=Reporter.auto(args.quiet)))
-        print_summary(summaries[-1])
+            print(f"\n[{i}/{n}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
+
+    flags = {k: getattr(args, k) for k in STUDY_KEYS if k != "study_name"}
+    result = api.sweep(args.methods, study_suffix=args.study_suffix, quiet=args.quiet, on_study=starting,
+                       on_done=print_summary, **flags)
+    if args.quiet:
+        for why in result.skipped.items():
+            print("skipping {}: {}".format(*why))
     print("\nsweep: " + ", ".join(
-        f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial" for s in summaries))
+        f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
+        for s in (r.summary for r in result.studies.values())))
     print("next: kdsweep report")
     return 0
 
@@ -352,18 +317,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_confirm(args) -> int:
-    from .confirm import confirm
-    from .store import open_tracker, select
-    from .study import resolve_device
+    from . import api
 
-    device = resolve_device(args.device)
-    sel = select(open_tracker(args.tracking_uri), args.dataset, args.teacher, args.student, args.seed, _studies(args),
-                 args.per_trial)
-    for note in sel.notes:
-        _stderr(f"note: {note}")
-    summary = confirm(sel, args.seeds, device, args.data_dir, say=_stderr)
-    for label, c in summary.items():
-        print(f"{label}: {c['reused']} reused, {c['trained']} trained, {c['failed']} failed")
+    table = api.confirm(args.seeds, dataset=args.dataset, teacher=args.teacher, student=args.student, seed=args.seed,
+                        studies=_studies(args), per_trial=args.per_trial, device=args.device, data_dir=args.data_dir,
+                        tracking_uri=args.tracking_uri, say=_stderr)
+    for row in table.itertuples():
+        print(f"{row.method}: {row.reused} reused, {row.trained} trained, {row.failed} failed")
+    return 0
+
 
 EPILOG_BENCH = """\
 examples:

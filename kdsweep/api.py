@@ -1,0 +1,234 @@
+"""kdsweep from Python (notebooks): the same studies, sweeps, confirmations and reports as the command line.
+
+    import kdsweep
+
+    kdsweep.sweep(["ce", "vanilla_kd"], dataset="digits", epochs=5, budget_epochs=40)
+    kdsweep.confirm(seeds=3)
+    tables = kdsweep.report()           # {"best": DataFrame, "ranking": DataFrame, ...}
+
+Settings are `kdsweep study`'s flags as keyword arguments (`budget_epochs=40` for
+`--budget-epochs 40`), checked against the one schema, `config.StudyConfig`. Models and data
+may also be Python objects: see `teacher`, `student` and `data` in :func:`study`.
+The command line is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+
+from .errors import UserError
+
+# StudyConfig's fields that are not settings: the method and study file decide them.
+_NOT_SETTINGS = {"method", "name", "space", "fixed"}
+
+
+def settings() -> list[str]:
+    """The keyword arguments study() and sweep() accept: StudyConfig's fields."""
+    from .config import StudyConfig
+
+    return [f.name for f in fields(StudyConfig) if f.name not in _NOT_SETTINGS]
+
+
+def _flags(given: Mapping[str, Any]) -> dict[str, Any]:
+    known = settings()
+    bad = sorted(set(given) - set(known))
+    if bad:
+        raise UserError(f"unknown setting(s) {', '.join(bad)}; known: {', '.join(known)}")
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _specs(flags: dict[str, Any]) -> dict[str, Any]:
+    """Python objects given for teacher, student or data, named so a StudyConfig can hold them (objects.py)."""
+    from . import objects
+
+    return objects.name_all(flags)
+
+
+@dataclass
+class StudyResult:
+    """A finished (or resumed) study: its summary, as the CLI prints it, and every trial as a DataFrame."""
+
+    summary: dict[str, Any]
+    trials: pd.DataFrame
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.summary["best"]
+
+    def __repr__(self) -> str:
+        s = self.summary
+        best = f", best val_acc {s['best']['val_acc']:.4f}" if s["best"] else ""
+        return (f"StudyResult({s['study']!r}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed, "
+                f"{s['epochs']} epochs{best})")
+
+
+def _trials_frame(cfg) -> pd.DataFrame:
+    import optuna
+
+    from .study import open_storage
+
+    study = optuna.load_study(study_name=cfg.full_study_name, storage=open_storage(cfg.storage))
+    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    return df.rename(columns={"value": "val_acc"})
+
+
+def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -> StudyResult:
+    """Run or resume the Optuna study of one method (a method name or a study file), as `kdsweep study`.
+
+    teacher, student: a name (`kdsweep methods` lists the built-ins), a spec (`torchvision:resnet18`,
+        `timm:NAME`, `package.module:factory`), an `nn.Module` (a teacher: used as it is, trained; a
+        student: copied for each trial) or a callable `factory(num_classes)` returning one.
+    data: tensors or arrays `(train_x, train_y, test_x, test_y)` or a dict with those keys, in place of
+        `dataset`; or `dataset` itself: a built-in name or a spec (`imagefolder:PATH`, `torchvision:NAME`,
+        `package.module:callable`).
+    Returns the summary and the study's trials.
+    """
+    from .config import resolve
+    from .progress import Reporter
+    from .study import run_study
+
+    cfg = resolve(method, _specs(_flags(settings_)))
+    summary = run_study(cfg, reporter=reporter or Reporter.auto(quiet))
+    return StudyResult(summary, _trials_frame(cfg))
+
+
+@dataclass
+class SweepResult:
+    studies: dict[str, StudyResult]  # method label -> its study
+    skipped: dict[str, str]  # method -> why the pair cannot serve it
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per method: its best trial and what the study spent."""
+        rows = []
+        for label, r in self.studies.items():
+            s, b = r.summary, r.summary["best"] or {}
+            rows.append({"method": label, "val_acc": b.get("val_acc"), "test_acc": b.get("test_acc"),
+                         "complete": s["complete"], "pruned": s["pruned"], "failed": s["failed"], "epochs": s["epochs"],
+                         "study": s["study"]})
+        return pd.DataFrame(rows).sort_values("val_acc", ascending=False, na_position="last").reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        return f"SweepResult({len(self.studies)} studies)\n{self.table.to_string(index=False)}"
+
+
+def plan_sweep(methods: Sequence[str] | str, study_suffix: str | None = None, say: Callable[[str], None] = print,
+               **settings_: Any) -> tuple[list, dict[str, str]]:
+    """The sweep's study configs, every one checked (names, equal budgets, no conflicting study) before any training."""
+    from .config import DEFAULT_TRIALS, resolve
+    from .methods import METHODS
+    from .study import open_storage, pair_problem, study_conflict
+
+    names = [n.strip() for n in methods.split(",")] if isinstance(methods, str) else list(methods)
+    names = [n for n in names if n]
+    every = names == ["all"]
+    if every:
+        names = ["ce"] + sorted(n for n in METHODS if n != "ce")
+    elif not names or "all" in names:
+        raise UserError("--methods takes `all` or a comma-separated list of methods/study files")
+    flags = _specs(_flags(settings_))
+    configs = [resolve(n, flags) for n in names]  # every name checked before any training
+    for cfg in configs:
+        if flags.get("trials") is None and flags.get("budget_epochs") is None and cfg.trials == DEFAULT_TRIALS \
+                and cfg.budget_epochs is None:
+            cfg.trials, cfg.budget_epochs = None, DEFAULT_TRIALS * cfg.epochs  # equal compute, however much each prunes
+        if study_suffix:
+            cfg.study_name = f"{cfg.full_study_name}-{study_suffix}"
+    budgets = {f"{c.name}: {c.budget.describe()} of {c.epochs}-epoch trials" for c in configs}
+    if len({(c.budget, c.batch_size) for c in configs}) > 1:
+        raise UserError("the sweep's methods would get different budgets (from their study files): " + "; ".join(sorted(budgets))
+                        + "; pass --trials/--budget-epochs/--epochs to give all the same")
+    runnable, skipped = [], {}
+    for cfg in configs:
+        why = pair_problem(cfg)
+        if why and not every:
+            raise UserError(why)
+        if why:
+            skipped[cfg.name] = why
+            say(f"skipping {cfg.name}: {why}")
+        else:
+            runnable.append(cfg)
+    # Every study checked before anything trains: a sweep never trains half its methods and then stops.
+    storage = open_storage(configs[0].storage)
+    conflicts = [why for why in (study_conflict(cfg, storage) for cfg in runnable) if why]
+    for why in conflicts:
+        print(f"kdsweep: conflict: {why}", file=sys.stderr)
+    if conflicts:
+        raise UserError(f"{len(conflicts)} of the sweep's studies exist with other settings; nothing was trained "
+                        f"(use their original settings, or --study-suffix NEW for a new set of studies)")
+    return runnable, skipped
+
+
+def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = None, quiet: bool = True,
+          on_study: Callable[[int, int, Any], None] | None = None, on_done: Callable[[dict], None] | None = None,
+          **settings_: Any) -> SweepResult:
+    """One study per method with the same split, stream, epochs and budget, as `kdsweep sweep`.
+
+    The default budget is 20 x epochs per method, counted in epochs (`budget_epochs`), so methods
+    that prune more try more configurations for the same compute. Settings as :func:`study`.
+    """
+    from .progress import Reporter
+    from .study import run_study
+
+    say = (lambda _: None) if quiet else print
+    runnable, skipped = plan_sweep(methods, study_suffix, say, **settings_)
+    results = {}
+    for i, cfg in enumerate(runnable, 1):
+        if on_study:
+            on_study(i, len(runnable), cfg)
+        summary = run_study(cfg, reporter=Reporter.auto(quiet))
+        if on_done:
+            on_done(summary)
+        results[cfg.name] = StudyResult(summary, _trials_frame(cfg))
+    return SweepResult(results, skipped)
+
+
+def confirm(seeds: int = 3, *, dataset: str | None = None, teacher: str | None = None, student: str | None = None,
+            seed: int | None = None, studies: Sequence[str] | None = None, per_trial: str | None = None,
+            device: str = "auto", data_dir: str | None = None, tracking_uri: str | None = None,
+            say: Callable[[str], None] = print) -> pd.DataFrame:
+    """Retrain each method's best configuration with `seeds` fresh seeds (resumable), as `kdsweep confirm`.
+
+    Returns one row per method: runs reused, trained and failed.
+    """
+    from .confirm import confirm as run_confirm
+    from .store import open_tracker, select
+    from .study import resolve_device
+
+    dev = resolve_device(device)
+    sel = select(open_tracker(tracking_uri), dataset, _label(teacher), _label(student), seed, list(studies or []) or None,
+                 per_trial)
+    for note in sel.notes:
+        say(f"note: {note}")
+    summary = run_confirm(sel, seeds, dev, data_dir, say=say)
+    return pd.DataFrame([{"method": k, **v} for k, v in summary.items()])
+
+
+def report(*, dataset: str | None = None, teacher: str | None = None, student: str | None = None, seed: int | None = None,
+           studies: Sequence[str] | None = None, per_trial: str | None = None, seeds: int | None = None,
+           formats: str | None = None, out: str | None = None, device: str = "auto", data_dir: str | None = None,
+           tracking_uri: str | None = None, plots: bool = False, log: bool = True, quiet: bool = True) -> dict[str, pd.DataFrame]:
+    """The ranking tables of one teacher -> student pair, as `kdsweep report`; returns them as DataFrames.
+
+    Keys: "best" (best trial per method), "metrics", "ranking" (mean, CI, p-values over confirmation
+    seeds), "ranks". With `out` (and `formats`, e.g. "md,csv,html") the files are written too.
+    """
+    from .report import run_report
+
+    rep = run_report(tracking_uri, dataset, _label(teacher), _label(student), seed, list(studies or []) or None, formats, out,
+                     seeds, device, data_dir, plots=plots, log=log, say=(lambda _: None) if quiet else print,
+                     per_trial=per_trial, show=(lambda _: None) if quiet else print)
+    return dict(rep.tables)
+
+
+def _label(model: Any) -> str | None:
+    """A model given to report/confirm as the object it was studied with: the name it was stored under."""
+    if model is None or isinstance(model, str):
+        return model
+    from . import objects
+
+    return objects.model_name(model)
