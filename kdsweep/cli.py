@@ -132,16 +132,17 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
                         "out the students (default: the cores; 0: plain intra-op threads)")
 
 
-STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
-              "teacher_checkpoint", "trials", "budget_epochs", "epochs", "batch_size", "optimizer", "momentum", "weight_decay", "timeout", "sampler",
-              "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last",
-              "cpu_workers", "on_mismatch")
+def _settings(args, *skip: str) -> dict:
+    """The study settings given as flags: one per StudyConfig field (the schema; imported only when a command runs)."""
+    from .api import settings
+
+    return {k: getattr(args, k, None) for k in settings() if k not in skip}
 
 
 def cmd_study(args) -> int:
     from . import api
 
-    result = api.study(args.name, quiet=args.quiet, **{k: getattr(args, k) for k in STUDY_KEYS})
+    result = api.study(args.name, quiet=args.quiet, **_settings(args))
     print_summary(result.summary)
     return 0
 
@@ -170,7 +171,7 @@ def cmd_sweep(args) -> int:
         if not args.quiet:
             print(f"\n[{i}/{n}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
 
-    flags = {k: getattr(args, k) for k in STUDY_KEYS if k != "study_name"}
+    flags = _settings(args, "study_name")
     result = api.sweep(args.methods, study_suffix=args.study_suffix, quiet=args.quiet, on_study=starting,
                        on_done=print_summary, **flags)
     if args.quiet:

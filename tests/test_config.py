@@ -43,3 +43,15 @@ def test_study_names_are_sanitised():
         assert sanitize(name) == name
     with pytest.raises(UserError):
         sanitize("///")
+
+
+def test_every_setting_is_a_flag_of_study_and_sweep():
+    # One schema: StudyConfig's fields are the API's keywords, the study file's [defaults] and these flags.
+    from kdsweep.api import settings
+    from kdsweep.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command" or hasattr(a, "choices") and "study" in (a.choices or {}))
+    for command in ("study", "sweep"):
+        dests = {a.dest for a in sub.choices[command]._actions}
+        missing = set(settings()) - dests - ({"study_name"} if command == "sweep" else set())
+        assert not missing, f"{command} lacks flags for {sorted(missing)}"
