@@ -271,6 +271,14 @@ def get_dataset(name: str) -> DatasetSpec:
                     f"package.module:function")
 
 
+def register(name: str, data) -> None:
+    """Name in-memory data (tensors, arrays, or a function returning them) as a dataset of this process: see
+    sources.register; the hook the Python API uses to put a notebook's tensors in a StudyConfig."""
+    from . import sources
+
+    sources.register(name, data)
+
+
 def dataset_shape(name: str, data_dir: str | Path | None = None, image_size: int | None = None) -> tuple[tuple[int, ...], int]:
     """(input shape, number of classes): declared for a built-in; read from the data for a spec (once per process)."""
     spec = get_dataset(name)
