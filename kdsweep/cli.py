@@ -44,8 +44,14 @@ per complete trial, at its best-validation epoch, and never used for tuning.
 
 def _common_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and models")
-    g.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: cifar10)")
+    g.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: cifar10), or your data: imagefolder:PATH "
+                                     f"(PATH/train/<class>/*.png and PATH/test/ or PATH/val/), torchvision:NAME (read from "
+                                     f"--data-dir, never downloaded), package.module:function (returns train_x, train_y, "
+                                     f"test_x, test_y); these need --teacher and --student")
     g.add_argument("--data-dir", help="where real datasets live / are downloaded (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
+    g.add_argument("--image-size", type=int, metavar="N",
+                   help="resize your dataset's images to NxN (shorter side, then centre crop); needed when its images "
+                        "differ in size (default: as they are)")
     g.add_argument("--data-size", type=int, help="training images to use (synthetic: to generate; default: all, synthetic 5000)")
     g.add_argument("--val-fraction", type=float, help="share of the training set held out for validation (default: 0.1)")
     g.add_argument("--seed", type=int, help="seed of the split, augmentation stream, initialisation and sampler (default: 0)")
@@ -221,16 +227,16 @@ def cmd_teacher(args) -> int:
     from .train import set_cpu_threads
 
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
-                                                       if k in ("dataset", "data_dir", "data_size", "val_fraction", "seed",
+                                                       if k in ("dataset", "data_dir", "data_size", "image_size", "val_fraction", "seed",
                                                                 "device", "tracking_uri") and v is not None},
-                      teacher=args.arch, teacher_epochs=args.epochs)
+                      teacher=args.arch, student=args.arch, teacher_epochs=args.epochs)  # no student is trained
     device = resolve_device(cfg.device)
     if device.type == "cpu":  # as a study's teacher trains
         set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads)
     tracker = Tracker(cfg.tracking_uri)
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
     check_split(data, cfg.batch_size, cfg.val_fraction)
-    path = Path(args.out) if args.out else cache_path(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
+    path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
     # The cache lock: a study starting meanwhile waits for this teacher instead of training its own.
     with cache_lock(path) if not args.out else contextlib.nullcontext():
         if path.exists() and not args.force:

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Mapping, get_args, get_type_hints
 
 from .budget import Budget
-from .data import get_dataset
+from .data import dataset_shape, get_dataset
 from .errors import UserError
 from .methods import get_method
 from .models import check_arch
+from .sources import name_tag
 from .space import OPTIMIZERS, Float, apply_overrides, lr_range
 
 if sys.version_info >= (3, 11):
@@ -49,6 +50,7 @@ class StudyConfig:
     dataset: str = "cifar10"
     data_dir: str | None = None
     data_size: int | None = None
+    image_size: int | None = None  # resize a spec's images to image_size x image_size (sources.py)
     val_fraction: float = 0.1
     teacher: str | None = None  # None: the dataset's default pair
     student: str | None = None
@@ -81,8 +83,14 @@ class StudyConfig:
 
     def __post_init__(self):
         spec = get_dataset(self.dataset)
-        self.teacher = check_arch(self.teacher or spec.teacher, spec.in_shape)
-        self.student = check_arch(self.student or spec.student, spec.in_shape)
+        self.dataset = spec.name  # a spec as recorded: an image folder by its absolute path
+        if not spec.teacher and not (self.teacher and self.student):
+            raise UserError(f"dataset {self.dataset} has no default teacher and student: pass --teacher and --student")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
+        in_shape, _ = dataset_shape(self.dataset, self.data_dir, self.image_size)  # a spec's data is read (once) here
+        self.teacher = check_arch(self.teacher or spec.teacher, in_shape)
+        self.student = check_arch(self.student or spec.student, in_shape)
         self.teacher_epochs = self.teacher_epochs or spec.teacher_epochs
         self.epochs = self.epochs or spec.epochs
         self.batch_size = self.batch_size or spec.batch_size
@@ -130,7 +138,8 @@ class StudyConfig:
         if self.optimizer != spec.optimizer:
             parts.append(self.optimizer)
         defaults = {**{f.name: f.default for f in fields(StudyConfig)}, "weight_decay": spec.weight_decay}
-        for key, token in (("momentum", "m"), ("weight_decay", "wd"), ("val_fraction", "v"), ("data_size", "n")):
+        for key, token in (("momentum", "m"), ("weight_decay", "wd"), ("val_fraction", "v"), ("data_size", "n"),
+                           ("image_size", "i")):
             if getattr(self, key) != defaults[key]:
                 parts.append(f"{token}{getattr(self, key):g}")
         if self.teacher_epochs != spec.teacher_epochs:  # for ce too: its studies then group with the KD studies they serve
@@ -140,7 +149,7 @@ class StudyConfig:
     @property
     def requested_study_name(self) -> str:
         """The study name as asked for (or built), before sanitize."""
-        return self.study_name or f"{self.name}-{self.dataset}-{self.teacher}-{self.student}-s{self.seed}-{self.budget_tag}"
+        return self.study_name or f"{self.name}-{name_tag(self.dataset)}-{self.teacher}-{self.student}-s{self.seed}-{self.budget_tag}"
 
     @property
     def full_study_name(self) -> str:
@@ -158,7 +167,7 @@ class StudyConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when a study is resumed (else its trials are not comparable)."""
-        keys = ("method", "dataset", "data_size", "val_fraction", "teacher", "student", "seed", "epochs",
+        keys = ("method", "dataset", "data_size", "image_size", "val_fraction", "teacher", "student", "seed", "epochs",
                 "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
         fp = {k: getattr(self, k) for k in keys}
         fp["space"] = {k: asdict(v) for k, v in sorted(self.space.items())}

@@ -18,7 +18,7 @@ same augmented batches, and no per-sample Python transform runs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -47,16 +47,18 @@ class RawData:
     """A dataset as loaded: uint8 images (N, C, H, W) or float32 signals (N, C, L), and int64 labels.
 
     uint8 inputs are scaled by 1/255 before (x - mean) / std; float inputs are taken as they are.
+    mean/std None: computed by DeviceData from the training split (user data, sources.py).
     """
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
     num_classes: int
     augment: Augment
+    provenance: dict = field(default_factory=dict)  # where user data came from: parent-run params (sources.py)
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,8 @@ class DatasetSpec:
 
     @property
     def summary(self) -> str:
-        """Declared once, in the torch-free catalog the command line reads."""
-        return DATASET_SUMMARIES[self.name]
+        """Declared once, in the torch-free catalog the command line reads (a spec is its own summary)."""
+        return DATASET_SUMMARIES.get(self.name, self.name)
 
 
 def default_data_dir() -> Path:
@@ -257,9 +259,37 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[name]
+    """A built-in dataset, or a spec's recipe (imagefolder:PATH, torchvision:NAME, module:function, a registered
+    name; sources.py): cheap, nothing is read; a spec's shape and classes come from dataset_shape()."""
+    if name in DATASETS:
+        return DATASETS[name]
+    from . import sources
+
+    if sources.is_spec(name):
+        return sources.recipe(name)
+    raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or imagefolder:PATH, torchvision:NAME, "
+                    f"package.module:function")
+
+
+def register(name: str, data) -> None:
+    """Name in-memory data (tensors, arrays, or a function returning them) as a dataset of this process: see
+    sources.register; the hook the Python API uses to put a notebook's tensors in a StudyConfig."""
+    from . import sources
+
+    sources.register(name, data)
+
+
+def dataset_shape(name: str, data_dir: str | Path | None = None, image_size: int | None = None) -> tuple[tuple[int, ...], int]:
+    """(input shape, number of classes): declared for a built-in; read from the data for a spec (once per process)."""
+    spec = get_dataset(name)
+    if name in DATASETS:
+        if image_size is not None:
+            raise UserError(f"--image-size resizes imagefolder:, torchvision: and module datasets; {name} is used at "
+                            f"its own size {'x'.join(map(str, spec.in_shape[1:]))}")
+        return spec.in_shape, spec.num_classes
+    from . import sources
+
+    return sources.shape(spec.name, data_dir, image_size)
 
 
 class DeviceData:
@@ -278,16 +308,20 @@ class DeviceData:
         self.stream_seed = seed if stream_seed is None else stream_seed
         self.augment, self.num_classes = raw.augment, raw.num_classes
         self.in_shape = tuple(raw.train_x.shape[1:])
+        self.provenance = dict(raw.provenance)
+        self.tag: str | None = None  # the dataset in file names (teacher cache), set by load_data
         put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         self.train_x, self.train_y = put(raw.train_x[train_idx]), put(raw.train_y[train_idx])
         self.val_x, self.val_y = put(raw.train_x[val_idx]), put(raw.train_y[val_idx])
         self.test_x, self.test_y = put(raw.test_x), put(raw.test_y)
         # Normalisation folded into one multiply-add: x * scale + shift (uint8 images are in 0..255).
-        std = torch.tensor(raw.std)
         peak = 255.0 if raw.train_x.dtype == torch.uint8 else 1.0
+        mean, std = (raw.mean, raw.std) if raw.mean is not None else channel_stats(self.train_x, peak)
+        self.mean, self.std = tuple(mean), tuple(std)
+        std = torch.tensor(std)
         per_channel = (1, -1) + (1,) * (raw.train_x.dim() - 2)
         self._scale = put((1.0 / (peak * std)).view(per_channel))
-        self._shift = put((-torch.tensor(raw.mean) / std).view(per_channel))
+        self._shift = put((-torch.tensor(mean) / std).view(per_channel))
 
     @property
     def n_train(self) -> int:
@@ -343,6 +377,26 @@ class DeviceData:
             yield self.normalize(x[i : i + EVAL_BATCH]), y[i : i + EVAL_BATCH]
 
 
+def channel_stats(x: torch.Tensor, peak: float, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of x / peak (float64 sums over chunks: no float copy of the whole set).
+
+    DeviceData calls it on its training split, after the validation slice left: validation and test
+    images never shape the normalisation.
+    """
+    dims = [0] + list(range(2, x.dim()))
+    s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s)
+    for i in range(0, len(x), chunk):
+        v = x[i:i + chunk].double() / peak
+        s += v.sum(dims)
+        s2 += (v * v).sum(dims)
+    n = x.numel() / x.shape[1]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant channel: centred, not divided by ~0
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
 MIN_VAL_PER_CLASS = 10  # below this, validation accuracy moves in steps too coarse to tune on
 
 
@@ -369,10 +423,23 @@ def check_split(data: DeviceData, batch_size: int, val_fraction: float, say: Cal
 
 
 def load_data(name: str, data_dir: Path | None, size: int | None, seed: int, val_fraction: float, device: torch.device,
-              stream_seed: int | None = None) -> DeviceData:
-    """The dataset's splits for `seed`; `stream_seed` (default: `seed`) seeds the training batch stream only."""
+              stream_seed: int | None = None, image_size: int | None = None) -> DeviceData:
+    """The dataset's splits for `seed`; `stream_seed` (default: `seed`) seeds the training batch stream only.
+
+    `image_size` resizes a spec's images (sources.py); a built-in refuses it.
+    """
+    from . import sources
+
     spec = get_dataset(name)
     if size is not None and size < 10:
         raise UserError(f"--data-size must be at least 10, got {size}")
-    raw = spec.load(Path(data_dir) if data_dir else default_data_dir(), size)
-    return DeviceData(raw, seed, val_fraction, device, stream_seed)
+    if name in DATASETS:
+        dataset_shape(name, data_dir, image_size)  # refuses an --image-size
+        raw = spec.load(Path(data_dir) if data_dir else default_data_dir(), size)
+    else:
+        raw = sources.load(spec.name, data_dir, size, image_size)
+    device = torch.device(device)
+    sources.check_fits(sum(t.nbytes for t in (raw.train_x, raw.train_y, raw.test_x, raw.test_y)), device)
+    data = DeviceData(raw, seed, val_fraction, device, stream_seed)
+    data.tag = name if name in DATASETS else f"{sources.name_tag(spec.name)}-{sources.train_digest(raw)[:12]}"
+    return data

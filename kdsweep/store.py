@@ -177,11 +177,18 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
             raise UserError(f"the store holds several pairs ({', '.join(n[len('kdsweep/'):] for n in names)}); "
                             f"choose one with --dataset (and --teacher/--student)")
         experiment = names[0]
-        dataset, pair = experiment[len("kdsweep/"):].split("/", 1)
+        dataset, pair = experiment[len("kdsweep/"):].rsplit("/", 1)  # a spec's path holds slashes, a pair none
         teacher, student = pair.split("->", 1)
     else:
         spec = get_dataset(dataset or "cifar10")
         dataset, teacher, student = spec.name, teacher or spec.teacher, student or spec.student
+        if not (teacher and student):  # a spec has no default pair: the one pair its studies used, if only one
+            pairs = [n.rsplit("/", 1)[1] for n in names if n.rsplit("/", 1)[0] == f"kdsweep/{dataset}"]
+            if len(pairs) == 1:
+                teacher, student = teacher or pairs[0].split("->", 1)[0], student or pairs[0].split("->", 1)[1]
+            else:
+                raise UserError(f"{dataset} has no default pair: choose one with --teacher and --student"
+                                + (f" ({', '.join(pairs)})" if pairs else f"; no studies of it in {redact(tracker.uri)}"))
         experiment = f"kdsweep/{dataset}/{teacher}->{student}"  # as StudyConfig.experiment_name
         if experiment not in names:
             raise UserError(f"no studies of {dataset} {teacher}->{student} in {redact(tracker.uri)}; "
@@ -272,7 +279,11 @@ def split_data(params: dict[str, str], data_dir: str | None, device: torch.devic
     """
     try:
         n = int(params["data_size"]) + int(params["val_size"])
-        return load_data(params["dataset"], data_dir, n, int(params["seed"]), float(params["val_fraction"]), device, stream_seed)
+        if data_dir is None and params.get("data_source") == "torchvision":  # where the study read it
+            data_dir = params.get("data_path") or None
+        image_size = int(params["image_size"]) if params.get("image_size") else None
+        return load_data(params["dataset"], data_dir, n, int(params["seed"]), float(params["val_fraction"]), device, stream_seed,
+                         image_size=image_size)
     except KeyError as e:
         raise UserError(f"study run lacks the param {e.args[0]!r}; it was not written by kdsweep study") from None
 
@@ -316,5 +327,5 @@ def find_teacher(sel: Selection, dst: Path, say: Say) -> tuple[Path | None, str]
 
 
 def data_key(params: dict[str, str]) -> tuple:
-    return tuple(params.get(k) for k in ("dataset", "data_size", "val_size", "seed", "val_fraction"))
+    return tuple(params.get(k) for k in ("dataset", "image_size", "data_size", "val_size", "seed", "val_fraction"))
 

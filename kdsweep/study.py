@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import hashlib
 import math
 import tempfile
 import time
@@ -29,7 +30,7 @@ from . import checkpoint, failures, identity, teacher_cache, truth
 from .budget import EPOCHS_ATTR, Spent
 
 from .config import StudyConfig
-from .data import DeviceData, check_split, get_dataset, load_data
+from .data import DeviceData, check_split, dataset_shape, get_dataset, load_data
 from .describe import NOTE_TAG, study_note
 from .errors import UserError
 from .space import edge_warnings
@@ -117,9 +118,9 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
 
 def pair_problem(cfg: StudyConfig) -> str | None:
     """Why the study's teacher -> student pair cannot serve its method (None if it can); no data needed."""
-    spec = get_dataset(cfg.dataset)
+    in_shape, num_classes = dataset_shape(cfg.dataset, cfg.data_dir, cfg.image_size)
     method_cls = get_method(cfg.method)
-    shapes = lambda arch: build_model(arch, spec.in_shape, spec.num_classes).shapes(spec.in_shape)  # noqa: E731
+    shapes = lambda arch: build_model(arch, in_shape, num_classes).shapes(in_shape)  # noqa: E731
     why = method_cls.unsupported(shapes(cfg.student), shapes(cfg.teacher) if method_cls.uses_teacher else None)
     return f"{why}; {cfg.teacher} -> {cfg.student} cannot serve it" if why else None
 
@@ -339,6 +340,18 @@ def run_trial(ctx: StudyContext, trial: optuna.Trial) -> float:
     except BaseException as e:
         _close_trial_run(ctx, tr, e)
         raise
+
+
+def data_provenance(data: DeviceData) -> dict[str, Any]:
+    """What a study's data was, as run params: for a spec (sources.py) where it was read, its classes, image size,
+    files and normalisation, and the digest of its training split; store.split_data reads image_size and
+    data_dir back to rebuild the split. Built-ins are named by `dataset` alone and add nothing."""
+    if not data.provenance:
+        return {}
+    p = {k: v for k, v in data.provenance.items() if k != "data_cache"}
+    train = teacher_cache.tensor_digest(data.train_x) + teacher_cache.tensor_digest(data.train_y)
+    return {**p, "norm_mean": ",".join(f"{v:.4f}" for v in data.mean), "norm_std": ",".join(f"{v:.4f}" for v in data.std),
+            "train_sha256": hashlib.sha256(train.encode()).hexdigest()}
 
 
 def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.TeacherCache, Accel, dict[str, Any]]:
@@ -777,7 +790,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Re
     cache, accel, perf_params = _perf_setup(cfg, device)
     storage = open_storage(cfg.storage)
     tracker = Tracker(cfg.tracking_uri)
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
     check_split(data, cfg.batch_size, cfg.val_fraction, say)  # before a teacher is trained on it
     split = identity.split_record(data)
     _precheck(storage, cfg, split)
@@ -799,7 +812,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Re
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,
                    "teacher_checkpoint": teacher_info.get("path", ""), "teacher_val_acc": teacher_info.get("val_acc", ""),
                    "teacher_sha256": teacher_info.get("sha256", ""),
-                   "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes)), **perf_params}
+                   "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes)), **perf_params,
+                   **data_provenance(data)}
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
         identity.check_and_record(study, split, identity.teacher_record(teacher_info))

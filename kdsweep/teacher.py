@@ -173,7 +173,8 @@ def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print) -> tuple[Net
         path = Path(cfg.teacher_checkpoint)
         model, payload = _load(cfg, data, path)  # damaged: refused (ChecksumMismatch is a UserError)
     else:
-        path = cache_path(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
+        # data.tag: a spec's name and the digest of its images, so a changed folder never meets an old teacher
+        path = cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
         model, payload = _cached_teacher(cfg, data, tracker, path, say)
     if checkpoint.SHA_KEY not in payload:
         say(f"note: teacher {path} carries no checksum (written by an older kdsweep): its weights cannot be verified")
