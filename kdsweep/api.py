@@ -34,7 +34,7 @@ def settings() -> list[str]:
 
 
 def _flags(given: Mapping[str, Any]) -> dict[str, Any]:
-    known = settings()
+    known = settings() + ["data"]
     bad = sorted(set(given) - set(known))
     if bad:
         raise UserError(f"unknown setting(s) {', '.join(bad)}; known: {', '.join(known)}")
