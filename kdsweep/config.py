@@ -50,8 +50,14 @@ class StudyConfig:
     data_dir: str | None = None
     data_size: int | None = None
     val_fraction: float = 0.1
-    teacher: str | None = None  # None: the dataset's default pair
+    teacher: str | None = None  # None: the dataset's default pair; or a model spec (model_specs.py)
     student: str | None = None
+    # Where a model's taps are read (taps.py): the output of the feature path, the input of the embedding
+    # path (module paths as print(model) shows them); None: found automatically.
+    teacher_feature: str | None = None
+    teacher_embedding: str | None = None
+    student_feature: str | None = None
+    student_embedding: str | None = None
     teacher_epochs: int | None = None
     teacher_checkpoint: str | None = None
     seed: int = 0
@@ -161,9 +167,18 @@ class StudyConfig:
         keys = ("method", "dataset", "data_size", "val_fraction", "teacher", "student", "seed", "epochs",
                 "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
         fp = {k: getattr(self, k) for k in keys}
+        fp.update(self._tap_fingerprint())
         fp["space"] = {k: asdict(v) for k, v in sorted(self.space.items())}
         fp["fixed"] = dict(sorted(self.fixed.items()))
         return fp
+
+
+    def _tap_fingerprint(self) -> dict[str, str]:
+        """The tap paths this method reads, when set: another path is another computation (a study keeps one)."""
+        method = get_method(self.method)
+        roles = ("student", "teacher") if method.uses_teacher else ("student",)
+        return {f"{r}_{t}": getattr(self, f"{r}_{t}") for r in roles for t in ("feature", "embedding")
+                if t in method.needs and getattr(self, f"{r}_{t}") is not None}
 
 
 def sanitize(name: str) -> str:

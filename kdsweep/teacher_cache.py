@@ -57,6 +57,8 @@ def model_digest(model: torch.nn.Module) -> str:
     parameter objects are walked, not state_dict(), whose detached copies are new
     objects at every call and would never hit the memo.
     """
+    model = getattr(model, "inner", model) if hasattr(model, "feature_path") else model  # a taps.Tapped: its weights,
+    # not the wrapper around them (a built-in teacher read with other taps is the same teacher)
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         h.update(name.encode())
