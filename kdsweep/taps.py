@@ -277,3 +277,14 @@ def pair_shapes(cfg: Any, method_cls: Any, in_shape: tuple[int, ...], num_classe
                 raise UserError(f"{method_cls.name} needs {_WHAT[tap]} of the {role}, and {spec} has none found "
                                 f"automatically: name its module with --{role}-{tap} PATH")
     return shapes["student"], shapes.get("teacher")
+
+
+def recorded_paths(params: Any, role: str) -> dict[str, str]:
+    """The tap paths a study recorded for `role` (its parent/trial run params), as build_model's feature/embedding
+    arguments: a retrained model (kdsweep confirm) reads the same layers. A built-in Net's stages are not paths."""
+    out = {}
+    for tap in ("feature", "embedding"):
+        value = str(params.get(f"{role}_{tap}", "") or "")
+        if value and all(c.isalnum() or c in "._" for c in value):
+            out[tap] = value
+    return out
