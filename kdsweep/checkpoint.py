@@ -15,6 +15,7 @@ shared between users would be unreadable to all but its writer).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,10 @@ def _read(path: Path) -> Any:
         with f:
             return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights only load failed" in str(e).lower() or "weights_only" in str(e):
-            raise Damaged(f"checkpoint {path} is unsafe and was not loaded: it holds pickled Python objects (code), which "
-                          f"kdsweep never runs (weights_only=True); save the weights alone: "
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if found:  # a whole pickled model (or any object): loading it would run its code
+            raise Damaged(f"checkpoint {path} is unsafe and was not loaded: it holds pickled Python objects ({found[1]}), "
+                          f"whose code kdsweep never runs (weights_only=True); save the weights alone: "
                           f"torch.save(model.state_dict(), PATH)") from None
         raise Damaged(f"checkpoint {path} is corrupt or unsafe and was not loaded ({type(e).__name__})") from None
 

@@ -142,7 +142,7 @@ def test_a_pickled_module_is_refused(kdsweep, workdir):
     code, _, err = kdsweep("study", "vanilla_kd", *DIGITS, *PAIR, "--teacher-checkpoint", "whole.pt")
     assert code == 2
     line = _one_line(err)
-    assert "whole.pt is unsafe" in line and "pickled Python objects" in line and "state_dict()" in line
+    assert "whole.pt is unsafe" in line and "pickled Python objects (kd_user_models.ConvClassifier)" in line and "state_dict()" in line
     _nothing_written(workdir)
 
 
