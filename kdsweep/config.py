@@ -120,6 +120,11 @@ class StudyConfig:
             raise UserError(f"--teacher-cache-mb must be >= 0 (0 disables the cache), got {self.teacher_cache_mb}")
         if self.timeout is not None and self.timeout <= 0:
             raise UserError(f"--timeout must be positive seconds, got {self.timeout}")
+        for role in ("teacher", "student"):
+            for tap in ("feature", "embedding"):
+                path = getattr(self, f"{role}_{tap}")
+                if path is not None and (not isinstance(path, str) or not path.strip()):
+                    raise UserError(f"--{role}-{tap} must name a module path (e.g. layer4), got {path!r}")
         if self.study_name is not None:
             sanitize(self.study_name)  # a name with no usable characters fails here, before anything is written
 
@@ -174,11 +179,11 @@ class StudyConfig:
 
 
     def _tap_fingerprint(self) -> dict[str, str]:
-        """The tap paths this method reads, when set: another path is another computation (a study keeps one)."""
+        """The tap paths this method reads (None: found automatically): another layer is another computation, and a
+        study keeps one. Paths a method does not read are left out: they cannot make its trials differ."""
         method = get_method(self.method)
         roles = ("student", "teacher") if method.uses_teacher else ("student",)
-        return {f"{r}_{t}": getattr(self, f"{r}_{t}") for r in roles for t in ("feature", "embedding")
-                if t in method.needs and getattr(self, f"{r}_{t}") is not None}
+        return {f"{r}_{t}": getattr(self, f"{r}_{t}") for r in roles for t in ("feature", "embedding") if t in method.needs}
 
 
 def sanitize(name: str) -> str:

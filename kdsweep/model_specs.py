@@ -46,6 +46,10 @@ def register(name: str, factory: Any) -> str:
     if not (callable(factory) or isinstance(factory, nn.Module)):
         raise UserError(f"cannot register {name!r}: {type(factory).__name__} is neither an nn.Module nor a factory")
     REGISTERED[name] = factory
+    from .models import _FOUND
+
+    for key in [k for k in _FOUND if k[0] == name]:  # the tap paths found for an earlier model of this name
+        del _FOUND[key]
     return name
 
 
@@ -138,6 +142,7 @@ def _factory(spec: str) -> Callable:
         raise UserError(f"{spec!r} is not a model spec: use {SYNTAX}")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # the user's own modules, as `python -m` finds them (installed packages first)
+    importlib.invalidate_caches()  # a module written since the interpreter started (a notebook, a test) is found
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

@@ -222,7 +222,8 @@ class TeacherFeed:
         self.key = None
         if self.cache is not None:
             mode = "train" if teacher.training else "eval"
-            self.key = CacheKey(model_digest(teacher), data_digest(data), batch_size, f"{compute_tag}|{mode}")
+            taps = "|".join(str(getattr(teacher, a, "")) for a in ("feature_path", "embedding_path"))  # hooked: its layers
+            self.key = CacheKey(model_digest(teacher), data_digest(data), batch_size, f"{compute_tag}|{mode}|{taps}")
         self._epoch: tuple = ()
 
     def begin_epoch(self, epoch: int) -> None:

@@ -74,6 +74,10 @@ def test_a_study_with_the_users_own_module_pair(kdsweep, workdir):
     assert int(p["teacher_params"]) == sum(t.numel() for t in kd_user_models.teacher(10, (1, 8, 8)).parameters())
     assert p["teacher_file_sha256"] == hashlib.sha256(Path(p["teacher_checkpoint"]).read_bytes()).hexdigest()
 
+    # Another layer is another computation: the study refuses it (before training anything) rather than mix them.
+    code, _, err = kdsweep("study", "attention", *DIGITS, *PAIR, "--student-feature", "body.2")
+    assert code == 2 and "(student_feature: None -> body.2)" in _one_line(err)
+
     # The student checkpoint kdsweep wrote loads into the user's plain module: no wrapper prefix.
     client = _client()
     (trial,) = client.search_runs([parent.info.experiment_id], "tags.`kdsweep.role` = 'trial'")
@@ -82,6 +86,7 @@ def test_a_study_with_the_users_own_module_pair(kdsweep, workdir):
     plain = kd_user_models.student(10)
     plain.load_state_dict(payload["student"])  # strict: every key fits
     assert payload["arch"] == "kd_user_models:student"
+
 
 
 def test_torchvision_pair_with_feature_methods_on_hook_taps(kdsweep, workdir):
@@ -307,3 +312,25 @@ def test_a_registered_model_is_a_name_in_a_study_config():
     finally:
         model_specs.unregister("my_student")
         model_specs.unregister("my_teacher")
+
+
+def test_a_study_file_names_the_layers(kdsweep, workdir):
+    (workdir / "mine.toml").write_text('method = "attention"\n[defaults]\nteacher = "kd_user_models:teacher"\n'
+                                       'student = "kd_user_models:student"\nstudent_feature = "body.7"\n')
+    code, _, err = kdsweep("study", "mine.toml", *DIGITS)
+    assert code == 2 and "kd_user_models:student: no module at feature path 'body.7'" in _one_line(err)
+    _nothing_written(workdir)
+
+
+def test_the_shared_teacher_cache_keeps_other_layers_apart():
+    from kdsweep.data import load_data
+    from kdsweep.teacher_cache import TeacherCache, TeacherFeed
+
+    data = load_data("digits", None, 200, 0, 0.2, torch.device("cpu"))
+    cache = TeacherCache(1 << 24)
+    keys = set()
+    for feature in ("body.0", "body.3"):
+        torch.manual_seed(0)
+        t = build_model("kd_user_models:teacher", (1, 8, 8), 10, feature=feature).eval()
+        keys.add(TeacherFeed(cache, t, data, 32, frozenset({"feature"}), t.taps, "cpu").key)
+    assert len(keys) == 2
