@@ -8,6 +8,10 @@ network's weights (teacher_cache.model_digest), checked on every load, so a
 file damaged after it was written is never used. Files without it (older
 kdsweep) still load: there is nothing to check them against.
 
+A teacher may also come as people save them: a plain state_dict, or one under "state_dict" or
+"model" (load_model, for the --teacher model named). Whatever the format, a file holding pickled
+objects (a whole pickled model) is refused: loading it would run its code.
+
 Files honour the umask (mkstemp alone would make them 0600, and a teacher
 shared between users would be unreadable to all but its writer).
 """

@@ -10,6 +10,9 @@ For MLPs the feature "map" is the last hidden vector (no spatial extent);
 methods that need a spatial map say so and the CLI refuses such a pair.
 1D conv nets (signals (C, L)) expose their map as (C, 1, L), an image of
 height 1, so the spatial methods serve them unchanged (see Conv1dNet).
+
+Any other nn.Module (torchvision:NAME, timm:NAME, package.module:factory, a registered name:
+model_specs.py) is wrapped in a taps.Tapped, which gives it the same interface through forward hooks.
 """
 
 from __future__ import annotations
