@@ -69,10 +69,19 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
     _common_data(p)
     g = p.add_argument_group("models")
-    g.add_argument("--teacher", help="teacher architecture (default: the dataset's pair)")
-    g.add_argument("--student", help="student architecture (default: the dataset's pair)")
+    g.add_argument("--teacher", metavar="MODEL", help="teacher: a built-in name, torchvision:NAME, timm:NAME or "
+                                                       "package.module:factory (default: the dataset's pair)")
+    g.add_argument("--student", metavar="MODEL", help="student, as --teacher (default: the dataset's pair)")
+    for role in ("teacher", "student"):
+        g.add_argument(f"--{role}-feature", metavar="PATH",
+                       help=f"module whose output is the {role}'s feature map, e.g. layer4 (default: the last module "
+                            f"that yields a spatial map)")
+        g.add_argument(f"--{role}-embedding", metavar="PATH",
+                       help=f"module whose input is the {role}'s embedding, e.g. fc (default: the last nn.Linear)")
     g.add_argument("--teacher-epochs", type=int, help="epochs of a teacher trained when none is cached (default: per dataset)")
-    g.add_argument("--teacher-checkpoint", help="use this teacher checkpoint instead of the cache (loaded with weights_only=True)")
+    g.add_argument("--teacher-checkpoint", help="use this teacher checkpoint instead of the cache: kdsweep's, a plain "
+                                                "state_dict or {\"state_dict\"/\"model\": ...} for --teacher "
+                                                "(always loaded with weights_only=True)")
     g = p.add_argument_group("budget (the same for every method)")
     g.add_argument("--trials", type=int, metavar="N",
                    help="trials that trained (complete, pruned or diverged; trials lost to a killed worker are retried "

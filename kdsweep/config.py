@@ -52,8 +52,14 @@ class StudyConfig:
     data_size: int | None = None
     image_size: int | None = None  # resize a spec's images to image_size x image_size (sources.py)
     val_fraction: float = 0.1
-    teacher: str | None = None  # None: the dataset's default pair
+    teacher: str | None = None  # None: the dataset's default pair; or a model spec (model_specs.py)
     student: str | None = None
+    # Where a model's taps are read (taps.py): the output of the feature path, the input of the embedding
+    # path (module paths as print(model) shows them); None: found automatically.
+    teacher_feature: str | None = None
+    teacher_embedding: str | None = None
+    student_feature: str | None = None
+    student_embedding: str | None = None
     teacher_epochs: int | None = None
     teacher_checkpoint: str | None = None
     seed: int = 0
@@ -122,6 +128,11 @@ class StudyConfig:
             raise UserError(f"--teacher-cache-mb must be >= 0 (0 disables the cache), got {self.teacher_cache_mb}")
         if self.timeout is not None and self.timeout <= 0:
             raise UserError(f"--timeout must be positive seconds, got {self.timeout}")
+        for role in ("teacher", "student"):
+            for tap in ("feature", "embedding"):
+                path = getattr(self, f"{role}_{tap}")
+                if path is not None and (not isinstance(path, str) or not path.strip()):
+                    raise UserError(f"--{role}-{tap} must name a module path (e.g. layer4), got {path!r}")
         if self.study_name is not None:
             sanitize(self.study_name)  # a name with no usable characters fails here, before anything is written
 
@@ -170,9 +181,18 @@ class StudyConfig:
         keys = ("method", "dataset", "data_size", "image_size", "val_fraction", "teacher", "student", "seed", "epochs",
                 "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
         fp = {k: getattr(self, k) for k in keys}
+        fp.update(self._tap_fingerprint())
         fp["space"] = {k: asdict(v) for k, v in sorted(self.space.items())}
         fp["fixed"] = dict(sorted(self.fixed.items()))
         return fp
+
+
+    def _tap_fingerprint(self) -> dict[str, str]:
+        """The tap paths this method reads (None: found automatically): another layer is another computation, and a
+        study keeps one. Paths a method does not read are left out: they cannot make its trials differ."""
+        method = get_method(self.method)
+        roles = ("student", "teacher") if method.uses_teacher else ("student",)
+        return {f"{r}_{t}": getattr(self, f"{r}_{t}") for r in roles for t in ("feature", "embedding") if t in method.needs}
 
 
 def sanitize(name: str) -> str:

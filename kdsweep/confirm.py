@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, leftovers
+from . import checkpoint, leftovers, taps
 from .data import get_dataset
 
 from .errors import UserError
@@ -80,7 +80,8 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
                 if teacher is None:
                     t_path, t_where = find_teacher(sel, Path(tmp), say)
                     if t_path is not None:
-                        teacher, _ = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes)
+                        teacher, _ = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes,
+                                                           **taps.recorded_paths(s.params, "teacher"))
                         teacher.to(device).eval().requires_grad_(False)
                 if teacher is None:
                     say(f"{s.label}: teacher missing ({t_where}); skipped")
@@ -102,7 +103,8 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
     run_data = copy.copy(data)
     run_data.stream_seed = seed  # same split, fresh batch order and augmentation
     torch.manual_seed(seed)  # fresh student (and head) initialisation
-    student = build_model(s.params["student"], data.in_shape, data.num_classes).to(data.device)
+    student = build_model(s.params["student"], data.in_shape, data.num_classes,
+                          **taps.recorded_paths(s.params, "student")).to(data.device)
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, student.shapes(data.in_shape), t_shapes,
                         schedule.epochs).to(data.device)
 

@@ -19,7 +19,9 @@ NOTE_TAG = "mlflow.note.content"
 # Flags shown only when they differ from StudyConfig's defaults (the others define the study and are always shown).
 _IF_NOT_DEFAULT = (("seed", "--seed"), ("data_size", "--data-size"), ("image_size", "--image-size"), ("val_fraction", "--val-fraction"),
                    ("momentum", "--momentum"), ("weight_decay", "--weight-decay"), ("sampler", "--sampler"),
-                   ("pruner", "--pruner"), ("data_dir", "--data-dir"), ("study_name", "--study-name"))
+                   ("pruner", "--pruner"), ("data_dir", "--data-dir"), ("study_name", "--study-name"),
+                   ("teacher_feature", "--teacher-feature"), ("teacher_embedding", "--teacher-embedding"),
+                   ("student_feature", "--student-feature"), ("student_embedding", "--student-embedding"))
 
 
 def resume_command(cfg: Any) -> str:

@@ -10,6 +10,9 @@ For MLPs the feature "map" is the last hidden vector (no spatial extent);
 methods that need a spatial map say so and the CLI refuses such a pair.
 1D conv nets (signals (C, L)) expose their map as (C, 1, L), an image of
 height 1, so the spatial methods serve them unchanged (see Conv1dNet).
+
+Any other nn.Module (torchvision:NAME, timm:NAME, package.module:factory, a registered name:
+model_specs.py) is wrapped in a taps.Tapped, which gives it the same interface through forward hooks.
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ class Net(nn.Module):
             p = next(self.parameters())
             o = self.taps(torch.zeros(2, *in_shape, device=p.device, dtype=p.dtype))
         self.train(was_training)
-        return Shapes(tuple(o.feature.shape[1:]), tuple(o.embedding.shape[1:]), tuple(o.logits.shape[1:]))
+        # () for a tap the model cannot give (a hooked model without a final linear layer, see taps.py)
+        per = lambda t: tuple(t.shape[1:]) if t is not None else ()  # noqa: E731
+        return Shapes(per(o.feature), per(o.embedding), per(o.logits))
 
 
 def _conv_bn(cin: int, cout: int, bias: bool = False) -> list[nn.Module]:
@@ -312,9 +317,12 @@ _RANK = {"image": 3, "signal": 2}
 
 
 def check_arch(name: str, in_shape: tuple[int, ...] | None = None) -> str:
-    """`name` if it is a known architecture that reads inputs of `in_shape` (when given)."""
+    """`name` if it is a known architecture that reads inputs of `in_shape` (when given), or a model spec
+    (model_specs.py: torchvision:NAME, timm:NAME, package.module:factory, a registered name) that resolves."""
     if name not in ARCHS:
-        raise UserError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}")
+        from . import model_specs
+
+        return model_specs.check(name)
     kind = _INPUTS.get(name, "image")
     if in_shape is not None and kind != "any" and len(in_shape) != _RANK[kind]:
         fits = [a for a in ARCHS if _INPUTS.get(a, "image") in ("any", "signal" if len(in_shape) == 2 else "image")]
@@ -323,8 +331,47 @@ def check_arch(name: str, in_shape: tuple[int, ...] | None = None) -> str:
     return name
 
 
-def build_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> Net:
-    return ARCHS[check_arch(name, in_shape)](tuple(in_shape), num_classes)
+# (spec, in_shape, num_classes) -> default tap paths: found by one dry forward per process, not per trial.
+_FOUND: dict[tuple, tuple[str | None, str | None]] = {}
+
+
+def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, feature: str | None = None,
+                embedding: str | None = None) -> Net:
+    """A fresh model: a built-in Net, or any nn.Module from a spec wrapped in a taps.Tapped.
+
+    `feature` / `embedding` (module paths) override where the taps are read: the output of `feature`,
+    the input of `embedding`; a built-in Net given either is wrapped too.
+    """
+    in_shape = tuple(in_shape)
+    if name in ARCHS:
+        net = ARCHS[check_arch(name, in_shape)](in_shape, num_classes)
+        if feature is None and embedding is None:
+            return net
+        inner, found = net, None
+    else:
+        from . import model_specs
+
+        inner, found = model_specs.construct(check_arch(name), in_shape, num_classes), _FOUND.get((name, in_shape, num_classes))
+    from .taps import Tapped, discover
+
+    if found is None:
+        try:
+            found = discover(inner, in_shape)[:2]
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's model: one line, no traceback
+            text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise UserError(f"{name}: a forward pass on inputs of shape {(2, *in_shape)} failed: "
+                            f"{type(e).__name__}: {text}") from None
+        if name not in ARCHS:
+            _FOUND[(name, in_shape, num_classes)] = found
+    return Tapped(inner, in_shape, name, feature, embedding, found)
+
+
+def tap_paths(model: nn.Module) -> dict[str, str]:
+    """Where a model's taps come from, for provenance: module paths for a hooked model, its stages for a Net."""
+    describe = getattr(model, "describe", None)
+    return describe() if describe else {"feature": "features()", "embedding": "embed()"}
 
 
 def count_params(module: nn.Module) -> int:

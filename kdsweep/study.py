@@ -26,7 +26,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, failures, identity, teacher_cache, truth
+from . import checkpoint, failures, identity, taps, teacher_cache, truth
 from .budget import EPOCHS_ATTR, Spent
 
 from .config import StudyConfig
@@ -35,7 +35,7 @@ from .describe import NOTE_TAG, study_note
 from .errors import UserError
 from .space import edge_warnings
 from .methods import get_method
-from .models import Shapes, build_model, count_params
+from .models import Shapes, count_params, tap_paths
 from .progress import Reporter
 from .teacher import get_teacher
 from .tracking import DEFAULT_DIR, Tracker, absolute_sqlite, make_store_dir, redact, scrub
@@ -120,15 +120,16 @@ def pair_problem(cfg: StudyConfig) -> str | None:
     """Why the study's teacher -> student pair cannot serve its method (None if it can); no data needed."""
     in_shape, num_classes = dataset_shape(cfg.dataset, cfg.data_dir, cfg.image_size)
     method_cls = get_method(cfg.method)
-    shapes = lambda arch: build_model(arch, in_shape, num_classes).shapes(in_shape)  # noqa: E731
-    why = method_cls.unsupported(shapes(cfg.student), shapes(cfg.teacher) if method_cls.uses_teacher else None)
+    # Builds each model once and runs one tiny forward: a model that cannot be built, returns no (batch, classes)
+    # logits or lacks a tap path is refused here (UserError), before anything is written or trained.
+    why = method_cls.unsupported(*taps.pair_shapes(cfg, method_cls, in_shape, num_classes))
     return f"{why}; {cfg.teacher} -> {cfg.student} cannot serve it" if why else None
 
 
 def check_pair(cfg: StudyConfig) -> None:
     why = pair_problem(cfg)
     if why:
-        raise UserError(f"{why} (choose another --teacher/--student)")
+        raise UserError(f"{why} (choose another --teacher/--student, or other layers with --teacher-feature/--student-feature)")
 
 
 def make_sampler(cfg: StudyConfig, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -218,7 +219,7 @@ def _start_trial(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     hp = _trial_params(ctx, trial)
     schedule = Schedule(cfg.epochs, cfg.batch_size, hp["lr"], cfg.momentum, cfg.weight_decay, cfg.optimizer)
     torch.manual_seed(cfg.seed)  # every trial starts from the same student initialisation
-    student = build_model(cfg.student, data.in_shape, data.num_classes).to(data.device)
+    student = taps.build_for(cfg, "student", data.in_shape, data.num_classes).to(data.device)
     s_shapes = student.shapes(data.in_shape)
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
@@ -352,6 +353,16 @@ def data_provenance(data: DeviceData) -> dict[str, Any]:
     train = teacher_cache.tensor_digest(data.train_x) + teacher_cache.tensor_digest(data.train_y)
     return {**p, "norm_mean": ",".join(f"{v:.4f}" for v in data.mean), "norm_std": ",".join(f"{v:.4f}" for v in data.std),
             "train_sha256": hashlib.sha256(train.encode()).hexdigest()}
+
+
+def _model_params(cfg: StudyConfig, data: DeviceData, teacher: torch.nn.Module | None, teacher_info: dict) -> dict[str, Any]:
+    """Provenance of the pair: parameter counts, where each model's taps are read, the teacher file's SHA-256."""
+    student = taps.build_for(cfg, "student", data.in_shape, data.num_classes)
+    out = {"student_params": count_params(student), **{f"student_{k}": v for k, v in tap_paths(student).items()}}
+    if teacher is not None:
+        out.update({"teacher_params": count_params(teacher), **{f"teacher_{k}": v for k, v in tap_paths(teacher).items()},
+                    "teacher_file_sha256": teacher_info.get("file_sha256", "")})
+    return out
 
 
 def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.TeacherCache, Accel, dict[str, Any]]:
@@ -811,9 +822,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Re
                    "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y), "test_size": len(data.test_y),
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,
                    "teacher_checkpoint": teacher_info.get("path", ""), "teacher_val_acc": teacher_info.get("val_acc", ""),
-                   "teacher_sha256": teacher_info.get("sha256", ""),
-                   "student_params": count_params(build_model(cfg.student, data.in_shape, data.num_classes)), **perf_params,
-                   **data_provenance(data)}
+                   "teacher_sha256": teacher_info.get("sha256", ""), **_model_params(cfg, data, teacher, teacher_info),
+                   **perf_params, **data_provenance(data)}
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
         identity.check_and_record(study, split, identity.teacher_record(teacher_info))

@@ -140,7 +140,8 @@ def cache_lock(path: Path, say=print):
 
 
 def _load(cfg, data: DeviceData, path: Path) -> tuple[Net, dict]:
-    return checkpoint.load_model(path, cfg.teacher, data.in_shape, data.num_classes)
+    return checkpoint.load_model(path, cfg.teacher, data.in_shape, data.num_classes,
+                                 getattr(cfg, "teacher_feature", None), getattr(cfg, "teacher_embedding", None))
 
 
 def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say) -> tuple[Net, dict]:
@@ -162,7 +163,8 @@ def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say) ->
 
 
 def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print) -> tuple[Net, dict]:
-    """The study's teacher: --teacher-checkpoint, else the cache, else trained now (and said so).
+    """The study's teacher: --teacher-checkpoint (kdsweep's, or a plain state_dict for cfg.teacher), else the cache,
+    else trained now (and said so).
 
     info: the file's metadata, its path, "sha256" (the weights' digest: the
     study's teacher identity) and "val_acc" measured now on this study's
@@ -176,11 +178,12 @@ def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print) -> tuple[Net
         # data.tag: a spec's name and the digest of its images, so a changed folder never meets an old teacher
         path = cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
         model, payload = _cached_teacher(cfg, data, tracker, path, say)
-    if checkpoint.SHA_KEY not in payload:
+    if checkpoint.SHA_KEY not in payload and not payload.get("plain"):  # a plain state_dict never carries one
         say(f"note: teacher {path} carries no checksum (written by an older kdsweep): its weights cannot be verified")
     digest = model_digest(model)  # memoised: verified above at no extra cost
     model.to(data.device).eval().requires_grad_(False)
     meta = payload.get("meta", {})
     _, val_acc = evaluate(model, data, "val")
-    info = {"path": str(path), **meta, "stored_val_acc": meta.get("val_acc"), "val_acc": val_acc, "sha256": digest}
+    info = {"path": str(path), **meta, "stored_val_acc": meta.get("val_acc"), "val_acc": val_acc, "sha256": digest,
+            "file_sha256": checkpoint.file_sha256(path)}
     return model, info

@@ -57,6 +57,8 @@ def model_digest(model: torch.nn.Module) -> str:
     parameter objects are walked, not state_dict(), whose detached copies are new
     objects at every call and would never hit the memo.
     """
+    model = getattr(model, "inner", model) if hasattr(model, "feature_path") else model  # a taps.Tapped: its weights,
+    # not the wrapper around them (a built-in teacher read with other taps is the same teacher)
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         h.update(name.encode())
@@ -220,7 +222,8 @@ class TeacherFeed:
         self.key = None
         if self.cache is not None:
             mode = "train" if teacher.training else "eval"
-            self.key = CacheKey(model_digest(teacher), data_digest(data), batch_size, f"{compute_tag}|{mode}")
+            taps = "|".join(str(getattr(teacher, a, "")) for a in ("feature_path", "embedding_path"))  # hooked: its layers
+            self.key = CacheKey(model_digest(teacher), data_digest(data), batch_size, f"{compute_tag}|{mode}|{taps}")
         self._epoch: tuple = ()
 
     def begin_epoch(self, epoch: int) -> None:

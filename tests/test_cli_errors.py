@@ -75,7 +75,7 @@ def test_corrupt_and_pickled_teacher_checkpoints_are_refused(kdsweep, workdir):
 
     torch.save({"format": checkpoint.FORMAT, "evil": Payload()}, workdir / "pickled.pt")
     code, _, err = kdsweep("study", "vanilla_kd", *STUDY, "--teacher-checkpoint", "pickled.pt")
-    assert code == 2 and "corrupt or unsafe" in _one_line(err)
+    assert code == 2 and "is unsafe and was not loaded: it holds pickled Python objects (test_cli_errors.Payload)" in _one_line(err)
     _nothing_written(workdir)
 
 
