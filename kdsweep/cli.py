@@ -130,12 +130,15 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-workers", type=int, metavar="N",
                    help="CPU only: worker threads (one intra-op thread each) that split the teacher's batch and share "
                         "out the students (default: the cores; 0: plain intra-op threads)")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction,
+                   help="stack the lockstep students that draw no random numbers into one model with one optimiser "
+                        "step (torch.func.vmap) (default: on for CUDA with --parallel >= 2, off on CPU)")
 
 
 STUDY_KEYS = ("dataset", "data_dir", "data_size", "val_fraction", "seed", "device", "teacher", "student", "teacher_epochs",
               "teacher_checkpoint", "trials", "budget_epochs", "epochs", "batch_size", "optimizer", "momentum", "weight_decay", "timeout", "sampler",
               "pruner", "study_name", "storage", "tracking_uri", "parallel", "teacher_cache_mb", "compile", "channels_last",
-              "cpu_workers", "on_mismatch")
+              "cpu_workers", "fused", "on_mismatch")
 
 
 def cmd_study(args) -> int:

@@ -395,6 +395,7 @@ class Lockstep:
         self.fuse = _fuse_min(self.accel, self.device, len(self.runs))
         self.groups: list = []  # fused.FusedGroup, formed after the first step (the probe)
         self.notes: list[str] = []  # why members that could have been fused were not
+        self.fused_members = 0
         self.swap_rng = len(self.runs) > 1 or self.fuse is not None
         if self.swap_rng:
             for r in self.runs:
@@ -485,6 +486,7 @@ class Lockstep:
             for r in runs:
                 r.opt.state.clear()  # the fused optimiser holds the state now
             self.groups.append(g)
+            self.fused_members += len(runs)
 
     def epoch(self) -> bool:
         """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
