@@ -158,17 +158,31 @@ def fusion_key(run) -> tuple:
     return type(s), repr(s), shapes, type(m), heads, run.m.schedule.optimizer, run.fmt
 
 
-class FusedGroup:
-    """K lockstep members (train._Run) of one fusion key, stepping as one; see the module's docstring."""
+class NotFusable(Exception):
+    """These members cannot be stacked; the message says why (they then step one after another)."""
 
-    def __init__(self, runs: list, device: torch.device, total_steps: int, steps_done: int):
+
+class FusedGroup:
+    """K lockstep members (train._Run) of one fusion key, stepping as one; see the module's docstring.
+
+    Made after the members' first step (`steps_done` = 1), from their modules and torch.optim state;
+    `x` is that step's batch, on which the stacked forward is tried (NotFusable if vmap cannot run it).
+    """
+
+    def __init__(self, runs: list, device: torch.device, total_steps: int, steps_done: int, x: torch.Tensor):
         self.runs, self.device = list(runs), device
         first = self.runs[0]
+        self.keys = list(first.sums)
+        if any(list(r.sums) != self.keys for r in self.runs):
+            raise NotFusable("their methods return different loss terms")
         self.needs, self.fmt = first.needs, first.fmt
         self.needs_index = first.m.method.needs_index
         adaptors = [_Taps(r.m.student, self.needs) for r in self.runs]
         self.base = adaptors[0]  # functional_call's module: its own tensors are swapped for the stacked ones
         self.params, self.buffers = stack_module_state(adaptors)
+        why = self._vmap_problem(x)
+        if why is not None:
+            raise NotFusable(f"torch.func.vmap cannot run {type(first.m.student).__name__}: {why}")
         self.heads = {n: _stack([dict(r.m.method.named_parameters())[n] for r in self.runs]).requires_grad_()
                       for n, _ in first.m.method.named_parameters()}
         self.opt = FusedOptimizer(first.m.schedule.optimizer, self.leaves(), [r.m.schedule for r in self.runs],
@@ -179,15 +193,22 @@ class FusedGroup:
                     for n, bufs in self.opt.state.items():
                         if r.opt.state.get(p, {}).get(n) is not None:
                             bufs[j][i].copy_(r.opt.state[p][n])
-        self.keys = list(first.sums)
-        if any(list(r.sums) != self.keys for r in self.runs):
-            raise RuntimeError("fused members must return the same loss terms")
         self.sums = {k: torch.stack([r.sums[k] for r in self.runs]) for k in self.keys}
         self.correct = torch.stack([r.correct for r in self.runs])
 
     def leaves(self) -> list[torch.Tensor]:
         """The stacked trainable tensors, in the order of each member's `_named_params`."""
         return [*self.params.values(), *self.heads.values()]
+
+    def _vmap_problem(self, x: torch.Tensor) -> str | None:
+        """Why the stacked students cannot run under vmap (None: they can); tried on copies of the buffers."""
+        try:
+            with torch.no_grad(), autocast(self.device):
+                vmap(self._forward, in_dims=(0, 0, None), randomness="error")(
+                    self.params, {n: b.clone() for n, b in self.buffers.items()}, x)
+        except Exception as e:  # noqa: BLE001 - any failure means: train these members one by one
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None
 
     def _forward(self, params, buffers, x):
         return functional_call(self.base, (params, buffers), (x,))
@@ -269,17 +290,6 @@ class FusedGroup:
 def _named_params(run) -> list[tuple[str, torch.Tensor]]:
     """A member's trainable tensors in the fused group's leaf order: student (as `_Taps` names them), then heads."""
     return [(f"model.{n}", p) for n, p in run.m.student.named_parameters()] + list(run.m.method.named_parameters())
-
-
-def vmappable(group: FusedGroup, x: torch.Tensor) -> str | None:
-    """Why the group's students cannot run under vmap (None: they can), tried on copies of the buffers."""
-    try:
-        with torch.no_grad(), autocast(group.device):
-            vmap(group._forward, in_dims=(0, 0, None), randomness="error")(
-                group.params, {n: b.clone() for n, b in group.buffers.items()}, x)
-    except Exception as e:  # noqa: BLE001 - any failure means: train these members one by one
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
 
 
 def plan(runs: Sequence, min_size: int) -> list[list]:

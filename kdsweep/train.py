@@ -476,11 +476,10 @@ class Lockstep:
         from . import fused
 
         for runs in fused.plan([r for r in active if not r.stochastic], self.fuse):
-            g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, steps_done=1)
-            why = fused.vmappable(g, xs[g.fmt])
-            if why is not None:
-                self.notes.append(f"{len(runs)} {type(runs[0].m.student).__name__} students train one after another: "
-                                  f"they cannot run under torch.func.vmap ({why})")
+            try:
+                g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, 1, xs[runs[0].fmt])
+            except fused.NotFusable as e:
+                self.notes.append(f"{len(runs)} members train one after another, not fused: {e}")
                 continue
             g.call = g.compiled_step() if self.accel.compile else g.step
             for r in runs:

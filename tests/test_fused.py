@@ -242,3 +242,45 @@ def test_fused_flag_in_a_study(kdsweep, workdir):
         runs = client.search_runs([exp], filter_string=f"tags.`kdsweep.study` = '{name}' and tags.`kdsweep.role` = 'trial'")
         assert len(runs) == 3 and {r.data.params["fused"] for r in runs} == {value}
         assert {r.data.tags["kdsweep.state"] for r in runs} == {"COMPLETE"}
+
+
+def test_students_vmap_cannot_run_train_one_by_one(data, teacher):
+    """A student with data-dependent Python control flow cannot be vmapped: its members step alone, with a note."""
+    from kdsweep.models import ConvNet
+
+    class Branchy(ConvNet):
+        def features(self, x):
+            f = self.body(x)
+            return f if bool(f.mean() > -1e9) else -f  # reads a value: fine alone, impossible under vmap
+
+    def make(lr, seed):
+        m = member(data, teacher, lr=lr, seed=seed)
+        m.student.__class__ = Branchy
+        return m
+
+    (a,) = train_students([make(0.05, 0)], teacher, data, accel=Accel(fused=False, **NCHW))
+    group = Lockstep([make(0.05, 0), make(0.1, 1)], teacher, data, accel=Accel(fused=True, **NCHW))
+    while group.epoch():
+        pass
+    assert group.groups == [] and group.fused_members == 0
+    assert len(group.notes) == 1 and "not fused" in group.notes[0] and "vmap" in group.notes[0]
+    assert_same(a, group.results()[0])
+
+
+def test_a_fused_member_that_starts_drawing_random_numbers_is_refused(data, teacher):
+    """The first step found it deterministic; drawing later would desynchronise its stream: an error, not a silent change."""
+    class LateNoise(get_method("vanilla_kd")):
+        def forward(self, s, t, y, epoch):
+            out = super().forward(s, t, y, epoch)
+            if epoch >= 1:
+                out["noise"] = 0 * torch.rand(())
+            return out
+
+    members = [member(data, teacher), member(data, teacher, lr=0.1)]
+    for m in members:
+        m.method.__class__ = LateNoise
+    group = Lockstep(members, teacher, data, accel=Accel(fused=True, **NCHW))
+    group.epoch()
+    assert group.fused_members == 2
+    with pytest.raises(RuntimeError, match="drew random numbers after its first step"):
+        group.epoch()
