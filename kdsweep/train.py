@@ -376,6 +376,11 @@ class Lockstep:
     (dropout) steps on the calling thread with its RNG state swapped in; the
     first step of a group finds out which members do.
 
+    With `Accel.fused` (default: on CUDA for K >= 2), after that first step the
+    members that drew no random numbers are stacked, per architecture and
+    method, into `fused.FusedGroup`s: one vmapped forward, one backward and one
+    fused optimiser update for all of them (kdsweep/fused.py).
+
     A member whose loss goes non-finite stops with `NonFiniteLoss` in its
     result's `stopped_by`; so does one whose `on_epoch` raises one of
     `stop_on` (e.g. Optuna's TrialPruned). The others carry on. Any other
