@@ -66,8 +66,8 @@ class _Taps(nn.Module):
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (K,) vector shaped (K, 1, ..., 1) to broadcast over a stacked (K, ...) tensor, in its dtype."""
-    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    """A (K,) vector shaped (K, 1, ..., 1) to broadcast over a stacked (K, ...) tensor (a view: no kernel)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -111,30 +111,33 @@ class FusedOptimizer:
 
     @torch.no_grad()
     def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        f = params[0].dtype  # per-step scalars are computed wide and rounded once, as torch.optim's Python floats are
         lr = self.lr()
         self.t += 1
+        wd, mom = self.weight_decay.to(f), self.momentum.to(f)
         if self.kind == "sgd":
+            lr = lr.to(f)
             for p, g, buf in zip(params, grads, self.state["momentum_buffer"]):
                 if g is None:  # as torch.optim: a parameter without a gradient is left alone
                     continue
-                g = g + _col(self.weight_decay, p) * p
-                buf.mul_(_col(self.momentum, p)).add_(g)  # zeros at the start: the first buffer is the gradient
+                g = g + _col(wd, p) * p
+                buf.mul_(_col(mom, p)).add_(g)  # zeros at the start: the first buffer is the gradient
                 p.addcmul_(buf, _col(lr, p), value=-1)
             return
         b1 = self.momentum
-        step_size = lr / (1 - b1 ** self.t)
-        bc2_sqrt = (1 - self.beta2 ** self.t) ** 0.5
-        decay = 1 - lr * self.weight_decay
+        step_size = (lr / (1 - b1 ** self.t)).to(f)
+        bc2_sqrt = ((1 - self.beta2 ** self.t) ** 0.5).to(f)
+        decay, w1 = (1 - lr * self.weight_decay).to(f), (1 - b1).to(f)
         for p, g, m, v in zip(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"]):
             if g is None:
                 continue
             if self.kind == "adamw":
                 p.mul_(_col(decay, p))
             else:
-                g = g + _col(self.weight_decay, p) * p
-            m.lerp_(g, _col(1 - b1, p))
+                g = g + _col(wd, p) * p
+            m.lerp_(g, _col(w1, p))
             v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = (v.sqrt() / bc2_sqrt.to(p.dtype)).add_(self.eps)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
             p.addcmul_(m / denom, _col(step_size, p), value=-1)
 
     def keep(self, idx: list[int]) -> None:
