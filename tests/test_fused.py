@@ -47,11 +47,11 @@ def member(data, teacher, method="vanilla_kd", lr=0.05, student="digitnet_s", se
     cls = get_method(method)
     hp = {k: v.default for k, v in cls.space.items()}
     m = cls(hp, s.shapes(data.in_shape), teacher.shapes(data.in_shape), epochs)
-    on_epoch = None
-    if prune_after is not None:
-        def on_epoch(stats):
-            if stats.epoch + 1 >= prune_after:
-                raise Stop(f"pruned after epoch {stats.epoch + 1}")
+    def prune(stats):
+        if stats.epoch + 1 >= prune_after:
+            raise Stop(f"pruned after epoch {stats.epoch + 1}")
+
+    on_epoch = prune if prune_after is not None else None
     sched = Schedule(epochs, 32, lr, momentum, weight_decay, optimizer)
     return Member(s, m, sched, on_epoch, rng=(torch.get_rng_state(), None))  # the stream it would train on alone
 
