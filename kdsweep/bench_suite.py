@@ -124,7 +124,7 @@ def run_k(k: int, sizes: Sizes, data: DeviceData, teacher, device: torch.device)
     _sync(device)
     wall = time.perf_counter() - t0
     return {"k": k, "wall": wall, "util": util.stop(), "complete": sum(r.result.stopped_by is None for r in group.runs),
-            "fused": getattr(group, "fused", None) is not None}
+            "fused": group.fused_members}
 
 
 def floor_seconds(k: int, sizes: Sizes, data: DeviceData, t_macs: int, s_macs: int, flops: float) -> float:

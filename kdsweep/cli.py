@@ -145,6 +145,9 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-workers", type=int, metavar="N",
                    help="CPU only: worker threads (one intra-op thread each) that split the teacher's batch and share "
                         "out the students (default: the cores; 0: plain intra-op threads)")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction,
+                   help="stack the lockstep students that draw no random numbers into one model with one optimiser "
+                        "step (torch.func.vmap) (default: on for CUDA with --parallel >= 2, off on CPU)")
 
 
 def _settings(args, *skip: str) -> dict:

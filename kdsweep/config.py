@@ -84,6 +84,7 @@ class StudyConfig:
     compile: bool = False
     channels_last: bool = True
     cpu_workers: int | None = None  # CPU: worker threads of a lockstep group (None: the cores; 0: off)
+    fused: bool | None = None  # lockstep students stacked into one model (None: on CUDA with --parallel >= 2)
     space: dict[str, Float] = field(default_factory=dict)
     fixed: dict[str, float] = field(default_factory=dict)
 

@@ -369,10 +369,11 @@ def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_cache.T
     """The device path of a study: CPU threads, the shared teacher cache, memory format, compile; and their params."""
     threads = set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads) if device.type == "cpu" else None
     cache = teacher_cache.shared(cfg.teacher_cache_mb, device)
-    accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile, cpu_workers=cfg.cpu_workers)
+    accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile, cpu_workers=cfg.cpu_workers, fused=cfg.fused)
     params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,
               "compile": cfg.compile, "cpu_threads": threads or "",
-              "cpu_workers": "" if device.type != "cpu" else cfg.cpu_workers if cfg.cpu_workers is not None else "auto"}
+              "cpu_workers": "" if device.type != "cpu" else cfg.cpu_workers if cfg.cpu_workers is not None else "auto",
+              "fused": "auto" if cfg.fused is None else cfg.fused}
     return cache, accel, params
 
 

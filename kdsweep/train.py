@@ -99,6 +99,9 @@ class Accel:
     # CPU lockstep groups: one worker thread per core, each with one intra-op thread, owning a share of
     # the students (and of each teacher batch). None: the usable cores; 0 or 1: off (intra-op threads only).
     cpu_workers: int | None = None
+    # Lockstep members stacked into one vmapped model with one fused optimiser step (kdsweep/fused.py).
+    # None: on for CUDA groups of K >= 2, off on CPU (worker threads are faster there); True/False: forced.
+    fused: bool | None = None
 
     def tag(self, device: torch.device) -> str:
         dtype = "bf16" if device.type == "cuda" else "fp32"
@@ -153,6 +156,13 @@ def _cpu_workers(accel: Accel, device: torch.device, members: int, teacher: bool
         return 1
     n = len(os.sched_getaffinity(0)) if accel.cpu_workers is None else accel.cpu_workers
     return max(1, n)
+
+
+def _fuse_min(accel: Accel, device: torch.device, members: int) -> int | None:
+    """The fewest members worth fusing into one group (None: no fusion); see kdsweep/fused.py."""
+    if accel.fused is None:
+        return 2 if device.type == "cuda" and members >= 2 else None
+    return 1 if accel.fused else None
 
 
 @contextlib.contextmanager
@@ -383,6 +393,11 @@ class Lockstep:
     (dropout) steps on the calling thread with its RNG state swapped in; the
     first step of a group finds out which members do.
 
+    With `Accel.fused` (default: on CUDA for K >= 2), after that first step the
+    members that drew no random numbers are stacked, per architecture and
+    method, into `fused.FusedGroup`s: one vmapped forward, one backward and one
+    fused optimiser update for all of them (kdsweep/fused.py).
+
     A member whose loss goes non-finite stops with `NonFiniteLoss` in its
     result's `stopped_by`; so does one whose `on_epoch` raises one of
     `stop_on` (e.g. Optuna's TrialPruned). The others carry on. Any other
@@ -395,11 +410,15 @@ class Lockstep:
         self.data, self.device, self.stop_on = data, data.device, stop_on
         self.accel = accel or Accel()
         self.epochs, self.batch_size = _check_group(members)
-        steps = data.steps_per_epoch(min(self.batch_size, data.n_train))
+        self.steps = steps = data.steps_per_epoch(min(self.batch_size, data.n_train))
         self.runs = [_Run(m, self.device, self.accel, steps * self.epochs) for m in members]
         uses_teacher = teacher is not None and any(r.m.method.uses_teacher for r in self.runs)
         self.workers = _cpu_workers(self.accel, self.device, len(self.runs), uses_teacher)
-        self.swap_rng = len(self.runs) > 1
+        self.fuse = _fuse_min(self.accel, self.device, len(self.runs))
+        self.groups: list = []  # fused.FusedGroup, formed after the first step (the probe)
+        self.notes: list[str] = []  # why members that could have been fused were not
+        self.fused_members = 0
+        self.swap_rng = len(self.runs) > 1 or self.fuse is not None
         if self.swap_rng:
             for r in self.runs:
                 r.m.rng = r.m.rng or _rng_state(self.device)
@@ -443,10 +462,17 @@ class Lockstep:
                index: SampleIndex) -> None:
         """One step of every active member on this batch."""
         shared = [(t, t._version) for t in (t_out or ()) if t is not None]
-        serial = active
-        if self.workers > 1 and self.probed and len(active) > 1:
-            serial = [r for r in active if r.stochastic]
-            hands = _deal([r for r in active if not r.stochastic], self.workers)
+        fused = {id(r) for g in self.groups for r in g.runs}
+        serial = rest = [r for r in active if id(r) not in fused]
+        for g in self.groups:
+            before = _rng_state(self.device)
+            g.call(xs[g.fmt], y, t_out, epoch, index)
+            if any(a is not None and not torch.equal(a, b) for a, b in zip(before, _rng_state(self.device))):
+                raise RuntimeError("a fused lockstep member drew random numbers after its first step; "
+                                   "its stream cannot be replayed: run it with --no-fused or --parallel 1")
+        if self.workers > 1 and self.probed and len(rest) > 1:
+            serial = [r for r in rest if r.stochastic]
+            hands = _deal([r for r in rest if not r.stochastic], self.workers)
             before = torch.get_rng_state()
             _in_pool(self.workers, lambda hand: [r.step(xs[r.fmt], y, t_out, epoch, index) for r in hand], hands)
             if not torch.equal(before, torch.get_rng_state()):
@@ -461,10 +487,31 @@ class Lockstep:
                 r.m.rng = _rng_state(self.device)
                 if not self.probed:
                     r.stochastic = any(a is not None and not torch.equal(a, b) for a, b in zip(before, r.m.rng))
+        if not self.probed and self.fuse is not None:
+            self._form_groups(active, xs)
         self.probed = True
         if len(active) > 1 and any(t._version != v for t, v in shared):
             raise RuntimeError(f"{type(active[0].m.method).__name__} modified the teacher's outputs in place; lockstep "
                                "members share them: the method must not write to its `t` argument")
+
+    def _form_groups(self, active: list[_Run], xs: dict) -> None:
+        """Stack the members that drew no random numbers in the first step into fused groups (kdsweep/fused.py)."""
+        from . import fused
+
+        for runs in fused.plan([r for r in active if not r.stochastic], self.fuse):
+            try:
+                g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, 1, xs[runs[0].fmt])
+            except fused.NotFusable as e:
+                self.notes.append(f"{len(runs)} members train one after another, not fused: {e}")
+                continue
+            # On CUDA the compiled step is also captured as a CUDA graph (replayed with one launch, where
+            # torch.compile finds it safe to), the point of a step with no host sync.
+            mode = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
+            g.call = g.compiled_step(**mode) if self.accel.compile else g.step
+            for r in runs:
+                r.opt.state.clear()  # the fused optimiser holds the state now
+            self.groups.append(g)
+            self.fused_members += len(runs)
 
     def epoch(self) -> bool:
         """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
@@ -491,6 +538,9 @@ class Lockstep:
         t0 = time.perf_counter()
         for r in active:
             r.begin_epoch()
+        self.groups = [g for g in self.groups if g.alive]
+        for g in self.groups:
+            g.begin_epoch(epoch * self.steps)
         if self.feed is not None:
             self.feed.begin_epoch(epoch)
         n = 0
@@ -499,6 +549,8 @@ class Lockstep:
             t_out = self.feed(step, x) if self.feed is not None else None
             self._steps(active, xs, y, t_out, epoch, SampleIndex(ids, self.data.n_train))
             n += len(y)
+        for g in self.groups:
+            g.end_epoch()  # stacked state back into each member's modules, statistics into its _Run
         # One sync per epoch: every member's train statistics at once.
         flat = [r.epoch_tensors() for r in active]
         values = torch.stack([t for ts in flat for t in ts]).tolist()

@@ -4,7 +4,8 @@ Memory: two banks of N x 128 float32 (N = training samples; 2 x 45,000 x 128 x 4
 for CIFAR-10), made on the first step on the trainer's device, one pair per trial (method
 instance). Per step it scores the batch against every row of both banks, (B, N) floats each
 (23 MB at B = 128 on CIFAR-10), rather than gathering (B, 16385, 128) rows (1 GB), which
-gives the same numbers. The banks are training state, not heads: they are left out of
+gives the same numbers; each step also copies both banks (the rows the backward pass needs
+stay as they were while the banks move in place: 2 x 23 MB per step on CIFAR-10). The banks are training state, not heads: they are left out of
 state_dict, so checkpoints and the extra-parameter count hold the projection heads only.
 """
 
@@ -127,14 +128,16 @@ class CRD(Method):
             if self.memory_s is None or self.memory_s.shape[0] != n or self.memory_s.device != v_s.device:
                 self.init_memory(n, v_s.device)
             cols = self.contrast_index(index)
-            nce = (nce_loss(self._probs(v_s, self.memory_t, cols, "z_s", n), n)
-                   + nce_loss(self._probs(v_t, self.memory_s, cols, "z_t", n), n))
-            with torch.no_grad():  # out of place: the old banks are saved for the backward pass
+            # Scored against copies, so the banks themselves can move in place below (the backward pass needs
+            # the rows as they were). In place, not reassigned: torch.compile keeps in-place updates of a
+            # module's buffers inside functional_call (the fused path), but drops reassigned attributes.
+            old_s, old_t = self.memory_s.clone(), self.memory_t.clone()
+            nce = (nce_loss(self._probs(v_s, old_t, cols, "z_s", n), n)
+                   + nce_loss(self._probs(v_t, old_s, cols, "z_t", n), n))
+            with torch.no_grad():
                 ids = index.ids
-                for name, v in (("memory_s", v_s), ("memory_t", v_t)):
-                    bank = getattr(self, name)
-                    row = F.normalize(bank[ids] * NCE_M + v * (1 - NCE_M), dim=1)
-                    setattr(self, name, bank.index_copy(0, ids, row))
+                for bank, old, v in ((self.memory_s, old_s, v_s), (self.memory_t, old_t, v_t)):
+                    bank.index_copy_(0, ids, F.normalize(old[ids] * NCE_M + v * (1 - NCE_M), dim=1))
         return {
             "ce": F.cross_entropy(s.logits.float(), y),
             "nce": self.hp["weight"] * nce,

@@ -1,0 +1,282 @@
+"""Fused lockstep students (kdsweep/fused.py) train exactly as separate trials do, up to float rounding.
+
+CPU only, on the bundled digits data (a few hundred images, 2-3 epochs): the fused path is forced on
+with Accel(fused=True) (on CPU it is off by default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdsweep.data import load_data
+from kdsweep.fused import FusedOptimizer
+from kdsweep.methods import METHODS, get_method
+from kdsweep.models import build_model
+from kdsweep.train import Accel, Lockstep, Member, Schedule, make_optimizer, train_students
+
+CPU = torch.device("cpu")
+TOL = 1e-5  # relative and absolute, on per-epoch losses and accuracies
+# Both paths run NCHW: the fused (vmapped) convolutions round like NCHW ones, and over a few epochs of
+# a sharp loss (rkd, dkd at lr 0.1) toggling --channels-last alone moves losses by ~1e-4 (docs/performance.md).
+NCHW = dict(channels_last=False)
+
+
+class Stop(Exception):
+    """A test stand-in for optuna.TrialPruned."""
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(2)
+    return load_data("digits", None, 400, 0, 0.2, CPU)
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    torch.manual_seed(1)
+    return build_model("digitnet_l", data.in_shape, data.num_classes).eval().requires_grad_(False)
+
+
+def member(data, teacher, method="vanilla_kd", lr=0.05, student="digitnet_s", seed=0, epochs=2, optimizer="sgd",
+           momentum=0.9, weight_decay=5e-4, prune_after=None) -> Member:
+    torch.manual_seed(seed)
+    s = build_model(student, data.in_shape, data.num_classes)
+    cls = get_method(method)
+    hp = {k: v.default for k, v in cls.space.items()}
+    m = cls(hp, s.shapes(data.in_shape), teacher.shapes(data.in_shape), epochs)
+    def prune(stats):
+        if stats.epoch + 1 >= prune_after:
+            raise Stop(f"pruned after epoch {stats.epoch + 1}")
+
+    on_epoch = prune if prune_after is not None else None
+    sched = Schedule(epochs, 32, lr, momentum, weight_decay, optimizer)
+    return Member(s, m, sched, on_epoch, rng=(torch.get_rng_state(), None))  # the stream it would train on alone
+
+
+def curve(result):
+    return [(h.train["loss"], h.train["acc"], h.val_loss, h.val_acc, h.lr) for h in result.history]
+
+
+def close(a, b, tol=TOL):
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+def assert_same(seq, fused):
+    assert type(seq.stopped_by) is type(fused.stopped_by)
+    assert len(seq.history) == len(fused.history)
+    for ea, eb in zip(curve(seq), curve(fused)):
+        assert all(close(x, y) for x, y in zip(ea, eb)), (curve(seq), curve(fused))
+    for ha, hb in zip(seq.history, fused.history):
+        assert ha.train.keys() == hb.train.keys()
+        assert all(close(ha.train[k], hb.train[k]) for k in ha.train)
+    assert seq.best_epoch == fused.best_epoch
+    # the best epoch's snapshot is an ordinary state_dict of the student and heads, equal to the sequential one
+    for part in ("student", "heads"):
+        assert seq.state.get(part, {}).keys() == fused.state.get(part, {}).keys()
+        for k, v in seq.state.get(part, {}).items():
+            torch.testing.assert_close(fused.state[part][k].float(), v.float(), rtol=1e-3, atol=1e-4)
+
+
+def sequential(data, teacher, specs):
+    """Each spec trained alone, one after another (the K = 1 path, fusion off)."""
+    out = []
+    for kw in specs:
+        (r,) = train_students([member(data, teacher, **kw)], teacher, data, accel=Accel(fused=False, **NCHW), stop_on=(Stop,))
+        out.append(r)
+    return out
+
+
+def fused(data, teacher, specs, **accel):
+    group = Lockstep([member(data, teacher, **kw) for kw in specs], teacher, data, accel=Accel(fused=True, **{**NCHW, **accel}),
+                     stop_on=(Stop,))
+    while group.epoch():
+        pass
+    return group
+
+
+CASES = {
+    # K = 1: one student, fused with itself
+    1: [dict(lr=0.05)],
+    # K = 3: batch norm (digitnet_s) twice, and a member with dropout (mlp1200: p = 0.5), which draws random
+    # numbers and so keeps stepping alone with its own RNG stream
+    3: [dict(lr=0.05), dict(lr=0.2, seed=3), dict(lr=0.1, student="mlp1200")],
+    # K = 8: a member pruned mid-study (after epoch 2 of 3) and one diverging (lr 1e6), among six that run on
+    8: [dict(lr=0.05, epochs=3), dict(lr=0.1, epochs=3, seed=1), dict(lr=1e6, epochs=3),
+        dict(lr=0.02, epochs=3, prune_after=2), dict(lr=0.2, epochs=3, seed=2), dict(lr=0.08, epochs=3, momentum=0.5),
+        dict(lr=0.03, epochs=3, weight_decay=0.0), dict(lr=0.1, epochs=3, student="mlp1200")],
+}
+FUSED = {1: 1, 3: 2, 8: 7}  # members on the fused path (the dropout members are not)
+
+
+@pytest.mark.parametrize("k", sorted(CASES))
+def test_fused_lockstep_equals_sequential(data, teacher, k):
+    specs = CASES[k]
+    alone = sequential(data, teacher, specs)
+    group = fused(data, teacher, specs)
+    assert group.fused_members == FUSED[k], group.notes
+    for spec, a, f in zip(specs, alone, group.results()):
+        assert_same(a, f)
+        if spec.get("lr") == 1e6:
+            assert type(f.stopped_by).__name__ == "NonFiniteLoss" and f.history == []
+        elif "prune_after" in spec:
+            assert isinstance(f.stopped_by, Stop) and len(f.history) == spec["prune_after"]
+        else:
+            assert f.stopped_by is None and len(f.history) == spec.get("epochs", 2)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_fused_adam_lockstep_equals_sequential(data, teacher, optimizer):
+    specs = [dict(lr=1e-3, optimizer=optimizer), dict(lr=3e-3, optimizer=optimizer, momentum=0.8, weight_decay=0.01)]
+    alone = sequential(data, teacher, specs)
+    group = fused(data, teacher, specs)
+    assert [len(g.runs) for g in group.groups] == [2]
+    for a, f in zip(alone, group.results()):
+        assert_same(a, f)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_fuses(data, teacher, method):
+    specs = [dict(method=method, lr=0.05), dict(method=method, lr=0.1, seed=5)]
+    alone = sequential(data, teacher, specs)
+    group = fused(data, teacher, specs)
+    assert [len(g.runs) for g in group.groups] == [2], group.notes
+    for a, f in zip(alone, group.results()):
+        assert_same(a, f)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_fused_optimizer_matches_torch_optim(kind):
+    """Three members, each with its own lr, momentum / beta1 and weight decay, under the cosine schedule."""
+    torch.manual_seed(0)
+    scheds = [Schedule(1, 8, lr, m, wd, kind) for lr, m, wd in ((0.1, 0.9, 5e-4), (0.03, 0.5, 0.0), (0.2, 0.0, 1e-2))]
+    total = 7
+    w = [torch.randn(4, 3) for _ in scheds]
+    ref = [torch.nn.Parameter(t.clone()) for t in w]
+    opts = [make_optimizer([p], s) for p, s in zip(ref, scheds)]
+    lrs = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * i / total))) for o in opts]
+    stacked = torch.stack(w).requires_grad_()
+    opt = FusedOptimizer(kind, [stacked], scheds, total)
+    for _ in range(total):
+        g = torch.randn(3, 4, 3)
+        for i, (p, o, sch) in enumerate(zip(ref, opts, lrs)):
+            p.grad = g[i].clone()
+            o.step()
+            sch.step()
+        opt.step([stacked], [g])
+        torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in ref]), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_is_off_by_default_on_cpu(data, teacher):
+    group = Lockstep([member(data, teacher), member(data, teacher, lr=0.1)], teacher, data)
+    group.epoch()
+    assert group.groups == []
+
+
+def batch(data, teacher, needs):
+    from kdsweep.methods.base import SampleIndex
+    from kdsweep.train import run_taps
+
+    x, y, ids = next(iter(data.epoch(0, 32, index=True)))
+    with torch.no_grad():
+        t = run_taps(teacher, x, needs)
+    return x, y, t, SampleIndex(ids, data.n_train)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fused_step_compiles_without_graph_breaks(data, teacher, method):
+    """One whole fused step - K students' forward, the K losses, backward, the fused optimiser update - is one
+    graph (fullgraph=True raises on any graph break), and computes what the eager step computes."""
+    specs = [dict(method=method, lr=0.05), dict(method=method, lr=0.1, seed=5), dict(method=method, lr=0.02, seed=6)]
+    twins = []
+    for _ in range(2):
+        g = Lockstep([member(data, teacher, **kw) for kw in specs], teacher, data, accel=Accel(fused=True),
+                     stop_on=(Stop,))
+        g.epoch()  # the first step (the probe) forms the group; then a whole epoch of fused steps
+        (fg,) = g.groups
+        twins.append(fg)
+    eager, compiled = twins
+    torch._dynamo.reset()  # each test's group is a new object: no recompile limit carried over from the last test
+    x, y, t, index = batch(data, teacher, eager.needs)
+    step = compiled.compiled_step(fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        eager.step(x, y, t, 1, index)
+        step(x, y, t, 1, index)
+    for a, b in zip(eager.leaves(), compiled.leaves()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for n in eager.buffers:
+        torch.testing.assert_close(eager.buffers[n], compiled.buffers[n], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_flag_in_a_study(kdsweep, workdir):
+    """`--fused` reaches the trainer from the CLI; a fused --parallel study asks the same trials and scores them the same."""
+    import mlflow
+    import optuna
+
+    (workdir / "mlruns").mkdir()
+    storage, uri = f"sqlite:///{workdir}/mlruns/optuna.db", f"sqlite:///{workdir}/mlruns/mlflow.db"
+    common = ("--dataset", "digits", "--data-size", 300, "--trials", 3, "--epochs", 2, "--teacher-epochs", 1,
+              "--device", "cpu", "--pruner", "none", "--parallel", 3, "--no-channels-last", "--storage", storage,
+              "--tracking-uri", uri, "--quiet")
+    for name, flag in (("on", "--fused"), ("off", "--no-fused")):
+        code, _, err = kdsweep("study", "vanilla_kd", *common, "--study-name", name, flag)
+        assert code == 0, err
+
+    def trials(name):
+        return {t.number: (t.params, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials}
+
+    on, off = trials("on"), trials("off")
+    assert on.keys() == off.keys() and len(on) == 3
+    for n in on:
+        assert on[n][0] == off[n][0]
+        assert math.isclose(on[n][1], off[n][1], abs_tol=1.01 / 60)  # at most one val image apart
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s").experiment_id
+    for name, value in (("on", "True"), ("off", "False")):
+        runs = client.search_runs([exp], filter_string=f"tags.`kdsweep.study` = '{name}' and tags.`kdsweep.role` = 'trial'")
+        assert len(runs) == 3 and {r.data.params["fused"] for r in runs} == {value}
+        assert {r.data.tags["kdsweep.state"] for r in runs} == {"COMPLETE"}
+
+
+def test_students_vmap_cannot_run_train_one_by_one(data, teacher):
+    """A student with data-dependent Python control flow cannot be vmapped: its members step alone, with a note."""
+    from kdsweep.models import ConvNet
+
+    class Branchy(ConvNet):
+        def features(self, x):
+            f = self.body(x)
+            return f if bool(f.mean() > -1e9) else -f  # reads a value: fine alone, impossible under vmap
+
+    def make(lr, seed):
+        m = member(data, teacher, lr=lr, seed=seed)
+        m.student.__class__ = Branchy
+        return m
+
+    (a,) = train_students([make(0.05, 0)], teacher, data, accel=Accel(fused=False, **NCHW))
+    group = Lockstep([make(0.05, 0), make(0.1, 1)], teacher, data, accel=Accel(fused=True, **NCHW))
+    while group.epoch():
+        pass
+    assert group.groups == [] and group.fused_members == 0
+    assert len(group.notes) == 1 and "not fused" in group.notes[0] and "vmap" in group.notes[0]
+    assert_same(a, group.results()[0])
+
+
+def test_a_fused_member_that_starts_drawing_random_numbers_is_refused(data, teacher):
+    """The first step found it deterministic; drawing later would desynchronise its stream: an error, not a silent change."""
+    class LateNoise(get_method("vanilla_kd")):
+        def forward(self, s, t, y, epoch):
+            out = super().forward(s, t, y, epoch)
+            if epoch >= 1:
+                out["noise"] = 0 * torch.rand(())
+            return out
+
+    members = [member(data, teacher), member(data, teacher, lr=0.1)]
+    for m in members:
+        m.method.__class__ = LateNoise
+    group = Lockstep(members, teacher, data, accel=Accel(fused=True, **NCHW))
+    group.epoch()
+    assert group.fused_members == 2
+    with pytest.raises(RuntimeError, match="drew random numbers after its first step"):
+        group.epoch()
