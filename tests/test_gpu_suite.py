@@ -15,7 +15,7 @@ def test_gpu_script_dry_run_prints_the_table():
                        timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = re.findall(r"^\s+(\d+)\s+(fused|serial)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)$", r.stdout, re.M)
-    assert [int(k) for k, *_ in rows] == [1, 2], r.stdout
+    assert [(int(k), p) for k, p, *_ in rows] == [(1, "serial"), (2, "fused"), (2, "serial")], r.stdout
     for k, _, wall, per_trial, _, floor, frac in rows:
         # wall is printed to 0.1 s, the others to 0.01: compare within what the rounding allows
         assert abs(float(wall) / int(k) - float(per_trial)) <= 0.05 / int(k) + 0.006
