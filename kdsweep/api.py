@@ -1,10 +1,10 @@
 """kdsweep from Python (notebooks): the same studies, sweeps, confirmations and reports as the command line.
 
-    import kdsweep
+    import kdsweep.api as kd            # not `kdsweep.study`: that name is the study module
 
-    kdsweep.sweep(["ce", "vanilla_kd"], dataset="digits", epochs=5, budget_epochs=40)
-    kdsweep.confirm(seeds=3)
-    tables = kdsweep.report()           # {"best": DataFrame, "ranking": DataFrame, ...}
+    kd.sweep(["ce", "vanilla_kd"], dataset="digits", epochs=5, budget_epochs=40)
+    kd.confirm(seeds=3)
+    tables = kd.report()                # {"best": DataFrame, "ranking": DataFrame, ...}
 
 Settings are `kdsweep study`'s flags as keyword arguments (`budget_epochs=40` for
 `--budget-epochs 40`), checked against the one schema, `config.StudyConfig`. Models and data
@@ -73,7 +73,11 @@ def _trials_frame(cfg) -> pd.DataFrame:
 
     study = optuna.load_study(study_name=cfg.full_study_name, storage=open_storage(cfg.storage))
     df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
-    return df.rename(columns={"value": "val_acc"})
+    names = {"value_val_acc": "val_acc", "value": "val_acc", "user_attrs_test_acc": "test_acc",
+             "user_attrs_best_epoch": "best_epoch", "user_attrs_kdsweep.epochs_trained": "epochs",
+             "user_attrs_mlflow_run_id": "mlflow_run_id"}
+    df = df.rename(columns={**names, **{c: c[len("params_"):] for c in df.columns if c.startswith("params_")}})
+    return df[[c for c in df.columns if not c.startswith("user_attrs_")]]
 
 
 def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -> StudyResult:

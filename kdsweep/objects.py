@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -26,12 +27,45 @@ def name_all(flags: dict[str, Any]) -> dict[str, Any]:
     out = dict(flags)
     if "data" in out and out.get("dataset") is not None:
         raise UserError("give data= or dataset=, not both")
+    teacher = out.get("teacher")
     for key, field in OBJECT_KEYS.items():
         if key not in out:
             continue
         value = out.pop(key)
         out[field] = value if isinstance(value, str) else (data_name(value) if key == "data" else model_name(value))
+    import torch.nn as nn
+
+    if isinstance(teacher, nn.Module) and not out.get("teacher_checkpoint"):
+        # A teacher given as a module is the trained teacher: its weights are the study's teacher, not a
+        # recipe to train one. They go to a file named by their digest, as a --teacher-checkpoint would.
+        out["teacher_checkpoint"] = str(_weights_file(teacher, out["teacher"]))
     return out
+
+
+def _weights_file(model: Any, name: str):
+    """The module's state_dict in the kdsweep cache, written once (atomically) per name = class + weight digest."""
+    import os
+    import tempfile
+
+    import torch
+
+    from .checkpoint import file_mode
+    from .teacher import cache_dir
+
+    path = cache_dir() / "objects" / f"{name}.pt"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _importable(obj: Any) -> str | None:
