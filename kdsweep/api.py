@@ -2,9 +2,9 @@
 
     import kdsweep.api as kd            # not `kdsweep.study`: that name is the study module
 
-    kd.sweep(["ce", "vanilla_kd"], dataset="digits", epochs=5, budget_epochs=40)
-    kd.confirm(seeds=3)
-    tables = kd.report()                # {"best": DataFrame, "ranking": DataFrame, ...}
+    result = kd.sweep(["ce", "vanilla_kd"], dataset="digits", epochs=5, budget_epochs=40)
+    result.confirm(seeds=3)             # kd.confirm(seeds=3, dataset="digits") the same
+    tables = result.report()            # {"best": DataFrame, "ranking": DataFrame, ...}
 
 Settings are `kdsweep study`'s flags as keyword arguments (`budget_epochs=40` for
 `--budget-epochs 40`), checked against the one schema, `config.StudyConfig`. Models and data
@@ -104,6 +104,15 @@ def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -
 class SweepResult:
     studies: dict[str, StudyResult]  # method label -> its study
     skipped: dict[str, str]  # method -> why the pair cannot serve it
+    pair: dict[str, Any]  # dataset, teacher, student, seed: what confirm() and report() select by
+
+    def confirm(self, seeds: int = 3, **kw: Any) -> pd.DataFrame:
+        """:func:`confirm` for this sweep's pair (a store may hold others)."""
+        return confirm(seeds, **{**self.pair, **kw})
+
+    def report(self, **kw: Any) -> dict[str, pd.DataFrame]:
+        """:func:`report` for this sweep's pair."""
+        return report(**{**self.pair, **kw})
 
     @property
     def table(self) -> pd.DataFrame:
@@ -181,6 +190,9 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
     say = (lambda _: None) if quiet else print
     runnable, skipped = plan_sweep(methods, study_suffix, say, **settings_)
     results = {}
+    first = runnable[0] if runnable else None
+    pair = {} if first is None else {"dataset": first.dataset, "teacher": first.teacher, "student": first.student,
+                                     "seed": first.seed, "tracking_uri": first.tracking_uri}
     for i, cfg in enumerate(runnable, 1):
         if on_study:
             on_study(i, len(runnable), cfg)
@@ -188,7 +200,7 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
         if on_done:
             on_done(summary)
         results[cfg.name] = StudyResult(summary, _trials_frame(cfg))
-    return SweepResult(results, skipped)
+    return SweepResult(results, skipped, pair)
 
 
 def confirm(seeds: int = 3, *, dataset: str | None = None, teacher: str | None = None, student: str | None = None,

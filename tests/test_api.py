@@ -35,7 +35,8 @@ def test_sweep_and_report_return_dataframes(workdir):
         assert isinstance(r.trials, pd.DataFrame) and len(r.trials) == 2
         assert r.best["val_acc"] == pytest.approx(r.trials["val_acc"].max())
         assert table.set_index("method").loc[label, "val_acc"] == pytest.approx(r.best["val_acc"])
-    tables = kd.report(dataset="digits")
+    assert set(result.confirm(seeds=1)["method"]) == {"ce", "vanilla_kd"}
+    tables = result.report()
     assert {"best", "ranking"} <= set(tables) and all(isinstance(t, pd.DataFrame) for t in tables.values())
     best = tables["best"]
     assert len(best) >= 2 and best.select_dtypes("number").size > 0
