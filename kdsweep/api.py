@@ -104,7 +104,7 @@ def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -
 class SweepResult:
     studies: dict[str, StudyResult]  # method label -> its study
     skipped: dict[str, str]  # method -> why the pair cannot serve it
-    pair: dict[str, Any]  # dataset, teacher, student, seed: what confirm() and report() select by
+    pair: dict[str, Any]  # dataset, teacher, student, seed, per-trial settings: what confirm() and report() select by
 
     def confirm(self, seeds: int = 3, **kw: Any) -> pd.DataFrame:
         """:func:`confirm` for this sweep's pair (a store may hold others)."""
@@ -192,7 +192,7 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
     results = {}
     first = runnable[0] if runnable else None
     pair = {} if first is None else {"dataset": first.dataset, "teacher": first.teacher, "student": first.student,
-                                     "seed": first.seed, "tracking_uri": first.tracking_uri}
+                                     "seed": first.seed, "tracking_uri": first.tracking_uri, "per_trial": first.budget_tag}
     for i, cfg in enumerate(runnable, 1):
         if on_study:
             on_study(i, len(runnable), cfg)

@@ -28,6 +28,8 @@ class Student(nn.Module):
 
 
 def test_sweep_and_report_return_dataframes(workdir):
+    # The store holds more studies of the pair with other per-trial settings (a report would pick those by default).
+    other = kd.sweep(["ce", "vanilla_kd", "dkd"], trials=1, **{**TINY, "epochs": 1})
     result = kd.sweep(["ce", "vanilla_kd"], trials=2, **TINY)
     table = result.table
     assert isinstance(table, pd.DataFrame) and set(table["method"]) == {"ce", "vanilla_kd"}
@@ -37,6 +39,9 @@ def test_sweep_and_report_return_dataframes(workdir):
         assert table.set_index("method").loc[label, "val_acc"] == pytest.approx(r.best["val_acc"])
     assert set(result.confirm(seeds=1)["method"]) == {"ce", "vanilla_kd"}
     tables = result.report()
+    studies = set(tables["best"]["study"].dropna())  # this sweep's studies, not the other 1-epoch one
+    assert {r.summary["study"] for r in result.studies.values()} <= studies
+    assert not {r.summary["study"] for r in other.studies.values()} & studies
     assert {"best", "ranking"} <= set(tables) and all(isinstance(t, pd.DataFrame) for t in tables.values())
     best = tables["best"]
     assert len(best) >= 2 and best.select_dtypes("number").size > 0
