@@ -334,3 +334,18 @@ def test_the_shared_teacher_cache_keeps_other_layers_apart():
         t = build_model("kd_user_models:teacher", (1, 8, 8), 10, feature=feature).eval()
         keys.add(TeacherFeed(cache, t, data, 32, frozenset({"feature"}), t.taps, "cpu").key)
     assert len(keys) == 2
+
+
+def test_torchvision_pair_on_an_image_folder_of_generated_pngs(kdsweep, workdir):
+    """Acceptance 1's last case: the torchvision pair, hook taps and all, on an ImageFolder of PNGs."""
+    from test_sources import make_folder
+
+    folder = make_folder(workdir / "pngs", classes=3, n=20, size=32)
+    code, out, err = kdsweep("study", "fitnet", "--dataset", "imagefolder:pngs", "--teacher", "torchvision:resnet18",
+                             "--student", "torchvision:mobilenet_v3_small", "--trials", "1", "--epochs", "1",
+                             "--teacher-epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "-q")
+    assert code == 0, err
+    (parent,) = _parents(f"kdsweep/imagefolder:{folder}/torchvision:resnet18->torchvision:mobilenet_v3_small")
+    p = parent.data.params
+    assert (p["teacher_feature"], p["student_feature"], p["in_shape"], p["data_files"]) == ("layer4", "features", "3x32x32", "78")
+    assert "1 complete" in out or "1 pruned" in out
