@@ -238,6 +238,8 @@ def cmd_teacher(args) -> int:
     from .tracking import Tracker
     from .train import set_cpu_threads
 
+    if args.arch is None and args.dataset and ":" in args.dataset:
+        raise UserError(f"dataset {args.dataset} has no default teacher: pass --arch (e.g. --arch torchvision:resnet18)")
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
                                                        if k in ("dataset", "data_dir", "data_size", "image_size", "val_fraction", "seed",
                                                                 "device", "tracking_uri") and v is not None},

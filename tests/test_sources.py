@@ -261,3 +261,9 @@ def test_a_spec_without_teacher_and_student_is_refused(kdsweep, workdir):
     code, out, err = kdsweep("study", "ce", "--dataset", "imagefolder:f", "--student", "digitnet_s", *TINY)
     assert code == 2 and f"dataset imagefolder:{workdir / 'f'} has no default teacher and student: pass --teacher and --student" in err
     _nothing_written(workdir)
+
+
+def test_teacher_command_on_a_spec_asks_for_arch(kdsweep, workdir):
+    make_folder(workdir / "f")
+    code, out, err = kdsweep("teacher", "--dataset", "imagefolder:f")
+    assert code == 2 and "pass --arch" in err and len(err.strip().splitlines()) == 1
