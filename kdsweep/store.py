@@ -155,9 +155,18 @@ def open_tracker(uri: str | None) -> Tracker:
     return Tracker(u)
 
 
-def _kdsweep_experiments(tracker: Tracker) -> list[str]:
-    exps = tracker.client.search_experiments(filter_string="name LIKE 'kdsweep/%'")
-    return sorted(e.name for e in exps)
+def _kdsweep_experiments(tracker: Tracker) -> dict[str, tuple[str, str, str]]:
+    """kdsweep's experiments: name -> (dataset, teacher, student), from the experiment's tags (study.pair_tags) or,
+    for stores written before them, from the name (a spec's path may hold '/', the pair then none)."""
+    out = {}
+    for e in tracker.client.search_experiments(filter_string="name LIKE 'kdsweep/%'"):
+        t = e.tags
+        if all(f"kdsweep.{k}" in t for k in ("dataset", "teacher", "student")):
+            out[e.name] = (t["kdsweep.dataset"], t["kdsweep.teacher"], t["kdsweep.student"])
+        elif "->" in e.name and e.name.count("/") >= 2:
+            dataset, pair = e.name[len("kdsweep/"):].rsplit("/", 1)
+            out[e.name] = (dataset, *pair.split("->", 1))
+    return dict(sorted(out.items()))
 
 
 def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = None, student: str | None = None,
@@ -176,16 +185,16 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
         if len(names) > 1:
             raise UserError(f"the store holds several pairs ({', '.join(n[len('kdsweep/'):] for n in names)}); "
                             f"choose one with --dataset (and --teacher/--student)")
-        experiment = names[0]
-        dataset, pair = experiment[len("kdsweep/"):].rsplit("/", 1)  # a spec's path holds slashes, a pair none
-        teacher, student = pair.split("->", 1)
+        experiment = next(iter(names))
+        dataset, teacher, student = names[experiment]
     else:
         spec = get_dataset(dataset or "cifar10")
         dataset, teacher, student = spec.name, teacher or spec.teacher, student or spec.student
         if not (teacher and student):  # a spec has no default pair: the one pair its studies used, if only one
-            pairs = [n.rsplit("/", 1)[1] for n in names if n.rsplit("/", 1)[0] == f"kdsweep/{dataset}"]
-            if len(pairs) == 1:
-                teacher, student = teacher or pairs[0].split("->", 1)[0], student or pairs[0].split("->", 1)[1]
+            found = [(t, s) for d, t, s in names.values() if d == dataset]
+            pairs = [f"{t}->{s}" for t, s in found]
+            if len(found) == 1:
+                teacher, student = teacher or found[0][0], student or found[0][1]
             else:
                 raise UserError(f"{dataset} has no default pair: choose one with --teacher and --student"
                                 + (f" ({', '.join(pairs)})" if pairs else f"; no studies of it in {redact(tracker.uri)}"))

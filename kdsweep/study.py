@@ -116,6 +116,11 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
             lock.close()
 
 
+def pair_tags(cfg: StudyConfig) -> dict[str, str]:
+    """The pair an experiment holds, as tags: its name cannot be split back when a spec holds '/' or '->'."""
+    return {"kdsweep.dataset": cfg.dataset, "kdsweep.teacher": cfg.teacher, "kdsweep.student": cfg.student}
+
+
 def pair_problem(cfg: StudyConfig) -> str | None:
     """Why the study's teacher -> student pair cannot serve its method (None if it can); no data needed."""
     in_shape, num_classes = dataset_shape(cfg.dataset, cfg.data_dir, cfg.image_size)
@@ -818,7 +823,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Re
     if not lock.exact:
         say(f"warning: no cross-worker lock for {redact(storage.url).split(':', 1)[0]} storage; several workers may "
             f"overshoot --trials (use SQLite on one host, or PostgreSQL)")
-    exp = tracker.experiment(cfg.experiment_name)
+    exp = tracker.experiment(cfg.experiment_name, pair_tags(cfg))
     base_params = {"method": cfg.method, "study": name, "dataset": cfg.dataset, "teacher": cfg.teacher, "student": cfg.student,
                    "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y), "test_size": len(data.test_y),
                    "val_fraction": cfg.val_fraction, "augment": data.augment.describe(), "device": device.type,

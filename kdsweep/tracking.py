@@ -202,16 +202,21 @@ class Tracker:
             return (db.parent / "artifacts" / slug).as_uri()
         return None
 
-    def experiment(self, name: str) -> str:
+    def experiment(self, name: str, tags: dict[str, str] | None = None) -> str:
+        """The experiment's id, created (with `tags`) if missing; an existing one gains the tags it lacks."""
+        tags = tags or {}
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            for k, v in tags.items():
+                if exp.tags.get(k) != v:
+                    self.client.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.create_experiment(name, artifact_location=self._artifact_root(name))
+            return self.client.create_experiment(name, artifact_location=self._artifact_root(name), tags=tags)
         except MlflowException as e:
             # Another worker created it between our lookup and our create.
             if e.error_code != "RESOURCE_ALREADY_EXISTS":

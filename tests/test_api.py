@@ -96,3 +96,17 @@ def test_bad_settings_and_objects_are_one_line_errors(workdir):
         kd.study("vanilla_kd", data=(1, 2), teacher="digitnet_l", student="digitnet_s")
     with pytest.raises(UserError, match="nn.Module or a factory"):
         kd.study("vanilla_kd", dataset="digits", teacher=42)
+
+
+def test_a_model_name_with_slashes_is_found_again_by_report(workdir):
+    # Experiment names cannot be split back when a spec holds '/' (timm's hf-hub:org/model): the pair is read
+    # from the experiment's tags.
+    from kdsweep import model_specs
+
+    model_specs.register("org/tiny-net", lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes)))
+    try:
+        r = kd.study("ce", student="org/tiny-net", trials=1, **{**TINY, "epochs": 1})
+        tables = kd.report(log=False)  # the only pair in the store: found without naming it
+        assert r.summary["study"] in set(tables["best"]["study"].dropna())
+    finally:
+        model_specs.unregister("org/tiny-net")
