@@ -59,11 +59,26 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def atomic_save(obj: Any, path: Path) -> Path:
+    """torch.save to a temporary file in the same directory, then rename: a kill never leaves half a file,
+    and a concurrent reader sees no file or the whole one. The file honours the umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save(path: Path, arch: str, in_shape, num_classes: int, state: dict[str, dict], meta: dict[str, Any],
          sha256: str | None = None) -> Path:
     """Write a checkpoint atomically; `sha256` (the network's model_digest) is stored for load_model to verify."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "arch": arch,
@@ -75,17 +90,7 @@ def save(path: Path, arch: str, in_shape, num_classes: int, state: dict[str, dic
     }
     if sha256:
         payload[SHA_KEY] = sha256
-    # temp file in the same directory + rename: a kill never leaves half a checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), file_mode())
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save(payload, path)
 
 
 def _read(path: Path) -> Any:

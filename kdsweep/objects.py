@@ -42,29 +42,14 @@ def name_all(flags: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _weights_file(model: Any, name: str):
-    """The module's state_dict in the kdsweep cache, written once (atomically) per name = class + weight digest."""
-    import os
-    import tempfile
-
-    import torch
-
-    from .checkpoint import file_mode
+def _weights_file(model: Any, name: str) -> Path:
+    """The module's state_dict in the kdsweep cache, written once per name (= class + weight digest)."""
+    from .checkpoint import atomic_save
     from .teacher import cache_dir
 
     path = cache_dir() / "objects" / f"{name}.pt"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), file_mode())
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if not path.is_file():
+        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return path
 
 

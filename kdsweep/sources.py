@@ -269,11 +269,10 @@ def _read_cache(path: Path, key: str) -> dict | None:
 
 
 def _write_cache(path: Path, d: dict) -> None:
+    from .checkpoint import atomic_save
+
     try:  # a cache only: a read-only data dir just means decoding every time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(d, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole file
+        atomic_save(d, path)
     except OSError:
         pass
 
