@@ -50,7 +50,9 @@ def test_every_setting_is_a_flag_of_study_and_sweep():
     from kdsweep.api import settings
     from kdsweep.cli import build_parser
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command" or hasattr(a, "choices") and "study" in (a.choices or {}))
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for command in ("study", "sweep"):
         dests = {a.dest for a in sub.choices[command]._actions}
         missing = set(settings()) - dests - ({"study_name"} if command == "sweep" else set())
