@@ -24,11 +24,12 @@ import time
 
 import torch
 
-from kdsweep.data import load_data
-from kdsweep.methods import get_method
-from kdsweep.models import build_model
-from kdsweep.teacher_cache import TeacherCache
-from kdsweep.train import Accel, Lockstep, Member, Schedule, set_cpu_threads
+from kdsweep.data.dispatch import load_data
+from kdsweep.methods.registry import get_method
+from kdsweep.models.factory import build_model
+from kdsweep.training.devices import Accel, set_cpu_threads
+from kdsweep.training.loop import Lockstep, Member, Schedule
+from kdsweep.training.teacher_outputs import TeacherCache
 
 
 def main() -> None:

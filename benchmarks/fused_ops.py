@@ -14,11 +14,12 @@ import argparse
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdsweep.data import load_data
-from kdsweep.methods import get_method
+from kdsweep.data.dispatch import load_data
 from kdsweep.methods.base import SampleIndex
-from kdsweep.models import build_model
-from kdsweep.train import Accel, Lockstep, Member, Schedule, run_taps
+from kdsweep.methods.registry import get_method
+from kdsweep.models.factory import build_model
+from kdsweep.training.devices import Accel
+from kdsweep.training.loop import Lockstep, Member, Schedule, run_taps
 
 
 class Count(TorchDispatchMode):

@@ -20,7 +20,7 @@ if [[ $DRY == 1 ]]; then
   step "CUDA tests (skipped without a GPU; their CPU halves run)"
   python -m pytest -q -p no:cacheprovider tests/test_cuda.py
   step "suite, dry run on the CPU"
-  python -m kdsweep.bench_suite --dry-run
+  python -m kdsweep.tools.gpu_suite --dry-run
   exit 0
 fi
 
@@ -29,6 +29,6 @@ python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA d
 step "CUDA tests"
 timeout 240 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused.py
 step "K = 1, 8, 32"
-timeout 300 python -m kdsweep.bench_suite
+timeout 300 python -m kdsweep.tools.gpu_suite
 step "kdsweep bench: ratio against a seed-style reference trial"
 timeout 120 python -m kdsweep.cli bench --device cuda --images 8192 --epochs 3

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from kdsweep.models import build_model
+from kdsweep.models.factory import build_model
 
 B, SHAPE = 128, (3, 32, 32)
 CL = torch.channels_last

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/reference_workers.py [--workers 0 1 2] [--images 1024] [--epochs 3]
 
-One reference trial (kdsweep.bench.reference_trial: seed 003's vanilla-KD loop, PIL transforms, teacher
+One reference trial (kdsweep.tools.bench.reference_trial: seed 003's vanilla-KD loop, PIL transforms, teacher
 forward every step) per worker count, on the bench's default data and models, an epoch of each in turn so
 that every candidate sees the same load from other jobs.
 """
@@ -15,9 +15,16 @@ import os
 
 import torch
 
-from kdsweep.bench import SEED_PAIR, BenchConfig, Phase, _load, _loaders, reference_trial
-from kdsweep.models import build_model
-from kdsweep.train import set_cpu_threads
+from kdsweep.models.factory import build_model
+from kdsweep.tools.bench import (
+    SEED_PAIR,
+    BenchConfig,
+    Phase,
+    _load,
+    _loaders,
+    reference_trial,
+)
+from kdsweep.training.devices import set_cpu_threads
 
 
 def main() -> None:

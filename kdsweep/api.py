@@ -1,6 +1,6 @@
 """kdsweep from Python (notebooks): the same studies, sweeps, confirmations and reports as the command line.
 
-    import kdsweep.api as kd            # not `kdsweep.study`: that name is the study module
+    import kdsweep.api as kd
 
     result = kd.sweep(["ce", "vanilla_kd"], dataset="digits", epochs=5, budget_epochs=40)
     result.confirm(seeds=3)             # kd.confirm(seeds=3, dataset="digits") the same
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from .errors import UserError
+from kdsweep.common.errors import UserError
 
 # StudyConfig's fields that are not settings: the method and study file decide them.
 _NOT_SETTINGS = {"method", "name", "space", "fixed"}
@@ -28,7 +28,7 @@ _NOT_SETTINGS = {"method", "name", "space", "fixed"}
 
 def settings() -> list[str]:
     """The keyword arguments study() and sweep() accept: StudyConfig's fields."""
-    from .config import StudyConfig
+    from kdsweep.study.config import StudyConfig
 
     return [f.name for f in fields(StudyConfig) if f.name not in _NOT_SETTINGS]
 
@@ -42,10 +42,10 @@ def _flags(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _specs(flags: dict[str, Any]) -> dict[str, Any]:
-    """Python objects given for teacher, student or data, named so a StudyConfig can hold them (objects.py)."""
-    from . import objects
+    """Python objects given for teacher, student or data, named so a StudyConfig can hold them (naming.py)."""
+    from kdsweep.study import naming
 
-    return objects.name_all(flags)
+    return naming.name_all(flags)
 
 
 @dataclass
@@ -69,7 +69,7 @@ class StudyResult:
 def _trials_frame(cfg) -> pd.DataFrame:
     import optuna
 
-    from .study import open_storage
+    from kdsweep.study.optuna_storage import open_storage
 
     study = optuna.load_study(study_name=cfg.full_study_name, storage=open_storage(cfg.storage))
     df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
@@ -91,9 +91,9 @@ def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -
         `package.module:callable`).
     Returns the summary and the study's trials.
     """
-    from .config import resolve
-    from .progress import Reporter
-    from .study import run_study
+    from kdsweep.study.config import resolve
+    from kdsweep.study.loop import run_study
+    from kdsweep.study.progress import Reporter
 
     cfg = resolve(method, _specs(_flags(settings_)))
     summary = run_study(cfg, reporter=reporter or Reporter.auto(quiet))
@@ -132,9 +132,10 @@ class SweepResult:
 def plan_sweep(methods: Sequence[str] | str, study_suffix: str | None = None, say: Callable[[str], None] = print,
                **settings_: Any) -> tuple[list, dict[str, str]]:
     """The sweep's study configs, every one checked (names, equal budgets, no conflicting study) before any training."""
-    from .config import DEFAULT_TRIALS, resolve
-    from .methods import METHODS
-    from .study import open_storage, pair_problem, study_conflict
+    from kdsweep.methods.registry import METHODS
+    from kdsweep.study.config import DEFAULT_TRIALS, resolve
+    from kdsweep.study.optuna_storage import open_storage
+    from kdsweep.study.pairs import pair_problem, study_conflict
 
     names = [n.strip() for n in methods.split(",")] if isinstance(methods, str) else list(methods)
     names = [n for n in names if n]
@@ -184,8 +185,8 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
     The default budget is 20 x epochs per method, counted in epochs (`budget_epochs`), so methods
     that prune more try more configurations for the same compute. Settings as :func:`study`.
     """
-    from .progress import Reporter
-    from .study import run_study
+    from kdsweep.study.loop import run_study
+    from kdsweep.study.progress import Reporter
 
     say = (lambda _: None) if quiet else print
     runnable, skipped = plan_sweep(methods, study_suffix, say, **settings_)
@@ -211,9 +212,9 @@ def confirm(seeds: int = 3, *, dataset: str | None = None, teacher: str | None =
 
     Returns one row per method: runs reused, trained and failed.
     """
-    from .confirm import confirm as run_confirm
-    from .store import open_tracker, select
-    from .study import resolve_device
+    from kdsweep.report.confirm import confirm as run_confirm
+    from kdsweep.report.stored_studies import open_tracker, select
+    from kdsweep.training.devices import resolve_device
 
     dev = resolve_device(device)
     sel = select(open_tracker(tracking_uri), dataset, _label(teacher), _label(student), seed, list(studies or []) or None,
@@ -233,7 +234,7 @@ def report(*, dataset: str | None = None, teacher: str | None = None, student: s
     Keys: "best" (best trial per method), "metrics", "ranking" (mean, CI, p-values over confirmation
     seeds), "ranks". With `out` (and `formats`, e.g. "md,csv,html") the files are written too.
     """
-    from .report import run_report
+    from kdsweep.report.build import run_report
 
     rep = run_report(tracking_uri, dataset, _label(teacher), _label(student), seed, list(studies or []) or None, formats, out,
                      seeds, device, data_dir, plots=plots, log=log, say=(lambda _: None) if quiet else print,
@@ -245,6 +246,6 @@ def _label(model: Any) -> str | None:
     """A model given to report/confirm as the object it was studied with: the name it was stored under."""
     if model is None or isinstance(model, str):
         return model
-    from . import objects
+    from kdsweep.study import naming
 
-    return objects.model_name(model)
+    return naming.model_name(model)

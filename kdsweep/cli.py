@@ -9,9 +9,9 @@ import sys
 import threading
 from typing import Callable
 
-from . import failures
-from .catalog import DATASET_NAMES  # not .data: building the parser must not import torch (issue 13)
-from .errors import UserError
+from kdsweep.common import failures
+from kdsweep.common.errors import UserError
+from kdsweep.data.catalog import DATASET_NAMES
 
 EPILOG_STUDY = """\
 examples:
@@ -65,7 +65,7 @@ def _common_tracking(p: argparse.ArgumentParser) -> None:
 
 
 def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    from .space import OPTIMIZERS
+    from kdsweep.methods.space import OPTIMIZERS
 
     _common_data(p)
     g = p.add_argument_group("models")
@@ -152,13 +152,13 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
 
 def _settings(args, *skip: str) -> dict:
     """The study settings given as flags: one per StudyConfig field (the schema; imported only when a command runs)."""
-    from .api import settings
+    from kdsweep.api import settings
 
     return {k: getattr(args, k, None) for k in settings() if k not in skip}
 
 
 def cmd_study(args) -> int:
-    from . import api
+    from kdsweep import api
 
     result = api.study(args.name, quiet=args.quiet, **_settings(args))
     print_summary(result.summary)
@@ -183,7 +183,7 @@ def print_summary(s: dict) -> None:
 
 def cmd_sweep(args) -> int:
     """One study per method, one after another, with the same split, stream, epochs and budget."""
-    from . import api
+    from kdsweep import api
 
     def starting(i: int, n: int, cfg) -> None:
         if not args.quiet:
@@ -204,8 +204,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_methods(args) -> int:
     """The registry as a table: what each method is, what it reads, what it searches."""
-    from .methods import METHODS
-    from .space import LR_RANGES
+    from kdsweep.methods.registry import METHODS
+    from kdsweep.methods.space import LR_RANGES
 
     lr = "lr " + ", ".join(f"{v.describe()} ({opt})" for opt, v in LR_RANGES.items())
     rows = []
@@ -230,13 +230,12 @@ def cmd_teacher(args) -> int:
     import contextlib
     from pathlib import Path
 
-    from .config import StudyConfig
-    from .data import check_split, get_dataset, load_data
-
-    from .study import resolve_device
-    from .teacher import cache_lock, cache_path, train_teacher
-    from .tracking import Tracker
-    from .train import set_cpu_threads
+    from kdsweep.data.device_data import check_split
+    from kdsweep.data.dispatch import get_dataset, load_data
+    from kdsweep.study.config import StudyConfig
+    from kdsweep.tracking.tracker import Tracker
+    from kdsweep.training.devices import resolve_device, set_cpu_threads
+    from kdsweep.training.teacher import cache_lock, cache_path, train_teacher
 
     if args.arch is None and args.dataset and ":" in args.dataset:
         raise UserError(f"dataset {args.dataset} has no default teacher: pass --arch (e.g. --arch torchvision:resnet18)")
@@ -257,7 +256,7 @@ def cmd_teacher(args) -> int:
             print(f"teacher already cached at {path} (--force to retrain)")
             return 0
         train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path, batch_size=cfg.batch_size)
-    from . import checkpoint
+    from kdsweep.training import checkpoint
 
     meta = checkpoint.load(path)["meta"]
     print(f"teacher {cfg.teacher} on {cfg.dataset}: best epoch {meta['best_epoch'] + 1}, val_acc={meta['val_acc']:.4f}, "
@@ -329,7 +328,7 @@ def _stderr(msg: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import run_report
+    from kdsweep.report.build import run_report
 
     run_report(args.tracking_uri, args.dataset, args.teacher, args.student, args.seed, _studies(args), args.format,
                args.out, args.seeds, args.device, args.data_dir, plots=not args.no_plots, log=not args.no_log, say=_stderr,
@@ -338,7 +337,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_confirm(args) -> int:
-    from . import api
+    from kdsweep import api
 
     table = api.confirm(args.seeds, dataset=args.dataset, teacher=args.teacher, student=args.student, seed=args.seed,
                         studies=_studies(args), per_trial=args.per_trial, device=args.device, data_dir=args.data_dir,
@@ -366,7 +365,7 @@ sharing the teacher alone gives when time is proportional to multiply-adds
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, run_bench
+    from kdsweep.tools.bench import BenchConfig, run_bench
 
     given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
     run_bench(BenchConfig(**given))
@@ -374,8 +373,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .tracking import absolute_sqlite, default_tracking_uri
-    from .ui import serve
+    from kdsweep.common.uris import absolute_sqlite
+    from kdsweep.tools.ui import serve
+    from kdsweep.tracking.tracker import default_tracking_uri
 
     uri = absolute_sqlite(args.tracking_uri or default_tracking_uri())
     if uri.startswith("http"):
@@ -388,7 +388,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import as_json, collect, text
+    from kdsweep.report.status import as_json, collect, text
 
     status = collect(args.storage, args.tracking_uri)
     print(as_json(status) if args.json else text(status))
@@ -520,7 +520,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_signal(signum, frame):
-    from .workers import request_stop
+    from kdsweep.study.workers import request_stop
 
     exc = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     request_stop(exc)  # raised again at the next check, should this one be swallowed
@@ -538,7 +538,7 @@ def _quiet_lost_interrupts(hook):
 
 def _install_signal_handlers() -> dict:
     """Ctrl-C and SIGTERM both raise (and leave a stop request); returns what to restore."""
-    from .workers import request_stop
+    from kdsweep.study.workers import request_stop
 
     request_stop(None)
     if threading.current_thread() is not threading.main_thread():

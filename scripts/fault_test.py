@@ -62,11 +62,11 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -601,7 +601,6 @@ def main(argv=None) -> int:
         # Pay the imports once, here; forked children start at cli.main.
         import torch
 
-        from kdsweep import cli, study  # noqa: F401
 
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # its first use imports torch._dynamo
 

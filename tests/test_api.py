@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import kdsweep.api as kd
-from kdsweep import objects
-from kdsweep.errors import UserError
+from kdsweep.common.errors import UserError
+from kdsweep.study import naming
 
 TINY = dict(dataset="digits", data_size=400, epochs=2, teacher_epochs=2, batch_size=32, device="cpu")
 
@@ -76,15 +76,15 @@ def test_modules_factories_and_tensors_from_a_notebook(workdir):
                           batch_size=32, device="cpu")
     assert again.summary["study"] == name and again.summary["epochs"] == r.summary["epochs"]
     # The teacher module was used as trained, through a weights file: its digest is the study's teacher.
-    from kdsweep.teacher_cache import model_digest
-
     import mlflow
+
+    from kdsweep.common.digests import model_digest
 
     mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
     parents = mlflow.search_runs(search_all_experiments=True, filter_string=f"params.study = '{name}'")
     assert set(parents["params.teacher_sha256"].dropna()) == {model_digest(teacher)}
     # An importable class is named by its import path, so `kdsweep report` in a shell can rebuild it.
-    assert objects.model_name(Student) == "test_api:Student"
+    assert naming.model_name(Student) == "test_api:Student"
 
 
 def test_bad_settings_and_objects_are_one_line_errors(workdir):
@@ -101,12 +101,12 @@ def test_bad_settings_and_objects_are_one_line_errors(workdir):
 def test_a_model_name_with_slashes_is_found_again_by_report(workdir):
     # Experiment names cannot be split back when a spec holds '/' (timm's hf-hub:org/model): the pair is read
     # from the experiment's tags.
-    from kdsweep import model_specs
+    from kdsweep.models import specs
 
-    model_specs.register("org/tiny-net", lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes)))
+    specs.register("org/tiny-net", lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes)))
     try:
         r = kd.study("ce", student="org/tiny-net", trials=1, **{**TINY, "epochs": 1})
         tables = kd.report(log=False)  # the only pair in the store: found without naming it
         assert r.summary["study"] in set(tables["best"]["study"].dropna())
     finally:
-        model_specs.unregister("org/tiny-net")
+        specs.unregister("org/tiny-net")

@@ -9,7 +9,8 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from reliability_helpers import cli_env, load_trials, start_cli
 
-from kdsweep.budget import EPOCHS_ATTR, Budget, Spent
+from kdsweep.study.budget import Budget, Spent
+from kdsweep.tracking.vocabulary import EPOCHS_ATTR
 
 # Random sampling and the median pruner on tiny digits: trials get pruned, so counts of complete trials
 # and of trained trials differ, which is what these tests are about.

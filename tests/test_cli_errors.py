@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdsweep import checkpoint
+from kdsweep.training import checkpoint
 
 
 def _nothing_written(workdir):
@@ -80,7 +80,7 @@ def test_corrupt_and_pickled_teacher_checkpoints_are_refused(kdsweep, workdir):
 
 
 def test_teacher_checkpoint_of_the_wrong_shape(kdsweep, workdir):
-    from kdsweep.models import build_model
+    from kdsweep.models.factory import build_model
 
     m = build_model("digitnet_l", (3, 32, 32), 10)
     checkpoint.save(workdir / "rgb.pt", "digitnet_l", (3, 32, 32), 10, {"student": m.state_dict()}, {})
@@ -117,7 +117,7 @@ def test_help_teaches(kdsweep):
 
 
 def test_ui_binds_loopback_on_the_study_store(kdsweep, workdir, monkeypatch):
-    from kdsweep import ui
+    from kdsweep.tools import ui
 
     code, _, err = kdsweep("ui")
     assert code == 2 and "run a study first" in _one_line(err)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from reliability_helpers import cli_env, free_port, run_cli, start_cli, stop, wait_for
 
 HEAVY = ("torch", "mlflow", "optuna")
@@ -44,8 +43,8 @@ def test_help_and_argument_errors_import_no_heavy_module(tmp_path, argv):
 
 
 def test_dataset_names_declared_for_the_parser_match_the_loaders():
-    from kdsweep.catalog import DATASET_SUMMARIES
-    from kdsweep.data import DATASETS
+    from kdsweep.data.builtin import DATASETS
+    from kdsweep.data.catalog import DATASET_SUMMARIES
 
     assert list(DATASET_SUMMARIES) == list(DATASETS)  # every loader named for the parser, none extra, same order
 
@@ -202,7 +201,7 @@ def _answers(port):
 def test_trial_lines_count_epochs_from_one():
     import optuna
 
-    from kdsweep.progress import trial_line
+    from kdsweep.study.progress import trial_line
 
     dist = {"lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True)}
     pruned = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"lr": 0.01}, distributions=dist,
@@ -238,7 +237,7 @@ def two_studies(tmp_path_factory):
 
 def test_report_html_is_one_self_contained_page(two_studies, capsys):
     from kdsweep import cli
-    from kdsweep.report import TITLES
+    from kdsweep.report.build import TITLES
 
     out = two_studies / "R"
     assert cli.main(["report", "--format", "html", "--out", str(out), "--device", "cpu", "--no-log"]) == 0
@@ -260,10 +259,13 @@ def test_report_html_is_one_self_contained_page(two_studies, capsys):
 def test_status_lists_both_studies_with_workers_and_json(two_studies, capsys, monkeypatch):
     import optuna
 
-    from kdsweep import cli, status, study as study_mod
-    from kdsweep.workers import OWNER_ATTR, Owner
+    from kdsweep import cli
+    from kdsweep.common.processes import Owner
+    from kdsweep.report import status
+    from kdsweep.tracking import vocabulary
+    from kdsweep.tracking.vocabulary import OWNER_ATTR
 
-    assert (status.CONFIG_ATTR, status.PARENT_ATTR) == (study_mod.CONFIG_ATTR, study_mod.PARENT_ATTR)
+    assert (status.CONFIG_ATTR, status.PARENT_ATTR) == (vocabulary.CONFIG_ATTR, vocabulary.PARENT_ATTR)
     monkeypatch.chdir(two_studies)
     assert cli.main(["status"]) == 0
     text = capsys.readouterr().out

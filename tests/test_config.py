@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep.config import resolve, sanitize
-from kdsweep.errors import UserError
-from kdsweep.methods import METHODS
+from kdsweep.common.errors import UserError
+from kdsweep.methods.registry import METHODS
+from kdsweep.study.config import resolve, sanitize
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -47,10 +47,10 @@ def test_study_names_are_sanitised():
 
 def test_every_setting_is_a_flag_of_study_and_sweep():
     # One schema: StudyConfig's fields are the API's keywords, the study file's [defaults] and these flags.
+    import argparse
+
     from kdsweep.api import settings
     from kdsweep.cli import build_parser
-
-    import argparse
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for command in ("study", "sweep"):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdsweep.data import DeviceData, make_synthetic, RawData, Augment
-from kdsweep.methods import METHODS
+from kdsweep.data.builtin import Augment, RawData, make_synthetic
+from kdsweep.data.device_data import DeviceData
 from kdsweep.methods.base import SampleIndex
-from kdsweep.models import build_model
-from kdsweep.train import Accel, Lockstep, Member, Schedule, frozen_copy, teacher_dtype
+from kdsweep.methods.registry import METHODS
+from kdsweep.models.factory import build_model
+from kdsweep.training.devices import Accel, frozen_copy, teacher_dtype
+from kdsweep.training.loop import Lockstep, Member, Schedule
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 IN_SHAPE, CLASSES = (3, 32, 32), 10
@@ -42,7 +44,7 @@ def test_frozen_copy_casts_once_and_keeps_the_original():
 
 @cuda
 def test_resolve_device_turns_on_cudnn_autotuning():
-    from kdsweep.study import resolve_device
+    from kdsweep.training.devices import resolve_device
 
     torch.backends.cudnn.benchmark = False
     assert resolve_device("cuda").type == "cuda"

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdsweep.data import Augment, DeviceData, RawData, load_data, make_synthetic
-from kdsweep.errors import UserError
+from kdsweep.common.errors import UserError
+from kdsweep.data.builtin import Augment, RawData, make_synthetic
+from kdsweep.data.device_data import DeviceData
+from kdsweep.data.dispatch import load_data
 
 CPU = torch.device("cpu")
 

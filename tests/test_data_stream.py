@@ -2,7 +2,8 @@
 
 import torch
 
-from kdsweep.data import DeviceData, make_synthetic, RawData, Augment
+from kdsweep.data.builtin import Augment, RawData, make_synthetic
+from kdsweep.data.device_data import DeviceData
 
 
 def _raw():

@@ -11,11 +11,18 @@ import math
 import pytest
 import torch
 
-from kdsweep.data import load_data
-from kdsweep.fused import FusedOptimizer
-from kdsweep.methods import METHODS, get_method
-from kdsweep.models import build_model
-from kdsweep.train import Accel, Lockstep, Member, Schedule, make_optimizer, train_students
+from kdsweep.data.dispatch import load_data
+from kdsweep.methods.registry import METHODS, get_method
+from kdsweep.models.factory import build_model
+from kdsweep.training.devices import Accel
+from kdsweep.training.fused import FusedOptimizer
+from kdsweep.training.loop import (
+    Lockstep,
+    Member,
+    Schedule,
+    make_optimizer,
+    train_students,
+)
 
 CPU = torch.device("cpu")
 TOL = 1e-5  # relative and absolute, on per-epoch losses and accuracies
@@ -177,7 +184,7 @@ def test_fused_is_off_by_default_on_cpu(data, teacher):
 
 def batch(data, teacher, needs):
     from kdsweep.methods.base import SampleIndex
-    from kdsweep.train import run_taps
+    from kdsweep.training.loop import run_taps
 
     x, y, ids = next(iter(data.epoch(0, 32, index=True)))
     with torch.no_grad():
@@ -242,7 +249,7 @@ def test_fused_flag_in_a_study(kdsweep, workdir):
 
 def test_students_vmap_cannot_run_train_one_by_one(data, teacher):
     """A student with data-dependent Python control flow cannot be vmapped: its members step alone, with a note."""
-    from kdsweep.models import ConvNet
+    from kdsweep.models.zoo import ConvNet
 
     class Branchy(ConvNet):
         def features(self, x):

@@ -28,5 +28,5 @@ def test_suite_refuses_without_cuda_unless_dry_run():
 
     if torch.cuda.is_available():
         return
-    r = subprocess.run([sys.executable, "-m", "kdsweep.bench_suite"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "kdsweep.tools.gpu_suite"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no CUDA device" in r.stdout

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdsweep.methods import METHODS
 from kdsweep.methods.base import SampleIndex
-from kdsweep.models import build_model
+from kdsweep.methods.registry import METHODS
+from kdsweep.models.factory import build_model
 
 IN_SHAPE, CLASSES, BATCH, N_TRAIN = (1, 8, 8), 10, 6, 40
 

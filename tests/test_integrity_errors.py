@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from reliability_helpers import cli_env, free_port
 
+from kdsweep.api import report
+
 STUDY = ["study", "ce", "--dataset", "digits", "--epochs", "2", "--device", "cpu", "--pruner", "none"]
 STUDY_NAME = "ce-digits-digitnet_l-digitnet_s-s0-e2-b32"
 
@@ -233,7 +235,7 @@ def test_report_from_a_read_only_store_works_with_no_log(kdsweep, workdir, read_
 
 def test_permission_and_disk_errors_are_classified_without_root_tricks():
     # The classification itself, for machines where the read-only tests above must skip.
-    from kdsweep.failures import explain
+    from kdsweep.common.failures import explain
 
     assert explain(PermissionError(errno.EACCES, "Permission denied", "/data/x")) == (
         "permission problem: permission denied: /data/x: make it writable for this user, or choose another path")
@@ -245,7 +247,8 @@ def test_permission_and_disk_errors_are_classified_without_root_tricks():
 
 
 def test_a_lock_file_that_cannot_be_written_is_opened_read_only_or_skipped(tmp_path, monkeypatch):
-    from kdsweep import workers
+    from kdsweep.common import locks
+    from kdsweep.study import workers
 
     real_open = os.open
 
@@ -255,17 +258,17 @@ def test_a_lock_file_that_cannot_be_written_is_opened_read_only_or_skipped(tmp_p
         return real_open(path, flags, *a)
 
     monkeypatch.setattr(workers.os, "open", refuse_writes)
-    lock = workers.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
+    lock = locks.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
     with lock:  # no lock file, none may be created: no lock, no error
         pass
     lock.close()
     open(tmp_path / "db.sqlite", "w").close()  # (builtins.open does not go through os.open)
     if os.access(tmp_path / "db.sqlite", os.W_OK):
-        lock = workers.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
+        lock = locks.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
         with pytest.raises(PermissionError), lock:  # a store we may write is never used unlocked
             pass
     open(tmp_path / "db.sqlite.kdsweep-lock", "w").close()
-    lock = workers.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
+    lock = locks.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
     with lock:  # an existing one: locked through a read-only descriptor
         assert lock._fd is not None and lock._fd >= 0
     lock.close()
@@ -326,7 +329,7 @@ def test_study_file_value_types_are_checked_with_file_and_key_named(kdsweep, wor
 
 
 def test_study_file_types_come_from_the_config_dataclass(tmp_path):
-    from kdsweep.config import _DEFAULT_KEYS, _expected, resolve
+    from kdsweep.study.config import _DEFAULT_KEYS, _expected, resolve
 
     assert all(_expected(k) for k in _DEFAULT_KEYS)  # a new StudyConfig field is checked without a second list
     (tmp_path / "ok.toml").write_text('method = "ce"\n[defaults]\nmomentum = 1\nepochs = 3\ncompile = false\n')
@@ -393,7 +396,7 @@ def test_a_killed_report_leaves_no_half_written_out_and_no_temp_dirs(kdsweep, wo
     # Attack: kill -9 of `report --out R` while it writes: R looked complete (tables there, plots missing),
     # and the temporary directory of downloaded checkpoints stayed behind.
     assert kdsweep(*STUDY, "--trials", 1)[0] == 0
-    r = _kill_at("kdsweep.plots:val_curves", ["report", "--out", "R", "--format", "md,csv"], workdir, private_tmp)
+    r = _kill_at("kdsweep.report.plots:val_curves", ["report", "--out", "R", "--format", "md,csv"], workdir, private_tmp)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert not (workdir / "R").exists()  # the tables were written, but beside R, not in it
     assert _ours(private_tmp)  # what SIGKILL leaves: the next report removes it
@@ -410,7 +413,6 @@ def test_a_killed_report_leaves_no_half_written_out_and_no_temp_dirs(kdsweep, wo
     assert not list((workdir / "R").glob("*.csv")) and (workdir / "R" / "best.json").is_file()
 
     # An error half-way through building (after the checkpoints' temp dir was made) removes it too.
-    from kdsweep import report
 
     def boom(*a, **k):
         raise RuntimeError("boom")  # a bug, not the environment: a traceback, but no temp dir left
@@ -432,7 +434,7 @@ def test_report_out_refuses_a_directory_that_is_not_a_report(kdsweep, workdir):
 
 
 def _dead_owner() -> dict:
-    from kdsweep.workers import Owner
+    from kdsweep.common.processes import Owner
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -444,7 +446,7 @@ def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, work
     # Attack: kill -9 of `kdsweep confirm` mid-seed and of `kdsweep report` while it logs: their MLflow runs
     # stayed RUNNING forever (only trial runs were reconciled); confirm's checkpoint temp dir stayed behind.
     assert kdsweep(*STUDY, "--trials", 1)[0] == 0
-    r = _kill_at("kdsweep.confirm:train_student", ["confirm", "--seeds", "1"], workdir, private_tmp)
+    r = _kill_at("kdsweep.report.confirm:train_student", ["confirm", "--seeds", "1"], workdir, private_tmp)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     r = _kill_at("mlflow.tracking:MlflowClient.log_artifact", ["report", "--no-plots"], workdir, private_tmp)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
@@ -452,8 +454,8 @@ def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, work
     assert set(running) == {"confirm", "report"}  # what the kills left
 
     # A run whose owner lives on (this process), and one from before owners were recorded: left alone.
-    from kdsweep.leftovers import owner_tags
-    from kdsweep.tracking import Tracker
+    from kdsweep.tracking.cleanup import owner_tags
+    from kdsweep.tracking.tracker import Tracker
 
     t = Tracker(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     exp = running["confirm"].info.experiment_id
@@ -480,8 +482,9 @@ def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, work
 
 
 def test_confirm_closes_runs_of_dead_owners_only(workdir):
-    from kdsweep.leftovers import OWNER_TAG, close_dead_runs
-    from kdsweep.tracking import Tracker
+    from kdsweep.tracking.cleanup import close_dead_runs
+    from kdsweep.tracking.tracker import Tracker
+    from kdsweep.tracking.vocabulary import OWNER_TAG
 
     t = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = t.experiment("e")

@@ -17,12 +17,13 @@ import pytest
 import torch
 from reliability_helpers import cli_env, start_cli, wait_for
 
-from kdsweep import checkpoint, identity
-from kdsweep.config import StudyConfig
-from kdsweep.data import load_data
-from kdsweep.errors import UserError
-from kdsweep.models import build_model
-from kdsweep.teacher_cache import model_digest
+from kdsweep.common.digests import model_digest
+from kdsweep.common.errors import UserError
+from kdsweep.data.dispatch import load_data
+from kdsweep.models.factory import build_model
+from kdsweep.study import fixed_inputs
+from kdsweep.study.config import StudyConfig
+from kdsweep.training import checkpoint
 
 KD = ["study", "vanilla_kd", "--dataset", "digits", "--data-size", "300", "--epochs", "2", "--pruner", "none",
       "--device", "cpu", "--teacher-epochs", "2"]
@@ -69,7 +70,7 @@ def digits():
 
 @pytest.fixture
 def tracker(tmp_path):
-    from kdsweep.tracking import Tracker
+    from kdsweep.tracking.tracker import Tracker
 
     return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -110,10 +111,10 @@ def test_a_changed_training_split_is_refused(workdir, kdsweep):
                              "--trials", "1", "--study-name", "sp", *stores)
     assert code == 0, out + err
     study = optuna.load_study(study_name="sp", storage=stores[1])
-    rec = study.user_attrs[identity.SPLIT_ATTR]
+    rec = study.user_attrs[fixed_inputs.SPLIT_ATTR]
     assert rec["train"] == 270 and rec["val"] == 30
     # The attack: the same settings over other images (a dataset file changed on disk, another torchvision copy).
-    study.set_user_attr(identity.SPLIT_ATTR, {**rec, "sha256": "f" * 64})
+    study.set_user_attr(fixed_inputs.SPLIT_ATTR, {**rec, "sha256": "f" * 64})
 
     code, out, err = kdsweep("study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "1", "--device", "cpu",
                              "--trials", "2", "--study-name", "sp", *stores)
@@ -127,19 +128,19 @@ def test_a_worker_with_another_teacher_is_refused_under_the_lock(digits):
     import optuna
 
     study = optuna.create_study(study_name="w", storage="sqlite:///:memory:")
-    split = identity.split_record(digits)
-    identity.check_and_record(study, split, {"sha256": "a" * 64, "path": "/cache/a.pt"})
-    identity.check_and_record(study, split, {"sha256": "a" * 64, "path": "/elsewhere/copy.pt"})  # same weights: fine
+    split = fixed_inputs.split_record(digits)
+    fixed_inputs.check_and_record(study, split, {"sha256": "a" * 64, "path": "/cache/a.pt"})
+    fixed_inputs.check_and_record(study, split, {"sha256": "a" * 64, "path": "/elsewhere/copy.pt"})  # same weights: fine
     with pytest.raises(UserError, match=r"its teacher is aaaaaaaaaaaa \(/cache/a.pt\), this run's is bbbbbbbbbbbb \(/b.pt\)"):
-        identity.check_and_record(study, split, {"sha256": "b" * 64, "path": "/b.pt"})
+        fixed_inputs.check_and_record(study, split, {"sha256": "b" * 64, "path": "/b.pt"})
 
 
 def test_the_split_digest_sees_the_images_and_the_validation_split(digits):
-    base = identity.split_digest(digits)
-    assert identity.split_digest(load_data("digits", None, 300, 0, 0.1, torch.device("cpu"))) == base
-    assert identity.split_digest(load_data("digits", None, 300, 1, 0.1, torch.device("cpu"))) != base  # other val indices
+    base = fixed_inputs.split_digest(digits)
+    assert fixed_inputs.split_digest(load_data("digits", None, 300, 0, 0.1, torch.device("cpu"))) == base
+    assert fixed_inputs.split_digest(load_data("digits", None, 300, 1, 0.1, torch.device("cpu"))) != base  # other val indices
     digits.train_x[0, 0, 0, 0] += 1  # one pixel
-    assert identity.split_digest(digits) != base
+    assert fixed_inputs.split_digest(digits) != base
 
 
 # --------------------------------------------------------------------------- damaged teachers
@@ -155,7 +156,7 @@ def test_a_checkpoint_with_zeroed_weights_fails_its_checksum(tmp_path):
 
 
 def test_a_damaged_cached_teacher_is_moved_aside_and_retrained(tmp_path, monkeypatch, digits, tracker):
-    from kdsweep import teacher
+    from kdsweep.training import teacher
 
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
     cfg = _cfg()
@@ -185,8 +186,8 @@ def test_a_damaged_teacher_checkpoint_given_by_the_user_is_refused_in_one_line(w
 
 def test_teacher_val_acc_is_measured_not_read_from_stale_metadata(tmp_path, digits, tracker):
     """An unverifiable (older kdsweep) file with useless weights and `val_acc = 1.0` in its metadata."""
-    from kdsweep import teacher
-    from kdsweep.train import evaluate
+    from kdsweep.training import teacher
+    from kdsweep.training.loop import evaluate
 
     path = _random_teacher(tmp_path / "old.pt", seed=3, sha=False, meta={"val_acc": 1.0})
     said = []
@@ -200,7 +201,7 @@ def test_teacher_val_acc_is_measured_not_read_from_stale_metadata(tmp_path, digi
 
 
 def test_workers_on_a_cold_cache_train_the_teacher_once(tmp_path, monkeypatch, digits, tracker):
-    from kdsweep import teacher
+    from kdsweep.training import teacher
 
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
     training, trained = threading.Event(), []
@@ -233,7 +234,7 @@ def test_workers_on_a_cold_cache_train_the_teacher_once(tmp_path, monkeypatch, d
 
 
 def test_a_killed_teacher_training_leaves_no_running_run(tmp_path, tracker):
-    from kdsweep import teacher
+    from kdsweep.training import teacher
 
     env = cli_env(tmp_path)
     proc = start_cli(["teacher", "--dataset", "digits", "--epochs", "500", "--device", "cpu", "--out", str(tmp_path / "t.pt"),

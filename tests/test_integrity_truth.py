@@ -45,8 +45,8 @@ def _one_line_error(err: str) -> str:
 
 
 def _best_named_by_report(tracking: str):
-    from kdsweep.store import select
-    from kdsweep.tracking import Tracker
+    from kdsweep.report.stored_studies import select
+    from kdsweep.tracking.tracker import Tracker
 
     (s,) = select(Tracker(tracking)).studies
     return s.best
@@ -224,7 +224,7 @@ def test_long_names_sharing_their_first_200_characters_are_two_studies(kdsweep, 
 
 
 def test_a_name_typed_like_anothers_stored_form_is_refused(kdsweep, workdir):
-    from kdsweep.config import sanitize
+    from kdsweep.study.config import sanitize
 
     code, out, err = kdsweep(*STUDY, "--trials", "1", "--study-name", "研究1")
     assert code == 0, out + err

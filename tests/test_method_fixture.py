@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 
+import make_method_fixture as fx
 import pytest
 import torch
 
-import make_method_fixture as fx
-from kdsweep.methods import METHODS
 from kdsweep.methods.base import SampleIndex
-from kdsweep.models import Outputs, Shapes
+from kdsweep.methods.registry import METHODS
+from kdsweep.models.zoo import Outputs, Shapes
 
 CASES = json.loads(fx.FIXTURE.read_text())
 

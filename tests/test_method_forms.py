@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from kdsweep.data import Augment, DeviceData, RawData, load_data
-from kdsweep.methods import METHODS, describe, get_method
+from kdsweep.data.builtin import Augment, RawData
+from kdsweep.data.device_data import DeviceData
+from kdsweep.data.dispatch import load_data
 from kdsweep.methods.base import Method
-from kdsweep.models import build_model
-from kdsweep.teacher_cache import TeacherCache
-from kdsweep.train import Accel, Member, Schedule, train_student, train_students
+from kdsweep.methods.registry import METHODS, describe, get_method
+from kdsweep.models.factory import build_model
+from kdsweep.training.devices import Accel
+from kdsweep.training.loop import Member, Schedule, train_student, train_students
+from kdsweep.training.teacher_outputs import TeacherCache
 
 FORMS = ("rkd", "pkt", "crd", "attention", "fitnet")
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -61,7 +64,7 @@ def test_methods_command_lists_both_forms_with_references(kdsweep):
 def test_report_names_each_studys_form_and_reference():
     from types import SimpleNamespace
 
-    from kdsweep.report import method_lines
+    from kdsweep.report.build import method_lines
 
     studies = [SimpleNamespace(label=n, method=n) for n in ("rkd", "rkd_seed003", "gone")]
     text = "\n".join(method_lines(studies))

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from kdsweep.methods import METHODS
 from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.dkd import dkd_terms
+from kdsweep.methods.registry import METHODS
+from kdsweep.methods.space import Float
 from kdsweep.methods.vanilla_kd import kd_kl
-from kdsweep.models import Outputs, Shapes, build_model
-from kdsweep.space import Float
+from kdsweep.models.factory import build_model
+from kdsweep.models.zoo import Outputs, Shapes
 
 IN_SHAPE, CLASSES, BATCH, EPOCHS = (1, 8, 8), 10, 6, 4
 EXPECTED = {

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kdsweep.methods import METHODS
+from kdsweep.methods.registry import METHODS
 
 ALL = sorted(METHODS)
 
@@ -45,7 +45,7 @@ def test_methods_with_heads_count_and_save_them(kdsweep):
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["heads"] and sum(v.numel() for v in ckpt["heads"].values()) == int(run.data.params["extra_params"])
     # The student alone stays loadable for deployment.
-    from kdsweep.checkpoint import load_model
+    from kdsweep.training.checkpoint import load_model
 
     model, _ = load_model(path)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

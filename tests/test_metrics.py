@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kdsweep import metrics as M
+from kdsweep.report import metrics
 
 
 def test_ece_tiny_case():
@@ -18,7 +18,7 @@ def test_ece_tiny_case():
     #   0.55 yes           -> bin (0.5, 0.6]: |0.55 - 1|   * 1/5 = 0.09
     probs = torch.tensor([[0.95, 0.05], [0.92, 0.08], [0.25, 0.75], [0.65, 0.35], [0.45, 0.55]])
     labels = torch.tensor([0, 1, 1, 1, 1])
-    assert M.expected_calibration_error(probs, labels) == pytest.approx(0.174 + 0.05 + 0.13 + 0.09, abs=1e-6)
+    assert metrics.expected_calibration_error(probs, labels) == pytest.approx(0.174 + 0.05 + 0.13 + 0.09, abs=1e-6)
 
 
 def test_ece_bins_are_closed_on_the_right():
@@ -26,30 +26,30 @@ def test_ece_bins_are_closed_on_the_right():
     # |0.5 - 1| * 1/2 + |0.75 - 0| * 1/2 = 0.625 (one shared bin would give |0.625 - 0.5| = 0.125).
     probs = torch.tensor([[0.5, 0.5], [0.75, 0.25]])
     labels = torch.tensor([0, 1])
-    assert M.expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(0.625)
+    assert metrics.expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(0.625)
 
 
 def test_ece_perfectly_calibrated_is_zero():
     probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert M.expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
+    assert metrics.expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
 
 
 def test_accuracy_nll_entropy():
     logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
     labels = torch.tensor([1, 0])
     # argmax of a tie is the first class -> sample 0 wrong, sample 1 right
-    assert M.accuracy(logits, labels) == 0.5
+    assert metrics.accuracy(logits, labels) == 0.5
     p1 = math.exp(2) / (math.exp(2) + 1)
-    assert M.nll(logits, labels) == pytest.approx((math.log(2) - math.log(p1)) / 2, rel=1e-6)
+    assert metrics.nll(logits, labels) == pytest.approx((math.log(2) - math.log(p1)) / 2, rel=1e-6)
     h1 = -(p1 * math.log(p1) + (1 - p1) * math.log(1 - p1))
-    assert M.entropy(logits) == pytest.approx((math.log(2) + h1) / 2, rel=1e-6)
-    assert M.entropy(torch.zeros(3, 4)) == pytest.approx(math.log(4), rel=1e-6)
+    assert metrics.entropy(logits) == pytest.approx((math.log(2) + h1) / 2, rel=1e-6)
+    assert metrics.entropy(torch.zeros(3, 4)) == pytest.approx(math.log(4), rel=1e-6)
 
 
 def test_agreement():
     s = torch.tensor([[9.0, 0, 0], [0, 9, 0], [0, 0, 9], [0, 9, 0]])
     t = torch.tensor([[9.0, 0, 0], [0, 0, 9], [0, 0, 9], [9, 0, 0]])
-    assert M.agreement(s, t) == 0.5
+    assert metrics.agreement(s, t) == 0.5
 
 
 def test_kl_is_teacher_to_student():
@@ -58,20 +58,20 @@ def test_kl_is_teacher_to_student():
     s = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
     t = torch.tensor([[math.log(3.0), 0.0], [1.0, 2.0]])  # second sample: identical, KL 0
     expected = (0.75 * math.log(1.5) + 0.25 * math.log(0.5)) / 2
-    assert M.kl_teacher_student(s, t) == pytest.approx(expected, rel=1e-5)
-    assert M.kl_teacher_student(t, s) != pytest.approx(expected, rel=1e-3)
+    assert metrics.kl_teacher_student(s, t) == pytest.approx(expected, rel=1e-5)
+    assert metrics.kl_teacher_student(t, s) != pytest.approx(expected, rel=1e-3)
 
 
 def test_cosine_logits():
     s = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
     t = torch.tensor([[0.0, 1.0], [2.0, 2.0], [-3.0, 0.0]])
-    assert M.cosine_logits(s, t) == pytest.approx((0 + 1 - 1) / 3, abs=1e-6)
+    assert metrics.cosine_logits(s, t) == pytest.approx((0 + 1 - 1) / 3, abs=1e-6)
 
 
 def test_all_metrics_without_teacher_leaves_comparisons_nan():
-    m = M.all_metrics(torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
-    assert list(m) == list(M.DIRECTIONS)
-    assert all(math.isnan(m[k]) for k in M.TEACHER_METRICS)
+    m = metrics.all_metrics(torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
+    assert list(m) == list(metrics.DIRECTIONS)
+    assert all(math.isnan(m[k]) for k in metrics.TEACHER_METRICS)
     assert m["acc"] == 1.0
 
 
@@ -82,7 +82,7 @@ def test_ranks_ties_directions_and_missing():
         "ece": [0.1, np.nan, 0.05, np.nan],   # a missing value ranks after the present ones: 3
         "agree_t": [np.nan] * 4,              # no teacher: column not ranked, not averaged
     }, index=["a", "b", "c", "no_trial"])
-    r = M.rank_table(df, {"acc": +1, "nll": -1, "ece": -1, "agree_t": +1})
+    r = metrics.rank_table(df, {"acc": +1, "nll": -1, "ece": -1, "agree_t": +1})
     assert r["acc_rank"].tolist()[:3] == [1, 3, 1]
     assert r["nll_rank"].tolist()[:3] == [2, 1, 3]
     assert r["ece_rank"].tolist()[:3] == [2, 3, 1]
@@ -92,37 +92,37 @@ def test_ranks_ties_directions_and_missing():
 
 
 def test_mean_std_and_welch():
-    assert M.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    m, s = M.mean_std([0.5])
+    assert metrics.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    m, s = metrics.mean_std([0.5])
     assert m == 0.5 and math.isnan(s)
     # Welch by hand: means 2 and 5, variances 1 and 1, n = 3 each:
     # t = -3 / sqrt(1/3 + 1/3) = -3.6742, df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4
     from scipy import stats
 
     t = -3 / math.sqrt(2 / 3)
-    assert M.welch_p([1, 2, 3], [4, 5, 6]) == pytest.approx(2 * stats.t.sf(abs(t), 4), rel=1e-9)
-    assert M.welch_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.02131, abs=1e-4)
-    assert math.isnan(M.welch_p([1.0], [2.0, 3.0]))
-    assert math.isnan(M.welch_p([1.0, 1.0], [1.0, 1.0]))
+    assert metrics.welch_p([1, 2, 3], [4, 5, 6]) == pytest.approx(2 * stats.t.sf(abs(t), 4), rel=1e-9)
+    assert metrics.welch_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.02131, abs=1e-4)
+    assert math.isnan(metrics.welch_p([1.0], [2.0, 3.0]))
+    assert math.isnan(metrics.welch_p([1.0, 1.0], [1.0, 1.0]))
 
 
 def test_confidence_interval_matches_scipy():
     from scipy import stats
 
     xs = [0.81, 0.84, 0.79, 0.86, 0.83]
-    lo, hi = M.mean_ci(xs)
+    lo, hi = metrics.mean_ci(xs)
     ref = stats.ttest_1samp(xs, 0.0).confidence_interval(0.95)
     assert (lo, hi) == (pytest.approx(ref.low, rel=1e-12), pytest.approx(ref.high, rel=1e-12))
-    assert all(math.isnan(v) for v in M.mean_ci([0.8]))
+    assert all(math.isnan(v) for v in metrics.mean_ci([0.8]))
 
 
 def test_holm_on_fixed_numbers():
     # Sorted 0.01, 0.02, 0.04, 0.30 with m = 4: x4, x3, x2, x1 -> 0.04, 0.06, 0.08, 0.30 (already monotone).
-    assert M.holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    assert metrics.holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
     # Monotonicity: 0.01*3 = 0.03, 0.011*2 = 0.022 -> raised to 0.03; capped at 1; NaN untouched.
-    out = M.holm([0.011, 0.01, 0.9, float("nan")])
+    out = metrics.holm([0.011, 0.01, 0.9, float("nan")])
     assert out[:3] == pytest.approx([0.03, 0.03, 0.9]) and math.isnan(out[3])
-    assert M.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+    assert metrics.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
 
 
 def test_ranking_table_tests_against_ce_with_holm_and_groups_the_best():
@@ -131,7 +131,7 @@ def test_ranking_table_tests_against_ce_with_holm_and_groups_the_best():
 
     from scipy import stats
 
-    from kdsweep.report import Evaluated, _ranking_table
+    from kdsweep.report.build import Evaluated, _ranking_table
 
     accs = {"ce": [0.70, 0.71, 0.69, 0.70, 0.72], "kd": [0.75, 0.76, 0.74, 0.77, 0.75],
             "dkd": [0.74, 0.77, 0.73, 0.76, 0.78], "bad": [0.60, 0.62, 0.61, 0.59, 0.60]}

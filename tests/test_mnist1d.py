@@ -13,15 +13,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from kdsweep import data as kd_data
-from kdsweep.config import StudyConfig, resolve
-from kdsweep.data import get_dataset, load_data
-from kdsweep.errors import UserError
-from kdsweep.methods import get_method
-from kdsweep.models import build_model, count_params
-from kdsweep.space import LR_RANGES
-from kdsweep.study import pair_problem
-from kdsweep.train import Schedule, make_optimizer, train_student
+from kdsweep.common.errors import UserError
+from kdsweep.data import builtin
+from kdsweep.data.dispatch import get_dataset, load_data
+from kdsweep.methods.registry import get_method
+from kdsweep.methods.space import LR_RANGES
+from kdsweep.models.factory import build_model
+from kdsweep.models.zoo import count_params
+from kdsweep.study.config import StudyConfig, resolve
+from kdsweep.study.pairs import pair_problem
+from kdsweep.training.loop import Schedule, make_optimizer, train_student
 
 CPU = torch.device("cpu")
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -61,7 +62,7 @@ def test_mnist1d_is_the_packages_dataset_generated_once_and_deterministic(data_d
     # Cached: a second load generates nothing and gives the very same tensors.
     cached = list((data_dir / "mnist1d").glob("mnist1d-*.pt"))
     assert len(cached) == 1
-    monkeypatch.setattr(kd_data, "mnist1d_generate", lambda: pytest.fail("generated again despite the cache"))
+    monkeypatch.setattr(builtin, "mnist1d_generate", lambda: pytest.fail("generated again despite the cache"))
     again = get_dataset("mnist1d").load(data_dir, None)
     assert torch.equal(again.train_x, raw.train_x) and torch.equal(again.test_y, raw.test_y)
     monkeypatch.undo()

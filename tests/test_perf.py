@@ -13,12 +13,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdsweep.data import load_data
-from kdsweep.methods import get_method
+from kdsweep.common.digests import model_digest
+from kdsweep.data.dispatch import load_data
 from kdsweep.methods.base import Method
-from kdsweep.models import build_model
-from kdsweep.teacher_cache import TeacherCache, model_digest
-from kdsweep.train import Accel, Lockstep, Member, Schedule, train_student, train_students
+from kdsweep.methods.registry import get_method
+from kdsweep.models.factory import build_model
+from kdsweep.training.devices import Accel
+from kdsweep.training.loop import (
+    Lockstep,
+    Member,
+    Schedule,
+    train_student,
+    train_students,
+)
+from kdsweep.training.teacher_outputs import TeacherCache
 
 EPOCHS = 2
 CPU = torch.device("cpu")
@@ -191,8 +199,8 @@ def stores(tmp_path) -> dict:
 def test_parallel_study_matches_sequential(tmp_path, monkeypatch):
     import mlflow
 
-    from kdsweep.config import resolve
-    from kdsweep.study import run_study
+    from kdsweep.study.config import resolve
+    from kdsweep.study.loop import run_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
@@ -255,8 +263,8 @@ def test_pruning_in_lockstep_and_sequential_trials(tmp_path, monkeypatch):
     import mlflow
     import optuna
 
-    from kdsweep import study as study_mod
-    from kdsweep.config import resolve
+    from kdsweep.study import loop
+    from kdsweep.study.config import resolve
 
     class PruneOneAndTwo(optuna.pruners.BasePruner):
         def prune(self, study, trial):
@@ -264,10 +272,10 @@ def test_pruning_in_lockstep_and_sequential_trials(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(study_mod, "make_pruner", lambda cfg: PruneOneAndTwo())
+    monkeypatch.setattr(loop, "make_pruner", lambda cfg: PruneOneAndTwo())
     cfg = resolve("vanilla_kd", {"dataset": "digits", "trials": 3, "epochs": 2, "teacher_epochs": 1, "device": "cpu",
                                  "data_size": 300, "parallel": 2, "study_name": "pr", **stores(tmp_path)})
-    summary = study_mod.run_study(cfg, say=lambda s: None)
+    summary = loop.run_study(cfg, say=lambda s: None)
     # trials 0+1 in lockstep (1 pruned there), then the one trial left of the 3, alone: 2 (pruned, sequential path)
     assert (summary["complete"], summary["pruned"], summary["failed"]) == (1, 2, 0)
     st = optuna.load_study(study_name="pr", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
@@ -282,14 +290,13 @@ def test_pruning_in_lockstep_and_sequential_trials(tmp_path, monkeypatch):
 def test_teacher_digest_is_memoised_but_sees_in_place_edits(monkeypatch):
     import torch
 
-    from kdsweep.models import build_model
-    from kdsweep.teacher_cache import model_digest
-
-    from kdsweep import teacher_cache
+    from kdsweep.common import digests
+    from kdsweep.common.digests import model_digest
+    from kdsweep.models.factory import build_model
 
     hashed = []
-    real = teacher_cache._update
-    monkeypatch.setattr(teacher_cache, "_update", lambda h, t: (hashed.append(t), real(h, t)))
+    real = digests._update
+    monkeypatch.setattr(digests, "_update", lambda h, t: (hashed.append(t), real(h, t)))
     m = build_model("digitnet_l", (1, 8, 8), 10)
     first = model_digest(m)
     n = len(list(m.parameters())) + len(list(m.buffers()))

@@ -22,7 +22,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from reliability_helpers import cli_env, free_port, load_trials, mlflow_runs, start_cli, stop
+from reliability_helpers import (
+    cli_env,
+    free_port,
+    load_trials,
+    mlflow_runs,
+    start_cli,
+    stop,
+)
 
 PASSWORD = "kd-S3cret-pw"  # distinctive: the test greps every output and store for it
 TRIALS = 6
@@ -156,7 +163,7 @@ def test_workers_share_one_study_on_postgres_and_an_mlflow_server(postgres, mlfl
     for (home, p), out in zip(procs, outputs):
         assert p.returncode == 0, out
 
-    from kdsweep.study import _with_driver
+    from kdsweep.study.optuna_storage import _with_driver
 
     trials = load_trials(_with_driver(storage), "pg")  # postgresql+psycopg2:// unless psycopg (3) is installed
     complete = [t for t in trials if t.state.name == "COMPLETE"]

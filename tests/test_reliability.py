@@ -12,8 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_helpers import (REPO, cli_env, free_port, load_trials, mlflow_runs, run_cli, running_trial_of,
-                                 start_cli, wait_for)
+from reliability_helpers import (
+    REPO,
+    cli_env,
+    free_port,
+    load_trials,
+    mlflow_runs,
+    run_cli,
+    running_trial_of,
+    start_cli,
+    wait_for,
+)
 
 # Small and quick: 300 digits, 2 epochs, no pruning (a trial takes about a second on an idle CPU).
 STUDY = ["study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "2", "--pruner", "none", "--device", "cpu"]
@@ -160,7 +169,7 @@ def test_exit_status_is_130_even_after_an_interrupt_passed_through_c_code(tmp_pa
 
 
 def _config(tmp: Path, name: str, trials: int = 2, method: str = "ce", **extra):
-    from kdsweep.config import resolve
+    from kdsweep.study.config import resolve
 
     storage, tracking = _stores(tmp)
     (tmp / "mlruns").mkdir(exist_ok=True)
@@ -185,7 +194,7 @@ def _patch_first_trial(monkeypatch, change):
 
 
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
-    from kdsweep.study import run_study
+    from kdsweep.study.loop import run_study
 
     monkeypatch.chdir(tmp_path)
     # A real divergence: the first trial trains at lr=1e4, and train.py sees the loss blow up.
@@ -212,7 +221,7 @@ def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypat
 def test_a_cuda_out_of_memory_fails_only_its_trial(tmp_path, monkeypatch):
     import torch
 
-    from kdsweep.study import run_study
+    from kdsweep.study.loop import run_study
 
     monkeypatch.chdir(tmp_path)
 
@@ -233,10 +242,10 @@ def test_a_cuda_out_of_memory_fails_only_its_trial(tmp_path, monkeypatch):
 def test_divergence_is_caught_even_when_the_loss_stays_finite():
     import torch
 
-    from kdsweep.data import load_data
-    from kdsweep.methods import get_method
-    from kdsweep.models import build_model
-    from kdsweep.train import NonFiniteLoss, Schedule, train_student
+    from kdsweep.data.dispatch import load_data
+    from kdsweep.methods.registry import get_method
+    from kdsweep.models.factory import build_model
+    from kdsweep.training.loop import NonFiniteLoss, Schedule, train_student
 
     class Exploding(get_method("ce")):
         """Cross-entropy until epoch 1, then a million times it: huge, yet finite."""
@@ -271,7 +280,7 @@ def test_every_trial_diverging_spends_the_budget_and_says_so(tmp_path, monkeypat
 
 
 def test_owner_liveness_tells_dead_reused_and_remote_pids_apart():
-    from kdsweep.workers import Owner
+    from kdsweep.common.processes import Owner
 
     me = Owner.me()
     assert me.alive() is True
@@ -292,8 +301,10 @@ def test_owner_liveness_tells_dead_reused_and_remote_pids_apart():
 def test_recover_stale_fails_dead_unclaimed_and_silent_trials_only(tmp_path, monkeypatch):
     import optuna
 
-    from kdsweep.study import open_storage
-    from kdsweep.workers import OWNER_ATTR, Owner, claim, recover_stale
+    from kdsweep.common.processes import Owner
+    from kdsweep.study.optuna_storage import open_storage
+    from kdsweep.study.workers import claim, recover_stale
+    from kdsweep.tracking.vocabulary import OWNER_ATTR
 
     monkeypatch.setenv("KDSWEEP_HEARTBEAT", "1")
     monkeypatch.setenv("KDSWEEP_GRACE", "2")
@@ -335,8 +346,9 @@ def test_recover_stale_fails_dead_unclaimed_and_silent_trials_only(tmp_path, mon
 def test_a_stale_trial_is_retried_with_its_parameters(tmp_path):
     import optuna
 
-    from kdsweep.study import open_storage
-    from kdsweep.workers import MAX_RETRIES, RETRY_OF_ATTR, fail_trial, retry
+    from kdsweep.study.optuna_storage import open_storage
+    from kdsweep.study.workers import MAX_RETRIES, fail_trial, retry
+    from kdsweep.tracking.vocabulary import RETRY_OF_ATTR
 
     storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}")
     study = optuna.create_study(storage=storage, study_name="s")
@@ -359,8 +371,11 @@ def test_claims_never_overshoot_and_wait_for_trials_running_elsewhere(tmp_path):
 
     import optuna
 
-    from kdsweep.study import StudyContext, _claim_next, open_storage
-    from kdsweep.workers import Owner, StudyLock, claim
+    from kdsweep.common.locks import StudyLock
+    from kdsweep.common.processes import Owner
+    from kdsweep.study.loop import StudyContext, _claim_next
+    from kdsweep.study.optuna_storage import open_storage
+    from kdsweep.study.workers import claim
 
     cfg, storage_url, _ = _config(tmp_path, "claims", trials=2)
     storage = open_storage(storage_url)
@@ -393,8 +408,9 @@ def test_claims_never_overshoot_and_wait_for_trials_running_elsewhere(tmp_path):
 def test_a_pickled_checkpoint_is_refused_and_its_code_never_runs(tmp_path, monkeypatch, capsys):
     import torch
 
-    from kdsweep import checkpoint, cli
-    from kdsweep.errors import UserError
+    from kdsweep import cli
+    from kdsweep.common.errors import UserError
+    from kdsweep.training import checkpoint
 
     marker = tmp_path / "pwned"
 
@@ -422,7 +438,7 @@ def test_a_pickled_checkpoint_is_refused_and_its_code_never_runs(tmp_path, monke
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     import torch
 
-    from kdsweep import checkpoint
+    from kdsweep.training import checkpoint
 
     state = {"student": {"w": torch.ones(3)}, "heads": {}}
     path = checkpoint.save(tmp_path / "student.pt", "digitnet_s", (1, 8, 8), 10, state, {"v": 1})
@@ -441,7 +457,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
 
 def test_redact_and_scrub_keep_passwords_out_of_text():
-    from kdsweep.tracking import redact, scrub
+    from kdsweep.common.uris import redact, scrub
 
     assert redact("postgresql://kd:s3cr%40t@db.example:5432/optuna") == "postgresql://kd:***@db.example:5432/optuna"
     assert "xyz" not in redact("postgresql://kd@h/db?sslmode=require&password=xyz")
@@ -466,9 +482,9 @@ def test_passwords_in_urls_are_never_printed(tmp_path, monkeypatch, capsys):
 
 
 def test_study_names_cannot_escape_their_directory():
-    from kdsweep.config import sanitize
-    from kdsweep.errors import UserError
-    from kdsweep.tracking import Tracker
+    from kdsweep.common.errors import UserError
+    from kdsweep.study.config import sanitize
+    from kdsweep.tracking.tracker import Tracker
 
     for name in ("../../etc/passwd", "/abs/path", "a/../../b", "..", "x\x00y", "~root", "a b\tc"):
         try:
@@ -483,7 +499,8 @@ def test_study_names_cannot_escape_their_directory():
 
 
 def test_ui_binds_loopback_unless_told(tmp_path, monkeypatch, capsys):
-    from kdsweep import cli, ui
+    from kdsweep import cli
+    from kdsweep.tools import ui
 
     calls = []
     monkeypatch.setattr(ui, "serve", lambda uri, host, port, say: calls.append(host) or 0)

@@ -148,7 +148,7 @@ def test_confirm_adds_runs_then_reuses_them(sweep, capsys):
     runs = _runs(uri, "confirm")
     accs = {m: [r.data.metrics["test_acc"] for r in runs if r.data.tags["kdsweep.method"] == m] for m in ("ce", "vanilla_kd")}
     ranking = pd.read_csv(out / "ranking.csv").set_index("label")
-    from kdsweep.metrics import welch_p
+    from kdsweep.report.metrics import welch_p
 
     assert len(accs["ce"]) == 3 and ranking.loc["vanilla_kd", "n"] == 3
     assert ranking.loc["vanilla_kd", "p_vs_ce_holm"] == pytest.approx(welch_p(accs["vanilla_kd"], accs["ce"]), rel=1e-5)
@@ -171,7 +171,7 @@ def test_study_without_complete_trial_and_missing_teacher(sweep, capsys):
     texp = c.get_experiment_by_name("teachers")
     deleted = []
     try:
-        from kdsweep.store import find_teacher, open_tracker, select
+        from kdsweep.report.stored_studies import find_teacher, open_tracker, select
 
         got, where = find_teacher(select(open_tracker(uri)), root / "dl", print)
         assert got is not None and got.is_file() and "teachers" in where and str(root / "cache") not in str(got)
@@ -208,7 +208,7 @@ def test_report_on_empty_store_is_one_line_exit_2(tmp_path, monkeypatch, capsys)
 
 
 def test_report_on_store_without_studies_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    from kdsweep.tracking import Tracker
+    from kdsweep.tracking.tracker import Tracker
 
     monkeypatch.chdir(tmp_path)
     Tracker(None)  # an MLflow store with no kdsweep experiment in it
@@ -219,19 +219,19 @@ def test_report_on_store_without_studies_is_one_line_exit_2(tmp_path, monkeypatc
 
 def test_a_lost_best_checkpoint_falls_back_to_the_next_best_trial(sweep, capsys, monkeypatch):
     """Attack: the best trial's checkpoint is gone; the method used to vanish from the ranking (ce: rank 1 on all)."""
-    from kdsweep import report as R
+    from kdsweep.report import build
 
     root, uri, _ = sweep
-    from kdsweep.store import open_tracker, select
+    from kdsweep.report.stored_studies import open_tracker, select
 
     sel = select(open_tracker(uri))
     for s in sel.studies:
         s.confirms = []  # the tuning trials, as before any `confirm` (an earlier test of this module confirmed)
     kd = next(s for s in sel.studies if s.label == "vanilla_kd")
     lost = kd.best.info.run_id
-    real = R.download
-    monkeypatch.setattr(R, "download", lambda t, run, path, dst: None if run == lost else real(t, run, path, dst))
-    rep = R.build(sel, device="cpu", say=print, latency=False)
+    real = build.download
+    monkeypatch.setattr(build, "download", lambda t, run, path, dst: None if run == lost else real(t, run, path, dst))
+    rep = build.build(sel, device="cpu", say=print, latency=False)
     said = capsys.readouterr().out
     assert "has no checkpoint/student.pt artifact; evaluating trial" in said
     met = rep.tables["metrics"].set_index("label")

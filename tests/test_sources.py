@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from kdsweep import data, sources
-from kdsweep.config import StudyConfig
-from kdsweep.data import Augment, DeviceData, RawData, get_dataset, load_data
-from kdsweep.errors import UserError
+from kdsweep.common.errors import UserError
+from kdsweep.data import dispatch, sources
+from kdsweep.data.builtin import Augment, RawData
+from kdsweep.data.device_data import DeviceData
+from kdsweep.data.dispatch import get_dataset, load_data
+from kdsweep.study.config import StudyConfig
 
 CPU = torch.device("cpu")
 PAIR = ["--teacher", "digitnet_l", "--student", "digitnet_s"]
@@ -185,7 +187,7 @@ def test_module_function_numpy_channels_last_and_signals(tmp_path, monkeypatch):
 
 def test_registered_tensors_work_as_a_dataset_name():
     x = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
-    data.register("mine", (x, torch.arange(40) % 4, x[:8], torch.arange(8) % 4))  # the API's hook
+    dispatch.register("mine", (x, torch.arange(40) % 4, x[:8], torch.arange(8) % 4))  # the API's hook
     cfg = StudyConfig(method="ce", name="ce", dataset="mine", teacher="digitnet_l", student="digitnet_s")
     assert get_dataset("mine").teacher == "" and cfg.full_study_name.startswith("ce-mine-")
     d = load_data("mine", None, None, 0, 0.25, CPU)

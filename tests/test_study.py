@@ -108,7 +108,7 @@ def test_closing_a_stopped_trial_never_masks_why_it_stopped(monkeypatch):
     """A Ctrl-C inside an MLflow write can leave the store locked: cleanup warns instead of raising."""
     from types import SimpleNamespace
 
-    from kdsweep import study as st
+    from kdsweep.study import loop
 
     said, calls = [], []
 
@@ -120,9 +120,9 @@ def test_closing_a_stopped_trial_never_masks_why_it_stopped(monkeypatch):
         def end(self, *a, **k):
             raise AssertionError("not reached")
 
-    monkeypatch.setattr(st.time, "sleep", lambda s: None)
+    monkeypatch.setattr(loop.time, "sleep", lambda s: None)
     ctx = SimpleNamespace(tracker=LockedTracker(), say=said.append)
     tr = SimpleNamespace(run="r1", trial=SimpleNamespace(number=7), reported=[0])
-    st._close_trial_run(ctx, tr, KeyboardInterrupt())  # must not raise
+    loop._close_trial_run(ctx, tr, KeyboardInterrupt())  # must not raise
     assert calls == ["log", "log"]  # tried again once
     assert len(said) == 1 and "could not close MLflow run r1 of trial 7" in said[0]

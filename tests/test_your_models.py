@@ -15,11 +15,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from kdsweep import checkpoint, model_specs
-from kdsweep.errors import UserError
-from kdsweep.models import build_model
-from kdsweep.taps import Tapped
-from kdsweep.teacher_cache import model_digest
+from kdsweep.common.digests import model_digest
+from kdsweep.common.errors import UserError
+from kdsweep.models import specs
+from kdsweep.models.factory import build_model
+from kdsweep.models.taps import Tapped
+from kdsweep.training import checkpoint
 
 HERE = Path(__file__).parent
 DIGITS = ["--dataset", "digits", "--trials", "1", "--epochs", "1", "--teacher-epochs", "1"]
@@ -298,20 +299,20 @@ def test_overriding_a_builtin_nets_taps_keeps_its_identity_and_weights():
 def test_a_registered_model_is_a_name_in_a_study_config():
     import kd_user_models
 
-    from kdsweep.config import StudyConfig
+    from kdsweep.study.config import StudyConfig
 
-    name = model_specs.register("my_student", kd_user_models.student)
+    name = specs.register("my_student", kd_user_models.student)
     try:
         cfg = StudyConfig(method="vanilla_kd", name="x", dataset="digits", student=name)
         assert cfg.student == "my_student" and build_model(name, (1, 8, 8), 10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
-        model_specs.register("my_teacher", kd_user_models.teacher(10, (1, 8, 8)))  # an instance: copied per build
+        specs.register("my_teacher", kd_user_models.teacher(10, (1, 8, 8)))  # an instance: copied per build
         a, b = build_model("my_teacher", (1, 8, 8), 10), build_model("my_teacher", (1, 8, 8), 10)
         assert a.inner is not b.inner and model_digest(a) == model_digest(b)
         with pytest.raises(UserError, match="cannot register"):
-            model_specs.register("resnet18", kd_user_models.student)
+            specs.register("resnet18", kd_user_models.student)
     finally:
-        model_specs.unregister("my_student")
-        model_specs.unregister("my_teacher")
+        specs.unregister("my_student")
+        specs.unregister("my_teacher")
 
 
 def test_a_study_file_names_the_layers(kdsweep, workdir):
@@ -323,8 +324,8 @@ def test_a_study_file_names_the_layers(kdsweep, workdir):
 
 
 def test_the_shared_teacher_cache_keeps_other_layers_apart():
-    from kdsweep.data import load_data
-    from kdsweep.teacher_cache import TeacherCache, TeacherFeed
+    from kdsweep.data.dispatch import load_data
+    from kdsweep.training.teacher_outputs import TeacherCache, TeacherFeed
 
     data = load_data("digits", None, 200, 0, 0.2, torch.device("cpu"))
     cache = TeacherCache(1 << 24)

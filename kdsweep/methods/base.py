@@ -23,8 +23,8 @@ from typing import ClassVar, Mapping, NamedTuple
 import torch
 import torch.nn as nn
 
-from ..models import Outputs, Shapes
-from ..space import Float
+from kdsweep.methods.space import Float
+from kdsweep.models.zoo import Outputs, Shapes
 
 TAPS = ("logits", "feature", "embedding")
 

@@ -1,7 +1,7 @@
 import torch.nn.functional as F
 
-from . import register
-from .base import Method
+from kdsweep.methods.base import Method
+from kdsweep.methods.registry import register
 
 
 @register

@@ -4,11 +4,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
-from .base import Method
-from ..space import Float
-
-from .crd import DIM  # seed 003's EMB_DIM is the paper's 128
+from kdsweep.methods.base import Method
+from kdsweep.methods.crd import DIM
+from kdsweep.methods.registry import register
+from kdsweep.methods.space import Float
 
 
 @register

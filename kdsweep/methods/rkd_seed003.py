@@ -1,7 +1,7 @@
 import torch.nn.functional as F
 
-from . import register
-from .rkd import RKD
+from kdsweep.methods.registry import register
+from kdsweep.methods.rkd import RKD
 
 
 @register

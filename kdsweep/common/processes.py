@@ -1,0 +1,92 @@
+"""Process identity: which node, pid and start time a worker or run owner is, so a dead owner can be
+told from a live one (pids are reused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _node_id() -> str:
+    """Where a pid means something: the same kernel boot and the same pid namespace."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pidns = ""
+    raw = f"{socket.gethostname()}|{boot}|{pidns}"
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot; '' if it is gone, a zombie, or /proc is missing."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat.rsplit(")", 1)[-1].split()
+    if len(fields) <= 19 or fields[0] in ("Z", "X"):  # fields[0] is the state: a zombie is dead, only not yet reaped
+        return ""
+    return fields[19]
+
+
+@dataclass(frozen=True)
+class Owner:
+    node: str
+    host: str
+    pid: int
+    started: str
+
+    @classmethod
+    def me(cls) -> "Owner":
+        return cls(_node_id(), socket.gethostname(), os.getpid(), _start_time(os.getpid()))
+
+    @classmethod
+    def from_attr(cls, value) -> "Owner | None":
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls(str(value["node"]), str(value["host"]), int(value["pid"]), str(value.get("started", "")))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def as_attr(self) -> dict:
+        return asdict(self)
+
+    def alive(self) -> bool | None:
+        """Whether the owner process still runs; None when it ran on another node (ask the heartbeat)."""
+        if self.node != _node_id():
+            return None
+        if self.started and Path("/proc").is_dir():
+            return _start_time(self.pid) == self.started  # '' when gone; another value when the pid was reused
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"

@@ -1,0 +1,161 @@
+"""Confirmation runs: retrain each method's best config with fresh seeds.
+
+One tuned trial per method cannot separate methods half a point apart: its
+score is one draw of the initialisation and batch order, and the best of
+several trials is biased upward. A confirmation run trains the best trial's
+hyperparameters again, on the same split and with the same teacher, but with
+a fresh seed for the student's initialisation and the augmentation stream.
+
+Each run is an MLflow child run of the study's parent run, tagged
+kdsweep.role=confirm, kdsweep.confirm_seed, kdsweep.source_run (the trial
+whose config it retrains) and kdsweep.state. A COMPLETE run for the same
+(study, source trial, seed) is reused, so the command is resumable and cheap
+to repeat; if the study grows and its best trial changes, the new best config
+gets its own runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+
+from kdsweep.common import atomic
+from kdsweep.common.errors import UserError
+from kdsweep.data.dispatch import get_dataset
+from kdsweep.methods.registry import get_method
+from kdsweep.models import taps
+from kdsweep.models.factory import build_model
+from kdsweep.models.zoo import count_params
+from kdsweep.report.stored_studies import (
+    Say,
+    Selection,
+    StudyRuns,
+    confirm_seeds,
+    data_key,
+    find_teacher,
+    split_data,
+)
+from kdsweep.study.loop import record_result
+from kdsweep.tracking import cleanup
+from kdsweep.training import checkpoint
+from kdsweep.training.devices import set_cpu_threads
+from kdsweep.training.loop import NonFiniteLoss, Schedule, train_student
+
+
+def _existing(study: StudyRuns) -> dict[str, str]:
+    """confirm_seed -> run id of the COMPLETE confirmation runs of the study's current best trial."""
+    return {r.data.tags["kdsweep.confirm_seed"]: r.info.run_id for r in study.confirms}
+
+
+def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", data_dir: str | None = None,
+            say: Say = print) -> dict[str, dict[str, int]]:
+    """Bring every selected study to `seeds` COMPLETE confirmation runs; return {label: {reused, trained, failed}}."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    device = torch.device(device)
+    if device.type == "cpu":  # as the study's trials trained
+        set_cpu_threads(default=get_dataset(sel.dataset).cpu_threads)
+    wanted = confirm_seeds(sel.seed, seeds)
+    summary: dict[str, dict[str, int]] = {}
+    todo = [s for s in sel.studies if s.best is not None]
+    for s in sel.studies:
+        if s.best is None:
+            say(f"{s.label}: no complete trial, nothing to confirm")
+    if not todo:
+        return summary
+
+    cleanup.close_dead_runs(sel.tracker, sel.experiment_id, ("confirm",), say)
+    datas: dict[tuple, object] = {}
+    teacher = t_where = None
+    with atomic.tmp_dir("kdsweep-confirm") as tmp:
+        for s in todo:
+            have = _existing(s)
+            missing = [k for k in wanted if str(k) not in have]
+            summary[s.label] = {"reused": len(wanted) - len(missing), "trained": 0, "failed": 0}
+            if not missing:
+                say(f"{s.label}: {len(wanted)} confirmation runs already there (seeds {', '.join(map(str, wanted))}); reused")
+                continue
+            try:
+                method_cls = get_method(s.method)
+            except UserError as e:
+                say(f"{s.label}: {e}; skipped")
+                continue
+            key = data_key(s.params)
+            if key not in datas:  # the split the study trained on (normally shared by all)
+                datas[key] = split_data(s.params, data_dir, device)
+            data = datas[key]
+            t_shapes = None
+            if method_cls.uses_teacher:
+                if teacher is None:
+                    t_path, t_where = find_teacher(sel, Path(tmp), say)
+                    if t_path is not None:
+                        teacher, _ = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes,
+                                                           **taps.recorded_paths(s.params, "teacher"))
+                        teacher.to(device).eval().requires_grad_(False)
+                if teacher is None:
+                    say(f"{s.label}: teacher missing ({t_where}); skipped")
+                    continue
+                t_shapes = teacher.shapes(data.in_shape)
+            say(f"{s.label}: {summary[s.label]['reused']} confirmation runs reused, training seeds {', '.join(map(str, missing))}")
+            for k in missing:
+                ok = _train_one(sel, s, method_cls, teacher if method_cls.uses_teacher else None, t_shapes, data, k, say)
+                summary[s.label]["trained" if ok else "failed"] += 1
+    return summary
+
+
+def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data, seed: int, say: Say) -> bool:
+    tracker, best = sel.tracker, s.best
+    p = best.data.params
+    hp = {k: float(p[k]) for k in [*method_cls.space, "lr"] if k in p}
+    schedule = Schedule(int(p["epochs"]), int(p["batch_size"]), hp["lr"], float(p["momentum"]), float(p["weight_decay"]),
+                        p.get("optimizer", "sgd"))  # runs from before the optimiser choice trained with SGD
+    run_data = copy.copy(data)
+    run_data.stream_seed = seed  # same split, fresh batch order and augmentation
+    torch.manual_seed(seed)  # fresh student (and head) initialisation
+    student = build_model(s.params["student"], data.in_shape, data.num_classes,
+                          **taps.recorded_paths(s.params, "student")).to(data.device)
+    method = method_cls({k: v for k, v in hp.items() if k != "lr"}, student.shapes(data.in_shape), t_shapes,
+                        schedule.epochs).to(data.device)
+
+    source_trial = best.data.tags.get("kdsweep.trial", "")
+    run = tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
+                        {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
+                         "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
+                         "kdsweep.source_trial": source_trial, "kdsweep.state": "RUNNING", **cleanup.owner_tags()},
+                        parent=s.run.info.run_id)
+    params = {**p, "device": data.device.type, "confirm_seed": seed, "source_trial": source_trial,
+              "extra_params": count_params(method)}
+    try:
+        tracker.log(run, params=params)
+        result = train_student(student, method, teacher, run_data, schedule,
+                               on_epoch=lambda st: tracker.log(run, st.metrics(), step=st.epoch))
+    except NonFiniteLoss as e:
+        _close(tracker, run, "FAILED", str(e))
+        say(f"  seed {seed}: {e}; recorded as FAIL")
+        return False
+    except BaseException as e:
+        _close(tracker, run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", _reason(e))
+        raise
+    try:
+        final = record_result(tracker, run, data, s.params["student"], student, method, result,
+                              {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial,
+                               "hparams": hp})
+    except BaseException as e:
+        _close(tracker, run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", _reason(e))
+        raise
+    say(f"  seed {seed}: val_acc={result.best_val_acc:.4f} test_acc={final['test_acc']:.4f} (run {run})")
+    return True
+
+
+def _reason(e: BaseException) -> str:
+    return "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _close(tracker, run: str, status: str, reason: str) -> None:
+    """End a confirmation run that did not complete; best effort (the store may be what failed), never masking
+    the error: a run left open is closed by the next `confirm`, its owner being gone."""
+    with contextlib.suppress(Exception):
+        tracker.close(run, status, {"kdsweep.state": "FAIL", "kdsweep.reason": reason})

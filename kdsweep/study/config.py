@@ -1,0 +1,299 @@
+"""A study's full configuration, resolved once: built-in defaults < study file < CLI flags.
+
+A study file `studies/NAME.toml` names a method and may override defaults
+and search ranges:
+
+    method = "vanilla_kd"
+    [defaults]                      # any `kdsweep study` option
+    epochs = 10
+    [search]                        # narrow or widen a searched range
+    temperature = { low = 1.0, high = 20.0, log = true }
+    [fixed]                         # stop searching a parameter: use this value
+    alpha = 0.9
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_args, get_type_hints
+
+from kdsweep.common.errors import UserError
+from kdsweep.data.dispatch import dataset_shape, get_dataset
+from kdsweep.data.sources import name_tag
+from kdsweep.methods.registry import get_method
+from kdsweep.methods.space import OPTIMIZERS, Float, apply_overrides, lr_range
+from kdsweep.models.factory import check_arch
+from kdsweep.study.budget import Budget
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+DEVICES = ("auto", "cuda", "cpu")
+ON_MISMATCH = ("refuse", "repair", "ignore")  # see truth.py
+MAX_NAME = 200
+STUDIES_DIR = Path("studies")
+DEFAULT_TRIALS = 20
+
+
+@dataclass
+class StudyConfig:
+    method: str
+    name: str  # the study file's stem, or the method name
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    data_size: int | None = None
+    image_size: int | None = None  # resize a spec's images to image_size x image_size (sources.py)
+    val_fraction: float = 0.1
+    teacher: str | None = None  # None: the dataset's default pair; or a model spec (model_specs.py)
+    student: str | None = None
+    # Where a model's taps are read (taps.py): the output of the feature path, the input of the embedding
+    # path (module paths as print(model) shows them); None: found automatically.
+    teacher_feature: str | None = None
+    teacher_embedding: str | None = None
+    student_feature: str | None = None
+    student_embedding: str | None = None
+    teacher_epochs: int | None = None
+    teacher_checkpoint: str | None = None
+    seed: int = 0
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None  # None: the dataset's (sgd; mnist1d: adam)
+    momentum: float = 0.9  # SGD momentum; Adam's beta1
+    weight_decay: float | None = None  # None: the dataset's (5e-4; mnist1d: 0)
+    trials: int | None = None  # trials that trained (complete, pruned, diverged); None: 20, or unbounded with a budget
+    budget_epochs: int | None = None  # training epochs summed over all trials; the study stops claiming once spent
+    sampler: str = "tpe"
+    pruner: str = "median"
+    storage: str | None = None
+    tracking_uri: str | None = None
+    device: str = "auto"
+    timeout: float | None = None
+    study_name: str | None = None
+    on_mismatch: str = "refuse"  # when Optuna and MLflow disagree at start (truth.py)
+    # Performance only: they never change what a trial computes beyond float rounding.
+    parallel: int = 1  # trials trained in lockstep on the same batches
+    teacher_cache_mb: float | None = None  # None: sized to the device; 0: off
+    compile: bool = False
+    channels_last: bool = True
+    cpu_workers: int | None = None  # CPU: worker threads of a lockstep group (None: the cores; 0: off)
+    fused: bool | None = None  # lockstep students stacked into one model (None: on CUDA with --parallel >= 2)
+    space: dict[str, Float] = field(default_factory=dict)
+    fixed: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        spec = get_dataset(self.dataset)
+        self.dataset = spec.name  # a spec as recorded: an image folder by its absolute path
+        if not spec.teacher and not (self.teacher and self.student):
+            raise UserError(f"dataset {self.dataset} has no default teacher and student: pass --teacher and --student")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
+        in_shape, _ = dataset_shape(self.dataset, self.data_dir, self.image_size)  # a spec's data is read (once) here
+        self.teacher = check_arch(self.teacher or spec.teacher, in_shape)
+        self.student = check_arch(self.student or spec.student, in_shape)
+        self.teacher_epochs = self.teacher_epochs or spec.teacher_epochs
+        self.epochs = self.epochs or spec.epochs
+        self.batch_size = self.batch_size or spec.batch_size
+        self.optimizer = self.optimizer or spec.optimizer
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        self.weight_decay = spec.weight_decay if self.weight_decay is None else self.weight_decay
+        if self.trials is None and self.budget_epochs is None:
+            self.trials = DEFAULT_TRIALS
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.data_size is not None and self.data_size < 10:
+            raise UserError(f"--data-size must be at least 10, got {self.data_size}")
+        for name in ("trials", "budget_epochs", "epochs", "batch_size", "teacher_epochs", "parallel"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if self.pruner not in PRUNERS:
+            raise UserError(f"unknown pruner {self.pruner!r}; choose from {', '.join(PRUNERS)}")
+        if self.on_mismatch not in ON_MISMATCH:
+            raise UserError(f"unknown --on-mismatch {self.on_mismatch!r}; choose from {', '.join(ON_MISMATCH)}")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        if self.cpu_workers is not None and self.cpu_workers < 0:
+            raise UserError(f"--cpu-workers must be >= 0, got {self.cpu_workers}")
+        if self.teacher_cache_mb is not None and not self.teacher_cache_mb >= 0:
+            raise UserError(f"--teacher-cache-mb must be >= 0 (0 disables the cache), got {self.teacher_cache_mb}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UserError(f"--timeout must be positive seconds, got {self.timeout}")
+        for role in ("teacher", "student"):
+            for tap in ("feature", "embedding"):
+                path = getattr(self, f"{role}_{tap}")
+                if path is not None and (not isinstance(path, str) or not path.strip()):
+                    raise UserError(f"--{role}-{tap} must name a module path (e.g. layer4), got {path!r}")
+        if self.study_name is not None:
+            sanitize(self.study_name)  # a name with no usable characters fails here, before anything is written
+
+    @property
+    def budget_tag(self) -> str:
+        """What one trial computes, readably: epochs and batch size always, other settings when not the defaults
+        (the dataset's, for the optimiser and weight decay).
+
+        Part of the study name, so a study with another per-trial budget is
+        another study (found again by the same command), never a collision.
+        """
+        spec = get_dataset(self.dataset)
+        parts = [f"e{self.epochs}", f"b{self.batch_size}"]
+        if self.optimizer != spec.optimizer:
+            parts.append(self.optimizer)
+        defaults = {**{f.name: f.default for f in fields(StudyConfig)}, "weight_decay": spec.weight_decay}
+        for key, token in (("momentum", "m"), ("weight_decay", "wd"), ("val_fraction", "v"), ("data_size", "n"),
+                           ("image_size", "i")):
+            if getattr(self, key) != defaults[key]:
+                parts.append(f"{token}{getattr(self, key):g}")
+        if self.teacher_epochs != spec.teacher_epochs:  # for ce too: its studies then group with the KD studies they serve
+            parts.append(f"te{self.teacher_epochs}")
+        return "-".join(parts)
+
+    @property
+    def requested_study_name(self) -> str:
+        """The study name as asked for (or built), before sanitize."""
+        return self.study_name or f"{self.name}-{name_tag(self.dataset)}-{self.teacher}-{self.student}-s{self.seed}-{self.budget_tag}"
+
+    @property
+    def full_study_name(self) -> str:
+        """Optuna study name: one study per (method config, dataset, pair, seed, per-trial budget)."""
+        return sanitize(self.requested_study_name)
+
+    @property
+    def experiment_name(self) -> str:
+        """MLflow experiment: one per dataset and teacher->student pair, so methods sit side by side."""
+        return f"kdsweep/{self.dataset}/{self.teacher}->{self.student}"
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.trials, self.budget_epochs, self.epochs)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change when a study is resumed (else its trials are not comparable)."""
+        keys = ("method", "dataset", "data_size", "image_size", "val_fraction", "teacher", "student", "seed", "epochs",
+                "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
+        fp = {k: getattr(self, k) for k in keys}
+        fp.update(self._tap_fingerprint())
+        fp["space"] = {k: asdict(v) for k, v in sorted(self.space.items())}
+        fp["fixed"] = dict(sorted(self.fixed.items()))
+        return fp
+
+
+    def _tap_fingerprint(self) -> dict[str, str]:
+        """The tap paths this method reads (None: found automatically): another layer is another computation, and a
+        study keeps one. Paths a method does not read are left out: they cannot make its trials differ."""
+        method = get_method(self.method)
+        roles = ("student", "teacher") if method.uses_teacher else ("student",)
+        return {f"{r}_{t}": getattr(self, f"{r}_{t}") for r in roles for t in ("feature", "embedding") if t in method.needs}
+
+
+def sanitize(name: str) -> str:
+    """Study names become file and run names: a safe alphabet, at most MAX_NAME characters, one study per name.
+
+    A name that needs no change is kept as it is. A changed one (characters replaced or dropped,
+    or cut to length) ends in a hash of the original, so two names never become one study:
+    `研究1` and `調査1` both lose their kanji but are stored under two names, `1-<hash>`.
+    """
+    clean = re.sub(r"[^A-Za-z0-9_.>-]+", "_", name).strip("._")
+    if not clean:
+        raise UserError(f"study name {name!r} has no usable characters")
+    if clean == name and len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean[:MAX_NAME - len(digest) - 1]}-{digest}"
+
+
+_FILE_KEYS = {"method", "description", "defaults", "search", "fixed"}
+# on_mismatch is a flag for one start, never a study file's standing order.
+_DEFAULT_KEYS = {f.name for f in fields(StudyConfig)} - {"method", "name", "space", "fixed", "study_name", "on_mismatch"}
+
+
+def read_study_file(path: Path) -> dict[str, Any]:
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read study file {path}: {e}") from None
+    unknown = set(doc) - _FILE_KEYS
+    if unknown:
+        raise UserError(f"study file {path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_FILE_KEYS))}")
+    if "method" not in doc:
+        raise UserError(f"study file {path}: missing `method = \"...\"`")
+    for key, kind in (("method", str), ("description", str), ("defaults", dict), ("search", dict), ("fixed", dict)):
+        if key in doc and not isinstance(doc[key], kind):
+            want = "a table [" + key + "]" if kind is dict else "a string"
+            raise UserError(f"study file {path}: {key} must be {want}, got {doc[key]!r}")
+    bad = set(doc.get("defaults", {})) - _DEFAULT_KEYS
+    if bad:
+        raise UserError(f"study file {path}: unknown [defaults] key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(_DEFAULT_KEYS))}")
+    for key, value in doc.get("defaults", {}).items():
+        want = _expected(key)
+        if want and not _is(value, want[0]):
+            raise UserError(f"study file {path}: [defaults] {key} must be {want[1]}, got {value!r}")
+    for name, spec in doc.get("search", {}).items():
+        if isinstance(spec, dict):
+            for k, v in spec.items():
+                if not _is(v, bool if k == "log" else float):
+                    raise UserError(f"study file {path}: [search] {name}.{k} must be "
+                                    f"{'true or false' if k == 'log' else 'a number'}, got {v!r}")
+    for name, value in doc.get("fixed", {}).items():
+        if not _is(value, float):
+            raise UserError(f"study file {path}: [fixed] {name} must be a number, got {value!r}")
+    return doc
+
+
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _expected(key: str) -> tuple[type, str] | None:
+    """The type a [defaults] key must have: StudyConfig's annotation of the field, without its None."""
+    hint = get_type_hints(StudyConfig)[key]
+    kinds = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
+    return (kinds[0], _WORDS[kinds[0]]) if len(kinds) == 1 and kinds[0] in _WORDS else None
+
+
+def _is(value: Any, kind: type) -> bool:
+    """TOML's value as the field's type: an integer is a number, but true is not 1 and "32" is not 32."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def find_study(name: str, studies_dir: Path = STUDIES_DIR) -> tuple[str, dict[str, Any]]:
+    """Resolve NAME: a path to a .toml, a file studies/NAME.toml, or a bare method name."""
+    path = Path(name)
+    if name.endswith(".toml"):
+        if not path.is_file():
+            raise UserError(f"study file {name} not found")
+        return path.stem, read_study_file(path)
+    candidate = studies_dir / f"{name}.toml"
+    if candidate.is_file():
+        return name, read_study_file(candidate)
+    get_method(name)  # raises with the list of known methods
+    return name, {"method": name}
+
+
+def resolve(name: str, cli: Mapping[str, Any], studies_dir: Path = STUDIES_DIR) -> StudyConfig:
+    """Build the StudyConfig for `kdsweep study NAME` from the study file and the flags actually given."""
+    stem, doc = find_study(name, studies_dir)
+    method = get_method(doc["method"])
+    values: dict[str, Any] = dict(doc.get("defaults", {}))
+    values.update({k: v for k, v in cli.items() if v is not None})
+    try:
+        cfg = StudyConfig(method=method.name, name=stem, **values)
+    except TypeError as e:
+        raise UserError(f"bad study option: {e}") from None
+    # The lr range follows the optimiser, which the config has just resolved (flag, file, or the dataset's).
+    cfg.space, cfg.fixed = apply_overrides({**method.space, "lr": lr_range(cfg.optimizer)}, doc.get("search", {}),
+                                           doc.get("fixed", {}))
+    return cfg

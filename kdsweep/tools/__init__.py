@@ -1,0 +1,2 @@
+"""Tools beside the pipeline: `kdsweep bench`, the first-GPU suite, and `kdsweep ui`.
+"""

@@ -1,0 +1,249 @@
+"""`kdsweep ui`: MLflow's server on kdsweep's store, owned from start to stop (issue 13).
+
+`mlflow ui` run plainly leaves processes behind: stopped with `kill`, its
+uvicorn server can stay on the port, and its job runner (seven huey consumer
+processes, for MLflow's GenAI jobs) survives even a SIGTERM to the whole
+process group. So here:
+  * the port is checked first: taken, it is one line and exit status 2;
+  * the job runner is turned off (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false:
+    the runs, charts and artifacts of the UI need no jobs);
+  * the server starts in a session of its own, so the terminal's Ctrl-C and
+    hang-up reach only us; on SIGINT, SIGTERM or SIGHUP we terminate its
+    whole process group, wait, and kill whatever of it is left: every process
+    of its session and every descendant seen while it ran;
+  * once the port answers, the URL of the newest kdsweep experiment's runs
+    page is printed (MLflow 3 opens an experiment on its GenAI traces page).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from kdsweep.common.errors import UserError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+GRACE_SECONDS = 5.0  # for the server to stop on SIGTERM before what is left is killed
+START_SECONDS = 120.0  # for the port to answer (a busy machine imports MLflow slowly)
+SERVER_ENV = {
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job runner: nothing the runs UI needs
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+MODEL_TRAINING_HINT = ("MLflow opens experiments in its GenAI view: the link goes straight to the runs table; "
+                       "elsewhere, switch the toggle at the top left to \"Model training\".")
+
+
+class Stop(BaseException):
+    """A stop signal arrived while the server ran."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------- the process table
+
+
+def proc_stat(pid: int) -> tuple[str, int, int, int, str] | None:
+    """(state, ppid, process group, session, start time) of a live process, from /proc; None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), fields[19]
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def related(root: int, session: int) -> dict[int, str]:
+    """pid -> start time of every live process in `session` or descended from `root` (zombies left out)."""
+    stats = {pid: st for pid in _all_pids() if (st := proc_stat(pid)) is not None and st[0] != "Z"}
+    found = {pid for pid, st in stats.items() if st[3] == session}
+    children: dict[int, list[int]] = {}
+    for pid, st in stats.items():
+        children.setdefault(st[1], []).append(pid)
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            found.add(pid)
+        todo += [c for c in children.get(pid, []) if c not in found]
+    return {pid: stats[pid][4] for pid in found if pid in stats}
+
+
+def _alive(pid: int, started: str) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[0] != "Z" and st[4] == started  # same start time: not a reused pid
+
+
+def _signal_all(procs: dict[int, str], sig: int) -> None:
+    for pid, started in procs.items():
+        if _alive(pid, started):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------- port and experiment
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that something already listens on (or that cannot be bound here) before starting anything."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed port in TIME_WAIT is free
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UserError(f"port {port} on {host} is already in use (another `kdsweep ui` or MLflow server?); "
+                                    f"choose another with --port") from None
+                raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def browse_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def newest_experiment(uri: str) -> tuple[str, str] | None:
+    """(id, name) of the kdsweep experiment whose latest run started last (the one just worked on)."""
+    from mlflow.tracking import MlflowClient
+
+    from kdsweep.tracking.tracker import quiet
+
+    quiet()
+    client = MlflowClient(tracking_uri=uri)
+    best, newest = None, -1
+    for exp in client.search_experiments(filter_string="name LIKE 'kdsweep/%'"):
+        runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"])
+        started = runs[0].info.start_time if runs else exp.creation_time or 0
+        if started > newest:
+            best, newest = (exp.experiment_id, exp.name), started
+    return best
+
+
+# ---------------------------------------------------------------- serving
+
+
+def server_command(uri: str, host: str, port: int) -> list[str]:
+    # One worker: a UI for one person, and ~7x faster than four on a SQLite store (shared/notes).
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
+
+
+def _raise_stop(signum, frame):
+    raise Stop(signum)
+
+
+def _stop(proc: subprocess.Popen, seen: dict[int, str]) -> int:
+    """Terminate the server's process group, then kill whatever of its session and descendants is left."""
+    seen = {**seen, **related(proc.pid, proc.pid)}
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the group id is its pid
+    except OSError:
+        pass
+    _signal_all(seen, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS
+    while time.monotonic() < deadline:
+        proc.poll()
+        seen.update(related(proc.pid, proc.pid))  # a child forked meanwhile
+        if not any(_alive(pid, t) for pid, t in seen.items()):
+            break
+        time.sleep(0.1)
+    left = {pid: t for pid, t in {**seen, **related(proc.pid, proc.pid)}.items() if _alive(pid, t)}
+    _signal_all(left, signal.SIGKILL)
+    try:
+        proc.wait(GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    return len(seen)
+
+
+def _say(say: Callable[[str], None], msg: str) -> None:
+    try:
+        say(msg)
+    except OSError:  # the terminal is gone (SIGHUP): nothing to tell
+        pass
+
+
+def serve(uri: str, host: str, port: int, say: Callable[[str], None] = print) -> int:
+    """Run `mlflow ui` on `uri` until it exits or a stop signal comes; return the exit status."""
+    check_port(host, port)
+    cmd = server_command(uri, host, port)
+    env = {**os.environ, **SERVER_ENV}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    # Signals wait (blocked) until the server's Popen is held, so a stop can never leave it unowned; the
+    # server unblocks them for itself before it starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    proc, seen, status = None, {}, 0
+    try:
+        for s in STOP_SIGNALS:
+            if previous[s] is not signal.SIG_IGN:  # started under nohup: a hang-up stays ignored
+                signal.signal(s, _raise_stop)
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a signal that came meanwhile is raised here
+        url = f"http://{browse_host(host)}:{port}"
+        _say(say, f"starting the MLflow UI on {url} for {uri} (Ctrl-C to stop)")
+        try:
+            exp = newest_experiment(uri)
+        except Exception:  # noqa: BLE001 - only the link is lost
+            exp = None
+        while not answers(browse_host(host), port):
+            if proc.poll() is not None:
+                _say(say, f"the MLflow server exited with status {proc.returncode} before it answered on {url}")
+                return proc.returncode or 1
+            seen.update(related(proc.pid, proc.pid))
+            time.sleep(0.2)
+        seen.update(related(proc.pid, proc.pid))
+        if exp is not None:
+            _say(say, f"runs of {exp[1]}: {url}/#/experiments/{exp[0]}/runs")
+        else:
+            _say(say, f"open {url} (no kdsweep experiment in the store yet)")
+        _say(say, MODEL_TRAINING_HINT)
+        while proc.poll() is None:
+            seen.update(related(proc.pid, proc.pid))
+            time.sleep(0.5)
+        status = proc.returncode
+    except Stop as e:
+        status = EXIT_STATUS[e.signum]
+    finally:
+        for s in STOP_SIGNALS:  # a second Ctrl-C must not cut the clean-up short
+            if previous[s] is not signal.SIG_IGN:
+                signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        try:
+            if proc is not None:
+                n = _stop(proc, seen)
+                if status:
+                    _say(say, f"stopped the MLflow UI ({n} processes ended)")
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return status

@@ -1,0 +1,125 @@
+"""Where and how training runs: the device chosen, autocast and memory format (Accel), CPU threads and
+the thread pools that step lockstep students side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from kdsweep.common.errors import UserError
+
+
+@dataclass(frozen=True)
+class Accel:
+    """How models run on the device: memory format and compilation (bf16 autocast is always on for CUDA)."""
+
+    channels_last: bool = True  # conv models and their inputs in NHWC: faster with cuDNN and oneDNN alike
+    compile: bool = False  # torch.compile, once per architecture per process
+    # CPU lockstep groups: one worker thread per core, each with one intra-op thread, owning a share of
+    # the students (and of each teacher batch). None: the usable cores; 0 or 1: off (intra-op threads only).
+    cpu_workers: int | None = None
+    # Lockstep members stacked into one vmapped model with one fused optimiser step (kdsweep/fused.py).
+    # None: on for CUDA groups of K >= 2, off on CPU (worker threads are faster there); True/False: forced.
+    fused: bool | None = None
+
+    def tag(self, device: torch.device) -> str:
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+        return f"{device.type}|{dtype}|{'nhwc' if self.channels_last else 'nchw'}|{'compiled' if self.compile else 'eager'}"
+
+
+def autocast(device: torch.device):
+    # bf16 on CUDA: no loss scaler needed, tensor cores used; fp32 on CPU.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def frozen_copy(teacher: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen network's inference copy with its weights in `dtype`, cast once.
+
+    Under autocast an fp32 network's weights are cast to bf16 again at every forward pass: for a
+    frozen teacher that is a copy of all its weights per batch, for nothing.
+    """
+    if next(teacher.parameters()).dtype == dtype:
+        return teacher
+    return copy.deepcopy(teacher).to(dtype).eval().requires_grad_(False)
+
+
+def teacher_dtype(device: torch.device) -> torch.dtype:
+    """What a frozen teacher's weights are held in: bf16 on CUDA (what autocast computes in), fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def set_cpu_threads(threads: int | None = None, default: int | None = None) -> int:
+    """Intra-op threads for CPU runs: `threads`, else $OMP_NUM_THREADS, else `default` (a dataset's
+    DatasetSpec.cpu_threads), else the cores this process may use."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else default or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="kdsweep-cpu")
+    return _POOLS[workers]
+
+
+def _cpu_workers(accel: Accel, device: torch.device, members: int, teacher: bool) -> int:
+    """Worker threads of a lockstep group on CPU (1: none, the plain loop with intra-op threads)."""
+    if device.type != "cpu" or accel.compile or not (members >= 2 or teacher):
+        return 1
+    n = len(os.sched_getaffinity(0)) if accel.cpu_workers is None else accel.cpu_workers
+    return max(1, n)
+
+
+def _fuse_min(accel: Accel, device: torch.device, members: int) -> int | None:
+    """The fewest members worth fusing into one group (None: no fusion); see kdsweep/fused.py."""
+    if accel.fused is None:
+        return 2 if device.type == "cuda" and members >= 2 else None
+    return 1 if accel.fused else None
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _in_pool(workers: int, fn: Callable, items: Sequence) -> list:
+    """fn over items on the worker threads, each with one intra-op thread (set before a worker's first op)."""
+    with _intra_op_threads(1):
+        return list(_pool(workers).map(fn, items))
+
+
+def _deal(items: Sequence, n: int) -> list[list]:
+    """Items dealt round-robin into at most n non-empty hands."""
+    return [list(items[i::n]) for i in range(min(n, len(items)))]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        # Every trial runs the same few shapes thousands of times: cuDNN's one-off search for the
+        # fastest kernel per shape pays for itself within the first epoch.
+        torch.backends.cudnn.benchmark = True
+    return torch.device(name)

@@ -1,0 +1,303 @@
+"""Fused lockstep students: K students of one architecture and method trained as one model.
+
+On CUDA, a small student's step is launch-bound: about 150 kernels of a few
+microseconds each. Stepping K students one after another issues K times as
+many. Here the K students' parameters and buffers are stacked along a new
+leading dimension (`torch.func.stack_module_state`) and their forward is one
+`torch.func.vmap` over `functional_call` of the student's taps, with the batch
+shared (convolutions become grouped convolutions, linears batched matmuls): the
+kernel count no longer grows with K. Each member's loss is its own method
+module's (its hyperparameters are Python floats) on its slice of the stacked
+outputs, the K losses are summed for one backward, and one fused optimiser
+update (:class:`FusedOptimizer`: SGD, Adam, AdamW as torch.optim computes them,
+with per-member learning rate, schedule, momentum/beta1 and weight decay as
+(K, 1, ...) tensors) steps all K.
+
+What is fused, and what is not (docs/performance.md, "Fused students"):
+  * Only members that draw no random numbers. Dropout under vmap cannot
+    replay each member's own RNG stream, so members that draw (found by the
+    lockstep group's first step) keep stepping alone with their RNG swapped in.
+    The forward runs under ``vmap(randomness="error")`` and the global RNG is
+    compared around every fused step, so a member that starts drawing later is
+    refused rather than silently desynchronised.
+  * The group's first step is taken on the ordinary path (it is the probe);
+    the fused group starts from the members' state and torch.optim state after it.
+  * Method heads (fitnet's regressor, crd's projections, ...) are stacked and
+    updated with the students; their buffers (batch-norm statistics, crd's
+    memory banks) stay in each member's own method module, which runs eagerly.
+  * A member that stops (pruned, diverged) is dropped at the next epoch: the
+    live members are re-stacked, optimiser state included. Within an epoch a
+    diverging member's NaNs stay in its own slice.
+
+The stacked tensors are the truth while training; after each epoch they are
+copied back into each member's modules, so evaluation, snapshots (ordinary
+state_dicts) and callbacks see ordinary modules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from kdsweep.methods.base import SampleIndex
+from kdsweep.models.zoo import Outputs
+from kdsweep.training.devices import autocast
+
+TAPS = ("logits", "feature", "embedding")
+
+
+class _Taps(nn.Module):
+    """`functional_call` calls forward(): this one returns the student's taps, as a tuple of the needed ones."""
+
+    def __init__(self, model: nn.Module, needs: frozenset[str]):
+        super().__init__()
+        self.model = model
+        self.names = ("logits",) if needs <= {"logits"} else TAPS
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.names == ("logits",):
+            return (self.model(x),)
+        o = self.model.taps(x)
+        return tuple(getattr(o, n) for n in self.names)
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (K,) vector shaped (K, 1, ..., 1) to broadcast over a stacked (K, ...) tensor (a view: no kernel)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    # Schedules and bias corrections in float64, as torch.optim computes them in Python floats
+    # (1 - 0.999 ** t loses digits in float32); devices without float64 (mps) use float32.
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+
+
+class FusedOptimizer:
+    """One update of K stacked parameter sets, each member with its own hyperparameters.
+
+    Equals torch.optim's SGD (momentum, L2 weight decay in the gradient), Adam
+    (L2 in the gradient) and AdamW (decoupled decay), betas = (momentum, 0.999),
+    eps = 1e-8, as `train.make_optimizer` builds them, with train.py's cosine
+    LambdaLR stepped after every update. The step count and learning rates live
+    on the device, so an update reads nothing back to the host.
+    """
+
+    def __init__(self, kind: str, params: Sequence[torch.Tensor], schedules: Sequence, total_steps: int,
+                 steps_done: int = 0):
+        if kind not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"unknown optimizer {kind!r}")
+        self.kind, self.total = kind, total_steps
+        dev = params[0].device
+        wide = _wide(dev)
+
+        def vec(values):
+            return torch.tensor([float(v) for v in values], dtype=wide, device=dev)
+
+        self.base_lr = vec(s.lr for s in schedules)
+        self.momentum = vec(s.momentum for s in schedules)  # SGD's momentum; Adam's beta1
+        self.weight_decay = vec(s.weight_decay for s in schedules)
+        self.beta2, self.eps = 0.999, 1e-8
+        self.t = torch.tensor(float(steps_done), dtype=wide, device=dev)  # updates taken (LambdaLR's last_epoch)
+        names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+        self.state = {n: [torch.zeros_like(p) for p in params] for n in names}
+
+    def lr(self) -> torch.Tensor:
+        """(K,) learning rates of the next update: base * 0.5 (1 + cos(pi t / total)), as train.py's LambdaLR."""
+        return self.base_lr * (0.5 * (1 + torch.cos(math.pi * self.t / self.total)))
+
+    @torch.no_grad()
+    def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        f = params[0].dtype  # per-step scalars are computed wide and rounded once, as torch.optim's Python floats are
+        lr = self.lr()
+        self.t += 1
+        wd, mom = self.weight_decay.to(f), self.momentum.to(f)
+        if self.kind == "sgd":
+            lr = lr.to(f)
+            for p, g, buf in zip(params, grads, self.state["momentum_buffer"]):
+                if g is None:  # as torch.optim: a parameter without a gradient is left alone
+                    continue
+                g = g + _col(wd, p) * p
+                buf.mul_(_col(mom, p)).add_(g)  # zeros at the start: the first buffer is the gradient
+                p.addcmul_(buf, _col(lr, p), value=-1)
+            return
+        b1 = self.momentum
+        step_size = (lr / (1 - b1 ** self.t)).to(f)
+        bc2_sqrt = ((1 - self.beta2 ** self.t) ** 0.5).to(f)
+        decay, w1 = (1 - lr * self.weight_decay).to(f), (1 - b1).to(f)
+        for p, g, m, v in zip(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"]):
+            if g is None:
+                continue
+            if self.kind == "adamw":
+                p.mul_(_col(decay, p))
+            else:
+                g = g + _col(wd, p) * p
+            m.lerp_(g, _col(w1, p))
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            p.addcmul_(m / denom, _col(step_size, p), value=-1)
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep the members at positions `idx` (the others stopped)."""
+        for n, bufs in self.state.items():
+            self.state[n] = [torch.stack([b[i] for i in idx]) for b in bufs]
+        for n in ("base_lr", "momentum", "weight_decay"):
+            v = getattr(self, n)
+            setattr(self, n, torch.stack([v[i] for i in idx]))
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.detach() for t in tensors])
+
+
+def fusion_key(run) -> tuple:
+    """Members with equal keys can be stacked: the same student architecture, method class, heads and optimiser."""
+    s, m = run.m.student, run.m.method
+    shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in [*s.named_parameters(), *s.named_buffers()])
+    heads = tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters())
+    return type(s), repr(s), shapes, type(m), heads, run.m.schedule.optimizer, run.fmt
+
+
+class NotFusable(Exception):
+    """These members cannot be stacked; the message says why (they then step one after another)."""
+
+
+class FusedGroup:
+    """K lockstep members (train._Run) of one fusion key, stepping as one; see the module's docstring.
+
+    Made after the members' first step (`steps_done` = 1), from their modules and torch.optim state;
+    `x` is that step's batch, on which the stacked forward is tried (NotFusable if vmap cannot run it).
+    """
+
+    def __init__(self, runs: list, device: torch.device, total_steps: int, steps_done: int, x: torch.Tensor):
+        self.runs, self.device = list(runs), device
+        first = self.runs[0]
+        self.keys = list(first.sums)
+        if any(list(r.sums) != self.keys for r in self.runs):
+            raise NotFusable("their methods return different loss terms")
+        self.needs, self.fmt = first.needs, first.fmt
+        self.needs_index = first.m.method.needs_index
+        adaptors = [_Taps(r.m.student, self.needs) for r in self.runs]
+        self.base = adaptors[0]  # functional_call's module: its own tensors are swapped for the stacked ones
+        self.params, self.buffers = stack_module_state(adaptors)
+        why = self._vmap_problem(x)
+        if why is not None:
+            raise NotFusable(f"torch.func.vmap cannot run {type(first.m.student).__name__}: {why}")
+        self.heads = {n: _stack([dict(r.m.method.named_parameters())[n] for r in self.runs]).requires_grad_()
+                      for n, _ in first.m.method.named_parameters()}
+        self.opt = FusedOptimizer(first.m.schedule.optimizer, self.leaves(), [r.m.schedule for r in self.runs],
+                                  total_steps, steps_done)
+        with torch.no_grad():  # the members' torch.optim state so far (after the probe step), tensor by tensor
+            for i, r in enumerate(self.runs):
+                for j, (_, p) in enumerate(_named_params(r)):
+                    for n, bufs in self.opt.state.items():
+                        if r.opt.state.get(p, {}).get(n) is not None:
+                            bufs[j][i].copy_(r.opt.state[p][n])
+        self.sums = {k: torch.stack([r.sums[k] for r in self.runs]) for k in self.keys}
+        self.correct = torch.stack([r.correct for r in self.runs])
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The stacked trainable tensors, in the order of each member's `_named_params`."""
+        return [*self.params.values(), *self.heads.values()]
+
+    def _vmap_problem(self, x: torch.Tensor) -> str | None:
+        """Why the stacked students cannot run under vmap (None: they can); tried on copies of the buffers."""
+        try:
+            with torch.no_grad(), autocast(self.device):
+                vmap(self._forward, in_dims=(0, 0, None), randomness="error")(
+                    self.params, {n: b.clone() for n, b in self.buffers.items()}, x)
+        except Exception as e:  # noqa: BLE001 - any failure means: train these members one by one
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None
+
+    def _forward(self, params, buffers, x):
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, epoch: int, index: SampleIndex) -> None:
+        """One training step of all K members: no host synchronisation, no data-dependent shapes."""
+        extra = {"index": index} if self.needs_index else {}
+        leaves = self.leaves()
+        with autocast(self.device):
+            outs = vmap(self._forward, in_dims=(0, 0, None), randomness="error")(self.params, self.buffers, x)
+            taps = dict(zip(self.base.names, outs))
+            s_all = Outputs(*(taps.get(n) for n in TAPS))
+            terms, losses = [], []
+            for i, r in enumerate(self.runs):
+                s_i = Outputs(*(None if o is None else o[i] for o in s_all))
+                heads = {n: p[i] for n, p in self.heads.items()}
+                t = functional_call(r.m.method, heads, (s_i, t_out, y, epoch), extra)
+                terms.append(t)
+                losses.append(sum(t.values()))
+        grads = torch.autograd.grad(torch.stack(losses).sum(), leaves, allow_unused=True)
+        self.opt.step(leaves, grads)
+        with torch.no_grad():
+            b = len(y)
+            for k in self.keys:
+                self.sums[k] += torch.stack([t[k].detach().float() for t in terms]) * b
+            self.correct += (s_all.logits.argmax(-1) == y).sum(1)
+
+    def compiled_step(self, **compile_kw):
+        """`step` under torch.compile, with autograd.grad traced into the graph where this torch can."""
+        fn = torch.compile(self.step, **compile_kw)
+        cfg = torch._dynamo.config
+        if not hasattr(cfg, "trace_autograd_ops"):
+            return fn
+
+        def call(*args, **kw):
+            with cfg.patch(trace_autograd_ops=True):
+                return fn(*args, **kw)
+
+        return call
+
+    def begin_epoch(self, steps: int) -> None:
+        """Drop members that stopped; zero the statistics; set each member's learning rate for its history
+        (`steps`: the updates taken so far, known to the caller without reading the device)."""
+        live = [i for i, r in enumerate(self.runs) if r.alive]
+        if len(live) < len(self.runs) and live:
+            self._keep(live)
+        self.sums = {k: torch.zeros(len(self.runs), device=self.device) for k in self.keys}
+        self.correct = torch.zeros(len(self.runs), device=self.device)
+        for r in self.runs:  # as train.py's LambdaLR computes it, in Python floats
+            r.lr_now = r.m.schedule.lr * 0.5 * (1 + math.cos(math.pi * steps / self.opt.total))
+
+    def _keep(self, idx: list[int]) -> None:
+        self.runs = [self.runs[i] for i in idx]
+        self.base = _Taps(self.runs[0].m.student, self.needs)
+        self.params = {n: _stack([p[i] for i in idx]).requires_grad_() for n, p in self.params.items()}
+        self.buffers = {n: _stack([b[i] for i in idx]) for n, b in self.buffers.items()}
+        self.heads = {n: _stack([p[i] for i in idx]).requires_grad_() for n, p in self.heads.items()}
+        self.opt.keep(idx)
+
+    @property
+    def alive(self) -> bool:
+        return any(r.alive for r in self.runs)
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """Copy the stacked state back into each member's modules; hand each member its epoch statistics."""
+        for i, r in enumerate(self.runs):
+            a = _Taps(r.m.student, self.needs)
+            for n, p in a.named_parameters():
+                p.copy_(self.params[n][i])
+            for n, b in a.named_buffers():
+                b.copy_(self.buffers[n][i])
+            for n, p in r.m.method.named_parameters():
+                p.copy_(self.heads[n][i])
+            r.sums = {k: self.sums[k][i] for k in self.keys}
+            r.correct = self.correct[i]
+
+
+def _named_params(run) -> list[tuple[str, torch.Tensor]]:
+    """A member's trainable tensors in the fused group's leaf order: student (as `_Taps` names them), then heads."""
+    return [(f"model.{n}", p) for n, p in run.m.student.named_parameters()] + list(run.m.method.named_parameters())
+
+
+def plan(runs: Sequence, min_size: int) -> list[list]:
+    """The runs to fuse, as lists of equal fusion keys with at least `min_size` members (in the group's order)."""
+    by_key: dict[tuple, list] = {}
+    for r in runs:
+        by_key.setdefault(fusion_key(r), []).append(r)
+    return [rs for rs in by_key.values() if len(rs) >= min_size]

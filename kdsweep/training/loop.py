@@ -1,0 +1,533 @@
+"""Train students with distillation methods: the inner loop of every trial.
+
+The loop knows no method by name. It asks each method which taps it needs,
+computes only those (teacher under no_grad), sums the method's loss terms
+and steps the optimiser (SGD, Adam or AdamW) over the student and the method's heads. Per-step statistics
+are accumulated on the device and read once per epoch, so the step loop has
+no host synchronisation.
+
+One loop serves one trial and K trials in lockstep (`train_students`): the
+K students take their steps on the same batch, so the data pass and the
+teacher's outputs (from the shared :mod:`teacher_cache`) are paid once per
+batch for all K. `train_student` is the K=1 case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdsweep.data.device_data import DeviceData
+from kdsweep.methods.base import Method, SampleIndex
+from kdsweep.models.zoo import Net, Outputs
+from kdsweep.training.devices import (
+    Accel,
+    _cpu_workers,
+    _deal,
+    _fuse_min,
+    _in_pool,
+    _intra_op_threads,
+    autocast,
+    frozen_copy,
+    teacher_dtype,
+)
+from kdsweep.training.teacher_outputs import TeacherCache, TeacherFeed
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimiser settings shared by every method (the fairness budget)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9  # SGD's momentum; Adam's and AdamW's beta1
+    weight_decay: float = 5e-4  # SGD and Adam: L2 in the gradient; AdamW: decoupled
+    optimizer: str = "sgd"  # one of space.OPTIMIZERS
+
+
+def make_optimizer(params, s: Schedule) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if s.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=s.lr, betas=(s.momentum, 0.999), weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimizer {s.optimizer!r}")
+
+
+@dataclass
+class EpochStats:
+    epoch: int  # 0-based
+    train: dict[str, float]  # loss terms, "loss" (their sum) and "acc"
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float  # wall time of the epoch (in lockstep: of the whole group's epoch)
+
+    def metrics(self) -> dict[str, float]:
+        m = {f"train_{k}": v for k, v in self.train.items()}
+        m.update(val_loss=self.val_loss, val_acc=self.val_acc, lr=self.lr, epoch_seconds=self.seconds)
+        return m
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_acc: float
+    state: dict[str, dict[str, torch.Tensor]]  # {"student": ..., "heads": ...} at the best epoch
+    history: list[EpochStats] = field(default_factory=list)
+    stopped_by: BaseException | None = None  # set when the run ended early (diverged, pruned)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The trial diverged: its loss became NaN/inf, or grew DIVERGENCE_FACTOR-fold over the first step's."""
+
+    def __init__(self, epoch: int, detail: str = "non-finite training loss"):
+        super().__init__(f"{detail} in epoch {epoch + 1}")  # 1-based for people; .epoch stays 0-based
+        self.epoch = epoch
+
+
+# An epoch's mean training loss this many times the first step's (or 1.0, if larger) counts as diverged.
+DIVERGENCE_FACTOR = 100.0
+
+
+def run_taps(model: Net, x: torch.Tensor, needs: frozenset[str]) -> Outputs:
+    """The model's outputs, computing feature/embedding taps only when asked for."""
+    if needs <= {"logits"}:
+        return Outputs(model(x), None, None)
+    return model.taps(x)
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _to_format(model: nn.Module, accel: Accel) -> torch.memory_format:
+    """Put a model in the accel's memory format; return the format its inputs should have."""
+    if accel.channels_last and _has_conv(model):
+        model.to(memory_format=torch.channels_last)
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _as(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+
+# One compiled callable per (architecture, taps, device) per process: a new student of the
+# same architecture reuses the compiled graph (the module is an input, not a constant).
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _taps_fn(model: nn.Module, needs: frozenset[str], accel: Accel, device: torch.device) -> Callable:
+    needs = frozenset(needs)
+    if not accel.compile:
+        return lambda m, x: run_taps(m, x, needs)
+    key = (type(model).__qualname__, repr(model), tuple(sorted(needs)), device.type)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(lambda m, x: run_taps(m, x, needs))
+    return _COMPILED[key]
+
+
+def evaluate_many(models: Sequence[nn.Module], data: DeviceData, split: str, accel: Accel | None = None,
+                  workers: int = 1) -> list[tuple[float, float]]:
+    """(mean cross-entropy, accuracy) of each model on a split: one pass per worker over the split, one host sync."""
+    accel = accel or Accel(channels_last=False)
+    device = data.device
+    fmts = [_to_format(m, accel) if accel.channels_last else torch.contiguous_format for m in models]
+    fns = [_taps_fn(m, frozenset({"logits"}), accel, device) for m in models]
+
+    @torch.no_grad()  # grad mode is per thread: set it in the worker
+    def part(idx: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor, int]:
+        loss = torch.zeros(len(idx), device=device)
+        correct = torch.zeros(len(idx), device=device)
+        n = 0
+        for x, y in data.eval_batches(split):
+            for j, i in enumerate(idx):
+                with autocast(device):
+                    logits = fns[i](models[i], _as(x, fmts[i])).logits.float()
+                loss[j] += F.cross_entropy(logits, y, reduction="sum")
+                correct[j] += (logits.argmax(1) == y).sum()
+            n += len(y)
+        return idx, loss, correct, n
+
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        hands = _deal(range(len(models)), workers)
+        parts = _in_pool(workers, part, hands) if len(hands) > 1 else [part(hands[0])]
+    finally:
+        for m, w in zip(models, was):
+            m.train(w)
+    order = [i for idx, *_ in parts for i in idx]
+    values = torch.stack([torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])]).tolist()
+    n = parts[0][3]
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(models)
+    for i, lv, cv in zip(order, *values):
+        out[i] = (lv / n, cv / n)
+    return out
+
+
+def evaluate(model: nn.Module, data: DeviceData, split: str, accel: Accel | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on a split, with one host sync."""
+    return evaluate_many([model], data, split, accel)[0]
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@dataclass
+class Member:
+    """One trial in a lockstep group: its student, method, schedule and per-epoch callback.
+
+    The global RNG state is captured when the member is made (right after its
+    student and heads are initialised) and swapped in around each of its
+    steps, so dropout draws the same numbers as when it trains alone.
+    """
+
+    student: Net
+    method: Method
+    schedule: Schedule
+    on_epoch: Callable[[EpochStats], None] | None = None
+    rng: tuple | None = None
+
+
+class _Run:
+    """The training state of one member."""
+
+    def __init__(self, m: Member, device: torch.device, accel: Accel, total_steps: int):
+        self.m, self.device = m, device
+        m.student.to(device).train()
+        m.method.to(device).train()
+        self.fmt = _to_format(m.student, accel)
+        self.needs = frozenset(m.method.needs)
+        self.taps = _taps_fn(m.student, self.needs, accel, device)
+        params = list(m.student.parameters()) + list(m.method.parameters())
+        s = m.schedule
+        self.opt = make_optimizer(params, s)
+        # Cosine decay per step (not per epoch), so short budgets also anneal to ~0.
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
+        self.result = TrainResult(-1, -1.0, {})
+        self.stochastic = True  # until its first step shows it draws no random numbers
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), device=device)
+        self.lr_now = s.lr
+        self.first_loss: torch.Tensor | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.result.stopped_by is None
+
+    def begin_epoch(self) -> None:
+        self.lr_now = self.opt.param_groups[0]["lr"]
+        self.sums, self.correct = {}, torch.zeros((), device=self.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, epoch: int, index: SampleIndex) -> None:
+        extra = {"index": index} if self.m.method.needs_index else {}
+        with autocast(self.device):
+            s_out = self.taps(self.m.student, x)
+            terms = self.m.method(s_out, t_out, y, epoch, **extra)
+        loss = sum(terms.values())
+        if self.first_loss is None:
+            self.first_loss = loss.detach().float()  # the untrained model's loss: the yardstick for divergence
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            b = len(y)
+            for k, v in terms.items():
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float() * b
+            self.correct += (s_out.logits.argmax(1) == y).sum()
+
+    def epoch_tensors(self) -> list[torch.Tensor]:
+        return [self.sums[k] for k in self.sums] + [self.correct, self.first_loss]
+
+    def epoch_train(self, values: list[float], n: int) -> dict[str, float]:
+        keys = list(self.sums)
+        train = {k: v / n for k, v in zip(keys, values[:-2])}
+        train["loss"] = sum(train[k] for k in keys)
+        train["acc"] = values[-2] / n
+        return train
+
+    def diverged(self, train: dict[str, float], values: list[float], epoch: int) -> NonFiniteLoss | None:
+        if not math.isfinite(train["loss"]):
+            return NonFiniteLoss(epoch)
+        first = values[-1]
+        if train["loss"] > DIVERGENCE_FACTOR * max(first, 1.0):
+            return NonFiniteLoss(epoch, f"training loss diverged ({train['loss']:.3g}, over {DIVERGENCE_FACTOR:g}x "
+                                        f"the first step's {first:.3g})")
+        return None
+
+
+def _check_group(members: Sequence[Member]) -> tuple[int, int]:
+    if not members:
+        raise ValueError("train_students needs at least one member")
+    first = members[0].schedule
+    for m in members[1:]:
+        if (m.schedule.epochs, m.schedule.batch_size) != (first.epochs, first.batch_size):
+            raise ValueError("lockstep members must share epochs and batch size (they share the batch stream)")
+    return first.epochs, first.batch_size
+
+
+class Lockstep:
+    """K students trained in lockstep over one batch stream, one epoch per call of :meth:`epoch`.
+
+    Per batch, the data are augmented once and the teacher's outputs are
+    computed (or read from the cache) once; then every live student takes its
+    step. On CUDA the students step one after another (kernels queue
+    asynchronously). On CPU, when K >= 2, each core gets a worker thread with
+    one intra-op thread: the teacher batch is split across them and the
+    students are dealt out to them (small convolutions scale badly over
+    intra-op threads; see docs/performance.md).
+
+    Each member's RNG stream is its own: a member that draws random numbers
+    (dropout) steps on the calling thread with its RNG state swapped in; the
+    first step of a group finds out which members do.
+
+    With `Accel.fused` (default: on CUDA for K >= 2), after that first step the
+    members that drew no random numbers are stacked, per architecture and
+    method, into `fused.FusedGroup`s: one vmapped forward, one backward and one
+    fused optimiser update for all of them (kdsweep/fused.py).
+
+    A member whose loss goes non-finite stops with `NonFiniteLoss` in its
+    result's `stopped_by`; so does one whose `on_epoch` raises one of
+    `stop_on` (e.g. Optuna's TrialPruned). The others carry on. Any other
+    exception from `on_epoch` ends the whole group.
+    """
+
+    def __init__(self, members: Sequence[Member], teacher: Net | None, data: DeviceData, *,
+                 cache: TeacherCache | None = None, accel: Accel | None = None,
+                 stop_on: tuple[type[BaseException], ...] = ()):
+        self.data, self.device, self.stop_on = data, data.device, stop_on
+        self.accel = accel or Accel()
+        self.epochs, self.batch_size = _check_group(members)
+        self.steps = steps = data.steps_per_epoch(min(self.batch_size, data.n_train))
+        self.runs = [_Run(m, self.device, self.accel, steps * self.epochs) for m in members]
+        uses_teacher = teacher is not None and any(r.m.method.uses_teacher for r in self.runs)
+        self.workers = _cpu_workers(self.accel, self.device, len(self.runs), uses_teacher)
+        self.fuse = _fuse_min(self.accel, self.device, len(self.runs))
+        self.groups: list = []  # fused.FusedGroup, formed after the first step (the probe)
+        self.notes: list[str] = []  # why members that could have been fused were not
+        self.fused_members = 0
+        self.swap_rng = len(self.runs) > 1 or self.fuse is not None
+        if self.swap_rng:
+            for r in self.runs:
+                r.m.rng = r.m.rng or _rng_state(self.device)
+        self.probed = False  # whether the first step has shown which members draw random numbers
+        self.feed = None
+        if uses_teacher:
+            t_needs = frozenset().union(*(r.needs for r in self.runs if r.m.method.uses_teacher))
+            self.feed = self._teacher_feed(teacher, t_needs, cache)
+        self.fmts = {r.fmt for r in self.runs}
+        self.next_epoch = 0
+
+    def _teacher_feed(self, teacher: Net, needs: frozenset[str], cache: TeacherCache | None) -> TeacherFeed:
+        device, workers = self.device, self.workers
+        teacher.to(device).eval()
+        fmt = _to_format(teacher, self.accel)
+        net = frozen_copy(teacher, teacher_dtype(device))  # bf16 once on CUDA, not per forward pass
+        fn = _taps_fn(net, needs, self.accel, device)
+
+        @torch.no_grad()  # grad mode is per thread: the workers set it themselves
+        def run(x):
+            with autocast(device):
+                return fn(net, _as(x, fmt))
+
+        def compute(x):
+            if workers == 1:
+                return run(x)
+            parts = _in_pool(workers, run, x.chunk(workers))
+            return Outputs(*(None if t[0] is None else torch.cat(t) for t in zip(*parts)))
+
+        tag = f"{self.accel.tag(device)}|split{workers}"
+        return TeacherFeed(cache, teacher, self.data, self.batch_size, needs, compute, tag)
+
+    @property
+    def done(self) -> bool:
+        return self.next_epoch >= self.epochs or not any(r.alive for r in self.runs)
+
+    def results(self) -> list[TrainResult]:
+        return [r.result for r in self.runs]
+
+    def _steps(self, active: list[_Run], xs: dict, y: torch.Tensor, t_out: Outputs | None, epoch: int,
+               index: SampleIndex) -> None:
+        """One step of every active member on this batch."""
+        shared = [(t, t._version) for t in (t_out or ()) if t is not None]
+        fused = {id(r) for g in self.groups for r in g.runs}
+        serial = rest = [r for r in active if id(r) not in fused]
+        for g in self.groups:
+            before = _rng_state(self.device)
+            g.call(xs[g.fmt], y, t_out, epoch, index)
+            if any(a is not None and not torch.equal(a, b) for a, b in zip(before, _rng_state(self.device))):
+                raise RuntimeError("a fused lockstep member drew random numbers after its first step; "
+                                   "its stream cannot be replayed: run it with --no-fused or --parallel 1")
+        if self.workers > 1 and self.probed and len(rest) > 1:
+            serial = [r for r in rest if r.stochastic]
+            hands = _deal([r for r in rest if not r.stochastic], self.workers)
+            before = torch.get_rng_state()
+            _in_pool(self.workers, lambda hand: [r.step(xs[r.fmt], y, t_out, epoch, index) for r in hand], hands)
+            if not torch.equal(before, torch.get_rng_state()):
+                raise RuntimeError("a lockstep member drew random numbers on a worker thread after its first step; "
+                                   "its stream cannot be replayed: run it with --parallel 1")
+        for r in serial:
+            if self.swap_rng:
+                before = r.m.rng
+                _set_rng_state(before, self.device)
+            r.step(xs[r.fmt], y, t_out, epoch, index)
+            if self.swap_rng:
+                r.m.rng = _rng_state(self.device)
+                if not self.probed:
+                    r.stochastic = any(a is not None and not torch.equal(a, b) for a, b in zip(before, r.m.rng))
+        if not self.probed and self.fuse is not None:
+            self._form_groups(active, xs)
+        self.probed = True
+        if len(active) > 1 and any(t._version != v for t, v in shared):
+            raise RuntimeError(f"{type(active[0].m.method).__name__} modified the teacher's outputs in place; lockstep "
+                               "members share them: the method must not write to its `t` argument")
+
+    def _form_groups(self, active: list[_Run], xs: dict) -> None:
+        """Stack the members that drew no random numbers in the first step into fused groups (kdsweep/fused.py)."""
+        from kdsweep.training import fused
+
+        for runs in fused.plan([r for r in active if not r.stochastic], self.fuse):
+            try:
+                g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, 1, xs[runs[0].fmt])
+            except fused.NotFusable as e:
+                self.notes.append(f"{len(runs)} members train one after another, not fused: {e}")
+                continue
+            # On CUDA the compiled step is also captured as a CUDA graph (replayed with one launch, where
+            # torch.compile finds it safe to), the point of a step with no host sync.
+            mode = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
+            g.call = g.compiled_step(**mode) if self.accel.compile else g.step
+            for r in runs:
+                r.opt.state.clear()  # the fused optimiser holds the state now
+            self.groups.append(g)
+            self.fused_members += len(runs)
+
+    def epoch(self) -> bool:
+        """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
+        if self.done:
+            return False
+        # On CPU worker threads, every op of the group runs on one intra-op thread, the lone student's too:
+        # intra-op parallelism over small convolutions costs more than it gives (docs/performance.md).
+        with _intra_op_threads(1) if self.workers > 1 else contextlib.nullcontext():
+            finite = self._train_epoch()
+        for r, _ in finite:
+            if r.alive and r.m.on_epoch is not None:
+                try:
+                    r.m.on_epoch(r.result.history[-1])
+                except self.stop_on as e:
+                    r.result.stopped_by = e
+        if self.swap_rng and self.done:  # leave the global RNG where the last member's stream ended
+            _set_rng_state(self.runs[-1].m.rng, self.device)
+        return True
+
+    def _train_epoch(self) -> list[tuple[_Run, dict]]:
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        active = [r for r in self.runs if r.alive]
+        t0 = time.perf_counter()
+        for r in active:
+            r.begin_epoch()
+        self.groups = [g for g in self.groups if g.alive]
+        for g in self.groups:
+            g.begin_epoch(epoch * self.steps)
+        if self.feed is not None:
+            self.feed.begin_epoch(epoch)
+        n = 0
+        for step, (x, y, ids) in enumerate(self.data.epoch(epoch, self.batch_size, index=True)):
+            xs = {fmt: _as(x, fmt) for fmt in self.fmts}
+            t_out = self.feed(step, x) if self.feed is not None else None
+            self._steps(active, xs, y, t_out, epoch, SampleIndex(ids, self.data.n_train))
+            n += len(y)
+        for g in self.groups:
+            g.end_epoch()  # stacked state back into each member's modules, statistics into its _Run
+        # One sync per epoch: every member's train statistics at once.
+        flat = [r.epoch_tensors() for r in active]
+        values = torch.stack([t for ts in flat for t in ts]).tolist()
+        finite, i = [], 0
+        for ts, r in zip(flat, active):
+            vals = values[i : i + len(ts)]
+            i += len(ts)
+            train = r.epoch_train(vals, n)
+            failure = r.diverged(train, vals, epoch)
+            if failure is None:
+                finite.append((r, train))
+            else:
+                r.result.stopped_by = failure
+        students = [r.m.student for r, _ in finite]
+        evals = evaluate_many(students, self.data, "val", self.accel, self.workers) if finite else []
+        seconds = time.perf_counter() - t0
+        for (r, train), (val_loss, val_acc) in zip(finite, evals):
+            if not math.isfinite(val_loss):
+                r.result.stopped_by = NonFiniteLoss(epoch, "non-finite validation loss")
+                continue
+            r.result.history.append(EpochStats(epoch, train, val_loss, val_acc, r.lr_now, seconds))
+            if val_acc > r.result.best_val_acc:
+                r.result.best_epoch, r.result.best_val_acc = epoch, val_acc
+                r.result.state = {"student": _snapshot(r.m.student), "heads": _snapshot(r.m.method)}
+        return finite
+
+
+def train_students(
+    members: Sequence[Member],
+    teacher: Net | None,
+    data: DeviceData,
+    *,
+    cache: TeacherCache | None = None,
+    accel: Accel | None = None,
+    progress: Callable[[int], None] | None = None,
+    stop_on: tuple[type[BaseException], ...] = (),
+) -> list[TrainResult]:
+    """Train K students in lockstep over one batch stream; keep each one's best-val-accuracy epoch (see Lockstep)."""
+    group = Lockstep(members, teacher, data, cache=cache, accel=accel, stop_on=stop_on)
+    while group.epoch():
+        if progress:
+            progress(group.next_epoch)
+    return group.results()
+
+
+def train_student(
+    student: Net,
+    method: Method,
+    teacher: Net | None,
+    data: DeviceData,
+    schedule: Schedule,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    cache: TeacherCache | None = None,
+    accel: Accel | None = None,
+) -> TrainResult:
+    """Train `student` with `method`; keep the best-val-accuracy epoch.
+
+    `on_epoch` sees each epoch's statistics and may raise (e.g. Optuna's
+    TrialPruned) to stop the run. `progress` is called with the epoch count.
+    Raises NonFiniteLoss if the loss diverges.
+    """
+    (result,) = train_students([Member(student, method, schedule, on_epoch)], teacher, data, cache=cache, accel=accel,
+                               progress=progress)
+    if result.stopped_by is not None:
+        raise result.stopped_by
+    return result

@@ -1,0 +1,191 @@
+"""Teachers: trained once per (dataset, arch, seed, epochs, data size), cached, reused by every study.
+
+Integrity:
+  * the file carries the SHA-256 of its weights, checked on load: a damaged
+    cache file is moved aside and retrained, a damaged --teacher-checkpoint
+    is refused;
+  * workers starting together on a cold cache train it once: the first takes
+    a lock beside the file (`<file>.lock`), the others wait and load its file;
+  * a teacher run left RUNNING by a killed process is closed (KILLED) by the
+    next start on that machine: each run names its owner process in a tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kdsweep.common.digests import model_digest
+from kdsweep.common.errors import UserError
+from kdsweep.common.processes import Owner
+from kdsweep.data.device_data import DeviceData
+from kdsweep.data.dispatch import get_dataset
+from kdsweep.methods.registry import get_method
+from kdsweep.models.factory import build_model
+from kdsweep.models.zoo import Net, count_params
+from kdsweep.tracking.tracker import Tracker
+from kdsweep.tracking.vocabulary import OWNER_TAG
+from kdsweep.training import checkpoint
+from kdsweep.training.loop import Schedule, evaluate, train_student
+
+TEACHERS_EXPERIMENT = "teachers"
+
+
+def cache_dir() -> Path:
+    """$KDSWEEP_CACHE, else ~/.cache/kdsweep."""
+    env = os.environ.get("KDSWEEP_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "kdsweep"
+
+
+def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int | None, val_fraction: float) -> Path:
+    size = f"-n{data_size}" if data_size else ""
+    val = "" if val_fraction == 0.1 else f"-v{val_fraction:g}"
+    return cache_dir() / "teachers" / f"{dataset}-{arch}-s{seed}-e{epochs}{size}{val}.pt"
+
+
+def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceData, tracker: Tracker, path: Path,
+                  batch_size: int = 128, lr: float | None = None) -> Path:
+    """Train `arch` with cross-entropy, keep the best-val epoch, save it to `path`, log a `teachers` run.
+
+    The optimiser, its weight decay and (unless `lr` is given) its learning rate are the dataset's recipe.
+    """
+    spec = get_dataset(dataset)
+    torch.manual_seed(seed)
+    model = build_model(arch, data.in_shape, data.num_classes)
+    ce = get_method("ce")({}, model.shapes(data.in_shape), None, epochs)
+    schedule = Schedule(epochs=epochs, batch_size=batch_size, lr=spec.teacher_lr if lr is None else lr,
+                        weight_decay=spec.weight_decay, optimizer=spec.optimizer)
+    exp = tracker.experiment(TEACHERS_EXPERIMENT)
+    params = {"dataset": dataset, "arch": arch, "seed": seed, "epochs": epochs, "params": count_params(model),
+              "data_size": data.n_train, **{k: v for k, v in vars(schedule).items() if k != "epochs"}}
+    close_dead_teacher_runs(tracker)
+    run = tracker.start(exp, path.stem, {"kdsweep.role": "teacher", "kdsweep.dataset": dataset,
+                                         OWNER_TAG: json.dumps(Owner.me().as_attr())})
+    try:
+        tracker.log(run, params=params)
+        bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch", leave=False, disable=None)
+        result = train_student(model, ce, None, data, schedule, progress=lambda e: bar.update(1),
+                               on_epoch=lambda s: tracker.log(run, s.metrics(), step=s.epoch))
+        bar.close()
+        model.load_state_dict(result.state["student"])
+        test_loss, test_acc = evaluate(model, data, "test")
+        meta = {"dataset": dataset, "seed": seed, "epochs": epochs, "best_epoch": result.best_epoch,
+                "val_acc": result.best_val_acc, "test_acc": test_acc}
+        checkpoint.save(path, arch, data.in_shape, data.num_classes, {"student": result.state["student"]}, meta,
+                        sha256=model_digest(model))
+        tracker.log(run, {"best_val_acc": result.best_val_acc, "test_acc": test_acc, "test_loss": test_loss,
+                          "best_epoch": result.best_epoch}, tags={"kdsweep.checkpoint": str(path)})
+        tracker.client.log_artifact(run, str(path), "checkpoint")
+        tracker.end(run)
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # best effort: never mask why training stopped
+            if isinstance(e, KeyboardInterrupt):
+                tracker.close(run, "KILLED", {"kdsweep.reason": "interrupted"})
+            else:
+                tracker.close(run, "FAILED", {"kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
+        raise
+    return path
+
+
+def close_dead_teacher_runs(tracker: Tracker) -> int:
+    """Close (KILLED, with a reason) the RUNNING teacher runs whose owner process on this machine is gone.
+
+    Runs of live processes, of other machines (whose processes cannot be seen
+    from here) and of older kdsweep (no owner tag) are left alone.
+    """
+    exp = tracker.client.get_experiment_by_name(TEACHERS_EXPERIMENT)
+    if exp is None:
+        return 0
+    closed = 0
+    for run in tracker.find_runs(exp.experiment_id, {"kdsweep.role": "teacher"}, statuses=("RUNNING",)):
+        try:
+            owner = Owner.from_attr(json.loads(run.data.tags.get(OWNER_TAG, "")))
+        except ValueError:
+            owner = None
+        if owner is not None and owner.alive() is False:
+            tracker.close(run.info.run_id, "KILLED", {"kdsweep.reason": f"its process {owner} is gone (killed or crashed)"})
+            closed += 1
+    return closed
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path, say=print):
+    """Hold `<path>.lock` (flock): one process at a time trains, checks or replaces the cached teacher `path`."""
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who else may share the cache
+    except OSError as e:
+        if path.is_file():  # a read-only shared cache: nothing will be written, so no lock is needed
+            yield
+            return
+        why = "permission denied" if isinstance(e, PermissionError) else (e.strerror or type(e).__name__)
+        raise UserError(f"cannot write to the teacher cache {lock.parent}: {why} (set $KDSWEEP_CACHE to a writable "
+                        f"directory, or pass --teacher-checkpoint)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"Another process is training or checking teacher {path.name}; waiting for it (lock {lock}).")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _load(cfg, data: DeviceData, path: Path) -> tuple[Net, dict]:
+    return checkpoint.load_model(path, cfg.teacher, data.in_shape, data.num_classes,
+                                 getattr(cfg, "teacher_feature", None), getattr(cfg, "teacher_embedding", None))
+
+
+def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say) -> tuple[Net, dict]:
+    """The cached teacher, trained first if missing or damaged; under the cache lock, so it is trained once."""
+    with cache_lock(path, say):
+        if path.is_file():  # checked under the lock: another worker may just have written it
+            try:
+                return _load(cfg, data, path)
+            except checkpoint.Damaged as e:
+                aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(path, aside)
+                say(f"{e}; moved it to {aside.name} and training the teacher again")
+        else:
+            say(f"No cached teacher {cfg.teacher} for {cfg.dataset} (seed {cfg.seed}, {cfg.teacher_epochs} epochs): "
+                f"training one now -> {path}")
+        train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path,
+                      batch_size=get_dataset(cfg.dataset).batch_size)
+        return _load(cfg, data, path)
+
+
+def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print) -> tuple[Net, dict]:
+    """The study's teacher: --teacher-checkpoint (kdsweep's, or a plain state_dict for cfg.teacher), else the cache,
+    else trained now (and said so).
+
+    info: the file's metadata, its path, "sha256" (the weights' digest: the
+    study's teacher identity) and "val_acc" measured now on this study's
+    validation split (the file's own claim is kept as "stored_val_acc").
+    """
+    close_dead_teacher_runs(tracker)
+    if cfg.teacher_checkpoint:
+        path = Path(cfg.teacher_checkpoint)
+        model, payload = _load(cfg, data, path)  # damaged: refused (ChecksumMismatch is a UserError)
+    else:
+        # data.tag: a spec's name and the digest of its images, so a changed folder never meets an old teacher
+        path = cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
+        model, payload = _cached_teacher(cfg, data, tracker, path, say)
+    if checkpoint.SHA_KEY not in payload and not payload.get("plain"):  # a plain state_dict never carries one
+        say(f"note: teacher {path} carries no checksum (written by an older kdsweep): its weights cannot be verified")
+    digest = model_digest(model)  # memoised: verified above at no extra cost
+    model.to(data.device).eval().requires_grad_(False)
+    meta = payload.get("meta", {})
+    _, val_acc = evaluate(model, data, "val")
+    info = {"path": str(path), **meta, "stored_val_acc": meta.get("val_acc"), "val_acc": val_acc, "sha256": digest,
+            "file_sha256": checkpoint.file_sha256(path)}
+    return model, info
