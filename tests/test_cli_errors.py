@@ -124,9 +124,10 @@ def test_ui_binds_loopback_on_the_study_store(kdsweep, workdir, monkeypatch):
     (workdir / "mlruns").mkdir()
     (workdir / "mlruns" / "mlflow.db").touch()
     seen = {}
-    monkeypatch.setattr(ui, "serve", lambda uri, host, port, say: seen.setdefault("cmd", ui.server_command(uri, host, port)) and 0)
+    monkeypatch.setattr(ui, "serve", lambda uri, host, port, say: seen.update(
+        cmd=ui.server_command(host, port), env=ui.server_env(uri)) or 0)
     assert kdsweep("ui")[0] == 0
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "mlflow", "ui"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    assert seen["env"]["MLFLOW_BACKEND_STORE_URI"] == f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"

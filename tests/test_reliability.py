@@ -462,7 +462,7 @@ def test_redact_and_scrub_keep_passwords_out_of_text():
     assert redact("postgresql://kd:s3cr%40t@db.example:5432/optuna") == "postgresql://kd:***@db.example:5432/optuna"
     assert "xyz" not in redact("postgresql://kd@h/db?sslmode=require&password=xyz")
     assert redact("sqlite:///mlruns/optuna.db") == "sqlite:///mlruns/optuna.db"
-    assert redact("postgresql://u:pw@[bad/db") == "<unparseable uri>"
+    assert "pw" not in redact("postgresql://u:pw@[bad/db")
     url = "postgresql://kd:s3cr%40t@h/db"
     assert scrub("auth failed for s3cr@t and s3cr%40t", url) == "auth failed for *** and ***"
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.uris import redact
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -151,10 +152,17 @@ def newest_experiment(uri: str) -> tuple[str, str] | None:
 # ---------------------------------------------------------------- serving
 
 
-def server_command(uri: str, host: str, port: int) -> list[str]:
+def server_command(host: str, port: int) -> list[str]:
+    """The server's command line. It names no store: a command line is visible to every user of the machine
+    (`ps`), and a store URI may carry a password; server_env passes the store instead."""
     # One worker: a UI for one person, and ~7x faster than four on a SQLite store (shared/notes).
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", "1"]
+    return [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def server_env(uri: str) -> dict[str, str]:
+    """The server's environment: ours, kdsweep's quiet settings, and the store in MLflow's own variable for
+    `--backend-store-uri` (a process's environment is readable by its user and root only)."""
+    return {**os.environ, **SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": uri}
 
 
 def _raise_stop(signum, frame):
@@ -195,8 +203,7 @@ def _say(say: Callable[[str], None], msg: str) -> None:
 def serve(uri: str, host: str, port: int, say: Callable[[str], None] = print) -> int:
     """Run `mlflow ui` on `uri` until it exits or a stop signal comes; return the exit status."""
     check_port(host, port)
-    cmd = server_command(uri, host, port)
-    env = {**os.environ, **SERVER_ENV}
+    cmd, env = server_command(host, port), server_env(uri)
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     # Signals wait (blocked) until the server's Popen is held, so a stop can never leave it unowned; the
     # server unblocks them for itself before it starts.
@@ -210,7 +217,7 @@ def serve(uri: str, host: str, port: int, say: Callable[[str], None] = print) ->
                                 preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a signal that came meanwhile is raised here
         url = f"http://{browse_host(host)}:{port}"
-        _say(say, f"starting the MLflow UI on {url} for {uri} (Ctrl-C to stop)")
+        _say(say, f"starting the MLflow UI on {url} for {redact(uri)} (Ctrl-C to stop)")
         try:
             exp = newest_experiment(uri)
         except Exception:  # noqa: BLE001 - only the link is lost
