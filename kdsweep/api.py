@@ -228,7 +228,8 @@ def confirm(seeds: int = 3, *, dataset: str | None = None, teacher: str | None =
 def report(*, dataset: str | None = None, teacher: str | None = None, student: str | None = None, seed: int | None = None,
            studies: Sequence[str] | None = None, per_trial: str | None = None, seeds: int | None = None,
            formats: str | None = None, out: str | None = None, device: str = "auto", data_dir: str | None = None,
-           tracking_uri: str | None = None, plots: bool = False, log: bool = True, quiet: bool = True) -> dict[str, pd.DataFrame]:
+           tracking_uri: str | None = None, plots: bool = False, log: bool = True, quiet: bool = True,
+           overwrite: bool = False) -> dict[str, pd.DataFrame]:
     """The ranking tables of one teacher -> student pair, as `kdsweep report`; returns them as DataFrames.
 
     Keys: "best" (best trial per method), "metrics", "ranking" (mean, CI, p-values over confirmation
@@ -238,7 +239,7 @@ def report(*, dataset: str | None = None, teacher: str | None = None, student: s
 
     rep = run_report(tracking_uri, dataset, _label(teacher), _label(student), seed, list(studies or []) or None, formats, out,
                      seeds, device, data_dir, plots=plots, log=log, say=(lambda _: None) if quiet else print,
-                     per_trial=per_trial, show=(lambda _: None) if quiet else print)
+                     per_trial=per_trial, show=(lambda _: None) if quiet else print, overwrite=overwrite)
     return dict(rep.tables)
 
 

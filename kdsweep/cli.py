@@ -332,7 +332,7 @@ def cmd_report(args) -> int:
 
     run_report(args.tracking_uri, args.dataset, args.teacher, args.student, args.seed, _studies(args), args.format,
                args.out, args.seeds, args.device, args.data_dir, plots=not args.no_plots, log=not args.no_log, say=_stderr,
-               per_trial=args.per_trial)
+               per_trial=args.per_trial, overwrite=args.overwrite)
     return 0
 
 
@@ -457,7 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     _report_select(p)
     g = p.add_argument_group("output")
     g.add_argument("--format", help="comma-separated: md,csv,tex,html,json (needs --out; default: markdown on the terminal)")
-    g.add_argument("--out", help="directory for the table files and plots/")
+    g.add_argument("--out", help="directory for the table files and plots/; replaced when it holds only an earlier "
+                                 "report, refused when it holds other files")
+    g.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files: same names "
+                                                          "are replaced, nothing else is removed")
     g.add_argument("--seeds", type=int, help="first confirm every method with K fresh seeds (as `kdsweep confirm --seeds K`), "
                                              "then report mean ± std over them")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

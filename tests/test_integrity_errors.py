@@ -429,8 +429,40 @@ def test_report_out_refuses_a_directory_that_is_not_a_report(kdsweep, workdir):
     (workdir / "mine").mkdir()
     (workdir / "mine" / "thesis.tex").write_text("precious")
     code, _, err = kdsweep("report", "--out", "mine", "--no-plots")
-    assert code == 2 and "holds files that are not a kdsweep report" in _one_error_line(err)
+    assert code == 2 and "holds files kdsweep did not write (thesis.tex)" in _one_error_line(err)
     assert (workdir / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_report_out_never_deletes_the_users_plots_or_report(kdsweep, workdir):
+    """Attack: `report --out paper` where paper/ holds the user's plots/ and report.md: both were deleted, exit 0,
+    because any top-level plots/ or report.md was taken for an earlier report's."""
+    assert kdsweep(*STUDY, "--trials", 1)[0] == 0
+    paper = workdir / "paper"
+    (paper / "plots" / "raw").mkdir(parents=True)
+    mine = {"plots/fig_final.pdf": "figure", "plots/raw/run1.csv": "a,b", "report.md": "my notes"}
+    for rel, text in mine.items():
+        (paper / rel).write_text(text)
+    code, _, err = kdsweep("report", "--out", "paper", "--format", "md,csv")
+    assert code == 2 and "kdsweep did not write" in _one_error_line(err) and "--overwrite" in err
+    assert {rel: (paper / rel).read_text() for rel in mine} == mine
+
+    # Asked to: the report's files go in among the user's; a same-named file is replaced, nothing else is removed.
+    code, _, err = kdsweep("report", "--out", "paper", "--format", "md,csv", "--overwrite")
+    assert code == 0, err
+    assert (paper / "plots" / "fig_final.pdf").read_text() == "figure" and (paper / "plots/raw/run1.csv").is_file()
+    assert (paper / "best.csv").is_file() and (paper / "plots" / "test_acc.png").is_file()
+    assert (paper / "report.md").read_text() != "my notes"  # the one name the user asked to overwrite
+    # Still not a directory kdsweep may replace as a whole: the user's files are there.
+    code, _, err = kdsweep("report", "--out", "paper", "--format", "json", "--no-plots")
+    assert code == 2 and "plots/fig_final.pdf" in err
+
+    # A report directory kdsweep wrote is replaced as a whole, but not once the user put a file of their own in it.
+    assert kdsweep("report", "--out", "R", "--format", "csv", "--no-plots")[0] == 0
+    assert kdsweep("report", "--out", "R", "--format", "json", "--no-plots")[0] == 0
+    assert not list((workdir / "R").glob("*.csv"))
+    (workdir / "R" / "notes.txt").write_text("mine")
+    assert kdsweep("report", "--out", "R", "--format", "md", "--no-plots")[0] == 2
+    assert (workdir / "R" / "notes.txt").read_text() == "mine" and (workdir / "R" / "best.json").is_file()
 
 
 def _dead_owner() -> dict:

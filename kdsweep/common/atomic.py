@@ -89,35 +89,75 @@ def tmp_dir(prefix: str) -> Iterator[Path]:
 
 
 MARKER = ".kdsweep-report"
+_MARKER_HEAD = "written by kdsweep report; the next report may replace the files listed here, and no other\n"
 
 
-def _replaceable(out: Path, names: Callable[[str], bool]) -> bool:
-    """Whether `out` is empty or an earlier report: only then is it replaced as a whole."""
-    entries = [p.name for p in out.iterdir()]
-    return not entries or MARKER in entries or all(names(n) for n in entries)
+def _files(root: Path) -> list[str]:
+    """Every entry under `root` that is not a directory (links too, never followed), as relative paths."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            out.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(out)
 
 
-def check_out(out: Path, names: Callable[[str], bool] = lambda n: False) -> None:
-    """Refuse an --out that is a file, or a directory holding anything but an earlier report (before any work)."""
+def _listed(out: Path, legacy: Callable[[str], bool]) -> set[str] | None:
+    """The files a report's marker lists as kdsweep's; None without a marker. A marker from before the list
+    was kept vouches only for the file names a report writes (`legacy`), never for anything else there."""
+    try:
+        lines = (out / MARKER).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read {out / MARKER}: {e.strerror}") from None
+    listed = {line for line in lines[1:] if line.strip()}
+    return (listed or {f for f in _files(out) if legacy(f)}) | {MARKER}
+
+
+def foreign_files(out: Path, legacy: Callable[[str], bool] = lambda f: False) -> list[str]:
+    """The files under directory `out` that kdsweep did not write there (all of them when it holds no marker)."""
+    files = _files(out)
+    listed = _listed(out, legacy) if files else set()
+    return [f for f in files if listed is None or f not in listed]
+
+
+def check_out(out: Path, legacy: Callable[[str], bool] = lambda f: False, overwrite: bool = False) -> None:
+    """Refuse, before any work, an --out that is a file, or a directory holding files kdsweep did not write there
+    (unless `overwrite`: then the report's files go among them and nothing else is touched)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and not _replaceable(out, names):
-        raise UserError(f"--out {out} holds files that are not a kdsweep report; it is replaced as a whole, "
-                        f"so choose a new or empty directory")
+    if out.is_dir() and not overwrite:
+        foreign = foreign_files(out, legacy)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise UserError(f"--out {out} holds files kdsweep did not write ({foreign[0]}{more}): choose a new or empty "
+                            f"directory, or add --overwrite to write the report among them (nothing else is removed)")
+
+
+def _merge(tmp: Path, out: Path, written: list[str], legacy: Callable[[str], bool]) -> None:
+    """Move the report's files into a directory that also holds the user's: same names are replaced, nothing removed."""
+    listed = (_listed(out, legacy) or set()) - {MARKER}
+    for rel in written:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp / rel, out / rel)
+        except OSError as e:
+            raise UserError(f"cannot write {out / rel}: {e.strerror}") from None
+    (out / MARKER).write_text(_MARKER_HEAD + "".join(f"{f}\n" for f in sorted(listed | set(written))))
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, names: Callable[[str], bool] = lambda n: False) -> Iterator[Path]:
+def atomic_dir(out: Path, legacy: Callable[[str], bool] = lambda f: False, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside `out`; on success it replaces `out` (old one renamed aside, then deleted).
 
     A process killed while writing leaves `out` as it was (and a hidden `.OUT.kdsweep-tmp-PID-*`
-    beside it, removed by the next call). `names(name)` says which entries an earlier report holds,
-    for directories written before the marker file existed; a directory holding anything else is
-    refused rather than replaced.
+    beside it, removed by the next call). Only a directory holding nothing but what an earlier report
+    wrote (its marker lists the files) is replaced; one holding the user's files too is refused, or,
+    with `overwrite`, gets the new files moved in among them (same names replaced, nothing removed).
     """
     out = Path(out).resolve()
-    check_out(out, names)
+    check_out(out, legacy, overwrite)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -127,8 +167,12 @@ def atomic_dir(out: Path, names: Callable[[str], bool] = lambda n: False) -> Ite
         sweep_tmp(f".{out.name}.kdsweep-{kind}", parent)
     tmp = make_tmp(f".{out.name}.kdsweep-tmp", parent)
     try:
-        (tmp / MARKER).write_text("written by kdsweep report; the directory is replaced as a whole by the next one\n")
         yield tmp
+        written = _files(tmp)
+        if out.is_dir() and foreign_files(out, legacy):
+            _merge(tmp, out, written, legacy)
+            return
+        (tmp / MARKER).write_text(_MARKER_HEAD + "".join(f"{f}\n" for f in written))
         old = None
         if out.exists():
             old = make_tmp(f".{out.name}.kdsweep-old", parent)

@@ -589,22 +589,27 @@ def log_report(rep: Report, files: list[Path]) -> str:
     return run
 
 
-_REPORT_FILE = re.compile(r"^((best|metrics|ranking|ranks)\.(md|csv|tex|html|json)|report\.(md|html)|plots)$")
+# The files a report writes: what a marker from before markers listed their files can vouch for.
+_REPORT_FILE = re.compile(r"^((best|metrics|ranking|ranks)\.(md|csv|tex|html|json)|report\.(md|html)|plots/[\w.-]+\.png)$")
 
 
 def run_report(tracking_uri: str | None = None, dataset: str | None = None, teacher: str | None = None,
                student: str | None = None, seed: int | None = None, studies: list[str] | None = None,
                formats: str | None = None, out: str | None = None, seeds: int | None = None, device: str = "auto",
                data_dir: str | None = None, plots: bool = True, log: bool = True, say: Say = print, per_trial: str | None = None,
-               show: Callable[[str], None] = print) -> Report:
-    """`kdsweep report`: select, (confirm), evaluate, print markdown, export, plot, log."""
+               show: Callable[[str], None] = print, overwrite: bool = False) -> Report:
+    """`kdsweep report`: select, (confirm), evaluate, print markdown, export, plot, log.
+
+    `out` is replaced as a whole when it holds only an earlier report; one holding other files is refused
+    unless `overwrite`, which writes the report's files among them and removes nothing.
+    """
     from kdsweep.training.devices import resolve_device
 
     fmts = parse_formats(formats) if formats else []
     if fmts and not out:
         raise UserError("--format needs --out DIR (without it the report is printed as markdown)")
     if out:
-        atomic.check_out(Path(out), _REPORT_FILE.match)
+        atomic.check_out(Path(out), _REPORT_FILE.match, overwrite)
     dev = resolve_device(device)
     tracker = open_tracker(tracking_uri)
     sel = select(tracker, dataset, teacher, student, seed, studies, per_trial)
@@ -623,7 +628,7 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
     with atomic.tmp_dir("kdsweep-report") as tmp:
         rep = build(sel, data_dir, dev, seeds, say, tmp=tmp)
         show(to_markdown(rep))
-        with (atomic.atomic_dir(Path(out), _REPORT_FILE.match) if out else contextlib.nullcontext(tmp / "out")) as out_dir:
+        with (atomic.atomic_dir(Path(out), _REPORT_FILE.match, overwrite) if out else contextlib.nullcontext(tmp / "out")) as out_dir:
             files = _write(rep, fmts or ["md"], out_dir, plots, say)
         if out:  # renamed into place: the files are now under `out`
             files = [Path(out) / f.relative_to(out_dir) for f in files]
