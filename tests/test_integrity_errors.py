@@ -417,7 +417,9 @@ def test_a_killed_report_leaves_no_half_written_out_and_no_temp_dirs(kdsweep, wo
     def boom(*a, **k):
         raise RuntimeError("boom")  # a bug, not the environment: a traceback, but no temp dir left
 
-    monkeypatch.setattr(report, "predict", boom)
+    from kdsweep.report import build
+
+    monkeypatch.setattr(build, "predict", boom)
     with pytest.raises(RuntimeError):
         kdsweep("report", "--out", "R", "--no-plots")
     assert not _ours(private_tmp)

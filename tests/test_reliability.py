@@ -180,7 +180,7 @@ def _config(tmp: Path, name: str, trials: int = 2, method: str = "ce", **extra):
 
 def _patch_first_trial(monkeypatch, change):
     """Make the study's first train_student call go wrong in the way `change` says."""
-    import kdsweep.study as ks
+    import kdsweep.study.loop as ks
 
     real, calls = ks.train_student, []
 
