@@ -5,6 +5,8 @@ leftovers of dead processes), and output directories replaced in one rename.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
 import re
 import shutil
@@ -36,12 +38,34 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def path_component(name: str) -> str:
+    """`name` as one file name that stays inside its folder: kept as it is when it already is one, else with
+    '/', '\\' and NUL replaced, leading dots dropped, and a hash of the original added, so two names stay two."""
+    if name and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith("."):
+        return name
+    clean = re.sub(r"[/\\\0]+", "_", name).lstrip(".") or "_"
+    return f"{clean}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+def _sweep_dead_tmp_files(path: Path) -> None:
+    """Remove the temporary files that processes now gone left beside `path` (killed mid-write)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_save(obj: Any, path: Path) -> Path:
     """torch.save to a temporary file in the same directory, then rename: a kill never leaves half a file,
-    and a concurrent reader sees no file or the whole one. The file honours the umask."""
+    and a concurrent reader sees no file or the whole one. The file honours the umask.
+
+    The temporary file is created exclusively at an unpredictable name (mkstemp: O_EXCL, so a link planted
+    there is never written through); its name holds the pid, so the next save removes what a killed one left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _sweep_dead_tmp_files(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), file_mode())

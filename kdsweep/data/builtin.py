@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kdsweep.common.atomic import atomic_save
 from kdsweep.common.errors import UserError
 from kdsweep.data.catalog import DATASET_SUMMARIES
 
@@ -224,10 +225,7 @@ def _mnist1d_arrays(root: Path) -> tuple[torch.Tensor, ...]:
     if d is None:
         d = mnist1d_generate()
         try:  # a cache only: a read-only data dir just means generating every time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save(d, tmp)
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+            atomic_save(d, path)  # a concurrent reader sees the old file or the whole new one
         except OSError:
             pass
     return d["x"], d["y"], d["x_test"], d["y_test"]

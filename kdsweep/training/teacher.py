@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kdsweep.common.atomic import path_component
 from kdsweep.common.digests import model_digest
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner
@@ -46,7 +47,8 @@ def cache_dir() -> Path:
 def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int | None, val_fraction: float) -> Path:
     size = f"-n{data_size}" if data_size else ""
     val = "" if val_fraction == 0.1 else f"-v{val_fraction:g}"
-    return cache_dir() / "teachers" / f"{dataset}-{arch}-s{seed}-e{epochs}{size}{val}.pt"
+    # A registered model may be named anything, '../x' too: the name must not lead the file out of the cache.
+    return cache_dir() / "teachers" / path_component(f"{dataset}-{arch}-s{seed}-e{epochs}{size}{val}.pt")
 
 
 def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceData, tracker: Tracker, path: Path,
