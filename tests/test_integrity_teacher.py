@@ -285,3 +285,44 @@ def test_an_unreadable_checkpoint_is_called_a_permission_problem(tmp_path, monke
     with pytest.raises(UserError) as e:
         checkpoint.load_model(path)
     assert "permission denied" in str(e.value) and "corrupt" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- the study's teacher after the study
+
+
+def test_confirm_and_report_refuse_a_teacher_swapped_after_the_study(workdir, kdsweep):
+    """Attack: the teacher file replaced by another valid teacher after the study; `confirm` distilled from the
+    wrong one yet recorded the study's teacher_sha256, and `report` pooled seeds of two teachers, exit 0."""
+    mine = _random_teacher(workdir / "mine.pt", seed=1)
+    code, out, err = kdsweep(*KD, "--trials", "1", "--teacher-checkpoint", mine)
+    assert code == 0, out + err
+    studied = model_digest(checkpoint.load_model(mine)[0])
+    swapped = model_digest(checkpoint.load_model(_random_teacher(mine, seed=2))[0])
+    for command in (["confirm", "--seeds", "1"], ["report", "--no-plots", "--no-log"]):
+        code, out, err = kdsweep(*command)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and "is not the one the studies distilled from" in line, err
+        assert swapped[:12] in line and studied[:12] in line
+    assert _confirm_runs(workdir) == 0  # nothing was trained with the wrong teacher
+
+    _random_teacher(mine, seed=1)  # the right teacher back: both work again
+    assert kdsweep("confirm", "--seeds", "1")[0] == 0
+    assert _confirm_runs(workdir) == 1
+
+
+def _confirm_runs(workdir: Path) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(ids, "tags.`kdsweep.role` = 'confirm'"))
+
+
+def test_a_swapped_cached_teacher_is_replaced_by_the_one_mlflow_logged(workdir, kdsweep, monkeypatch):
+    monkeypatch.setenv("KDSWEEP_CACHE", str(workdir / "cache"))  # a cache of its own: this test replaces a file in it
+    assert kdsweep(*KD, "--trials", "1")[0] == 0
+    (cached,) = (workdir / "cache" / "teachers").glob("*.pt")
+    _random_teacher(cached, seed=3)
+    code, out, err = kdsweep("confirm", "--seeds", "1")
+    assert code == 0, err
+    assert f"note: {cached} holds another teacher now; using the studies' own from run" in err

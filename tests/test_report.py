@@ -171,10 +171,10 @@ def test_study_without_complete_trial_and_missing_teacher(sweep, capsys):
     texp = c.get_experiment_by_name("teachers")
     deleted = []
     try:
-        from kdsweep.report.stored_studies import find_teacher, open_tracker, select
+        from kdsweep.report.stored_studies import load_teacher, open_tracker, select
 
-        got, where = find_teacher(select(open_tracker(uri)), root / "dl", print)
-        assert got is not None and got.is_file() and "teachers" in where and str(root / "cache") not in str(got)
+        got, payload, where = load_teacher(select(open_tracker(uri)), root / "dl", print, (1, 8, 8), 10)
+        assert got is not None and payload.get("arch") == "digitnet_l" and "teachers" in where
         # ... and with that run deleted, the teacher is nowhere.
         for r in c.search_runs([texp.experiment_id]):
             c.delete_run(r.info.run_id)

@@ -63,7 +63,7 @@ from kdsweep.report.stored_studies import (
     confirm_seeds,
     data_key,
     download,
-    find_teacher,
+    load_teacher,
     open_tracker,
     select,
     split_data,
@@ -168,12 +168,11 @@ class _Splits:
 
 
 def _evaluate_teacher(sel: Selection, data: DeviceData, key: tuple, tmp: Path, say: Say, notes: list[str]) -> Teacher:
-    t_path, t_where = find_teacher(sel, tmp, say)
-    if t_path is None:
+    model, payload, t_where = load_teacher(sel, tmp, say, data.in_shape, data.num_classes)
+    if model is None:
         notes.append(f"teacher missing: {t_where}; teacher-comparison metrics are empty")
         say(f"note: teacher missing: {t_where}")
         return Teacher()
-    model, payload = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes)
     logits, labels = predict(model, data)
     return Teacher(model, all_metrics(logits, labels), payload.get("meta", {}), {key: logits})
 

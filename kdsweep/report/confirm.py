@@ -35,12 +35,11 @@ from kdsweep.report.stored_studies import (
     StudyRuns,
     confirm_seeds,
     data_key,
-    find_teacher,
+    load_teacher,
     split_data,
 )
 from kdsweep.study.loop import record_result
 from kdsweep.tracking import cleanup
-from kdsweep.training import checkpoint
 from kdsweep.training.devices import set_cpu_threads
 from kdsweep.training.loop import NonFiniteLoss, Schedule, train_student
 
@@ -90,10 +89,9 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
             t_shapes = None
             if method_cls.uses_teacher:
                 if teacher is None:
-                    t_path, t_where = find_teacher(sel, Path(tmp), say)
-                    if t_path is not None:
-                        teacher, _ = checkpoint.load_model(t_path, sel.teacher, data.in_shape, data.num_classes,
-                                                           **taps.recorded_paths(s.params, "teacher"))
+                    teacher, _, t_where = load_teacher(sel, Path(tmp), say, data.in_shape, data.num_classes,
+                                                       **taps.recorded_paths(s.params, "teacher"))
+                    if teacher is not None:
                         teacher.to(device).eval().requires_grad_(False)
                 if teacher is None:
                     say(f"{s.label}: teacher missing ({t_where}); skipped")

@@ -309,18 +309,15 @@ def download(tracker: Tracker, run_id: str, path: str, dst: Path) -> Path | None
         return None
 
 
-def find_teacher(sel: Selection, dst: Path, say: Say) -> tuple[Path | None, str]:
-    """The teacher checkpoint the studies used: their logged path if it is here, else the `teachers` run's artifact.
-
-    Returns (path or None, where it came from / why it is missing).
-    """
+def _teacher_files(sel: Selection, dst: Path, say: Say):
+    """Where the studies' teacher may be, best first: (path, where it came from); the reason it is missing last."""
     named = Counter(s.params.get("teacher_checkpoint", "") for s in sel.studies)
     named.pop("", None)
     if len(named) > 1:
         say(f"note: the studies used {len(named)} different teacher checkpoints; the report uses the most common one")
     wanted = named.most_common(1)[0][0] if named else None
     if wanted and Path(wanted).is_file():
-        return Path(wanted), wanted
+        yield Path(wanted), wanted
     exp = sel.tracker.client.get_experiment_by_name(TEACHERS_EXPERIMENT)
     if exp is not None:
         runs = search_all(sel.tracker.client, exp.experiment_id, f"tags.`kdsweep.dataset` = '{sel.dataset}'")
@@ -330,12 +327,44 @@ def find_teacher(sel: Selection, dst: Path, say: Say) -> tuple[Path | None, str]
             runs = [r for r in runs if r.data.tags.get("kdsweep.checkpoint") == wanted]
         for r in sorted(runs, key=lambda r: -r.info.start_time):
             ckpt = Path(r.data.tags.get("kdsweep.checkpoint", "teacher.pt")).name
-            got = download(sel.tracker, r.info.run_id, f"checkpoint/{ckpt}", dst)
+            got = download(sel.tracker, r.info.run_id, f"checkpoint/{ckpt}", dst / r.info.run_id)
             if got is not None:
-                return got, f"run {r.info.run_id} of experiment {TEACHERS_EXPERIMENT!r}"
+                yield got, f"run {r.info.run_id} of experiment {TEACHERS_EXPERIMENT!r}"
     if wanted:
-        return None, f"teacher checkpoint {wanted} is not on this machine, nor logged in MLflow"
-    return None, "no study names a teacher checkpoint (only teacher-free methods ran)"
+        yield None, f"teacher checkpoint {wanted} is not on this machine, nor logged in MLflow"
+    else:
+        yield None, "no study names a teacher checkpoint (only teacher-free methods ran)"
+
+
+def load_teacher(sel: Selection, dst: Path, say: Say, in_shape: tuple[int, ...], num_classes: int,
+                 **taps: str) -> tuple[Any, dict, str]:
+    """The teacher the studies distilled from, as (model or None, checkpoint payload, where it came from or why
+    it is missing), checked against the weight digest the studies recorded.
+
+    A file at the studies' path that holds another teacher (the cache replaced after the study) is passed over
+    for the one logged in MLflow; when no file holds the recorded weights, it is refused in one line naming both
+    digests: confirmation seeds and teacher metrics from another teacher would be silently wrong.
+    """
+    from kdsweep.common.digests import model_digest
+    from kdsweep.training import checkpoint
+
+    recorded = {s.params.get("teacher_sha256", "") for s in sel.studies} - {""}
+    other = None
+    for path, where in _teacher_files(sel, dst, say):
+        if path is None:
+            if other is not None:
+                raise UserError(f"the teacher at {other[0]} is not the one the studies distilled from: its weights hash "
+                                f"to {other[1][:12]}, the studies recorded {', '.join(d[:12] for d in sorted(recorded))}; "
+                                f"put that teacher back (or run the studies again with this one)")
+            return None, {}, where
+        model, payload = checkpoint.load_model(path, sel.teacher, in_shape, num_classes, **taps)
+        digest = model_digest(model)
+        if not recorded or digest in recorded:
+            if other is not None:
+                say(f"note: {other[0]} holds another teacher now; using the studies' own from {where}")
+            return model, payload, where
+        other = other or (path, digest)
+    raise AssertionError("_teacher_files ends with the reason a teacher is missing")
 
 
 def data_key(params: dict[str, str]) -> tuple:
