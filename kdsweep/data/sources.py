@@ -280,10 +280,16 @@ def _write_cache(path: Path, d: dict) -> None:
 def _open(path: Path, root: Path):
     from PIL import Image, UnidentifiedImageError
 
+    limit = os.environ.get("KDSWEEP_MAX_IMAGE_PIXELS")
+    if limit:
+        Image.MAX_IMAGE_PIXELS = int(limit)
     try:
         im = Image.open(path)
         im.size  # noqa: B018 - the header is read now: a broken file fails here
         return im
+    except Image.DecompressionBombError as e:  # far larger than any training image: a mistake or an attack
+        raise UserError(f"imagefolder {root}: {path.relative_to(root)} is too large to decode safely ({e.args[0].split(' exceeds')[0]}); "
+                        f"resize it, or allow it with KDSWEEP_MAX_IMAGE_PIXELS=N (and shrink with --image-size)") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"imagefolder {root}: {path.relative_to(root)} cannot be read as an image "
                         f"({type(e).__name__})") from None
@@ -463,6 +469,9 @@ def _arrays(name: str, out: Any, image_size: int | None) -> RawData:
                         f"got {type(out).__name__}")
     x, y, tx, ty = parts
     x, tx = _inputs(name, "train_x", x), _inputs(name, "test_x", tx)
+    y, ty, names = _class_names(name, y, ty)
+    if names is not None:
+        classes = names
     y, ty = _labels(name, "train_y", y, len(x)), _labels(name, "test_y", ty, len(tx))
     if image_size is not None:
         if x.dim() != 4:
@@ -476,7 +485,9 @@ def _arrays(name: str, out: Any, image_size: int | None) -> RawData:
     k = int(max(y.max(), ty.max())) + 1
     if isinstance(classes, (list, tuple)) and len(classes) >= k:
         k = len(classes)
-    return RawData(x, y, tx, ty, None, None, k, default_augment(x), {})
+    # Class names map to numbers in sorted order; MLflow keeps the map (a param holds at most 6000 characters).
+    named = {"class_names": ",".join(map(str, classes))[:5000]} if names is not None else {}
+    return RawData(x, y, tx, ty, None, None, k, default_augment(x), named)
 
 
 def _inputs(name: str, what: str, a: Any) -> torch.Tensor:
@@ -496,7 +507,32 @@ def _inputs(name: str, what: str, a: Any) -> torch.Tensor:
     if t.dim() not in (3, 4) or (t.dtype == torch.uint8 and t.dim() != 4):
         raise UserError(f"dataset {name}: {what} has shape {tuple(t.shape)}; expected images (N, C, H, W), "
                         f"(N, H, W, C) or (N, H, W), or float signals (N, C, L) or (N, L)")
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t.reshape(len(t), -1))
+        if bad.any():
+            raise UserError(f"dataset {name}: {what} holds {int(bad.sum())} non-finite values (NaN or inf) in "
+                            f"{int(bad.any(1).sum())} of its {len(t)} samples: clean or drop them before a study")
     return t.float().contiguous() if t.is_floating_point() else t.contiguous()
+
+
+def _class_names(name: str, y: Any, ty: Any) -> tuple[Any, Any, list[str] | None]:
+    """Labels given as names (strings) become class numbers, in sorted order of the names; numbers pass."""
+    import numpy as np
+
+    arrays = []
+    for what, a in (("train_y", y), ("test_y", ty)):
+        arr = None if isinstance(a, torch.Tensor) else np.asarray(a)  # a tensor holds numbers only
+        if arr is None or arr.dtype.kind not in "USO":
+            return y, ty, None
+        if not all(isinstance(v, (str, bytes, np.str_, np.bytes_)) for v in arr.ravel()):
+            kinds = sorted({type(v).__name__ for v in arr.ravel()})
+            raise UserError(f"dataset {name}: {what} holds {', '.join(kinds)} values; labels are integers 0..K-1 "
+                            f"or class names (strings)")
+        arrays.append(arr.astype(str))
+    names = sorted(set(arrays[0].ravel()) | set(arrays[1].ravel()))
+    index = {c: i for i, c in enumerate(names)}
+    y, ty = (torch.tensor([index[v] for v in a.ravel()]).reshape(a.shape) for a in arrays)
+    return y, ty, names
 
 
 def _labels(name: str, what: str, a: Any, n: int) -> torch.Tensor:

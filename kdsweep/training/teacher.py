@@ -33,7 +33,7 @@ from kdsweep.models.zoo import Net, count_params
 from kdsweep.tracking.tracker import Tracker
 from kdsweep.tracking.vocabulary import OWNER_TAG
 from kdsweep.training import checkpoint
-from kdsweep.training.loop import Schedule, evaluate, train_student
+from kdsweep.training.loop import NonFiniteLoss, Schedule, evaluate, train_student
 
 TEACHERS_EXPERIMENT = "teachers"
 
@@ -91,6 +91,9 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
                 tracker.close(run, "KILLED", {"kdsweep.reason": "interrupted"})
             else:
                 tracker.close(run, "FAILED", {"kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
+        if isinstance(e, NonFiniteLoss):  # the user's data or model, not a bug: one line
+            raise UserError(f"the teacher {arch} diverged while training on {dataset} ({e}): look for extreme values "
+                            f"in the data or the model's outputs, or give a trained teacher with --teacher-checkpoint") from None
         raise
     return path
 
