@@ -326,3 +326,35 @@ def test_a_swapped_cached_teacher_is_replaced_by_the_one_mlflow_logged(workdir, 
     code, out, err = kdsweep("confirm", "--seeds", "1")
     assert code == 0, err
     assert f"note: {cached} holds another teacher now; using the studies' own from run" in err
+
+
+def test_a_frozen_teacher_lock_holder_is_named_and_the_waiter_stops(tmp_path, monkeypatch):
+    """Attack: the process training a teacher frozen (SIGSTOP, as Ctrl-Z does) while a second worker waited on
+    the teacher lock: the waiter waited for ever with one 'waiting' line."""
+    import subprocess
+    import sys
+
+    from kdsweep.training.teacher import cache_lock
+
+    monkeypatch.setenv("KDSWEEP_HEARTBEAT", "1")
+    monkeypatch.setenv("KDSWEEP_GRACE", "3")
+    path = tmp_path / "teacher.pt"
+    script = ("import sys, time; from pathlib import Path; from kdsweep.training.teacher import cache_lock\n"
+              "with cache_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", script, str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        said, start = [], time.monotonic()
+        with pytest.raises(UserError, match=rf":{holder.pid}, which has not beaten for \d+s \(stopped or hung\?\)"):
+            with cache_lock(path, said.append):
+                pytest.fail("the lock of a frozen holder was taken")
+        assert time.monotonic() - start < 30
+        assert f":{holder.pid}, holding it since" in said[0] and "waiting for it" in said[0]
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    with cache_lock(path, said.append):  # the holder gone, the lock is free again
+        pass

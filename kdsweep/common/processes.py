@@ -10,6 +10,8 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kdsweep.common.errors import UserError
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -90,3 +92,25 @@ class Owner:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.pid}"
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"${name} must be a whole number of seconds, got {raw!r}") from None
+    if value < 1:
+        raise UserError(f"${name} must be at least 1 second, got {value}")
+    return value
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace period) in seconds, from $KDSWEEP_HEARTBEAT and $KDSWEEP_GRACE."""
+    interval = _env_seconds("KDSWEEP_HEARTBEAT", 10)
+    grace = _env_seconds("KDSWEEP_GRACE", max(60, 3 * interval))
+    if grace <= interval:
+        raise UserError(f"$KDSWEEP_GRACE ({grace}s) must be longer than $KDSWEEP_HEARTBEAT ({interval}s)")
+    return interval, grace

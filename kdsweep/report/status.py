@@ -20,10 +20,10 @@ import optuna
 from optuna.trial import TrialState
 
 from kdsweep.common.errors import UserError
-from kdsweep.common.processes import Owner
+from kdsweep.common.processes import Owner, heartbeat_settings
 from kdsweep.common.uris import absolute_sqlite, redact
 from kdsweep.study.budget import Spent
-from kdsweep.study.workers import heartbeat_settings, stale_reason
+from kdsweep.study.workers import stale_reason
 from kdsweep.tracking.tracker import DEFAULT_DIR, default_tracking_uri
 from kdsweep.tracking.vocabulary import CONFIG_ATTR, OWNER_ATTR, PARENT_ATTR
 

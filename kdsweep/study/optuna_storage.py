@@ -11,11 +11,9 @@ import optuna
 from kdsweep.common import failures
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import StudyLock
+from kdsweep.common.processes import heartbeat_settings
 from kdsweep.common.uris import absolute_sqlite, redact, scrub
 from kdsweep.study.config import StudyConfig
-from kdsweep.study.workers import (
-    heartbeat_settings,
-)
 from kdsweep.tracking.tracker import DEFAULT_DIR, make_store_dir
 
 

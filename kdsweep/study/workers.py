@@ -22,7 +22,6 @@ along one chain). Closing its MLflow run is the caller's job (`on_stale`).
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from datetime import datetime, timedelta
@@ -31,7 +30,6 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner
 from kdsweep.tracking.vocabulary import (
     EPOCHS_ATTR,
@@ -41,28 +39,6 @@ from kdsweep.tracking.vocabulary import (
 )
 
 MAX_RETRIES = 2
-
-
-def _env_seconds(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UserError(f"${name} must be a whole number of seconds, got {raw!r}") from None
-    if value < 1:
-        raise UserError(f"${name} must be at least 1 second, got {value}")
-    return value
-
-
-def heartbeat_settings() -> tuple[int, int]:
-    """(interval, grace period) in seconds, from $KDSWEEP_HEARTBEAT and $KDSWEEP_GRACE."""
-    interval = _env_seconds("KDSWEEP_HEARTBEAT", 10)
-    grace = _env_seconds("KDSWEEP_GRACE", max(60, 3 * interval))
-    if grace <= interval:
-        raise UserError(f"$KDSWEEP_GRACE ({grace}s) must be longer than $KDSWEEP_HEARTBEAT ({interval}s)")
-    return interval, grace
 
 
 # --------------------------------------------------------------------------- stop requests

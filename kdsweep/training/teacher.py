@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 from kdsweep.common.atomic import path_component
 from kdsweep.common.digests import model_digest
 from kdsweep.common.errors import UserError
-from kdsweep.common.processes import Owner
+from kdsweep.common.processes import Owner, heartbeat_settings
 from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
@@ -119,6 +122,71 @@ def close_dead_teacher_runs(tracker: Tracker) -> int:
     return closed
 
 
+def _holder_file(lock: Path) -> Path:
+    return lock.with_name(lock.name + ".holder")
+
+
+def _write_holder(lock: Path, since: float) -> None:
+    """Who holds the lock and when it last beat, beside it (replaced whole: a reader never sees half)."""
+    doc = json.dumps({"owner": Owner.me().as_attr(), "since": since, "beat": time.time()})
+    fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=f".{lock.name}.{os.getpid()}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(doc)
+    os.replace(tmp, _holder_file(lock))
+
+
+@contextlib.contextmanager
+def _beating(lock: Path) -> Iterator[None]:
+    """While the lock is held, beat beside it every heartbeat interval, so a waiter can tell a frozen holder."""
+    interval, _ = heartbeat_settings()
+    since, stop = time.time(), threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(OSError):  # a missed beat is no failure: the grace period allows several
+                _write_holder(lock, since)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="kdsweep-teacher-lock-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        _holder_file(lock).unlink(missing_ok=True)  # still under the lock: no waiter reads a stale holder as ours
+
+
+def _wait_for(fd: int, lock: Path, path: Path, say) -> None:
+    """Wait for the lock's holder; refuse in one line when its beat is older than the grace period (a process
+    stopped with Ctrl-Z or SIGSTOP holds an flock for ever, and the waiter waited for ever)."""
+    import fcntl
+
+    interval, grace = heartbeat_settings()
+    said = False
+    while True:
+        try:
+            holder = json.loads(_holder_file(lock).read_text())
+        except (OSError, ValueError):
+            holder = None  # between two holders, or an older kdsweep that writes none: wait as it always did
+        owner = Owner.from_attr(holder.get("owner")) if holder else None
+        if not said:
+            who = (f" ({owner}, holding it since {time.strftime('%H:%M:%S', time.localtime(holder['since']))})"
+                   if owner else "")
+            say(f"Another process{who} is training or checking teacher {path.name}; waiting for it (lock {lock}).")
+            said = True
+        if owner and time.time() - float(holder["beat"]) > grace:
+            raise UserError(f"teacher {path.name} is locked by {owner}, which has not beaten for "
+                            f"{time.time() - float(holder['beat']):.0f}s (stopped or hung?): resume or end that process, "
+                            f"then run again")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(min(1.0, interval))
+
+
 @contextlib.contextmanager
 def cache_lock(path: Path, say=print):
     """Hold `<path>.lock` (flock): one process at a time trains, checks or replaces the cached teacher `path`."""
@@ -139,9 +207,9 @@ def cache_lock(path: Path, say=print):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"Another process is training or checking teacher {path.name}; waiting for it (lock {lock}).")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            _wait_for(fd, lock, path, say)
+        with _beating(lock):
+            yield
     finally:
         os.close(fd)  # releases the lock
 
