@@ -525,3 +525,22 @@ def test_confirm_closes_runs_of_dead_owners_only(workdir):
     assert close_dead_runs(t, exp, ("report",), said.append) == 1
     run = t.client.get_run(dead)
     assert run.info.status == "KILLED" and run.data.tags["kdsweep.state"] == "FAIL" and said
+
+
+def test_a_report_of_a_study_still_running_says_so(kdsweep, workdir):
+    """Attack: `report` while workers still wrote logged a report run that looked final (1 of 6 trials complete)."""
+    from mlflow.tracking import MlflowClient
+
+    assert kdsweep(*STUDY, "--trials", 1)[0] == 0
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    exp = [e for e in client.search_experiments() if e.name.startswith("kdsweep/")][0]
+    parent = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'study'")[0]
+    # A trial that a worker is training now, as MLflow shows it: RUNNING under the study's parent run.
+    client.create_run(exp.experiment_id, run_name="t001", tags={
+        "kdsweep.role": "trial", "kdsweep.study": parent.data.tags["kdsweep.study"], "kdsweep.state": "RUNNING",
+        "mlflow.parentRunId": parent.info.run_id})
+    code, out, err = kdsweep("report", "--no-plots")
+    assert code == 0, err
+    assert "in progress: ce still running when this report was made" in out
+    (report,) = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'report'")
+    assert report.data.tags["kdsweep.in_progress"] == "true" and report.info.run_name == "report-s0-in-progress"

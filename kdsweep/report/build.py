@@ -223,10 +223,20 @@ def _cost(sel: Selection, teacher: Teacher, data: DeviceData, device: torch.devi
 # ---------------------------------------------------------------- the tables
 
 
+def _running(sel: Selection) -> list[str]:
+    """The studies that were still running (a RUNNING parent or trial run in MLflow) when the report was made."""
+    return [s.label for s in sel.studies
+            if s.run.info.status == "RUNNING" or any(r.info.status == "RUNNING" for r in s.trials)]
+
+
 def _budget_warnings(sel: Selection) -> list[str]:
     """What makes the studies' compute unequal, in words for the top of the report."""
     studies = [s for s in sel.studies if s.trials]
     out = []
+    running = _running(sel)
+    if running:
+        out.append(f"in progress: {', '.join(running)} still running when this report was made (or its worker died "
+                   f"without closing its runs: `kdsweep status` tells); the tables are a snapshot, not the result")
     budgets = {s.label: s.budget or "unrecorded" for s in studies}
     if len(set(budgets.values())) > 1:
         out.append("the methods ran with different budgets (" + ", ".join(f"{k}: {v}" for k, v in sorted(budgets.items()))
@@ -572,8 +582,10 @@ def log_report(rep: Report, files: list[Path]) -> str:
     """An MLflow run (kdsweep.role=report) in the pair's experiment holding the exported files and plots."""
     s = rep.sel
     t = s.tracker
-    run = t.start(s.experiment_id, f"report-s{s.seed}", {"kdsweep.role": "report", "kdsweep.dataset": s.dataset,
-                                                         **cleanup.owner_tags()})
+    running = _running(s)
+    run = t.start(s.experiment_id, f"report-s{s.seed}" + ("-in-progress" if running else ""),
+                  {"kdsweep.role": "report", "kdsweep.dataset": s.dataset, "kdsweep.in_progress": str(bool(running)).lower(),
+                   **cleanup.owner_tags()})
     try:
         t.log(run, params={"dataset": s.dataset, "teacher": s.teacher, "student": s.student, "seed": s.seed,
                            "studies": ",".join(x.label for x in s.studies)})
