@@ -31,7 +31,7 @@ turn or to finish with exit status 0. Children are forked from this process
 after it has imported kdsweep (fast), or started as `python -m kdsweep.cli` with
 --spawn.
 
-Three more rounds (--rounds; all by default) attack what a kill does not, each
+Five more rounds (--rounds; all by default) attack what a kill does not, each
 in its own directory under the workdir, and report what kdsweep did:
 
   store_deleted     a 2-trial study; its MLflow store deleted, then (on a copy)
@@ -43,6 +43,13 @@ in its own directory under the workdir, and report what kdsweep did:
   teacher_mismatch  a vanilla_kd study on teacher A (1 epoch), resumed with
                     --teacher-checkpoint B (2 epochs): `refused` (exit 2, one
                     line, no trial added) or `accepted` (exit 0).
+  teacher_swap      a vanilla_kd study on teacher A; A's file then overwritten with
+                    teacher B: `confirm` must be `refused` (exit 2, one line naming
+                    both digests, no confirmation run), and work with A put back.
+  frozen_lock       a process holding the teacher cache's lock frozen with SIGSTOP;
+                    a study that needs that teacher must be `refused` (exit 2, one
+                    line naming the holder) once the holder's beat is older than
+                    the grace period (3 s here), not wait for ever.
   disk_full         the stores on a 3 MB tmpfs filled to a few KB free (as root),
                     or else a file-size limit (RLIMIT_FSIZE) a few KB above the
                     stores' size: `exitN` is the status of the study that ran
@@ -50,7 +57,8 @@ in its own directory under the workdir, and report what kdsweep did:
                     must resume once there is space again, its stores agreeing.
 
     python scripts/fault_test.py --kills 5
-    -> kills=5 resumed=5 lost=0 duplicates=0 stuck_runs=0 store_deleted=refused teacher_mismatch=refused disk_full=exit2
+    -> kills=5 resumed=5 lost=0 duplicates=0 stuck_runs=0 store_deleted=refused teacher_mismatch=refused
+       teacher_swap=refused frozen_lock=refused disk_full=exit2
 
 The exit status is 0 only if kills = resumed = K, the three other counts are 0
 and every other round came out as expected above.
@@ -80,7 +88,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-ROUNDS = ("kill", "store", "teacher", "disk")
+ROUNDS = ("kill", "store", "teacher", "swap", "frozen", "disk")
 
 
 def parse_args(argv=None):
@@ -525,6 +533,72 @@ def teacher_round(args, root: Path) -> Result:
                   value == "refused")
 
 
+def _confirm_runs(mlruns: Path) -> int:
+    rows = _query(mlruns / "mlflow.db", "SELECT COUNT(*) FROM tags WHERE key = 'kdsweep.role' AND value = 'confirm'")
+    return rows[0][0] if rows else 0
+
+
+def swap_round(args, root: Path) -> Result:
+    """A study on teacher A; A's file then replaced by teacher B; `confirm` must refuse, and work with A back."""
+    root.mkdir(parents=True)
+    for name, epochs in (("A", 1), ("B", 2)):
+        child = run(args, ["teacher", "--dataset", args.dataset, "--data-size", str(args.data_size), "--device", "cpu",
+                           "--epochs", str(epochs), "--out", str(root / f"{name}.pt")], root, f"teacher{name}")
+        if child.status != 0:
+            return Result("teacher_swap=setup_failed", f"swap: training teacher {name} exited {child.status}", False)
+    used = root / "used.pt"
+    shutil.copy(root / "A.pt", used)
+    first = run(args, study_argv(args, "vanilla_kd", "swap", 1, "--teacher-checkpoint", str(used)), root, "first")
+    if first.status != 0:
+        return Result("teacher_swap=setup_failed", f"swap: the study exited {first.status}: "
+                      f"{(first.errors() or ['?'])[-1]}", False)
+    shutil.copy(root / "B.pt", used)
+    child = run(args, ["confirm", "--seeds", "1", "--device", "cpu"], root, "confirm-swapped")
+    value = verdict(child, trained=_confirm_runs(root / "mlruns") > 0)
+    shutil.copy(root / "A.pt", used)
+    back = run(args, ["confirm", "--seeds", "1", "--device", "cpu"], root, "confirm-restored")
+    return Result(f"teacher_swap={value}", f"swap: confirm with the study's teacher file replaced by another -> exit "
+                  f"{child.status}, {len(child.errors())} stderr line(s){gist(child)}; with it restored -> exit {back.status}",
+                  value == "refused" and back.status == 0)
+
+
+def frozen_round(args, root: Path) -> Result:
+    """A process holding the teacher cache's lock is frozen (SIGSTOP); a study waiting for that teacher must stop
+    in one line naming the holder once its beat is older than the grace period, not wait for ever."""
+    root.mkdir(parents=True)
+    cache = root / "cache"
+    env = {**os.environ, "KDSWEEP_CACHE": str(cache), "KDSWEEP_HEARTBEAT": "1", "KDSWEEP_GRACE": "3",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    script = ("import os, sys, time; from pathlib import Path\n"
+              "from kdsweep.training.teacher import cache_lock, cache_path\n"
+              f"path = cache_path({args.dataset!r}, 'digitnet_l', 0, 1, {args.data_size}, 0.1)\n"
+              "with cache_lock(path):\n    print('held', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True, cwd=root)
+    saved = {k: os.environ.get(k) for k in ("KDSWEEP_CACHE", "KDSWEEP_HEARTBEAT", "KDSWEEP_GRACE")}
+    try:
+        if holder.stdout.readline().strip() != "held":
+            return Result("frozen_lock=setup_failed", "frozen: the lock holder did not start", False)
+        os.kill(holder.pid, signal.SIGSTOP)
+        os.environ.update({k: env[k] for k in saved})  # forked children read the environment they inherit
+        start = time.monotonic()
+        child = run(args, study_argv(args, "vanilla_kd", "frozen", 1, "--teacher", "digitnet_l", "--teacher-epochs", "1"),
+                    root, "waiter")
+        took = time.monotonic() - start
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    named = any(f":{holder.pid}" in line for line in child.errors())
+    value = "refused" if child.status == 2 and len(child.errors()) == 1 and named else f"exit{child.status}"
+    return Result(f"frozen_lock={value}", f"frozen: a study waiting on a frozen teacher-lock holder -> exit {child.status} "
+                  f"after {took:.0f}s, {len(child.errors())} stderr line(s){gist(child, 160)}", value == "refused")
+
+
 def mount_tmpfs(path: Path, size: str) -> bool:
     if os.geteuid() != 0:
         return False
@@ -605,7 +679,8 @@ def main(argv=None) -> int:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # its first use imports torch._dynamo
 
     attacks = {"kill": lambda: kill_rounds(args, workdir), "store": lambda: store_round(args, workdir / "store"),
-               "teacher": lambda: teacher_round(args, workdir / "teacher"), "disk": lambda: disk_round(args, workdir / "disk")}
+               "teacher": lambda: teacher_round(args, workdir / "teacher"), "swap": lambda: swap_round(args, workdir / "swap"),
+               "frozen": lambda: frozen_round(args, workdir / "frozen"), "disk": lambda: disk_round(args, workdir / "disk")}
     # The kill rounds last: their audit opens the stores with MLflow's and Optuna's clients in this process, and
     # children forked after that would inherit open database connections.
     done = {r: attacks[r]() for r in sorted(rounds, key=lambda r: r == "kill")}
