@@ -64,7 +64,7 @@ def test_a_model_named_with_dots_and_slashes_stays_inside_the_teacher_cache(tmp_
     teachers = (tmp_path / "cache" / "teachers").resolve()
     for arch in ("../../escape", "a/../../b", "..", "/abs/path", "x\\..\\y"):
         path = cache_path("digits", arch, 0, 3, None, 0.1)
-        assert path.resolve().parent == teachers, (arch, path)
+        assert path.resolve().parent == teachers and path.suffix == ".pt", (arch, path)
         assert path.with_name(path.name + ".lock").resolve().parent == teachers
     assert cache_path("digits", "torchvision:resnet18", 0, 3, None, 0.1).name == "digits-torchvision:resnet18-s0-e3.pt"
     assert path_component("../a") != path_component("._a") and path_component("ok-name") == "ok-name"

@@ -44,7 +44,11 @@ def path_component(name: str) -> str:
     if name and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith("."):
         return name
     clean = re.sub(r"[/\\\0]+", "_", name).lstrip(".") or "_"
-    return f"{clean}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    stem, dot, suffix = clean.rpartition(".")
+    if not (dot and stem and suffix.isalnum()):
+        stem, suffix = clean, ""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{stem}-{digest}" + (f".{suffix}" if suffix else "")
 
 
 def _sweep_dead_tmp_files(path: Path) -> None:
