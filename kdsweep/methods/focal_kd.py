@@ -30,7 +30,7 @@ class FocalKD(Method):
     space = {
         "temperature": Float(1.0, 20.0, 4.0, log=True),
         "weight": Float(0.1, 10.0, 1.0, log=True),
-        "gamma": Float(0.0, 5.0, 2.0),
+        "gamma": Float(0.0, 5.0, 2.0, floor=0.0),
     }
 
     def forward(self, s, t, y, epoch):

@@ -15,7 +15,7 @@ class HardLabel(Method):
     name = "hard_label"
     summary = "Hard-label KD (CEE): beta * CE(student, argmax teacher) + (1 - beta) * CE(student, y)."
     reference = "seed 003 (method 2, beta=0.7)"
-    space = {"beta": Float(0.0, 1.0, 0.7)}
+    space = {"beta": Float(0.0, 1.0, 0.7, floor=0.0, ceiling=1.0)}
 
     def forward(self, s, t, y, epoch):
         b = self.hp["beta"]

@@ -20,6 +20,9 @@ class Float:
     high: float
     default: float
     log: bool = False
+    # Values it cannot pass whatever the range (a mixing weight's 0 and 1): a best value there needs no wider range.
+    floor: float | None = None
+    ceiling: float | None = None
 
     def check(self, name: str) -> "Float":
         if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low >= self.high:
@@ -30,6 +33,11 @@ class Float:
 
     def suggest(self, trial, name: str) -> float:
         return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def settings(self) -> dict[str, Any]:
+        """What a study searches: the range, its default and scale (part of a study's settings; floor and ceiling
+        are facts about the hyperparameter, not choices)."""
+        return {"low": self.low, "high": self.high, "default": self.default, "log": self.log}
 
     def describe(self) -> str:
         return f"[{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
@@ -46,7 +54,11 @@ def edge_warnings(best: Mapping[str, float], space: Mapping[str, Float]) -> list
     out = []
     for name, dist in space.items():
         where = dist.edge(best[name]) if name in best else None
-        if where:
+        end = (dist.floor if where == "bottom" else dist.ceiling) if where else None
+        if end is not None and (dist.low <= end if where == "bottom" else dist.high >= end):
+            out.append(f"{name}={best[name]:.4g} is at the {where} of {dist.describe()}, where {name} ends ({end:g}): "
+                       f"the tuned method wants as {'little' if where == 'bottom' else 'much'} of it as it can have")
+        elif where:
             out.append(f"{name}={best[name]:.4g} is at the {where} of {dist.describe()}: widen the range")
     return out
 

@@ -24,7 +24,7 @@ class VanillaKD(Method):
     reference = "Hinton et al. 2015; seeds 000-004"
     space = {
         "temperature": Float(1.0, 20.0, 4.0, log=True),
-        "alpha": Float(0.0, 1.0, 0.7),
+        "alpha": Float(0.0, 1.0, 0.7, floor=0.0, ceiling=1.0),
     }
 
     def forward(self, s, t, y, epoch):

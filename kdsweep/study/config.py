@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, get_args, get_type_hints
 
@@ -183,7 +183,7 @@ class StudyConfig:
                 "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
         fp = {k: getattr(self, k) for k in keys}
         fp.update(self._tap_fingerprint())
-        fp["space"] = {k: asdict(v) for k, v in sorted(self.space.items())}
+        fp["space"] = {k: v.settings() for k, v in sorted(self.space.items())}
         fp["fixed"] = dict(sorted(self.fixed.items()))
         return fp
 
