@@ -36,7 +36,7 @@ from kdsweep.models.zoo import Net, count_params
 from kdsweep.tracking.tracker import Tracker
 from kdsweep.tracking.vocabulary import OWNER_TAG
 from kdsweep.training import checkpoint
-from kdsweep.training.loop import NonFiniteLoss, Schedule, evaluate, train_student
+from kdsweep.training.loop import EpochStats, NonFiniteLoss, Schedule, evaluate, train_student
 
 TEACHERS_EXPERIMENT = "teachers"
 
@@ -54,8 +54,23 @@ def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int |
     return cache_dir() / "teachers" / path_component(f"{dataset}-{arch}-s{seed}-e{epochs}{size}{val}.pt")
 
 
+class EpochLines:
+    """Progress where no bar can show (output in a file or a pipe): one line per epoch, at most one every
+    `every` seconds, and always the first and the last, so a long training is never a silence."""
+
+    def __init__(self, label: str, total: int, say=print, every: float = 30.0):
+        self.label, self.total, self.say, self.every = label, total, say, every
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, stats: EpochStats) -> None:
+        now, epoch = time.monotonic(), stats.epoch + 1
+        if epoch in (1, self.total) or now - self.last >= self.every:
+            self.say(f"{self.label}: epoch {epoch}/{self.total}, val_acc {stats.val_acc:.4f}, {now - self.start:.0f}s")
+            self.last = now
+
+
 def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceData, tracker: Tracker, path: Path,
-                  batch_size: int = 128, lr: float | None = None) -> Path:
+                  batch_size: int = 128, lr: float | None = None, say=print) -> Path:
     """Train `arch` with cross-entropy, keep the best-val epoch, save it to `path`, log a `teachers` run.
 
     The optimiser, its weight decay and (unless `lr` is given) its learning rate are the dataset's recipe.
@@ -75,8 +90,14 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
     try:
         tracker.log(run, params=params)
         bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch", leave=False, disable=None)
-        result = train_student(model, ce, None, data, schedule, progress=lambda e: bar.update(1),
-                               on_epoch=lambda s: tracker.log(run, s.metrics(), step=s.epoch))
+        lines = None if not bar.disable else EpochLines(f"teacher {arch}", epochs, say)  # tqdm shows on a terminal only
+
+        def on_epoch(stats: EpochStats) -> None:
+            tracker.log(run, stats.metrics(), step=stats.epoch)
+            if lines:
+                lines(stats)
+
+        result = train_student(model, ce, None, data, schedule, progress=lambda e: bar.update(1), on_epoch=on_epoch)
         bar.close()
         model.load_state_dict(result.state["student"])
         test_loss, test_acc = evaluate(model, data, "test")
@@ -233,7 +254,7 @@ def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say) ->
             say(f"No cached teacher {cfg.teacher} for {cfg.dataset} (seed {cfg.seed}, {cfg.teacher_epochs} epochs): "
                 f"training one now -> {path}")
         train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path,
-                      batch_size=get_dataset(cfg.dataset).batch_size)
+                      batch_size=get_dataset(cfg.dataset).batch_size, say=say)
         return _load(cfg, data, path)
 
 
