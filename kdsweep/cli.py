@@ -22,8 +22,9 @@ examples:
   kdsweep study vanilla_kd --trials 48 --parallel 8         # 8 trials at a time, one teacher pass
   kdsweep study dkd --dataset digits --budget-epochs 100 --epochs 5   # 100 epochs of compute, pruned trials included
 
-NAME is a method (`kdsweep methods` lists them) or a study file: studies/NAME.toml
-or a path to a .toml. Precedence: built-in defaults < study file < flags.
+NAME is a method (`kdsweep methods` lists them), run with its own search ranges,
+or a study file given by its path (a .toml, e.g. studies/NAME.toml): a bare name
+never reads a file. Precedence: built-in defaults < study file < flags.
 
 The budget counts compute: --trials N is N trials that trained, whatever their
 end (complete, pruned by the pruner, or diverged); --budget-epochs E is E epochs
@@ -411,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run or resume an Optuna study of one method", description=cmd_study.__doc__ or
                        "Run (or resume) an Optuna study that tunes one distillation method.",
                        epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", metavar="NAME", help="a method name or a study file")
+    p.add_argument("name", metavar="NAME", help="a method name, or a study file by its path (.toml)")
     _study_args(p)
     p.set_defaults(func=cmd_study)
 
@@ -434,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the distillation methods and their search spaces",
                        description="List every registered distillation method: what it does, what it needs from the models, "
-                                   "what it searches (override ranges in studies/NAME.toml), and where it comes from.")
+                                   "what it searches (change a range in a study file: kdsweep study studies/NAME.toml), and where it comes from.")
     p.add_argument("--format", choices=["text", "tsv"], default="text")
     p.set_defaults(func=cmd_methods)
 

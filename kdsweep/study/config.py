@@ -1,13 +1,14 @@
 """A study's full configuration, resolved once: built-in defaults < study file < CLI flags.
 
-A study file `studies/NAME.toml` names a method and may override defaults
-and search ranges:
+`kdsweep study NAME` runs the method NAME with its own search ranges (methods/). A study file,
+always given by its path (`kdsweep study path/to/mine.toml`; studies/ ships one template per
+method), names a method and holds only what it changes; its stem labels the study:
 
     method = "vanilla_kd"
     [defaults]                      # any `kdsweep study` option
     epochs = 10
     [search]                        # narrow or widen a searched range
-    temperature = { low = 1.0, high = 20.0, log = true }
+    temperature = { low = 2.0, high = 8.0, log = true }
     [fixed]                         # stop searching a parameter: use this value
     alpha = 0.9
 """
@@ -15,6 +16,7 @@ and search ranges:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -24,7 +26,7 @@ from typing import Any, Mapping, get_args, get_type_hints
 from kdsweep.common.errors import UserError
 from kdsweep.data.dispatch import dataset_shape, get_dataset
 from kdsweep.data.sources import name_tag
-from kdsweep.methods.registry import get_method
+from kdsweep.methods.registry import METHODS, get_method
 from kdsweep.methods.space import OPTIMIZERS, Float, apply_overrides, lr_range
 from kdsweep.models.factory import check_arch
 from kdsweep.study.budget import Budget
@@ -39,7 +41,6 @@ PRUNERS = ("median", "hyperband", "none")
 DEVICES = ("auto", "cuda", "cpu")
 ON_MISMATCH = ("refuse", "repair", "ignore")  # see truth.py
 MAX_NAME = 200
-STUDIES_DIR = Path("studies")
 DEFAULT_TRIALS = 20
 
 
@@ -269,23 +270,38 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def find_study(name: str, studies_dir: Path = STUDIES_DIR) -> tuple[str, dict[str, Any]]:
-    """Resolve NAME: a path to a .toml, a file studies/NAME.toml, or a bare method name."""
+def is_study_file(name: str) -> bool:
+    """NAME is a study file when it reads as a path (ends in .toml or holds a /); a bare name is always a method."""
+    return name.endswith(".toml") or "/" in name or os.sep in name
+
+
+def find_study(name: str) -> tuple[str, dict[str, Any]]:
+    """Resolve NAME: a study file by its path, or a method by its name (never a file found in the current directory).
+
+    The file's stem labels its studies, so a file named after one method that runs another is refused:
+    `studies/vanilla_kd.toml` saying `method = "ce"` would store ce's trials as vanilla_kd's.
+    """
+    if not is_study_file(name):
+        try:
+            get_method(name)  # raises with the list of known methods
+        except UserError as e:
+            local = Path("studies") / f"{name}.toml"
+            hint = f"; a study file is given by its path: kdsweep study {local}" if local.is_file() else ""
+            raise UserError(f"{e}{hint}") from None
+        return name, {"method": name}
     path = Path(name)
-    if name.endswith(".toml"):
-        if not path.is_file():
-            raise UserError(f"study file {name} not found")
-        return path.stem, read_study_file(path)
-    candidate = studies_dir / f"{name}.toml"
-    if candidate.is_file():
-        return name, read_study_file(candidate)
-    get_method(name)  # raises with the list of known methods
-    return name, {"method": name}
+    if not path.is_file():
+        raise UserError(f"study file {name} not found")
+    doc = read_study_file(path)
+    if path.stem in METHODS and path.stem != doc["method"]:
+        raise UserError(f"study file {name} is named after the method {path.stem} but says method = {doc['method']!r}; "
+                        f"its studies would be labelled {path.stem}: rename the file or set method = {path.stem!r}")
+    return path.stem, doc
 
 
-def resolve(name: str, cli: Mapping[str, Any], studies_dir: Path = STUDIES_DIR) -> StudyConfig:
+def resolve(name: str, cli: Mapping[str, Any]) -> StudyConfig:
     """Build the StudyConfig for `kdsweep study NAME` from the study file and the flags actually given."""
-    stem, doc = find_study(name, studies_dir)
+    stem, doc = find_study(name)
     method = get_method(doc["method"])
     values: dict[str, Any] = dict(doc.get("defaults", {}))
     values.update({k: v for k, v in cli.items() if v is not None})
