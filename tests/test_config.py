@@ -59,6 +59,61 @@ def test_every_setting_is_a_flag_of_study_and_sweep():
         assert not missing, f"{command} lacks flags for {sorted(missing)}"
 
 
+def test_flags_choices_defaults_and_help_come_from_the_schema():
+    # Issue 19: choices were declared in config.py and again as literal choices=[...] in cli.py, and defaults
+    # were restated in help strings; now the study flags are built from the schema's fields.
+    import argparse
+    import dataclasses
+    from pathlib import Path
+
+    from kdsweep.cli import build_parser
+    from kdsweep.study import settings as schema
+    from kdsweep.study.config import StudyConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices["study"]._actions}
+    for f in schema.schema():
+        a = actions[f.name]
+        assert a.option_strings[0] == schema.flag(f.name) and a.default is None  # unset flags leave the file's value
+        assert a.choices == (list(f.metadata["choices"]) if f.metadata["choices"] else None), f.name
+        assert a.help == schema.help_text(f) and a.help.startswith(f.metadata["help"]), f.name
+        if schema.kind(f.name) is bool:
+            assert isinstance(a, argparse.BooleanOptionalAction), f.name
+        else:
+            assert a.type is schema.kind(f.name), f.name
+        if f.default is not None:  # a concrete default is said once, by the schema, in the words help_text derives
+            assert a.help.endswith(f"(default: {schema.default_text(f)})"), f.name
+    # StudyConfig is the schema plus what the method and file decide: the same fields, the same defaults.
+    config = {f.name: f.default for f in dataclasses.fields(StudyConfig)}
+    assert all(config[f.name] == f.default for f in schema.schema())
+    assert set(config) - set(schema.names()) == {"method", "name", "study_file", "space", "fixed"}
+    # The command line declares no setting's choices or default itself.
+    cli = (Path(schema.__file__).parents[1] / "cli.py").read_text()
+    for f in schema.schema():
+        for choices in filter(None, [f.metadata["choices"]]):
+            assert f"choices={list(choices)!r}".replace("'", '"') not in cli, f.name
+    assert "(default: 0.1)" not in cli and "default: tpe" not in cli and "default: median" not in cli
+
+
+def test_the_schema_checks_choices_and_bounds_in_one_line(tmp_path):
+    from kdsweep.study import settings as schema
+
+    ok = schema.StudySettings()
+    schema.check(ok)
+    for kw, message in [({"sampler": "grid"}, "unknown sampler 'grid'; choose from tpe, random"),
+                        ({"on_mismatch": "x"}, "unknown --on-mismatch 'x'; choose from refuse, repair, ignore"),
+                        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose from sgd, adam, adamw"),
+                        ({"trials": 0}, "--trials must be at least 1, got 0"),
+                        ({"data_size": 9}, "--data-size must be at least 10, got 9"),
+                        ({"val_fraction": 1.0}, "--val-fraction must be in (0, 1), got 1.0"),
+                        ({"timeout": 0.0}, "--timeout must be greater than 0, got 0.0"),
+                        ({"teacher_cache_mb": float("nan")}, "--teacher-cache-mb must be at least 0, got nan"),
+                        ({"cpu_workers": -1}, "--cpu-workers must be at least 0, got -1")]:
+        with pytest.raises(UserError) as e:
+            schema.check(schema.StudySettings(**kw))
+        assert str(e.value) == message
+
+
 def _restated(doc: dict) -> list[str]:
     """The [search] entries of a study file whose range is the method's own (lr: any optimiser's range)."""
     from kdsweep.methods.space import LR_RANGES, apply_overrides
@@ -124,3 +179,9 @@ def test_a_bare_name_is_the_method_whatever_the_current_directory_holds(kdsweep,
     code, _, err = kdsweep("study", "mine", "--dataset", "digits")
     assert code == 2 and "unknown method 'mine'" in err and err.strip().endswith(
         "; a study file is given by its path: kdsweep study studies/mine.toml")
+    # The command a study's MLflow note gives to resume it names the file by the path it was given.
+    from kdsweep.tracking.notes import resume_command
+
+    assert resume_command(resolve("studies/mine.toml", {"dataset": "digits"})).startswith(
+        "kdsweep study studies/mine.toml --dataset digits ")
+    assert resume_command(resolve("ce", {"dataset": "digits"})).startswith("kdsweep study ce --dataset digits ")

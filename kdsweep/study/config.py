@@ -21,71 +21,33 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, get_args, get_type_hints
+from typing import Any, Mapping
 
 from kdsweep.common.errors import UserError
 from kdsweep.data.dispatch import dataset_shape, get_dataset
 from kdsweep.data.sources import name_tag
 from kdsweep.methods.registry import METHODS, get_method
-from kdsweep.methods.space import OPTIMIZERS, Float, apply_overrides, lr_range
+from kdsweep.methods.space import Float, apply_overrides, lr_range
 from kdsweep.models.factory import check_arch
+from kdsweep.study import settings
 from kdsweep.study.budget import Budget
+from kdsweep.study.settings import DEFAULT_TRIALS, StudySettings
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
-DEVICES = ("auto", "cuda", "cpu")
-ON_MISMATCH = ("refuse", "repair", "ignore")  # see truth.py
 MAX_NAME = 200
-DEFAULT_TRIALS = 20
 
 
-@dataclass
-class StudyConfig:
+@dataclass(kw_only=True)
+class StudyConfig(StudySettings):
+    """A study's settings (the schema, settings.py) and what its method and study file decide, resolved once."""
+
     method: str
-    name: str  # the study file's stem, or the method name
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    data_size: int | None = None
-    image_size: int | None = None  # resize a spec's images to image_size x image_size (sources.py)
-    val_fraction: float = 0.1
-    teacher: str | None = None  # None: the dataset's default pair; or a model spec (model_specs.py)
-    student: str | None = None
-    # Where a model's taps are read (taps.py): the output of the feature path, the input of the embedding
-    # path (module paths as print(model) shows them); None: found automatically.
-    teacher_feature: str | None = None
-    teacher_embedding: str | None = None
-    student_feature: str | None = None
-    student_embedding: str | None = None
-    teacher_epochs: int | None = None
-    teacher_checkpoint: str | None = None
-    seed: int = 0
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None  # None: the dataset's (sgd; mnist1d: adam)
-    momentum: float = 0.9  # SGD momentum; Adam's beta1
-    weight_decay: float | None = None  # None: the dataset's (5e-4; mnist1d: 0)
-    trials: int | None = None  # trials that trained (complete, pruned, diverged); None: 20, or unbounded with a budget
-    budget_epochs: int | None = None  # training epochs summed over all trials; the study stops claiming once spent
-    sampler: str = "tpe"
-    pruner: str = "median"
-    storage: str | None = None
-    tracking_uri: str | None = None
-    device: str = "auto"
-    timeout: float | None = None
-    study_name: str | None = None
-    on_mismatch: str = "refuse"  # when Optuna and MLflow disagree at start (truth.py)
-    # Performance only: they never change what a trial computes beyond float rounding.
-    parallel: int = 1  # trials trained in lockstep on the same batches
-    teacher_cache_mb: float | None = None  # None: sized to the device; 0: off
-    compile: bool = False
-    channels_last: bool = True
-    cpu_workers: int | None = None  # CPU: worker threads of a lockstep group (None: the cores; 0: off)
-    fused: bool | None = None  # lockstep students stacked into one model (None: on CUDA with --parallel >= 2)
+    name: str  # the study file's stem, or the method name: what the study is labelled
+    study_file: str | None = None  # the study file as given, or None (a method by its name)
     space: dict[str, Float] = field(default_factory=dict)
     fixed: dict[str, float] = field(default_factory=dict)
 
@@ -94,8 +56,7 @@ class StudyConfig:
         self.dataset = spec.name  # a spec as recorded: an image folder by its absolute path
         if not spec.teacher and not (self.teacher and self.student):
             raise UserError(f"dataset {self.dataset} has no default teacher and student: pass --teacher and --student")
-        if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
+        settings.check(self)  # choices and bounds, as the schema declares them, before any data is read
         in_shape, _ = dataset_shape(self.dataset, self.data_dir, self.image_size)  # a spec's data is read (once) here
         self.teacher = check_arch(self.teacher or spec.teacher, in_shape)
         self.student = check_arch(self.student or spec.student, in_shape)
@@ -103,33 +64,9 @@ class StudyConfig:
         self.epochs = self.epochs or spec.epochs
         self.batch_size = self.batch_size or spec.batch_size
         self.optimizer = self.optimizer or spec.optimizer
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         self.weight_decay = spec.weight_decay if self.weight_decay is None else self.weight_decay
         if self.trials is None and self.budget_epochs is None:
             self.trials = DEFAULT_TRIALS
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.data_size is not None and self.data_size < 10:
-            raise UserError(f"--data-size must be at least 10, got {self.data_size}")
-        for name in ("trials", "budget_epochs", "epochs", "batch_size", "teacher_epochs", "parallel"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if self.pruner not in PRUNERS:
-            raise UserError(f"unknown pruner {self.pruner!r}; choose from {', '.join(PRUNERS)}")
-        if self.on_mismatch not in ON_MISMATCH:
-            raise UserError(f"unknown --on-mismatch {self.on_mismatch!r}; choose from {', '.join(ON_MISMATCH)}")
-        if self.device not in DEVICES:
-            raise UserError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
-        if self.cpu_workers is not None and self.cpu_workers < 0:
-            raise UserError(f"--cpu-workers must be >= 0, got {self.cpu_workers}")
-        if self.teacher_cache_mb is not None and not self.teacher_cache_mb >= 0:
-            raise UserError(f"--teacher-cache-mb must be >= 0 (0 disables the cache), got {self.teacher_cache_mb}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UserError(f"--timeout must be positive seconds, got {self.timeout}")
         for role in ("teacher", "student"):
             for tap in ("feature", "embedding"):
                 path = getattr(self, f"{role}_{tap}")
@@ -214,8 +151,7 @@ def sanitize(name: str) -> str:
 
 
 _FILE_KEYS = {"method", "description", "defaults", "search", "fixed"}
-# on_mismatch is a flag for one start, never a study file's standing order.
-_DEFAULT_KEYS = {f.name for f in fields(StudyConfig)} - {"method", "name", "space", "fixed", "study_name", "on_mismatch"}
+_DEFAULT_KEYS = settings.file_keys()  # the schema's settings, less the flags for one start (study_name, on_mismatch)
 
 
 def read_study_file(path: Path) -> dict[str, Any]:
@@ -255,10 +191,9 @@ _WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or 
 
 
 def _expected(key: str) -> tuple[type, str] | None:
-    """The type a [defaults] key must have: StudyConfig's annotation of the field, without its None."""
-    hint = get_type_hints(StudyConfig)[key]
-    kinds = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
-    return (kinds[0], _WORDS[kinds[0]]) if len(kinds) == 1 and kinds[0] in _WORDS else None
+    """The type a [defaults] key must have: the schema's annotation of the setting, without its None."""
+    kind = settings.kind(key)
+    return (kind, _WORDS[kind]) if kind in _WORDS else None
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -306,7 +241,7 @@ def resolve(name: str, cli: Mapping[str, Any]) -> StudyConfig:
     values: dict[str, Any] = dict(doc.get("defaults", {}))
     values.update({k: v for k, v in cli.items() if v is not None})
     try:
-        cfg = StudyConfig(method=method.name, name=stem, **values)
+        cfg = StudyConfig(method=method.name, name=stem, study_file=name if is_study_file(name) else None, **values)
     except TypeError as e:
         raise UserError(f"bad study option: {e}") from None
     # The lr range follows the optimiser, which the config has just resolved (flag, file, or the dataset's).
