@@ -78,7 +78,7 @@ def _trials_frame(cfg) -> pd.DataFrame:
 
 
 def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -> StudyResult:
-    """Run or resume the Optuna study of one method (a method name or a study file), as `kdsweep study`.
+    """Run or resume the Optuna study of one method (a method name, or a study file by its path), as `kdsweep study`.
 
     teacher, student: a name (`kdsweep methods` lists the built-ins), a spec (`torchvision:resnet18`,
         `timm:NAME`, `package.module:factory`), an `nn.Module` (a teacher: used as it is, trained; a

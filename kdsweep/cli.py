@@ -141,12 +141,13 @@ def cmd_methods(args) -> int:
     """The registry as a table: what each method is, what it reads, what it searches."""
     from kdsweep.methods.registry import METHODS
     from kdsweep.methods.space import LR_RANGES
+    from kdsweep.models.zoo import TAPS
 
     lr = "lr " + ", ".join(f"{v.describe()} ({opt})" for opt, v in LR_RANGES.items())
     rows = []
     for name in sorted(METHODS, key=lambda n: (n != "ce", n != "vanilla_kd", n)):
         m = METHODS[name]
-        needs = "-" if not m.uses_teacher else ", ".join(t for t in ("logits", "feature", "embedding") if t in m.needs)
+        needs = "-" if not m.uses_teacher else ", ".join(t for t in TAPS if t in m.needs)
         needs += "; training-sample ids" if m.needs_index else ""  # issue 14: CRD's memory bank
         space = "; ".join([f"{k} {v.describe()}" for k, v in m.space.items()] + [lr])
         rows.append((name, m.summary, needs, space, m.reference))
