@@ -84,6 +84,7 @@ LR_RANGES: dict[str, Float] = {
     "adamw": Float(1e-4, 0.1, 1e-3, log=True),
 }
 OPTIMIZERS = tuple(LR_RANGES)
+MOMENTUM = 0.9  # SGD's momentum, Adam's and AdamW's beta1, unless a study sets another (--momentum)
 LR = LR_RANGES["sgd"]
 
 

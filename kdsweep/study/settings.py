@@ -14,7 +14,7 @@ from typing import Any, Iterable, get_args, get_type_hints
 
 from kdsweep.common.errors import UserError
 from kdsweep.data.catalog import DATASET_NAMES
-from kdsweep.methods.space import OPTIMIZERS
+from kdsweep.methods.space import MOMENTUM, OPTIMIZERS
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
@@ -97,7 +97,7 @@ class StudySettings:
     batch_size: int | None = setting(None, "images per training step", BUDGET, default_text=_PER_DATASET, at_least=1)
     optimizer: str | None = setting(None, "sets the searched lr range (kdsweep methods)", BUDGET,
                                     default_text=_PER_DATASET, choices=OPTIMIZERS)
-    momentum: float = setting(0.9, "SGD momentum, or Adam's/AdamW's beta1", BUDGET)
+    momentum: float = setting(MOMENTUM, "SGD momentum, or Adam's/AdamW's beta1", BUDGET)
     weight_decay: float | None = setting(None, "L2 weight decay of the optimiser", BUDGET,
                                          default_text=_PER_DATASET)
     timeout: float | None = setting(None, "stop starting new trials after this many seconds", BUDGET, above=0)
