@@ -332,20 +332,20 @@ def cmd_status(args) -> int:
     return 0
 
 
-EPILOG_SWEEP = """\
+EPILOG_SWEEP = f"""\
 examples:
   kdsweep sweep --methods all --dataset digits --epochs 5       # 100 epochs per method
   kdsweep sweep --methods ce,vanilla_kd,dkd --budget-epochs 60 --epochs 5 --dataset digits
   kdsweep sweep --methods ce,vanilla_kd --trials 10 --epochs 3 --dataset digits --study-suffix try2
 
-Every method gets the same budget: by default {trials} trials' worth of epochs
-(--budget-epochs {trials} x --epochs), counted over all its trials, pruned ones
+Every method gets the same budget: by default {schema.DEFAULT_TRIALS} trials' worth of epochs
+(--budget-epochs {schema.DEFAULT_TRIALS} x --epochs), counted over all its trials, pruned ones
 included, so a method that prunes more tries more configurations for the
 same compute. Before anything trains, every method's study is checked: one
 that exists with other settings stops the sweep (one line each, exit 2).
 `all` runs every method whose needs the teacher/student pair can serve (ce
 first) and says which it skips.
-""".format(trials=schema.DEFAULT_TRIALS)
+"""
 
 Sub = argparse._SubParsersAction
 RAW = argparse.RawDescriptionHelpFormatter

@@ -13,8 +13,8 @@ STUDIES = Path(__file__).resolve().parents[1] / "studies"
 def test_one_shipped_study_file_per_method_and_each_resolves():
     files = {p.stem: p for p in STUDIES.glob("*.toml")}
     assert set(files) == set(METHODS)
-    for name in files:
-        cfg = resolve(str(files[name]), {"dataset": "digits"})
+    for name, path in files.items():
+        cfg = resolve(str(path), {"dataset": "digits"})
         assert cfg.method == name
         assert set(cfg.space) == set(METHODS[name].space) | {"lr"}
 

@@ -40,7 +40,7 @@ class Float:
         return json.dumps({"low": self.low, "high": self.high, "log": self.log})
 
     @classmethod
-    def from_param(cls, text: str) -> "Float | None":
+    def from_param(cls, text: str) -> Float | None:
         """A range as logged: JSON (to_param), or the text `[low, high] log` of stores written before it; None if neither.
 
         `default` is not logged: the range's low end stands in (a read-back range is only compared, never fixed).
