@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kdsweep.study.best import best_trial  # noqa: E402
+from kdsweep.study.best import best_trial
 
 DPI = 120
 

@@ -6,7 +6,8 @@ The study's summary and parent run and `kdsweep status` (from Optuna's trials), 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -9,8 +9,9 @@ reads only this module: it imports no torch, MLflow or Optuna.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any, Iterable, get_args, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from kdsweep.common.errors import UserError
 from kdsweep.data.catalog import DATASET_NAMES
