@@ -7,7 +7,7 @@
     tables = result.report()            # {"best": DataFrame, "ranking": DataFrame, ...}
 
 Settings are `kdsweep study`'s flags as keyword arguments (`budget_epochs=40` for
-`--budget-epochs 40`), checked against the one schema, `config.StudyConfig`. Models and data
+`--budget-epochs 40`), checked against the one schema, `settings.StudySettings`. Models and data
 may also be Python objects: see `teacher`, `student` and `data` in :func:`study`.
 The command line is a thin layer over these functions.
 """
@@ -15,22 +15,19 @@ The command line is a thin layer over these functions.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
 from kdsweep.common.errors import UserError
 
-# StudyConfig's fields that are not settings: the method and study file decide them.
-_NOT_SETTINGS = {"method", "name", "space", "fixed"}
-
 
 def settings() -> list[str]:
-    """The keyword arguments study() and sweep() accept: StudyConfig's fields."""
-    from kdsweep.study.config import StudyConfig
+    """The keyword arguments study() and sweep() accept: the settings of the schema (study/settings.py)."""
+    from kdsweep.study.settings import names
 
-    return [f.name for f in fields(StudyConfig) if f.name not in _NOT_SETTINGS]
+    return names()
 
 
 def _flags(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,7 +78,7 @@ def _trials_frame(cfg) -> pd.DataFrame:
 
 
 def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -> StudyResult:
-    """Run or resume the Optuna study of one method (a method name or a study file), as `kdsweep study`.
+    """Run or resume the Optuna study of one method (a method name, or a study file by its path), as `kdsweep study`.
 
     teacher, student: a name (`kdsweep methods` lists the built-ins), a spec (`torchvision:resnet18`,
         `timm:NAME`, `package.module:factory`), an `nn.Module` (a teacher: used as it is, trained; a

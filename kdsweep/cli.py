@@ -12,6 +12,7 @@ from typing import Callable
 from kdsweep.common import failures
 from kdsweep.common.errors import UserError
 from kdsweep.data.catalog import DATASET_NAMES
+from kdsweep.study import settings as schema  # torch-free: the settings' flags come from it
 
 EPILOG_STUDY = """\
 examples:
@@ -22,8 +23,9 @@ examples:
   kdsweep study vanilla_kd --trials 48 --parallel 8         # 8 trials at a time, one teacher pass
   kdsweep study dkd --dataset digits --budget-epochs 100 --epochs 5   # 100 epochs of compute, pruned trials included
 
-NAME is a method (`kdsweep methods` lists them) or a study file: studies/NAME.toml
-or a path to a .toml. Precedence: built-in defaults < study file < flags.
+NAME is a method (`kdsweep methods` lists them), run with its own search ranges,
+or a study file given by its path (a .toml, e.g. studies/NAME.toml): a bare name
+never reads a file. Precedence: built-in defaults < study file < flags.
 
 The budget counts compute: --trials N is N trials that trained, whatever their
 end (complete, pruned by the pruner, or diverged); --budget-epochs E is E epochs
@@ -42,75 +44,38 @@ per complete trial, at its best-validation epoch, and never used for tuning.
 """
 
 
-def _common_data(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data and models")
-    g.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: cifar10), or your data: imagefolder:PATH "
-                                     f"(PATH/train/<class>/*.png and PATH/test/ or PATH/val/), torchvision:NAME (read from "
-                                     f"--data-dir, never downloaded), package.module:function (returns train_x, train_y, "
-                                     f"test_x, test_y); these need --teacher and --student")
-    g.add_argument("--data-dir", help="where real datasets live / are downloaded (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
-    g.add_argument("--image-size", type=int, metavar="N",
-                   help="resize your dataset's images to NxN (shorter side, then centre crop); needed when its images "
-                        "differ in size (default: as they are)")
-    g.add_argument("--data-size", type=int, help="training images to use (synthetic: to generate; default: all, synthetic 5000)")
-    g.add_argument("--val-fraction", type=float, help="share of the training set held out for validation (default: 0.1)")
-    g.add_argument("--seed", type=int, help="seed of the split, augmentation stream, initialisation and sampler (default: 0)")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto (CUDA when there is one)")
+def _add_settings(p: argparse.ArgumentParser, names: list[str], defaults: dict[str, str] | None = None) -> dict:
+    """Flags for these settings of the schema (study/settings.py): flag, type, choices and help with its default, in
+    the schema's groups; returns the groups by title. defaults: a command's own words for a setting's default."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in schema.schema(names):
+        title = f.metadata["group"]
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        kw = {"help": schema.help_text(f, (defaults or {}).get(f.name)), "metavar": f.metadata["metavar"],
+              "choices": list(f.metadata["choices"]) if f.metadata["choices"] else None}
+        if schema.kind(f.name) is bool:
+            kw["action"] = argparse.BooleanOptionalAction  # --compile / --no-compile
+        else:
+            kw["type"] = schema.kind(f.name)
+        groups[title].add_argument(schema.flag(f.name), **{k: v for k, v in kw.items() if v is not None})
+    return groups
 
 
-def _common_tracking(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("storage and tracking")
-    g.add_argument("--storage", help="Optuna storage URL (default: sqlite:///mlruns/optuna.db; e.g. postgresql://user@host/db)")
-    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db; e.g. http://127.0.0.1:5000)")
+def _help(name: str) -> str:
+    """A setting's help, for a command that takes it outside the study flags (report, confirm, ui, teacher)."""
+    return schema.help_text(schema.schema([name])[0])
 
 
 def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    from kdsweep.methods.space import OPTIMIZERS
-
-    _common_data(p)
-    g = p.add_argument_group("models")
-    g.add_argument("--teacher", metavar="MODEL", help="teacher: a built-in name, torchvision:NAME, timm:NAME or "
-                                                       "package.module:factory (default: the dataset's pair)")
-    g.add_argument("--student", metavar="MODEL", help="student, as --teacher (default: the dataset's pair)")
-    for role in ("teacher", "student"):
-        g.add_argument(f"--{role}-feature", metavar="PATH",
-                       help=f"module whose output is the {role}'s feature map, e.g. layer4 (default: the last module "
-                            f"that yields a spatial map)")
-        g.add_argument(f"--{role}-embedding", metavar="PATH",
-                       help=f"module whose input is the {role}'s embedding, e.g. fc (default: the last nn.Linear)")
-    g.add_argument("--teacher-epochs", type=int, help="epochs of a teacher trained when none is cached (default: per dataset)")
-    g.add_argument("--teacher-checkpoint", help="use this teacher checkpoint instead of the cache: kdsweep's, a plain "
-                                                "state_dict or {\"state_dict\"/\"model\": ...} for --teacher "
-                                                "(always loaded with weights_only=True)")
-    g = p.add_argument_group("budget (the same for every method)")
-    g.add_argument("--trials", type=int, metavar="N",
-                   help="trials that trained (complete, pruned or diverged; trials lost to a killed worker are retried "
-                        "and not counted) the study should hold; a rerun with a larger N adds the difference "
-                        + ("(default: none; the sweep's default budget is --budget-epochs)" if sweep else
-                           "(default: 20, or no limit when --budget-epochs is given)"))
-    g.add_argument("--budget-epochs", type=int, metavar="E",
-                   help="training epochs summed over all the study's trials; no trial is claimed once they are spent "
-                        "(pruning then buys more configurations for the same compute: the fair unit for comparing "
-                        "methods) " + ("(default: 20 x --epochs per method)" if sweep else "(default: none)"))
-    g.add_argument("--epochs", type=int, help="epochs per trial (default: per dataset, e.g. digits 10)")
-    g.add_argument("--batch-size", type=int, help="default: per dataset (digits 32, mnist1d 100, others 128)")
-    g.add_argument("--optimizer", choices=list(OPTIMIZERS),
-                   help="default: per dataset (sgd; mnist1d: adam, the paper's); sets the searched lr range (kdsweep methods)")
-    g.add_argument("--momentum", type=float, help="SGD momentum, or Adam's/AdamW's beta1 (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, help="default: per dataset (5e-4; mnist1d: 0)")
-    g.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
-    g = p.add_argument_group("search")
-    g.add_argument("--sampler", choices=["tpe", "random"], help="default: tpe")
-    g.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: median")
+    """Every setting of the schema as a flag (a sweep: --study-suffix instead of --study-name), then --quiet."""
+    names = [n for n in schema.names() if not (sweep and n == "study_name")]
+    defaults = {"trials": "none; the sweep's default budget is --budget-epochs",
+                "budget_epochs": f"{schema.DEFAULT_TRIALS} x --epochs per method"} if sweep else {}
+    groups = _add_settings(p, names, defaults)
     if sweep:
-        g.add_argument("--study-suffix", metavar="TEXT",
-                       help="appended to every study's name: a separate set of studies with the same settings")
-    else:
-        g.add_argument("--study-name", help="Optuna study name (default: NAME-dataset-teacher-student-sSEED-eEPOCHS-bBATCH, "
-                                            "plus any non-default optimizer, momentum, weight decay, data size or val fraction)")
-    _perf_args(p)
-    _common_tracking(p)
-    _integrity_args(p)
+        groups[schema.SEARCH].add_argument(
+            "--study-suffix", metavar="TEXT", help="appended to every study's name: a separate set of studies with the same settings")
     _output_args(p)
 
 
@@ -118,36 +83,6 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output (in a terminal: progress bars; otherwise one line per finished trial and study)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="print only the summary at the end (notes and warnings still go to stderr)")
-
-
-def _integrity_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("integrity")
-    g.add_argument("--on-mismatch", choices=["refuse", "repair", "ignore"],
-                   help="when the study's Optuna trials and MLflow runs disagree at start (a store deleted or replaced): "
-                        "refuse says what disagrees in one line and stops (default); repair marks MLflow runs that no "
-                        "trial of this Optuna study owns (and a parent run of another Optuna study) "
-                        "kdsweep.state=ORPHANED, status KILLED, which the report skips, and re-creates a run from "
-                        "Optuna's record (params, val/test accuracy; no curves, no checkpoint) for each complete "
-                        "trial whose run is gone; ignore goes on and says so")
-
-
-def _perf_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("speed (results are the same up to float rounding; docs/performance.md)")
-    g.add_argument("--parallel", type=int, metavar="K",
-                   help="ask K trials at once and train their students in lockstep on the same batches (default: 1)")
-    g.add_argument("--teacher-cache-mb", type=float, metavar="MB",
-                   help="memory for teacher outputs shared by all trials; logits are always kept, feature maps while they "
-                        "fit (default: a quarter of the device's free memory; 0 disables)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile each architecture once per process (pays off on long GPU studies; default: off)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="NHWC memory format for conv models (default: on)")
-    g.add_argument("--cpu-workers", type=int, metavar="N",
-                   help="CPU only: worker threads (one intra-op thread each) that split the teacher's batch and share "
-                        "out the students (default: the cores; 0: plain intra-op threads)")
-    g.add_argument("--fused", action=argparse.BooleanOptionalAction,
-                   help="stack the lockstep students that draw no random numbers into one model with one optimiser "
-                        "step (torch.func.vmap) (default: on for CUDA with --parallel >= 2, off on CPU)")
 
 
 def _settings(args, *skip: str) -> dict:
@@ -206,12 +141,13 @@ def cmd_methods(args) -> int:
     """The registry as a table: what each method is, what it reads, what it searches."""
     from kdsweep.methods.registry import METHODS
     from kdsweep.methods.space import LR_RANGES
+    from kdsweep.models.zoo import TAPS
 
     lr = "lr " + ", ".join(f"{v.describe()} ({opt})" for opt, v in LR_RANGES.items())
     rows = []
     for name in sorted(METHODS, key=lambda n: (n != "ce", n != "vanilla_kd", n)):
         m = METHODS[name]
-        needs = "-" if not m.uses_teacher else ", ".join(t for t in ("logits", "feature", "embedding") if t in m.needs)
+        needs = "-" if not m.uses_teacher else ", ".join(t for t in TAPS if t in m.needs)
         needs += "; training-sample ids" if m.needs_index else ""  # issue 14: CRD's memory bank
         space = "; ".join([f"{k} {v.describe()}" for k, v in m.space.items()] + [lr])
         rows.append((name, m.summary, needs, space, m.reference))
@@ -314,9 +250,10 @@ def _report_select(p: argparse.ArgumentParser) -> None:
                    help="the per-trial settings that end the studies' names, e.g. e5-b32: studies whose trials compute "
                         "something else are not compared (default: the settings most studies share; the others are named)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: auto")
-    g.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
-    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    g.add_argument("--device", choices=list(schema.DEVICES), default=schema.StudySettings.device,
+                   help=f"where to evaluate the checkpoints (default: {schema.StudySettings.device})")
+    g.add_argument("--data-dir", help=_help("data_dir"))
+    g.add_argument("--tracking-uri", help=_help("tracking_uri"))
 
 
 def _studies(args) -> list[str] | None:
@@ -395,65 +332,73 @@ def cmd_status(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kdsweep",
-        description="Tune knowledge-distillation methods fairly: one Optuna study per method, every trial tracked in MLflow.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n"
-               "  kdsweep study ce --dataset digits --trials 10 --epochs 5\n"
-               "  kdsweep confirm --dataset digits --seeds 3\n  kdsweep report --dataset digits --out R --format md,csv\n"
-               "  kdsweep ui\n  kdsweep status\n\n"
-               "`kdsweep COMMAND --help` explains each command.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+EPILOG_SWEEP = f"""\
+examples:
+  kdsweep sweep --methods all --dataset digits --epochs 5       # 100 epochs per method
+  kdsweep sweep --methods ce,vanilla_kd,dkd --budget-epochs 60 --epochs 5 --dataset digits
+  kdsweep sweep --methods ce,vanilla_kd --trials 10 --epochs 3 --dataset digits --study-suffix try2
 
+Every method gets the same budget: by default {schema.DEFAULT_TRIALS} trials' worth of epochs
+(--budget-epochs {schema.DEFAULT_TRIALS} x --epochs), counted over all its trials, pruned ones
+included, so a method that prunes more tries more configurations for the
+same compute. Before anything trains, every method's study is checked: one
+that exists with other settings stops the sweep (one line each, exit 2).
+`all` runs every method whose needs the teacher/student pair can serve (ce
+first) and says which it skips.
+"""
+
+Sub = argparse._SubParsersAction
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _add_study(sub: Sub) -> None:
     p = sub.add_parser("study", help="run or resume an Optuna study of one method", description=cmd_study.__doc__ or
                        "Run (or resume) an Optuna study that tunes one distillation method.",
-                       epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", metavar="NAME", help="a method name or a study file")
+                       epilog=EPILOG_STUDY, formatter_class=RAW)
+    p.add_argument("name", metavar="NAME", help="a method name, or a study file by its path (.toml)")
     _study_args(p)
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("sweep", help="one study per method, same budget for each", formatter_class=argparse.RawDescriptionHelpFormatter,
+
+def _add_sweep(sub: Sub) -> None:
+    p = sub.add_parser("sweep", help="one study per method, same budget for each", formatter_class=RAW,
                        description="Run (or resume) one study per method, one after another, with the same data split, "
                                    "augmentation stream, epochs and trial budget, so the methods compare fairly.",
-                       epilog="examples:\n  kdsweep sweep --methods all --dataset digits --epochs 5       # 100 epochs per method\n"
-                              "  kdsweep sweep --methods ce,vanilla_kd,dkd --budget-epochs 60 --epochs 5 --dataset digits\n"
-                              "  kdsweep sweep --methods ce,vanilla_kd --trials 10 --epochs 3 --dataset digits --study-suffix try2\n\n"
-                              "Every method gets the same budget: by default 20 trials' worth of epochs\n"
-                              "(--budget-epochs 20 x --epochs), counted over all its trials, pruned ones\n"
-                              "included, so a method that prunes more tries more configurations for the\n"
-                              "same compute. Before anything trains, every method's study is checked: one\n"
-                              "that exists with other settings stops the sweep (one line each, exit 2).\n"
-                              "`all` runs every method whose needs the teacher/student pair can serve (ce\n"
-                              "first) and says which it skips.")
-    p.add_argument("--methods", default="all", help="`all` or a comma list of methods / study files (default: all)")
+                       epilog=EPILOG_SWEEP)
+    p.add_argument("--methods", default="all",
+                   help="`all` or a comma list of methods / study files by path (default: all)")
     _study_args(p, sweep=True)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_methods(sub: Sub) -> None:
     p = sub.add_parser("methods", help="list the distillation methods and their search spaces",
-                       description="List every registered distillation method: what it does, what it needs from the models, "
-                                   "what it searches (override ranges in studies/NAME.toml), and where it comes from.")
+                       description="List every registered distillation method: what it does, what it needs from the "
+                                   "models, what it searches (change a range in a study file: kdsweep study "
+                                   "studies/NAME.toml), and where it comes from.")
     p.add_argument("--format", choices=["text", "tsv"], default="text")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("teacher", help="train and cache a teacher", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a teacher with cross-entropy, keep its best-validation epoch and cache it, keyed by "
-                                   "(dataset, arch, seed, epochs, data size). Studies reuse the cached teacher.",
+
+def _add_teacher(sub: Sub) -> None:
+    p = sub.add_parser("teacher", help="train and cache a teacher", formatter_class=RAW,
+                       description="Train a teacher with cross-entropy, keep its best-validation epoch and cache it, keyed "
+                                   "by (dataset, arch, seed, epochs, data size). Studies reuse the cached teacher.",
                        epilog="examples:\n  kdsweep teacher --dataset digits --arch digitnet_l --epochs 30\n"
                               "  kdsweep teacher --dataset cifar10 --arch resnet18 --epochs 100 --device cuda")
-    _common_data(p)
+    _add_settings(p, schema.in_group(schema.DATA))
     p.add_argument("--arch", help="teacher architecture (default: the dataset's teacher)")
     p.add_argument("--epochs", type=int, help="training epochs (default: per dataset)")
     p.add_argument("--out", help="write the checkpoint here instead of the cache")
     p.add_argument("--force", action="store_true", help="retrain even if cached")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--tracking-uri", help=_help("tracking_uri"))
     p.set_defaults(func=cmd_teacher)
 
+
+def _add_report(sub: Sub) -> None:
     p = sub.add_parser("report", help="tables (and plots) ranking the methods of one teacher -> student pair",
                        description="Build the best-per-method, metrics and rank tables of a pair's studies from MLflow.",
-                       epilog=EPILOG_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG_REPORT, formatter_class=RAW)
     _report_select(p)
     g = p.add_argument_group("output")
     g.add_argument("--format", help="comma-separated: md,csv,tex,html,json (needs --out; default: markdown on the terminal)")
@@ -467,54 +412,81 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
     p.set_defaults(func=cmd_report)
 
+
+def _add_confirm(sub: Sub) -> None:
     p = sub.add_parser("confirm", help="retrain each method's best config with fresh seeds (resumable)",
                        description="Retrain the best trial of every study with K fresh seeds, logged as MLflow child runs.",
-                       epilog=EPILOG_CONFIRM, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG_CONFIRM, formatter_class=RAW)
     _report_select(p)
     p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per method (default: 3)")
     p.set_defaults(func=cmd_confirm)
 
+
+def _add_bench(sub: Sub) -> None:
     p = sub.add_parser("bench", help="measure kdsweep's training path against a seed-style reference",
                        description="Benchmark a K-trial kdsweep study against K seed-style reference trials.",
-                       epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG_BENCH, formatter_class=RAW)
     p.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default: synthetic, generated: no network)")
-    p.add_argument("--data-dir", help="where real datasets live (default: $KDSWEEP_DATA or ~/.cache/kdsweep/data)")
+    p.add_argument("--data-dir", help=_help("data_dir"))
     p.add_argument("--teacher", help="teacher architecture (default: resnet18, seed 003's)")
     p.add_argument("--student", help="student architecture (default: smallnet, seed 003's)")
     p.add_argument("--images", type=int, help="training images per epoch (default: 1024)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: 3)")
     p.add_argument("--trials", type=int, help="K, trials in the kdsweep study (default: 8)")
     p.add_argument("--batch-size", type=int, help="default: 128")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto (CUDA when there is one)")
-    p.add_argument("--workers", type=int, help="DataLoader workers of the reference (default: 0 on CPU, the fastest there; cores - 1, at most 4, on CUDA)")
+    p.add_argument("--device", choices=list(schema.DEVICES), help=_help("device"))
+    p.add_argument("--workers", type=int, help="DataLoader workers of the reference (default: 0 on CPU, the fastest "
+                                               "there; cores - 1, at most 4, on CUDA)")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: the cores this process may use)")
     p.add_argument("--parallel", type=int, help="trials per lockstep group in the kdsweep study (default: all K)")
     p.add_argument("--ref-trials", type=int, help="reference trials to measure and average (default: 1)")
     p.add_argument("--teacher-cache-mb", type=float, help="teacher cache budget of the study (default: sized to the device)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_ui(sub: Sub) -> None:
     p = sub.add_parser("ui", help="open the MLflow UI on the study results",
                        description="Start `mlflow ui` on kdsweep's tracking store and print the link to the newest "
                                    "experiment's runs. Ctrl-C, `kill` or closing the terminal stops the server and every "
                                    "process it started; a port already in use is refused (exit 2).",
                        epilog="example:\n  kdsweep ui                 # then open the runs link it prints\n"
                               "  kdsweep ui --port 5001     # when 5000 is taken",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tracking-uri", help="default: sqlite:///mlruns/mlflow.db")
+                       formatter_class=RAW)
+    p.add_argument("--tracking-uri", help=_help("tracking_uri"))
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
+
+def _add_status(sub: Sub) -> None:
     p = sub.add_parser("status", help="the studies in a store: budget, trials by state, best, a worker running now",
                        description="List the studies of an Optuna storage: method, per-trial settings, budget, trials by "
                                    "state, epochs spent, best validation and test accuracy, whether a worker is running "
                                    "the study now, and its MLflow experiment and parent run. Reads only.",
                        epilog="examples:\n  kdsweep status\n  kdsweep status --json | jq '.studies[].best'\n"
                               "  kdsweep status --storage postgresql://user@host/db --tracking-uri http://127.0.0.1:5000",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common_tracking(p)
+                       formatter_class=RAW)
+    _add_settings(p, schema.in_group(schema.TRACKING))
     p.add_argument("--json", action="store_true", help="the same as JSON")
     p.set_defaults(func=cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`kdsweep` and its subcommands; the study settings' flags come from the schema (study/settings.py)."""
+    parser = argparse.ArgumentParser(
+        prog="kdsweep",
+        description="Tune knowledge-distillation methods fairly: one Optuna study per method, every trial tracked in MLflow.",
+        formatter_class=RAW,
+        epilog="start here:\n  kdsweep study vanilla_kd --dataset digits --trials 10 --epochs 5\n"
+               "  kdsweep study ce --dataset digits --trials 10 --epochs 5\n"
+               "  kdsweep confirm --dataset digits --seeds 3\n  kdsweep report --dataset digits --out R --format md,csv\n"
+               "  kdsweep ui\n  kdsweep status\n\n"
+               "`kdsweep COMMAND --help` explains each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_study, _add_sweep, _add_methods, _add_teacher, _add_report, _add_confirm, _add_bench, _add_ui,
+                _add_status):
+        add(sub)
     return parser
 
 

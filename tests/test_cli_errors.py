@@ -104,7 +104,7 @@ def test_teacher_checkpoint_of_the_wrong_shape(kdsweep, workdir):
 def test_bad_study_files(kdsweep, workdir, toml, expect):
     (workdir / "studies").mkdir()
     (workdir / "studies" / "mine.toml").write_text(toml)
-    code, _, err = kdsweep("study", "mine", *STUDY)
+    code, _, err = kdsweep("study", "studies/mine.toml", *STUDY)
     assert code == 2 and expect in _one_line(err)
     _nothing_written(workdir)
 

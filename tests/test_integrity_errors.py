@@ -320,7 +320,7 @@ def test_study_file_value_types_are_checked_with_file_and_key_named(kdsweep, wor
     (workdir / "studies").mkdir()
     text = body if body.startswith("method") else f'method = "ce"\n{body}\n'
     (workdir / "studies" / "x.toml").write_text(text)
-    code, _, err = kdsweep("study", "x", "--dataset", "digits", "--trials", 1, "--epochs", 1)
+    code, _, err = kdsweep("study", "studies/x.toml", "--dataset", "digits", "--trials", 1, "--epochs", 1)
     assert code == 2
     assert _one_error_line(err) == f"kdsweep: error: study file studies/x.toml: {message}"
     assert not (workdir / "mlruns").exists()  # refused before anything was written
@@ -331,7 +331,7 @@ def test_study_file_types_come_from_the_config_dataclass(tmp_path):
 
     assert all(_expected(k) for k in _DEFAULT_KEYS)  # a new StudyConfig field is checked without a second list
     (tmp_path / "ok.toml").write_text('method = "ce"\n[defaults]\nmomentum = 1\nepochs = 3\ncompile = false\n')
-    cfg = resolve("ok", {"dataset": "digits"}, studies_dir=tmp_path)  # an integer is a fine float
+    cfg = resolve(str(tmp_path / "ok.toml"), {"dataset": "digits"})  # an integer is a fine float
     assert (cfg.momentum, cfg.epochs, cfg.compile) == (1, 3, False)
 
 

@@ -234,6 +234,8 @@ def test_workers_on_a_cold_cache_train_the_teacher_once(tmp_path, monkeypatch, d
 
 
 def test_a_killed_teacher_training_leaves_no_running_run(tmp_path, tracker):
+    from kdsweep.tracking.cleanup import owner_tags, run_owner
+    from kdsweep.tracking.vocabulary import OWNER_TAG
     from kdsweep.training import teacher
 
     env = cli_env(tmp_path)
@@ -250,14 +252,13 @@ def test_a_killed_teacher_training_leaves_no_running_run(tmp_path, tracker):
     run = wait_for(running, 120, proc, every=0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert json.loads(run.data.tags[teacher.OWNER_TAG])["pid"] == proc.pid
+    assert json.loads(run.data.tags[OWNER_TAG])["pid"] == proc.pid  # the owner tag, written as cleanup writes it
 
-    mine = tracker.start(run.info.experiment_id, "live", {"kdsweep.role": "teacher",  # a live owner's: left alone
-                                                          teacher.OWNER_TAG: json.dumps(teacher.Owner.me().as_attr())})
+    mine = tracker.start(run.info.experiment_id, "live", {"kdsweep.role": "teacher", **owner_tags()})  # live: left alone
     assert teacher.close_dead_teacher_runs(tracker) == 1
     killed = tracker.client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED"
-    owner = teacher.Owner.from_attr(json.loads(run.data.tags[teacher.OWNER_TAG]))
+    owner = run_owner(run)
     assert killed.data.tags["kdsweep.reason"] == f"its process {owner} is gone (killed or crashed)"
     assert tracker.client.get_run(mine).info.status == "RUNNING"
 

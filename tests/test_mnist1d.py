@@ -134,12 +134,12 @@ def test_optimizer_is_part_of_the_budget_and_sets_the_lr_range(tmp_path):
     with pytest.raises(UserError, match="unknown optimizer"):
         StudyConfig(method="ce", name="ce", dataset="digits", optimizer="lbfgs")
     # The lr range follows the optimiser, from a flag, a study file or the dataset.
-    assert resolve("ce", {"dataset": "digits"}, studies_dir=tmp_path).space["lr"] == LR_RANGES["sgd"]
-    assert resolve("ce", {"dataset": "digits", "optimizer": "adam"}, studies_dir=tmp_path).space["lr"] == LR_RANGES["adam"]
+    assert resolve("ce", {"dataset": "digits"}).space["lr"] == LR_RANGES["sgd"]
+    assert resolve("ce", {"dataset": "digits", "optimizer": "adam"}).space["lr"] == LR_RANGES["adam"]
     for shipped in STUDIES.glob("*.toml"):  # the shipped study files leave the lr range to the optimiser
-        assert resolve(shipped.stem, {"dataset": "mnist1d"}, studies_dir=STUDIES).space["lr"] == LR_RANGES["adam"]
+        assert resolve(str(shipped), {"dataset": "mnist1d"}).space["lr"] == LR_RANGES["adam"]
     (tmp_path / "mine.toml").write_text('method = "ce"\n[defaults]\noptimizer = "adamw"\ndataset = "digits"\n')
-    cfg = resolve("mine", {}, studies_dir=tmp_path)
+    cfg = resolve(str(tmp_path / "mine.toml"), {})
     assert cfg.optimizer == "adamw" and cfg.space["lr"] == LR_RANGES["adamw"]
     # What each choice builds.
     params = [torch.nn.Parameter(torch.zeros(2))]

@@ -269,7 +269,7 @@ def test_every_trial_diverging_spends_the_budget_and_says_so(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "studies").mkdir()
     (tmp_path / "studies" / "hot.toml").write_text('method = "ce"\n[fixed]\nlr = 10000.0\n')
-    code = cli.main(["study", "hot", "--dataset", "digits", "--data-size", "300", "--trials", "2", "--epochs", "1",
+    code = cli.main(["study", "studies/hot.toml", "--dataset", "digits", "--data-size", "300", "--trials", "2", "--epochs", "1",
                      "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0  # diverged trials trained: they spend the budget (no endless retries), and the summary says so

@@ -238,3 +238,44 @@ def test_a_lost_best_checkpoint_falls_back_to_the_next_best_trial(sweep, capsys,
     other = next(r for r in kd.trials if r.info.run_id != lost)
     assert met.loc["vanilla_kd", "n"] == 1
     assert met.loc["vanilla_kd", "acc"] == pytest.approx(other.data.metrics["test_acc"], abs=1e-6)
+
+
+def test_search_ranges_are_logged_as_data_and_older_stores_still_read():
+    # Issue 19: the range was logged as the text "[1, 20] log" and parsed back with a regex.
+    from types import SimpleNamespace
+
+    from kdsweep.methods.space import Float
+    from kdsweep.report.stored_studies import StudyRuns
+
+    r = Float(0.5, 20.0, 4.0, log=True)
+    assert json.loads(r.to_param()) == {"low": 0.5, "high": 20.0, "log": True}
+    assert Float.from_param(r.to_param()) == Float(0.5, 20.0, 0.5, log=True)  # the default is not logged
+    assert Float.from_param("[1, 20] log") == Float(1.0, 20.0, 1.0, log=True)  # older stores
+    assert Float.from_param("[0, 1]") == Float(0.0, 1.0, 0.0)
+    for bad in ("", "[1, x]", "1, 20", "[1, 20] lin", '{"low": 1}', "null"):
+        assert Float.from_param(bad) is None, bad
+    params = {"space.temperature": r.to_param(), "space.alpha": "[0, 1]", "space.beta": "?"}
+    s = StudyRuns(run=SimpleNamespace(data=SimpleNamespace(params=params, tags={})), trials=[], confirms=[])
+    assert s.space() == {"temperature": Float(0.5, 20.0, 0.5, log=True), "alpha": Float(0.0, 1.0, 0.0)}
+
+
+def test_the_best_trial_is_decided_in_one_place():
+    # Issue 19: Optuna's best_trial decided the study's summary, store.best_trial the report's, status a third max().
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace as NS
+
+    from kdsweep.study.best import best_run, best_trial, ranked_runs
+
+    trials = [NS(number=n, value=v, state=NS(name=s)) for n, v, s in
+              [(0, 0.5, "COMPLETE"), (1, 0.9, "PRUNED"), (2, 0.7, "COMPLETE"), (3, 0.7, "COMPLETE"), (4, None, "FAIL")]]
+    assert best_trial(trials).number == 2 and best_trial(trials[4:]) is None  # a tie goes to the earliest trial
+    runs = [NS(data=NS(tags={"kdsweep.state": "PRUNED" if t.state.name == "PRUNED" else t.state.name,
+                             "kdsweep.trial": str(t.number)}, metrics={} if t.value is None else {"best_val_acc": t.value}))
+            for t in reversed(trials)]
+    assert best_run(runs).data.tags["kdsweep.trial"] == "2"  # the same trial, read from MLflow
+    assert [r.data.tags["kdsweep.trial"] for r in ranked_runs(runs)] == ["2", "3", "0"]
+    package = Path(__file__).resolve().parents[1] / "kdsweep"
+    others = [str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "best.py"
+              and re.search(r"\.best_(trial|value)\b|best_val_acc.\]\s*,\s*-", p.read_text())]
+    assert not others, f"these decide the best trial themselves: {others}"

@@ -26,8 +26,6 @@ import torch.nn as nn
 from kdsweep.methods.space import Float
 from kdsweep.models.zoo import Outputs, Shapes
 
-TAPS = ("logits", "feature", "embedding")
-
 
 class SampleIndex(NamedTuple):
     """Which training samples a batch holds: `ids` (B,) int64 rows of the training split, in 0 .. total - 1."""

@@ -11,7 +11,8 @@ import importlib
 import pkgutil
 
 from kdsweep.common.errors import UserError
-from kdsweep.methods.base import TAPS, Method
+from kdsweep.methods.base import Method
+from kdsweep.models.zoo import TAPS
 
 METHODS: dict[str, type[Method]] = {}
 

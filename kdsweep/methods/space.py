@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
@@ -42,6 +43,30 @@ class Float:
     def describe(self) -> str:
         return f"[{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
 
+    def to_param(self) -> str:
+        """The range as an MLflow param: JSON `{"low": .., "high": .., "log": ..}`, read back by from_param."""
+        return json.dumps({"low": self.low, "high": self.high, "log": self.log})
+
+    @classmethod
+    def from_param(cls, text: str) -> Float | None:
+        """A range as logged: JSON (to_param), or the text `[low, high] log` of stores written before it; None if neither.
+
+        `default` is not logged: the range's low end stands in (a read-back range is only compared, never fixed).
+        """
+        try:
+            d = json.loads(text)
+            low, high, log = float(d["low"]), float(d["high"]), bool(d["log"])
+        except (ValueError, TypeError, KeyError):
+            body, bracket, rest = text.partition("]")
+            low_text, comma, high_text = body.removeprefix("[").partition(",")
+            if not (body.startswith("[") and bracket and comma and rest.strip() in ("", "log")):
+                return None
+            try:
+                low, high, log = float(low_text), float(high_text), rest.strip() == "log"
+            except ValueError:
+                return None
+        return cls(low, high, low, log=log)
+
     def edge(self, value: float, margin: float = EDGE_MARGIN) -> str | None:
         """'top'/'bottom' when `value` lies within `margin` of the range's width (log width for log ranges) of an end."""
         f = math.log if self.log else float
@@ -71,6 +96,7 @@ LR_RANGES: dict[str, Float] = {
     "adamw": Float(1e-4, 0.1, 1e-3, log=True),
 }
 OPTIMIZERS = tuple(LR_RANGES)
+MOMENTUM = 0.9  # SGD's momentum, Adam's and AdamW's beta1, unless a study sets another (--momentum)
 LR = LR_RANGES["sgd"]
 
 

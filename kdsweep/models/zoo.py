@@ -33,6 +33,9 @@ class Outputs(NamedTuple):
     embedding: torch.Tensor  # what the classifier reads (B, D)
 
 
+TAPS = Outputs._fields  # the taps a method may read (Method.needs), declared once: Outputs' fields, in order
+
+
 @dataclass(frozen=True)
 class Shapes:
     """Per-sample shapes of a network's taps, handed to methods to size their heads."""

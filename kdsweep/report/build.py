@@ -68,6 +68,7 @@ from kdsweep.report.stored_studies import (
     select,
     split_data,
 )
+from kdsweep.study.best import ranked_runs
 from kdsweep.tracking import cleanup
 from kdsweep.training import checkpoint
 
@@ -187,8 +188,7 @@ def _evaluate_study(s: StudyRuns, sel: Selection, splits: _Splits, teacher: Teac
     t_logits = teacher.logits.get(k) if teacher.logits else None
     runs, source = _runs_to_evaluate(s, sel.seed, seeds)
     if source == "best trial":  # a lost checkpoint must not drop the method: the next best trial that has one
-        runs = sorted((r for r in s.trials if r.data.tags.get("kdsweep.state") == "COMPLETE" and "best_val_acc" in r.data.metrics),
-                      key=lambda r: (-r.data.metrics["best_val_acc"], int(r.data.tags.get("kdsweep.trial", 0))))
+        runs = ranked_runs(s.trials)
     out = []
     for r in runs:
         path = download(sel.tracker, r.info.run_id, "checkpoint/student.pt", tmp)

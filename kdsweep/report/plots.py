@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from kdsweep.study.best import best_trial
+
 DPI = 120
 
 
@@ -107,7 +109,7 @@ def optuna_plots(study, label: str, out: Path, say: Callable[[str], None]) -> li
         _retitle(ax, f"{label}: optimisation history ({len(complete)} complete trials)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         paths.append(_save(ax.figure, out / f"history_{_slug(label)}.png"))
-        if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not study.best_trial.params:
+        if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not best_trial(complete).params:
             say(f"note: {label}: no importance plot: fANOVA on {len(complete)} complete trials would be noise "
                 f"(it needs {MIN_TRIALS_FOR_IMPORTANCE}+ and a searched parameter)")
             return paths

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner, heartbeat_settings
 from kdsweep.common.uris import absolute_sqlite, redact
+from kdsweep.study.best import best_trial
 from kdsweep.study.budget import Spent
 from kdsweep.study.workers import stale_reason
 from kdsweep.tracking.tracker import DEFAULT_DIR, default_tracking_uri
@@ -75,8 +76,7 @@ def _study(storage, frozen, grace: int) -> dict[str, Any]:
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
     spent = Spent.of(trials)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    best = best_trial(trials)
     fp = frozen.user_attrs.get(CONFIG_ATTR) or {}
     workers = _workers([t for t in trials if t.state == TrialState.RUNNING], grace)
     return {

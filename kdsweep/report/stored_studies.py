@@ -7,7 +7,6 @@ tracking server works as well as the local SQLite store.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from kdsweep.common.uris import redact
 from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import get_dataset, load_data
 from kdsweep.methods.space import Float
+from kdsweep.study.best import best_run
 from kdsweep.tracking.tracker import Tracker
 
 REFERENCE = "ce"  # the baseline every method is compared with; the only method named here
@@ -102,20 +102,14 @@ class StudyRuns:
         return [k[len("fixed."):] for k in self.params if k.startswith("fixed.")]
 
     def space(self) -> dict[str, Float]:
-        """The searched ranges, as logged ('[low, high] log'); unreadable ones are left out."""
-        out = {}
-        for k in self.searched():
-            m = _RANGE.match(self.params.get(f"space.{k}", ""))
-            if m:
-                out[k] = Float(float(m.group(1)), float(m.group(2)), float(m.group(1)), log=bool(m.group(3)))
-        return out
+        """The searched ranges, as logged (Float.to_param, or older stores' text); unreadable ones are left out."""
+        ranges = {k: Float.from_param(self.params.get(f"space.{k}", "")) for k in self.searched()}
+        return {k: v for k, v in ranges.items() if v is not None}
 
     def best_params(self) -> dict[str, float]:
         p = self.best.data.params if self.best is not None else {}
         return {k: float(p[k]) for k in self.searched() if k in p}
 
-
-_RANGE = re.compile(r"^\[([^,\]]+), ([^\]]+)\]( log)?$")
 
 
 @dataclass
@@ -228,7 +222,7 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
         name = p.data.tags["kdsweep.study"]
         trials = [r for r in by_role.get("trial", []) if r.data.tags.get("kdsweep.study") == name]
         s = StudyRuns(p, trials, [])
-        s.best = best_trial(trials)
+        s.best = best_run(trials)
         if s.best is not None:
             s.confirms = [r for r in by_role.get("confirm", [])
                           if r.data.tags.get("kdsweep.study") == name and r.data.tags.get("kdsweep.state") == "COMPLETE"
@@ -264,14 +258,6 @@ def _choose_per_trial(sel: Selection, per_trial: str | None, explicit: bool) -> 
     if others:
         sel.notes.append(f"studies with per-trial settings {chosen} are compared; also in the store (choose with "
                          f"--per-trial): {others}")
-
-
-def best_trial(trials: list) -> Any | None:
-    """The COMPLETE trial with the highest validation accuracy; ties go to the earliest, as in Optuna."""
-    done = [r for r in trials if r.data.tags.get("kdsweep.state") == "COMPLETE" and "best_val_acc" in r.data.metrics]
-    if not done:
-        return None
-    return max(done, key=lambda r: (r.data.metrics["best_val_acc"], -int(r.data.tags.get("kdsweep.trial", 0))))
 
 
 def confirm_seeds(study_seed: int, k: int) -> list[int]:

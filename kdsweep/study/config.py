@@ -1,13 +1,14 @@
 """A study's full configuration, resolved once: built-in defaults < study file < CLI flags.
 
-A study file `studies/NAME.toml` names a method and may override defaults
-and search ranges:
+`kdsweep study NAME` runs the method NAME with its own search ranges (methods/). A study file,
+always given by its path (`kdsweep study path/to/mine.toml`; studies/ ships one template per
+method), names a method and holds only what it changes; its stem labels the study:
 
     method = "vanilla_kd"
     [defaults]                      # any `kdsweep study` option
     epochs = 10
     [search]                        # narrow or widen a searched range
-    temperature = { low = 1.0, high = 20.0, log = true }
+    temperature = { low = 2.0, high = 8.0, log = true }
     [fixed]                         # stop searching a parameter: use this value
     alpha = 0.9
 """
@@ -15,76 +16,38 @@ and search ranges:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, get_args, get_type_hints
+from typing import Any, Mapping
 
 from kdsweep.common.errors import UserError
 from kdsweep.data.dispatch import dataset_shape, get_dataset
 from kdsweep.data.sources import name_tag
-from kdsweep.methods.registry import get_method
-from kdsweep.methods.space import OPTIMIZERS, Float, apply_overrides, lr_range
+from kdsweep.methods.registry import METHODS, get_method
+from kdsweep.methods.space import Float, apply_overrides, lr_range
 from kdsweep.models.factory import check_arch
+from kdsweep.study import settings
 from kdsweep.study.budget import Budget
+from kdsweep.study.settings import DEFAULT_TRIALS, StudySettings
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
-DEVICES = ("auto", "cuda", "cpu")
-ON_MISMATCH = ("refuse", "repair", "ignore")  # see truth.py
 MAX_NAME = 200
-STUDIES_DIR = Path("studies")
-DEFAULT_TRIALS = 20
 
 
-@dataclass
-class StudyConfig:
+@dataclass(kw_only=True)
+class StudyConfig(StudySettings):
+    """A study's settings (the schema, settings.py) and what its method and study file decide, resolved once."""
+
     method: str
-    name: str  # the study file's stem, or the method name
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    data_size: int | None = None
-    image_size: int | None = None  # resize a spec's images to image_size x image_size (sources.py)
-    val_fraction: float = 0.1
-    teacher: str | None = None  # None: the dataset's default pair; or a model spec (model_specs.py)
-    student: str | None = None
-    # Where a model's taps are read (taps.py): the output of the feature path, the input of the embedding
-    # path (module paths as print(model) shows them); None: found automatically.
-    teacher_feature: str | None = None
-    teacher_embedding: str | None = None
-    student_feature: str | None = None
-    student_embedding: str | None = None
-    teacher_epochs: int | None = None
-    teacher_checkpoint: str | None = None
-    seed: int = 0
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None  # None: the dataset's (sgd; mnist1d: adam)
-    momentum: float = 0.9  # SGD momentum; Adam's beta1
-    weight_decay: float | None = None  # None: the dataset's (5e-4; mnist1d: 0)
-    trials: int | None = None  # trials that trained (complete, pruned, diverged); None: 20, or unbounded with a budget
-    budget_epochs: int | None = None  # training epochs summed over all trials; the study stops claiming once spent
-    sampler: str = "tpe"
-    pruner: str = "median"
-    storage: str | None = None
-    tracking_uri: str | None = None
-    device: str = "auto"
-    timeout: float | None = None
-    study_name: str | None = None
-    on_mismatch: str = "refuse"  # when Optuna and MLflow disagree at start (truth.py)
-    # Performance only: they never change what a trial computes beyond float rounding.
-    parallel: int = 1  # trials trained in lockstep on the same batches
-    teacher_cache_mb: float | None = None  # None: sized to the device; 0: off
-    compile: bool = False
-    channels_last: bool = True
-    cpu_workers: int | None = None  # CPU: worker threads of a lockstep group (None: the cores; 0: off)
-    fused: bool | None = None  # lockstep students stacked into one model (None: on CUDA with --parallel >= 2)
+    name: str  # the study file's stem, or the method name: what the study is labelled
+    study_file: str | None = None  # the study file as given, or None (a method by its name)
     space: dict[str, Float] = field(default_factory=dict)
     fixed: dict[str, float] = field(default_factory=dict)
 
@@ -93,8 +56,7 @@ class StudyConfig:
         self.dataset = spec.name  # a spec as recorded: an image folder by its absolute path
         if not spec.teacher and not (self.teacher and self.student):
             raise UserError(f"dataset {self.dataset} has no default teacher and student: pass --teacher and --student")
-        if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
+        settings.check(self)  # choices and bounds, as the schema declares them, before any data is read
         in_shape, _ = dataset_shape(self.dataset, self.data_dir, self.image_size)  # a spec's data is read (once) here
         self.teacher = check_arch(self.teacher or spec.teacher, in_shape)
         self.student = check_arch(self.student or spec.student, in_shape)
@@ -102,33 +64,9 @@ class StudyConfig:
         self.epochs = self.epochs or spec.epochs
         self.batch_size = self.batch_size or spec.batch_size
         self.optimizer = self.optimizer or spec.optimizer
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         self.weight_decay = spec.weight_decay if self.weight_decay is None else self.weight_decay
         if self.trials is None and self.budget_epochs is None:
             self.trials = DEFAULT_TRIALS
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.data_size is not None and self.data_size < 10:
-            raise UserError(f"--data-size must be at least 10, got {self.data_size}")
-        for name in ("trials", "budget_epochs", "epochs", "batch_size", "teacher_epochs", "parallel"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if self.pruner not in PRUNERS:
-            raise UserError(f"unknown pruner {self.pruner!r}; choose from {', '.join(PRUNERS)}")
-        if self.on_mismatch not in ON_MISMATCH:
-            raise UserError(f"unknown --on-mismatch {self.on_mismatch!r}; choose from {', '.join(ON_MISMATCH)}")
-        if self.device not in DEVICES:
-            raise UserError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
-        if self.cpu_workers is not None and self.cpu_workers < 0:
-            raise UserError(f"--cpu-workers must be >= 0, got {self.cpu_workers}")
-        if self.teacher_cache_mb is not None and not self.teacher_cache_mb >= 0:
-            raise UserError(f"--teacher-cache-mb must be >= 0 (0 disables the cache), got {self.teacher_cache_mb}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UserError(f"--timeout must be positive seconds, got {self.timeout}")
         for role in ("teacher", "student"):
             for tap in ("feature", "embedding"):
                 path = getattr(self, f"{role}_{tap}")
@@ -213,8 +151,7 @@ def sanitize(name: str) -> str:
 
 
 _FILE_KEYS = {"method", "description", "defaults", "search", "fixed"}
-# on_mismatch is a flag for one start, never a study file's standing order.
-_DEFAULT_KEYS = {f.name for f in fields(StudyConfig)} - {"method", "name", "space", "fixed", "study_name", "on_mismatch"}
+_DEFAULT_KEYS = settings.file_keys()  # the schema's settings, less the flags for one start (study_name, on_mismatch)
 
 
 def read_study_file(path: Path) -> dict[str, Any]:
@@ -254,10 +191,9 @@ _WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or 
 
 
 def _expected(key: str) -> tuple[type, str] | None:
-    """The type a [defaults] key must have: StudyConfig's annotation of the field, without its None."""
-    hint = get_type_hints(StudyConfig)[key]
-    kinds = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
-    return (kinds[0], _WORDS[kinds[0]]) if len(kinds) == 1 and kinds[0] in _WORDS else None
+    """The type a [defaults] key must have: the schema's annotation of the setting, without its None."""
+    kind = settings.kind(key)
+    return (kind, _WORDS[kind]) if kind in _WORDS else None
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -269,28 +205,43 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def find_study(name: str, studies_dir: Path = STUDIES_DIR) -> tuple[str, dict[str, Any]]:
-    """Resolve NAME: a path to a .toml, a file studies/NAME.toml, or a bare method name."""
+def is_study_file(name: str) -> bool:
+    """NAME is a study file when it reads as a path (ends in .toml or holds a /); a bare name is always a method."""
+    return name.endswith(".toml") or "/" in name or os.sep in name
+
+
+def find_study(name: str) -> tuple[str, dict[str, Any]]:
+    """Resolve NAME: a study file by its path, or a method by its name (never a file found in the current directory).
+
+    The file's stem labels its studies, so a file named after one method that runs another is refused:
+    `studies/vanilla_kd.toml` saying `method = "ce"` would store ce's trials as vanilla_kd's.
+    """
+    if not is_study_file(name):
+        try:
+            get_method(name)  # raises with the list of known methods
+        except UserError as e:
+            local = Path("studies") / f"{name}.toml"
+            hint = f"; a study file is given by its path: kdsweep study {local}" if local.is_file() else ""
+            raise UserError(f"{e}{hint}") from None
+        return name, {"method": name}
     path = Path(name)
-    if name.endswith(".toml"):
-        if not path.is_file():
-            raise UserError(f"study file {name} not found")
-        return path.stem, read_study_file(path)
-    candidate = studies_dir / f"{name}.toml"
-    if candidate.is_file():
-        return name, read_study_file(candidate)
-    get_method(name)  # raises with the list of known methods
-    return name, {"method": name}
+    if not path.is_file():
+        raise UserError(f"study file {name} not found")
+    doc = read_study_file(path)
+    if path.stem in METHODS and path.stem != doc["method"]:
+        raise UserError(f"study file {name} is named after the method {path.stem} but says method = {doc['method']!r}; "
+                        f"its studies would be labelled {path.stem}: rename the file or set method = {path.stem!r}")
+    return path.stem, doc
 
 
-def resolve(name: str, cli: Mapping[str, Any], studies_dir: Path = STUDIES_DIR) -> StudyConfig:
+def resolve(name: str, cli: Mapping[str, Any]) -> StudyConfig:
     """Build the StudyConfig for `kdsweep study NAME` from the study file and the flags actually given."""
-    stem, doc = find_study(name, studies_dir)
+    stem, doc = find_study(name)
     method = get_method(doc["method"])
     values: dict[str, Any] = dict(doc.get("defaults", {}))
     values.update({k: v for k, v in cli.items() if v is not None})
     try:
-        cfg = StudyConfig(method=method.name, name=stem, **values)
+        cfg = StudyConfig(method=method.name, name=stem, study_file=name if is_study_file(name) else None, **values)
     except TypeError as e:
         raise UserError(f"bad study option: {e}") from None
     # The lr range follows the optimiser, which the config has just resolved (flag, file, or the dataset's).

@@ -38,6 +38,7 @@ from kdsweep.methods.space import edge_warnings
 from kdsweep.models import factory
 from kdsweep.models.zoo import Shapes, count_params, tap_paths
 from kdsweep.study import fixed_inputs, store_agreement
+from kdsweep.study.best import best_trial
 from kdsweep.study.budget import Spent
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.optuna_storage import count, make_pruner, make_sampler, open_storage
@@ -339,7 +340,7 @@ def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfi
     if run is None:
         run = tracker.start(exp, name, {"kdsweep.role": "study", "kdsweep.study": name, "kdsweep.method": cfg.method,
                                         "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag})
-        space = {f"space.{k}": v.describe() for k, v in cfg.space.items()}
+        space = {f"space.{k}": v.to_param() for k, v in cfg.space.items()}  # structured: JSON
         tracker.log(run, params={**base_params, **space, **{f"fixed.{k}": v for k, v in cfg.fixed.items()},
                                  "sampler": cfg.sampler, "pruner": cfg.pruner, **_settings_params(cfg, study)})
         study.set_user_attr(PARENT_ATTR, run)
@@ -371,7 +372,7 @@ def _settings_params(cfg: StudyConfig, study: optuna.Study) -> dict[str, Any]:
 def _best_of(study: optuna.Study) -> dict | None:
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         return None
-    best = study.best_trial
+    best = best_trial(study.get_trials(deepcopy=False))
     return {"number": best.number, "val_acc": best.value, "test_acc": best.user_attrs.get("test_acc")}
 
 
@@ -389,7 +390,7 @@ def _record_best(tracker: Tracker, parent: str, study: optuna.Study) -> dict | N
     if not done:
         tracker.log(parent, metrics)
         return None
-    best = study.best_trial
+    best = best_trial(done)
     metrics.update(best_val_acc=best.value, best_test_acc=best.user_attrs.get("test_acc", math.nan), best_trial=best.number)
     # Params are immutable in MLflow, but the best trial changes as a study grows: metrics and tags instead.
     metrics.update({f"best.{k}": v for k, v in best.params.items()})
@@ -781,7 +782,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Re
             now = spent(study)
             bar.n = budget.progress(now)[0]
             c = now.by_state.get("COMPLETE", 0)
-            best = study.best_value if c else float("nan")
+            best = best_trial(study.get_trials(deepcopy=False)).value if c else float("nan")
             bar.set_postfix_str(f"done={c} pruned={now.by_state.get('PRUNED', 0)} failed={count(study, FAIL)} "
                                 f"epochs={now.epochs} best_val={best:.4f}")
             bar.refresh()

@@ -28,7 +28,8 @@ def resume_command(cfg: Any) -> str:
 
     spec = get_dataset(cfg.dataset)
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    args = ["kdsweep", "study", cfg.name, "--dataset", cfg.dataset]
+    # A study file by the path it was given (a bare name is always the method: config.find_study).
+    args = ["kdsweep", "study", getattr(cfg, "study_file", None) or cfg.name, "--dataset", cfg.dataset]
     if (cfg.teacher, cfg.student) != (spec.teacher, spec.student):
         args += ["--teacher", cfg.teacher, "--student", cfg.student]
     args += ["--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size)]

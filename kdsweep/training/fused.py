@@ -44,10 +44,8 @@ import torch.nn as nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from kdsweep.methods.base import SampleIndex
-from kdsweep.models.zoo import Outputs
+from kdsweep.models.zoo import TAPS, Outputs
 from kdsweep.training.devices import autocast
-
-TAPS = ("logits", "feature", "embedding")
 
 
 class _Taps(nn.Module):

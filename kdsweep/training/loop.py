@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from kdsweep.data.device_data import DeviceData
 from kdsweep.methods.base import Method, SampleIndex
+from kdsweep.methods.space import MOMENTUM
 from kdsweep.models.zoo import Net, Outputs
 from kdsweep.training.devices import (
     Accel,
@@ -48,7 +49,7 @@ class Schedule:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
-    momentum: float = 0.9  # SGD's momentum; Adam's and AdamW's beta1
+    momentum: float = MOMENTUM  # SGD's momentum; Adam's and AdamW's beta1
     weight_decay: float = 5e-4  # SGD and Adam: L2 in the gradient; AdamW: decoupled
     optimizer: str = "sgd"  # one of space.OPTIMIZERS
 

@@ -33,8 +33,8 @@ from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
 from kdsweep.models.factory import build_model
 from kdsweep.models.zoo import Net, count_params
+from kdsweep.tracking.cleanup import owner_tags, run_owner
 from kdsweep.tracking.tracker import Tracker
-from kdsweep.tracking.vocabulary import OWNER_TAG
 from kdsweep.training import checkpoint
 from kdsweep.training.loop import EpochStats, NonFiniteLoss, Schedule, evaluate, train_student
 
@@ -86,7 +86,7 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
               "data_size": data.n_train, **{k: v for k, v in vars(schedule).items() if k != "epochs"}}
     close_dead_teacher_runs(tracker)
     run = tracker.start(exp, path.stem, {"kdsweep.role": "teacher", "kdsweep.dataset": dataset,
-                                         OWNER_TAG: json.dumps(Owner.me().as_attr())})
+                                         **owner_tags()})
     try:
         tracker.log(run, params=params)
         bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch", leave=False, disable=None)
@@ -133,10 +133,7 @@ def close_dead_teacher_runs(tracker: Tracker) -> int:
         return 0
     closed = 0
     for run in tracker.find_runs(exp.experiment_id, {"kdsweep.role": "teacher"}, statuses=("RUNNING",)):
-        try:
-            owner = Owner.from_attr(json.loads(run.data.tags.get(OWNER_TAG, "")))
-        except ValueError:
-            owner = None
+        owner = run_owner(run)
         if owner is not None and owner.alive() is False:
             tracker.close(run.info.run_id, "KILLED", {"kdsweep.reason": f"its process {owner} is gone (killed or crashed)"})
             closed += 1

@@ -32,9 +32,8 @@ from typing import Callable
 import torch
 
 from kdsweep.common.digests import data_digest, model_digest, plan_digest
-from kdsweep.models.zoo import Outputs
+from kdsweep.models.zoo import TAPS, Outputs
 
-TAPS = ("logits", "feature", "embedding")
 # Share of the device's free memory the cache may take when no budget is given.
 DEFAULT_SHARE = 0.25
 
