@@ -304,3 +304,111 @@ def test_status_lists_both_studies_with_workers_and_json(two_studies, capsys, mo
         assert r["trials"]["COMPLETE"] == 2 and r["per_trial"]["epochs"] == 1 and r["per_trial"]["batch_size"] == 32
         assert 0 <= r["best"]["val_acc"] <= 1 and 0 <= r["best"]["test_acc"] <= 1
         assert r["mlflow"]["experiment"] == "kdsweep/digits/digitnet_l->digitnet_s" and len(r["mlflow"]["parent_run"]) == 32
+
+
+# ---------------------------------------------------------------- what the MLflow UI opens on (issue 22)
+
+
+def test_ui_server_runs_without_access_log_and_keeps_errors():
+    from kdsweep.tools import ui
+
+    cmd = ui.server_command("127.0.0.1", 5000)
+    opts = shlex.split(cmd[cmd.index("--uvicorn-opts") + 1])
+    assert "--no-access-log" in opts and opts[opts.index("--log-level") + 1] == "warning"  # warnings and errors stay
+    assert "--dev" not in cmd and "--gunicorn-opts" not in cmd  # either would drop --uvicorn-opts
+    env = ui.server_env("sqlite:///x.db")
+    assert env["PYTHONWARNINGS"].startswith("ignore:starlette.")
+    from mlflow import server
+
+    if hasattr(server, "_build_uvicorn_command"):  # the uvicorn command MLflow builds from our options
+        built = server._build_uvicorn_command(cmd[cmd.index("--uvicorn-opts") + 1], "127.0.0.1", 5000, 1, "app")
+        assert "--no-access-log" in built and "--log-config" in built
+
+
+def test_kdsweep_experiments_carry_the_model_training_kind_and_saved_views(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kdsweep.tracking import notes
+    from kdsweep.tracking.tracker import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    exp = tracker.experiment("kdsweep/digits/a->b", {"kdsweep.dataset": "digits"})
+    tags = MlflowClient(tracking_uri=uri).get_experiment(exp).tags
+    assert tags[notes.KIND_TAG] == "custom_model_development" and tags["kdsweep.dataset"] == "digits"
+    studies = json.loads(tags[notes.VIEW_TAG + notes.STUDIES_VIEW])
+    assert studies["name"] == "kdsweep: studies, best first" and isinstance(studies["createdAt"], int)
+    state = json.loads(studies["state"])
+    assert state["orderByKey"] == "metrics.`best_val_acc`" and state["orderByAsc"] is False
+    assert state["selectedColumns"][:2] == ["metrics.`best_val_acc`", "metrics.`best_test_acc`"]
+    assert state["searchFilter"] == "tags.`kdsweep.role` = 'study'"
+    assert notes.VIEW_TAG + notes.TRIALS_VIEW in tags
+    teachers = MlflowClient(tracking_uri=uri).get_experiment(tracker.experiment("teachers")).tags
+    assert teachers[notes.KIND_TAG] == "custom_model_development" and not any(k.startswith(notes.VIEW_TAG) for k in teachers)
+
+    # A view the user changed (MLflow's "Override saved view") stays; an older experiment gains what it lacks.
+    client = MlflowClient(tracking_uri=uri)
+    client.set_experiment_tag(exp, notes.VIEW_TAG + notes.STUDIES_VIEW, "theirs")
+    old = client.create_experiment("kdsweep/digits/c->d")
+    tracker.experiment("kdsweep/digits/a->b")
+    tracker.experiment("kdsweep/digits/c->d")
+    assert client.get_experiment(exp).tags[notes.VIEW_TAG + notes.STUDIES_VIEW] == "theirs"
+    assert set(notes.ui_tags("kdsweep/digits/c->d", 0)) <= set(client.get_experiment(old).tags)
+
+
+def _mlflow_ui_lists():
+    """The runs page settings MLflow's UI takes from a saved view, read from its JavaScript bundle."""
+    from pathlib import Path
+
+    import mlflow
+
+    found = {}
+    for js in (Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js").glob("*.js"):
+        text = js.read_text(errors="replace")
+        for first, second in (("selectedColumns", "columnOrder"), ("searchFilter", "orderByKey")):
+            for m in re.finditer(r'\["%s","%s"(,"\w+")*\]' % (first, second), text):
+                found.setdefault(first, json.loads(m.group(0)))
+    return found
+
+
+def test_saved_views_hold_only_settings_mlflow_reads():
+    from kdsweep.tracking import notes
+
+    lists = _mlflow_ui_lists()
+    if {"selectedColumns", "searchFilter"} - set(lists):
+        pytest.skip("this MLflow's UI bundle does not name its saved-view settings as 3.17 does")
+    readable = set(lists["selectedColumns"]) | set(lists["searchFilter"])
+    for name, state in notes.VIEWS.values():
+        assert set(state) <= readable, f"{name}: MLflow ignores {set(state) - readable}"
+        assert set(state["columnWidths"]) <= set(state["columnOrder"])  # widths apply to ordered columns only
+        sections = {s["uuid"] for s in state["compareRunSections"]}
+        assert all(c["metricSectionId"] in sections for c in state["compareRunCharts"])
+
+
+def test_ui_opens_on_the_ranked_studies_without_a_line_per_request(tmp_path, small_store):
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from kdsweep.tracking import notes
+
+    uri, exp = small_store
+    port = free_port()
+    log = tmp_path / "ui.log"
+    proc = start_cli(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path, cli_env(tmp_path), log)
+    try:
+        wait_for(lambda: f"/#/experiments/{exp}/runs" in log.read_text(), 180, proc)
+        for path in ("/", f"/ajax-api/2.0/mlflow/experiments/get?experiment_id={exp}", "/no-such-page"):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30).read()
+            except OSError:
+                pass
+    finally:
+        stop(proc)
+    text = log.read_text()
+    url = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey=kdsweep-studies"
+    assert url in text, text
+    assert "HTTP/1.1" not in text and "GET /" not in text, text  # no access log
+    assert "StarletteDeprecationWarning" not in text and "Traceback" not in text, text
+    tags = MlflowClient(tracking_uri=uri).get_experiment(exp).tags  # an experiment made before gained the UI tags
+    assert tags[notes.KIND_TAG] == "custom_model_development" and notes.VIEW_TAG + notes.STUDIES_VIEW in tags

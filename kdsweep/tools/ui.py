@@ -11,8 +11,13 @@ process group. So here:
     hang-up reach only us; on SIGINT, SIGTERM or SIGHUP we terminate its
     whole process group, wait, and kill whatever of it is left: every process
     of its session and every descendant seen while it ran;
-  * once the port answers, the URL of the newest kdsweep experiment's runs
-    page is printed (MLflow 3 opens an experiment on its GenAI traces page).
+  * uvicorn runs without its access log (a line per HTTP request: hundreds for
+    a few page loads) and at log level warning: errors and tracebacks still show;
+  * every kdsweep experiment gains the UI tags it lacks (tracking.notes.ui_tags:
+    the model-training kind and kdsweep's saved views of the runs page), and
+    once the port answers the URL of the newest one is printed: its runs table
+    in the model-training view (MLflow 3 opens an experiment on its GenAI
+    traces page), on the saved view that ranks the studies by best_val_acc.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Callable
 
 from kdsweep.common.errors import UserError
 from kdsweep.common.uris import redact
+from kdsweep.tracking.notes import runs_url
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -38,8 +44,13 @@ SERVER_ENV = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job runner: nothing the runs UI needs
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
-MODEL_TRAINING_HINT = ("MLflow opens experiments in its GenAI view: the link goes straight to the runs table; "
-                       "elsewhere, switch the toggle at the top left to \"Model training\".")
+# Unless the user set Python's warnings: Starlette's deprecation of a middleware MLflow uses is nothing they can act on.
+SERVER_ENV_DEFAULTS = {"PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
+# uvicorn's options: no access log (a line per request), only warnings and errors of its own.
+UVICORN_OPTS = "--no-access-log --log-level warning"
+MODEL_TRAINING_HINT = ("the link opens the runs table in MLflow's \"Model training\" view, studies ranked by best_val_acc "
+                       "(the objective; \"Views\" at the top right has the trials' view); opened otherwise, MLflow "
+                       "starts in its GenAI view: switch the toggle at the top left to \"Model training\".")
 
 
 class Stop(BaseException):
@@ -132,20 +143,30 @@ def browse_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def newest_experiment(uri: str) -> tuple[str, str] | None:
-    """(id, name) of the kdsweep experiment whose latest run started last (the one just worked on)."""
+def newest_experiment(uri: str) -> tuple[str, str, str | None] | None:
+    """(id, name, saved view to open) of the kdsweep experiment whose latest run started last (the one just
+    worked on). On the way every kdsweep experiment gains the UI tags it lacks (older ones were created
+    without); a store that cannot take them is left as it is, and the link then names no saved view."""
     from mlflow.tracking import MlflowClient
 
-    from kdsweep.tracking.tracker import quiet
+    from kdsweep.tracking.notes import STUDIES_VIEW, VIEW_TAG, ui_tags
+    from kdsweep.tracking.tracker import add_missing_tags, quiet
 
     quiet()
     client = MlflowClient(tracking_uri=uri)
     best, newest = None, -1
+    now = int(time.time() * 1000)
     for exp in client.search_experiments(filter_string="name LIKE 'kdsweep/%'"):
+        has_view = VIEW_TAG + STUDIES_VIEW in exp.tags
+        try:
+            add_missing_tags(client, exp, ui_tags(exp.name, now))
+            has_view = True
+        except Exception:  # noqa: BLE001 - a read-only store: the UI still opens, without the saved view
+            pass
         runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"])
         started = runs[0].info.start_time if runs else exp.creation_time or 0
         if started > newest:
-            best, newest = (exp.experiment_id, exp.name), started
+            best, newest = (exp.experiment_id, exp.name, STUDIES_VIEW if has_view else None), started
     return best
 
 
@@ -156,13 +177,14 @@ def server_command(host: str, port: int) -> list[str]:
     """The server's command line. It names no store: a command line is visible to every user of the machine
     (`ps`), and a store URI may carry a password; server_env passes the store instead."""
     # One worker: a UI for one person, and ~7x faster than four on a SQLite store (shared/notes).
-    return [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1"]
+    return [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
+            "--uvicorn-opts", UVICORN_OPTS]
 
 
 def server_env(uri: str) -> dict[str, str]:
     """The server's environment: ours, kdsweep's quiet settings, and the store in MLflow's own variable for
     `--backend-store-uri` (a process's environment is readable by its user and root only)."""
-    return {**os.environ, **SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": uri}
+    return {**SERVER_ENV_DEFAULTS, **os.environ, **SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": uri}
 
 
 def _raise_stop(signum, frame):
@@ -230,10 +252,10 @@ def serve(uri: str, host: str, port: int, say: Callable[[str], None] = print) ->
             time.sleep(0.2)
         seen.update(related(proc.pid, proc.pid))
         if exp is not None:
-            _say(say, f"runs of {exp[1]}: {url}/#/experiments/{exp[0]}/runs")
+            _say(say, f"runs of {exp[1]}: {runs_url(url, exp[0], exp[2])}")
+            _say(say, MODEL_TRAINING_HINT)
         else:
             _say(say, f"open {url} (no kdsweep experiment in the store yet)")
-        _say(say, MODEL_TRAINING_HINT)
         while proc.poll() is None:
             seen.update(related(proc.pid, proc.pid))
             time.sleep(0.5)

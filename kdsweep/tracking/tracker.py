@@ -23,6 +23,7 @@ import logging  # noqa: E402
 from kdsweep.common import failures
 from kdsweep.common.errors import UserError
 from kdsweep.common.uris import absolute_sqlite, redact, scrub
+from kdsweep.tracking.notes import ui_tags
 from kdsweep.tracking.vocabulary import PARENT_TAG
 
 DEFAULT_DIR = Path("mlruns")
@@ -84,6 +85,13 @@ def _unreachable(e: Exception) -> str | None:
     return None
 
 
+def add_missing_tags(client: Any, exp: Any, tags: Mapping[str, str]) -> None:
+    """Set those of `tags` that the experiment `exp` lacks; a value it has (perhaps the user's) stays."""
+    for k, v in tags.items():
+        if k not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, k, v)
+
+
 def _quote(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
@@ -133,8 +141,10 @@ class Tracker:
         return None
 
     def experiment(self, name: str, tags: dict[str, str] | None = None) -> str:
-        """The experiment's id, created (with `tags`) if missing; an existing one gains the tags it lacks."""
+        """The experiment's id, created (with `tags`) if missing; an existing one gains the tags it lacks.
+        Either way it carries the MLflow UI's defaults (notes.ui_tags) where it lacks them."""
         tags = tags or {}
+        defaults = ui_tags(name, int(time.time() * 1000))
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -142,11 +152,13 @@ class Tracker:
             for k, v in tags.items():
                 if exp.tags.get(k) != v:
                     self.client.set_experiment_tag(exp.experiment_id, k, v)
+            add_missing_tags(self.client, exp, defaults)
             return exp.experiment_id
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.create_experiment(name, artifact_location=self._artifact_root(name), tags=tags)
+            return self.client.create_experiment(name, artifact_location=self._artifact_root(name),
+                                                 tags={**defaults, **tags})
         except MlflowException as e:
             # Another worker created it between our lookup and our create.
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
