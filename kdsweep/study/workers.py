@@ -15,7 +15,7 @@ A RUNNING trial is stale when
     and claiming it (claims happen under the lock);
   * its Optuna heartbeat is older than the grace period (RDB storage): the
     only signal for a worker on another machine.
-A stale trial is marked FAIL and, if it had sampled parameters, retried: a
+A stale trial is marked FAIL (outcome.WORKER_LOST) and, if it had sampled parameters, retried: a
 WAITING copy with the same parameters is added (at most MAX_RETRIES times
 along one chain). Closing its MLflow run is the caller's job (`on_stale`).
 """
@@ -33,12 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner
-from kdsweep.tracking.vocabulary import (
-    EPOCHS_ATTR,
-    OWNER_ATTR,
-    REASON_ATTR,
-    RETRY_OF_ATTR,
-)
+from kdsweep.tracking.vocabulary import OWNER_ATTR, RETRY_OF_ATTR
 
 MAX_RETRIES = 2
 
@@ -157,14 +152,14 @@ def stale_reason(trial: FrozenTrial, locked: bool, grace: int) -> str | None:
 
 
 def fail_trial(storage, trial: FrozenTrial, reason: str) -> bool:
-    """Mark a RUNNING trial FAIL; False if another worker (or its owner) finished it first."""
-    try:
-        storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
-        # Lost to infrastructure: whatever it trained does not count (budget.py); its retry trains it again.
-        storage.set_trial_user_attr(trial._trial_id, EPOCHS_ATTR, None)
-        return bool(storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
+    """Mark a RUNNING trial FAIL (outcome.WORKER_LOST); False if another worker (or its owner) finished it first.
+
+    Lost to infrastructure: whatever it trained does not count (budget.py); its retry trains it again.
+    """
+    from kdsweep.study import outcome  # torch-free until a study runs
+
+    return outcome.end_trial(outcome.Records(trial=trial, storage=storage), outcome.WORKER_LOST,
+                             outcome.Ending(reason=reason)) is outcome.WORKER_LOST
 
 
 def retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:

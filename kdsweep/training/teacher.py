@@ -30,7 +30,7 @@ from kdsweep.methods.registry import get_method
 from kdsweep.models.factory import build_model
 from kdsweep.models.zoo import Net, count_params
 from kdsweep.tracking.tracker import Tracker
-from kdsweep.tracking.vocabulary import OWNER_TAG
+from kdsweep.tracking.vocabulary import OWNER_TAG, REASON_TAG, RUN_FAILED, RUN_KILLED, RUN_RUNNING
 from kdsweep.training import checkpoint
 from kdsweep.training.loop import Schedule, evaluate, train_student
 
@@ -86,9 +86,9 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
     except BaseException as e:
         with contextlib.suppress(Exception):  # best effort: never mask why training stopped
             if isinstance(e, KeyboardInterrupt):
-                tracker.close(run, "KILLED", {"kdsweep.reason": "interrupted"})
+                tracker.close(run, RUN_KILLED, {REASON_TAG: "interrupted"})
             else:
-                tracker.close(run, "FAILED", {"kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
+                tracker.close(run, RUN_FAILED, {REASON_TAG: f"{type(e).__name__}: {str(e)[:200]}"})
         raise
     return path
 
@@ -103,13 +103,13 @@ def close_dead_teacher_runs(tracker: Tracker) -> int:
     if exp is None:
         return 0
     closed = 0
-    for run in tracker.find_runs(exp.experiment_id, {"kdsweep.role": "teacher"}, statuses=("RUNNING",)):
+    for run in tracker.find_runs(exp.experiment_id, {"kdsweep.role": "teacher"}, statuses=(RUN_RUNNING,)):
         try:
             owner = Owner.from_attr(json.loads(run.data.tags.get(OWNER_TAG, "")))
         except ValueError:
             owner = None
         if owner is not None and owner.alive() is False:
-            tracker.close(run.info.run_id, "KILLED", {"kdsweep.reason": f"its process {owner} is gone (killed or crashed)"})
+            tracker.close(run.info.run_id, RUN_KILLED, {REASON_TAG: f"its process {owner} is gone (killed or crashed)"})
             closed += 1
     return closed
 
