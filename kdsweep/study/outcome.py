@@ -197,6 +197,11 @@ def _write_optuna(rec: Records, outcome: Outcome, end: Ending, reason: str) -> t
 def _stale_while_running(rec: Records, stored: FrozenTrial | None, strict: bool) -> str:
     """Another worker failed this trial as stale while it ran here: say so; return the run's reason."""
     if strict and rec.run is not None:
+        if stored is None:
+            try:
+                stored = rec.storage.get_trial(rec.trial._trial_id)
+            except Exception:  # noqa: BLE001 - only for the message
+                pass
         state = stored.state.name if stored is not None else STATE_FAIL
         why = stored.user_attrs.get(REASON_ATTR, "stale") if stored is not None else "stale"
         rec.say(f"trial {rec.trial.number} had been marked {state} by another worker ({why}); its result is not counted")
