@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -189,16 +188,14 @@ def recover_stale(study: optuna.Study, storage, grace: int, locked: bool, on_sta
         if reason and fail_trial(storage, t, reason):
             failed.append((t, reason))
 
-    heartbeat_failed: list[FrozenTrial] = []
-    previous = storage.heartbeat_stale_trial_callback
-    storage.heartbeat_stale_trial_callback = lambda _study, t: heartbeat_failed.append(t)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-    finally:
-        storage.heartbeat_stale_trial_callback = previous
-    failed += [(t, f"no heartbeat from its worker for over {grace}s") for t in heartbeat_failed]
+    # Silent for longer than the grace period (RDB storage): what optuna.storages.fail_stale_trials finds, failed
+    # here as every stale trial is (outcome.WORKER_LOST), so that what it had recorded stops counting too.
+    silent = f"no heartbeat from its worker for over {grace}s"
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
+        for trial_id in storage._get_stale_trial_ids(study._study_id):  # what fail_stale_trials asks the storage
+            t = storage.get_trial(trial_id)
+            if t.state == TrialState.RUNNING and fail_trial(storage, t, silent):
+                failed.append((t, silent))
 
     for t, reason in failed:
         on_stale(t, reason)
