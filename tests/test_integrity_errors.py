@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import cli_env, free_port
 
-from kdsweep.api import report
+from kdsweep.report import build as report  # where predict lives since the packages by role
 
 STUDY = ["study", "ce", "--dataset", "digits", "--epochs", "2", "--device", "cpu", "--pruner", "none"]
 STUDY_NAME = "ce-digits-digitnet_l-digitnet_s-s0-e2-b32"

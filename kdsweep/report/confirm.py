@@ -68,7 +68,8 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     if not todo:
         return summary
 
-    cleanup.close_dead_runs(sel.tracker, sel.experiment_id, ("confirm",), say, close=_close_dead)
+    cleanup.close_dead_runs(sel.tracker, sel.experiment_id, ("confirm",), say,
+                            close=lambda run, reason: _close_dead(sel.tracker, run, reason))
     datas: dict[tuple, object] = {}
     teacher = t_where = None
     with atomic.tmp_dir("kdsweep-confirm") as tmp:
