@@ -138,8 +138,9 @@ def end_trial(rec: Records, outcome: Outcome, end: Ending | None = None) -> Outc
 
     For an outcome after which the study stops (goes_on False) every write is best effort: the
     exception that stopped it is what the user must see. Otherwise an Optuna write that fails
-    raises (after the trial was ended as what that failure means), and so does an MLflow write of a
-    complete trial; the MLflow writes of other ends are best effort (a resume closes the run).
+    raises (after the trial was ended as what that failure means). MLflow writes are best effort
+    while an exception that stopped the trial is being handled (a resume closes the run), and
+    raise otherwise (a complete trial, a run closed from Optuna's record, an orphan).
     """
     end = end or Ending()
     strict = outcome.goes_on
@@ -160,9 +161,9 @@ def end_trial(rec: Records, outcome: Outcome, end: Ending | None = None) -> Outc
             reason = _stale_while_running(rec, stored, strict)
     if rec.run is not None:
         try:
-            _close_run(rec, outcome, end, reason, strict=outcome is COMPLETE, error=end.error)
+            _close_run(rec, outcome, end, reason, strict=end.error is None, error=end.error)
         except BaseException as err:
-            if rec.trial is None:  # nothing else records this run (a confirmation seed): end it as what the failure means
+            if rec.trial is None and outcome is COMPLETE:  # a confirmation seed: nothing else records it
                 _close_run(rec, classify(err), Ending(error=err), reason_of(classify(err), err), strict=False, error=err)
             raise  # a trial's run stays open: it is closed from Optuna's record when the study ends or resumes
     if rec.trial is not None and outcome.goes_on:
