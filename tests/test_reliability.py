@@ -180,7 +180,7 @@ def _config(tmp: Path, name: str, trials: int = 2, method: str = "ce", **extra):
 
 def _patch_first_trial(monkeypatch, change):
     """Make the study's first train_student call go wrong in the way `change` says."""
-    import kdsweep.study.loop as ks
+    from kdsweep.study import trial as ks
 
     real, calls = ks.train_student, []
 
@@ -373,8 +373,9 @@ def test_claims_never_overshoot_and_wait_for_trials_running_elsewhere(tmp_path):
 
     from kdsweep.common.locks import StudyLock
     from kdsweep.common.processes import Owner
-    from kdsweep.study.loop import StudyContext, _claim_next
+    from kdsweep.study.loop import _claim_next
     from kdsweep.study.optuna_storage import open_storage
+    from kdsweep.study.trial import StudyContext
     from kdsweep.study.workers import claim
 
     cfg, storage_url, _ = _config(tmp_path, "claims", trials=2)

@@ -108,7 +108,7 @@ def test_closing_a_stopped_trial_never_masks_why_it_stopped(monkeypatch):
     """A Ctrl-C inside an MLflow write can leave the store locked: cleanup warns instead of raising."""
     from types import SimpleNamespace
 
-    from kdsweep.study import loop
+    from kdsweep.study import outcome
 
     said, calls = [], []
 
@@ -120,9 +120,11 @@ def test_closing_a_stopped_trial_never_masks_why_it_stopped(monkeypatch):
         def end(self, *a, **k):
             raise AssertionError("not reached")
 
-    monkeypatch.setattr(loop.time, "sleep", lambda s: None)
-    ctx = SimpleNamespace(tracker=LockedTracker(), say=said.append)
-    tr = SimpleNamespace(run="r1", trial=SimpleNamespace(number=7), reported=[0])
-    loop._close_trial_run(ctx, tr, KeyboardInterrupt())  # must not raise
+    monkeypatch.setattr(outcome.time, "sleep", lambda s: None)
+    rec = outcome.Records(LockedTracker(), "r1", say=said.append)
+    rec.trial = SimpleNamespace(number=7)  # only named in the warning: its Optuna side is not what is tested here
+    monkeypatch.setattr(outcome, "_write_optuna", lambda *a: (outcome.INTERRUPTED, None))
+    ended = outcome.end_trial(rec, outcome.INTERRUPTED, outcome.Ending(error=KeyboardInterrupt()))  # must not raise
+    assert ended is outcome.INTERRUPTED
     assert calls == ["log", "log"]  # tried again once
     assert len(said) == 1 and "could not close MLflow run r1 of trial 7" in said[0]

@@ -70,6 +70,15 @@ from kdsweep.report.stored_studies import (
 )
 from kdsweep.study.best import ranked_runs
 from kdsweep.tracking import cleanup
+from kdsweep.tracking.vocabulary import (
+    REASON_TAG,
+    RUN_FAILED,
+    RUN_KILLED,
+    STATE_COMPLETE,
+    STATE_FAIL,
+    STATE_PRUNED,
+    STATE_TAG,
+)
 from kdsweep.training import checkpoint
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per checkpoint would drown the report
@@ -561,10 +570,10 @@ def optuna_study(s: StudyRuns):
             dists[k] = FloatDistribution(min(vals), max(vals)) if vals else None
     dists = {k: v for k, v in dists.items() if v is not None}
     study = optuna.create_study(direction="maximize", study_name=s.name)
-    states = {"COMPLETE": optuna.trial.TrialState.COMPLETE, "PRUNED": optuna.trial.TrialState.PRUNED,
-              "FAIL": optuna.trial.TrialState.FAIL}
+    states = {STATE_COMPLETE: optuna.trial.TrialState.COMPLETE, STATE_PRUNED: optuna.trial.TrialState.PRUNED,
+              STATE_FAIL: optuna.trial.TrialState.FAIL}
     for r in sorted(s.trials, key=lambda r: int(r.data.tags.get("kdsweep.trial", 0))):
-        state = states.get(r.data.tags.get("kdsweep.state", ""))
+        state = states.get(r.data.tags.get(STATE_TAG, ""))
         params = {k: float(r.data.params[k]) for k in dists if k in r.data.params}
         if state is None or len(params) != len(dists):
             continue
@@ -593,8 +602,8 @@ def log_report(rep: Report, files: list[Path]) -> str:
             t.client.log_artifact(run, str(f), "report/plots" if f.suffix == ".png" else "report")
     except BaseException as e:
         with contextlib.suppress(Exception):  # best effort: else the next report closes it (its owner is gone)
-            t.close(run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
-                    {"kdsweep.reason": "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"})
+            t.close(run, RUN_KILLED if isinstance(e, KeyboardInterrupt) else RUN_FAILED,
+                    {REASON_TAG: "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"})
         raise
     t.end(run)
     return run

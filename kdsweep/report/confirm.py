@@ -16,7 +16,6 @@ gets its own runs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -38,10 +37,12 @@ from kdsweep.report.stored_studies import (
     load_teacher,
     split_data,
 )
-from kdsweep.study.loop import record_result
+from kdsweep.study import outcome
+from kdsweep.study.trial import record_result
 from kdsweep.tracking import cleanup
+from kdsweep.tracking.vocabulary import STATE_RUNNING, STATE_TAG
 from kdsweep.training.devices import set_cpu_threads
-from kdsweep.training.loop import NonFiniteLoss, Schedule, train_student
+from kdsweep.training.loop import Schedule, train_student
 
 
 def _existing(study: StudyRuns) -> dict[str, str]:
@@ -66,7 +67,8 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     if not todo:
         return summary
 
-    cleanup.close_dead_runs(sel.tracker, sel.experiment_id, ("confirm",), say)
+    cleanup.close_dead_runs(sel.tracker, sel.experiment_id, ("confirm",), say,
+                            close=lambda run, reason: _close_dead(sel.tracker, run, reason))
     datas: dict[tuple, object] = {}
     teacher = t_where = None
     with atomic.tmp_dir("kdsweep-confirm") as tmp:
@@ -122,7 +124,7 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
     run = tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
                         {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
                          "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
-                         "kdsweep.source_trial": source_trial, "kdsweep.state": "RUNNING", **cleanup.owner_tags()},
+                         "kdsweep.source_trial": source_trial, STATE_TAG: STATE_RUNNING, **cleanup.owner_tags()},
                         parent=s.run.info.run_id)
     params = {**p, "device": data.device.type, "confirm_seed": seed, "source_trial": source_trial,
               "extra_params": count_params(method)}
@@ -130,30 +132,23 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
         tracker.log(run, params=params)
         result = train_student(student, method, teacher, run_data, schedule,
                                on_epoch=lambda st: tracker.log(run, st.metrics(), step=st.epoch))
-    except NonFiniteLoss as e:
-        _close(tracker, run, "FAILED", str(e))
-        say(f"  seed {seed}: {e}; recorded as FAIL")
-        return False
-    except BaseException as e:
-        _close(tracker, run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", _reason(e))
-        raise
-    try:
         final = record_result(tracker, run, data, s.params["student"], student, method, result,
                               {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial,
                                "hparams": hp})
+        end = outcome.Ending(epochs=len(result.history), seconds=sum(st.seconds for st in result.history))
     except BaseException as e:
-        _close(tracker, run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", _reason(e))
-        raise
+        end = outcome.Ending(error=e)
+    # A seed has no Optuna trial: it ends through the same table, MLflow side only.
+    ended = outcome.end_trial(outcome.Records(tracker, run, say=say), outcome.classify(end.error), end)
+    if not outcome.classify(end.error).goes_on:
+        raise end.error
+    if ended is not outcome.COMPLETE:
+        say(f"  seed {seed}: {outcome.reason_of(ended, end.error)}; recorded as FAIL")
+        return False
     say(f"  seed {seed}: val_acc={result.best_val_acc:.4f} test_acc={final['test_acc']:.4f} (run {run})")
     return True
 
 
-def _reason(e: BaseException) -> str:
-    return "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:200]}"
-
-
-def _close(tracker, run: str, status: str, reason: str) -> None:
-    """End a confirmation run that did not complete; best effort (the store may be what failed), never masking
-    the error: a run left open is closed by the next `confirm`, its owner being gone."""
-    with contextlib.suppress(Exception):
-        tracker.close(run, status, {"kdsweep.state": "FAIL", "kdsweep.reason": reason})
+def _close_dead(tracker, run: str, reason: str) -> None:
+    """End a confirmation run whose process is gone, as a trial run of a lost worker ends."""
+    outcome.end_trial(outcome.Records(tracker, run), outcome.WORKER_LOST, outcome.Ending(reason=reason))

@@ -21,6 +21,14 @@ from kdsweep.data.dispatch import get_dataset, load_data
 from kdsweep.methods.space import Float
 from kdsweep.study.best import best_run
 from kdsweep.tracking.tracker import Tracker
+from kdsweep.tracking.vocabulary import (
+    RUN_FINISHED,
+    STATE_COMPLETE,
+    STATE_FAIL,
+    STATE_ORPHANED,
+    STATE_PRUNED,
+    STATE_TAG,
+)
 
 REFERENCE = "ce"  # the baseline every method is compared with; the only method named here
 TEACHERS_EXPERIMENT = "teachers"
@@ -74,12 +82,12 @@ class StudyRuns:
         return self.run.data.tags.get("kdsweep.budget", "")
 
     def counts(self) -> dict[str, int]:
-        c = Counter(r.data.tags.get("kdsweep.state", "") for r in self.trials)
-        return {"complete": c["COMPLETE"], "pruned": c["PRUNED"], "failed": c["FAIL"]}
+        c = Counter(r.data.tags.get(STATE_TAG, "") for r in self.trials)
+        return {"complete": c[STATE_COMPLETE], "pruned": c[STATE_PRUNED], "failed": c[STATE_FAIL]}
 
     def _trained(self) -> list:
         """Trial runs that trained: complete, pruned, and failed ones that logged their epochs (diverged)."""
-        return [r for r in self.trials if r.data.tags.get("kdsweep.state") in ("COMPLETE", "PRUNED")
+        return [r for r in self.trials if r.data.tags.get(STATE_TAG) in (STATE_COMPLETE, STATE_PRUNED)
                 or "epochs_trained" in r.data.metrics]
 
     def epochs_trained(self) -> int:
@@ -87,7 +95,7 @@ class StudyRuns:
             m = r.data.metrics
             if "epochs_trained" in m:
                 return int(m["epochs_trained"])
-            if r.data.tags.get("kdsweep.state") == "PRUNED":  # older runs: pruned after this (0-based) epoch
+            if r.data.tags.get(STATE_TAG) == STATE_PRUNED:  # older runs: pruned after this (0-based) epoch
                 return int(r.data.tags.get("kdsweep.pruned_at_epoch", -1)) + 1
             return int(r.data.params.get("epochs", 0))
         return sum(epochs(r) for r in self._trained())
@@ -201,7 +209,7 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
                             f"it holds: {', '.join(n[len('kdsweep/'):] for n in names)}")
     exp_id = tracker.client.get_experiment_by_name(experiment).experiment_id
     # Runs retired by `kdsweep study --on-mismatch repair` belong to no Optuna study: never a best trial.
-    runs = [r for r in search_all(tracker.client, exp_id) if r.data.tags.get("kdsweep.state") != "ORPHANED"]
+    runs = [r for r in search_all(tracker.client, exp_id) if r.data.tags.get(STATE_TAG) != STATE_ORPHANED]
     by_role: dict[str, list] = {}
     for r in runs:
         by_role.setdefault(r.data.tags.get("kdsweep.role", ""), []).append(r)
@@ -225,7 +233,7 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
         s.best = best_run(trials)
         if s.best is not None:
             s.confirms = [r for r in by_role.get("confirm", [])
-                          if r.data.tags.get("kdsweep.study") == name and r.data.tags.get("kdsweep.state") == "COMPLETE"
+                          if r.data.tags.get("kdsweep.study") == name and r.data.tags.get(STATE_TAG) == STATE_COMPLETE
                           and r.data.tags.get("kdsweep.source_run") == s.best.info.run_id]
         sel.studies.append(s)
     if studies:
@@ -308,7 +316,7 @@ def _teacher_files(sel: Selection, dst: Path, say: Say):
     if exp is not None:
         runs = search_all(sel.tracker.client, exp.experiment_id, f"tags.`kdsweep.dataset` = '{sel.dataset}'")
         runs = [r for r in runs if r.data.params.get("arch") == sel.teacher and r.data.params.get("seed") == str(sel.seed)
-                and r.info.status == "FINISHED"]
+                and r.info.status == RUN_FINISHED]
         if wanted:
             runs = [r for r in runs if r.data.tags.get("kdsweep.checkpoint") == wanted]
         for r in sorted(runs, key=lambda r: -r.info.start_time):

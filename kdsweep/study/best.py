@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from kdsweep.tracking.vocabulary import STATE_COMPLETE, STATE_TAG
+
 T = TypeVar("T")
 
 
@@ -25,7 +27,7 @@ def best_trial(trials: Iterable[Any]) -> Any | None:
 
 def ranked_runs(runs: Iterable[Any]) -> list[Any]:
     """MLflow trial runs that completed with a validation accuracy, best first (the report's fallbacks follow in order)."""
-    done = [r for r in runs if r.data.tags.get("kdsweep.state") == "COMPLETE" and "best_val_acc" in r.data.metrics]
+    done = [r for r in runs if r.data.tags.get(STATE_TAG) == STATE_COMPLETE and "best_val_acc" in r.data.metrics]
     return ranked(done, lambda r: r.data.metrics["best_val_acc"], lambda r: int(r.data.tags.get("kdsweep.trial", 0)))
 
 

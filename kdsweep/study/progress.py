@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from kdsweep.tracking.vocabulary import EPOCHS_ATTR, REASON_ATTR
+from kdsweep.tracking.vocabulary import EPOCHS_ATTR, REASON_ATTR, STATE_COMPLETE, STATE_FAIL, STATE_PRUNED
 
 MODES = ("bars", "lines", "quiet")
 
@@ -85,17 +85,17 @@ def trial_line(label: str, trial: Any) -> str:
     """
     state = trial.state.name
     steps = dict(trial.intermediate_values or {})
-    if state == "COMPLETE" and trial.value is not None:
+    if state == STATE_COMPLETE and trial.value is not None:
         val = f"{trial.value:.4f}"
     else:
         val = f"{max(steps.values()):.4f}" if steps else "-"
     epochs = trial.user_attrs.get(EPOCHS_ATTR, len(steps))
     head = state
-    if state == "PRUNED" and steps:
+    if state == STATE_PRUNED and steps:
         head += f" after epoch {max(steps) + 1}"  # Optuna's step is the 0-based epoch
     params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.params.items()))
     line = f"{label} trial {trial.number}: {head} val_acc={val} epochs={epochs} seconds={_seconds(trial)} {params}".rstrip()
     reason = trial.user_attrs.get(REASON_ATTR)
-    if state == "FAIL" and reason:
+    if state == STATE_FAIL and reason:
         line += f" ({reason})"
     return line

@@ -24,8 +24,19 @@ from typing import Any, Callable
 import optuna
 
 from kdsweep.common.errors import UserError
+from kdsweep.study import outcome
 from kdsweep.tracking.tracker import Tracker
-from kdsweep.tracking.vocabulary import PARENT_TAG
+from kdsweep.tracking.vocabulary import (
+    EPOCHS_ATTR,
+    PARENT_TAG,
+    REASON_TAG,
+    RUN_FINISHED,
+    RUN_KILLED,
+    RUN_RUNNING,
+    STATE_ORPHANED,
+    STATE_RUNNING,
+    STATE_TAG,
+)
 
 MODES = ("refuse", "repair", "ignore")
 CREATED_ATTR = "kdsweep.created"  # study user attr: when kdsweep first opened the study (ISO time)
@@ -33,14 +44,13 @@ NAME_ATTR = "kdsweep.requested_name"  # study user attr: the name asked for, bef
 STUDY_ID_TAG = "kdsweep.optuna_study_id"  # parent run tags: the Optuna study it belongs to
 CREATED_TAG = "kdsweep.optuna_created"
 STANDS_FOR_TAG = "kdsweep.stands_for"  # a run re-created by repair: the lost run id its trial still records
-ORPHANED = "ORPHANED"  # kdsweep.state of a run that no trial of the study owns (the report skips it)
 SHOWN = 5  # trial numbers named in a message
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
 def is_orphaned(run: Any) -> bool:
-    return run.data.tags.get("kdsweep.state") == ORPHANED
+    return run.data.tags.get(STATE_TAG) == STATE_ORPHANED
 
 
 def identity(study: optuna.Study) -> dict[str, str]:
@@ -161,7 +171,7 @@ def check(tracker: Tracker, exp: str, study: optuna.Study, name: str, parent: st
     # Runs of this study's trials that cannot stay where they are: under a parent of another study, or none.
     d.misfiled = [r for r in owned if d.foreign or r.data.tags.get(PARENT_TAG) != parent]
     # A RUNNING run of a COMPLETE trial is ended FINISHED by the reconciliation that follows.
-    has_run = {_trial_number(r) for r in owned if r.info.status in ("FINISHED", "RUNNING")}
+    has_run = {_trial_number(r) for r in owned if r.info.status in (RUN_FINISHED, RUN_RUNNING)}
     d.missing = sorted((t for t in trials.values() if t.state == COMPLETE and t.number not in has_run), key=lambda t: t.number)
     return d
 
@@ -177,10 +187,10 @@ def settle(tracker: Tracker, d: Disagreement, mode: str, say: Callable[[str], No
             f"the report reads MLflow and may disagree with Optuna")
         return d.parent
     why = "no trial of this Optuna study owns it (retired by --on-mismatch repair)"
-    for r in d.orphans:
-        tracker.close(r.info.run_id, "KILLED", {"kdsweep.state": ORPHANED, "kdsweep.reason": why})
-    if d.foreign:
-        tracker.close(d.parent, "KILLED", {"kdsweep.state": ORPHANED, "kdsweep.reason": d.foreign})
+    for r in d.orphans:  # trial runs without their trial: ended through the outcome table
+        outcome.end_trial(outcome.Records(tracker, r.info.run_id), outcome.ORPHANED, outcome.Ending(reason=why))
+    if d.foreign:  # the parent run of another study
+        tracker.close(d.parent, RUN_KILLED, {STATE_TAG: STATE_ORPHANED, REASON_TAG: d.foreign})
         return None
     return d.parent
 
@@ -198,16 +208,17 @@ def restore(tracker: Tracker, exp: str, parent: str, d: Disagreement, method: st
         tracker.log(r.info.run_id, tags={PARENT_TAG: parent})
     for t in d.missing:
         tags = {"kdsweep.role": "trial", "kdsweep.method": method, "kdsweep.study": d.name, "kdsweep.trial": t.number,
-                "kdsweep.state": "COMPLETE", "kdsweep.restored": "from Optuna's record: no curves, no checkpoint",
+                STATE_TAG: STATE_RUNNING, "kdsweep.restored": "from Optuna's record: no curves, no checkpoint",
                 STANDS_FOR_TAG: t.user_attrs.get(run_id_attr, "")}
         run = tracker.start(exp, f"t{t.number:03d}", tags, parent=parent)
         metrics = {"best_val_acc": t.value}
         metrics.update({k: t.user_attrs[k] for k in ("test_acc", "best_epoch") if isinstance(t.user_attrs.get(k), (int, float))})
         tracker.log(run, metrics, params={**params, **t.params})
-        tracker.end(run)
-    done = [f"{len(d.orphans)} MLflow run(s) without their trial marked {ORPHANED}"] if d.orphans else []
+        outcome.end_trial(outcome.Records(tracker, run), outcome.COMPLETE,
+                          outcome.Ending(epochs=t.user_attrs.get(EPOCHS_ATTR)))
+    done = [f"{len(d.orphans)} MLflow run(s) without their trial marked {STATE_ORPHANED}"] if d.orphans else []
     if d.foreign:
-        done.append(f"parent run {d.parent} marked {ORPHANED}, new parent {parent}")
+        done.append(f"parent run {d.parent} marked {STATE_ORPHANED}, new parent {parent}")
     if d.misfiled:
         done.append(f"{len(d.misfiled)} run(s) of its trials moved under parent {parent}")
     if d.missing:

@@ -15,7 +15,7 @@ A RUNNING trial is stale when
     and claiming it (claims happen under the lock);
   * its Optuna heartbeat is older than the grace period (RDB storage): the
     only signal for a worker on another machine.
-A stale trial is marked FAIL and, if it had sampled parameters, retried: a
+A stale trial is marked FAIL (outcome.WORKER_LOST) and, if it had sampled parameters, retried: a
 WAITING copy with the same parameters is added (at most MAX_RETRIES times
 along one chain). Closing its MLflow run is the caller's job (`on_stale`).
 """
@@ -23,7 +23,6 @@ along one chain). Closing its MLflow run is the caller's job (`on_stale`).
 from __future__ import annotations
 
 import threading
-import warnings
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -31,12 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.common.processes import Owner
-from kdsweep.tracking.vocabulary import (
-    EPOCHS_ATTR,
-    OWNER_ATTR,
-    REASON_ATTR,
-    RETRY_OF_ATTR,
-)
+from kdsweep.tracking.vocabulary import OWNER_ATTR, RETRY_OF_ATTR
 
 MAX_RETRIES = 2
 
@@ -133,14 +127,14 @@ def stale_reason(trial: FrozenTrial, locked: bool, grace: int) -> str | None:
 
 
 def fail_trial(storage, trial: FrozenTrial, reason: str) -> bool:
-    """Mark a RUNNING trial FAIL; False if another worker (or its owner) finished it first."""
-    try:
-        storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
-        # Lost to infrastructure: whatever it trained does not count (budget.py); its retry trains it again.
-        storage.set_trial_user_attr(trial._trial_id, EPOCHS_ATTR, None)
-        return bool(storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
+    """Mark a RUNNING trial FAIL (outcome.WORKER_LOST); False if another worker (or its owner) finished it first.
+
+    Lost to infrastructure: whatever it trained does not count (budget.py); its retry trains it again.
+    """
+    from kdsweep.study import outcome  # torch-free until a study runs
+
+    return outcome.end_trial(outcome.Records(trial=trial, storage=storage), outcome.WORKER_LOST,
+                             outcome.Ending(reason=reason)) is outcome.WORKER_LOST
 
 
 def retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
@@ -170,16 +164,14 @@ def recover_stale(study: optuna.Study, storage, grace: int, locked: bool, on_sta
         if reason and fail_trial(storage, t, reason):
             failed.append((t, reason))
 
-    heartbeat_failed: list[FrozenTrial] = []
-    previous = storage.heartbeat_stale_trial_callback
-    storage.heartbeat_stale_trial_callback = lambda _study, t: heartbeat_failed.append(t)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-    finally:
-        storage.heartbeat_stale_trial_callback = previous
-    failed += [(t, f"no heartbeat from its worker for over {grace}s") for t in heartbeat_failed]
+    # Silent for longer than the grace period (RDB storage): what optuna.storages.fail_stale_trials finds, failed
+    # here as every stale trial is (outcome.WORKER_LOST), so that what it had recorded stops counting too.
+    silent = f"no heartbeat from its worker for over {grace}s"
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
+        for trial_id in storage._get_stale_trial_ids(study._study_id):  # what fail_stale_trials asks the storage
+            t = storage.get_trial(trial_id)
+            if t.state == TrialState.RUNNING and fail_trial(storage, t, silent):
+                failed.append((t, silent))
 
     for t, reason in failed:
         on_stale(t, reason)

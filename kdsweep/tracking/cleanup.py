@@ -18,7 +18,7 @@ import json
 from typing import Callable, Iterable
 
 from kdsweep.common.processes import Owner
-from kdsweep.tracking.vocabulary import OWNER_TAG
+from kdsweep.tracking.vocabulary import OWNER_TAG, REASON_TAG, RUN_KILLED, RUN_RUNNING, STATE_FAIL, STATE_TAG
 
 # ---------------------------------------------------------------- runs
 
@@ -35,20 +35,25 @@ def run_owner(run) -> Owner | None:
         return None
 
 
-def close_dead_runs(tracker, experiment_id: str, roles: Iterable[str], say: Callable[[str], None] = print) -> int:
+def close_dead_runs(tracker, experiment_id: str, roles: Iterable[str], say: Callable[[str], None] = print,
+                    close: Callable[[str, str], None] | None = None) -> int:
     """Close the RUNNING runs of `roles` whose owner process is gone; return how many.
 
-    Runs without an owner (older kdsweep) or owned on another machine are left alone: nothing here
-    can tell whether they still run.
+    `close(run_id, reason)` ends one (default: KILLED, tagged FAIL with the reason); confirmation runs
+    pass study.outcome's writer. Runs without an owner (older kdsweep) or owned on another machine are
+    left alone: nothing here can tell whether they still run.
     """
     closed = 0
     for role in roles:
-        for run in tracker.find_runs(experiment_id, {"kdsweep.role": role}, statuses=("RUNNING",)):
+        for run in tracker.find_runs(experiment_id, {"kdsweep.role": role}, statuses=(RUN_RUNNING,)):
             owner = run_owner(run)
             if owner is None or owner.alive() is not False:
                 continue
             reason = f"its process {owner} is gone (killed or crashed)"
-            tracker.close(run.info.run_id, "KILLED", {"kdsweep.state": "FAIL", "kdsweep.reason": reason})
+            if close is not None:
+                close(run.info.run_id, reason)
+            else:
+                tracker.close(run.info.run_id, RUN_KILLED, {STATE_TAG: STATE_FAIL, REASON_TAG: reason})
             say(f"closed {role} run {run.info.run_id}, left RUNNING: {reason}")
             closed += 1
     return closed

@@ -14,6 +14,7 @@ import shlex
 from typing import Any
 
 from kdsweep.common.uris import redact
+from kdsweep.tracking.vocabulary import STATE_TAG
 
 # Flags shown only when they differ from StudyConfig's defaults (the others define the study and are always shown).
 _IF_NOT_DEFAULT = (("seed", "--seed"), ("data_size", "--data-size"), ("image_size", "--image-size"), ("val_fraction", "--val-fraction"),
@@ -139,7 +140,7 @@ VIEWS: dict[str, tuple[str, dict[str, Any]]] = {
         # Optuna maximised (val_acc is the last epoch's); kdsweep.state says COMPLETE / PRUNED / FAIL.
         "searchFilter": "tags.`kdsweep.role` = 'trial'",
         "orderByKey": "metrics.`best_val_acc`", "orderByAsc": False,
-        **_columns(_metrics("best_val_acc", "test_acc") + _tags("kdsweep.state", "kdsweep.study")
+        **_columns(_metrics("best_val_acc", "test_acc") + _tags(STATE_TAG, "kdsweep.study")
                    + _metrics("best_epoch", "epochs_trained"),
                    {RUN_NAME_COLUMN: 90, "tags.`kdsweep.study`": 380, "metrics.`best_epoch`": 100}),
         **_charts("trials", ("BAR", "best_val_acc"), ("LINE", "val_acc"), ("BAR", "test_acc")),

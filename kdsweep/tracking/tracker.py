@@ -24,7 +24,7 @@ from kdsweep.common import failures
 from kdsweep.common.errors import UserError
 from kdsweep.common.uris import absolute_sqlite, redact, scrub
 from kdsweep.tracking.notes import ui_tags
-from kdsweep.tracking.vocabulary import PARENT_TAG
+from kdsweep.tracking.vocabulary import PARENT_TAG, RUN_FINISHED
 
 DEFAULT_DIR = Path("mlruns")
 
@@ -210,5 +210,5 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in dict(tags).items()],
         )
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
+    def end(self, run_id: str, status: str = RUN_FINISHED) -> None:
         self.client.set_terminated(run_id, status=status)

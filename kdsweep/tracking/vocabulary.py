@@ -31,3 +31,32 @@ PARENT_ATTR = "mlflow_parent_run_id"
 
 
 CONFIG_ATTR = "kdsweep_config"
+
+
+# --------------------------------------------------------------------------- trial states
+# A trial run's STATE_TAG holds the Optuna state its trial ended in (RUNNING while it trains; ORPHANED for
+# a run no trial owns). Which state, MLflow status and tag go together is study/outcome.py's table.
+
+STATE_TAG = "kdsweep.state"
+
+REASON_TAG = "kdsweep.reason"
+
+STATE_RUNNING = "RUNNING"
+
+STATE_COMPLETE = "COMPLETE"
+
+STATE_PRUNED = "PRUNED"
+
+STATE_FAIL = "FAIL"
+
+STATE_ORPHANED = "ORPHANED"  # a run that no trial of the study owns (the report skips it)
+
+# MLflow run statuses (mlflow.entities.RunStatus names)
+
+RUN_RUNNING = "RUNNING"
+
+RUN_FINISHED = "FINISHED"
+
+RUN_FAILED = "FAILED"
+
+RUN_KILLED = "KILLED"

@@ -35,6 +35,7 @@ from kdsweep.models.factory import build_model
 from kdsweep.models.zoo import Net, count_params
 from kdsweep.tracking.cleanup import owner_tags, run_owner
 from kdsweep.tracking.tracker import Tracker
+from kdsweep.tracking.vocabulary import REASON_TAG, RUN_FAILED, RUN_KILLED, RUN_RUNNING
 from kdsweep.training import checkpoint
 from kdsweep.training.loop import EpochStats, NonFiniteLoss, Schedule, evaluate, train_student
 
@@ -112,9 +113,9 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
     except BaseException as e:
         with contextlib.suppress(Exception):  # best effort: never mask why training stopped
             if isinstance(e, KeyboardInterrupt):
-                tracker.close(run, "KILLED", {"kdsweep.reason": "interrupted"})
+                tracker.close(run, RUN_KILLED, {REASON_TAG: "interrupted"})
             else:
-                tracker.close(run, "FAILED", {"kdsweep.reason": f"{type(e).__name__}: {str(e)[:200]}"})
+                tracker.close(run, RUN_FAILED, {REASON_TAG: f"{type(e).__name__}: {str(e)[:200]}"})
         if isinstance(e, NonFiniteLoss):  # the user's data or model, not a bug: one line
             raise UserError(f"the teacher {arch} diverged while training on {dataset} ({e}): look for extreme values "
                             f"in the data or the model's outputs, or give a trained teacher with --teacher-checkpoint") from None
@@ -132,10 +133,10 @@ def close_dead_teacher_runs(tracker: Tracker) -> int:
     if exp is None:
         return 0
     closed = 0
-    for run in tracker.find_runs(exp.experiment_id, {"kdsweep.role": "teacher"}, statuses=("RUNNING",)):
+    for run in tracker.find_runs(exp.experiment_id, {"kdsweep.role": "teacher"}, statuses=(RUN_RUNNING,)):
         owner = run_owner(run)
         if owner is not None and owner.alive() is False:
-            tracker.close(run.info.run_id, "KILLED", {"kdsweep.reason": f"its process {owner} is gone (killed or crashed)"})
+            tracker.close(run.info.run_id, RUN_KILLED, {REASON_TAG: f"its process {owner} is gone (killed or crashed)"})
             closed += 1
     return closed
 

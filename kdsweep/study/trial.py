@@ -1,0 +1,266 @@
+"""One trial's life: sample its parameters, open its MLflow run, train it (alone, or K in lockstep with
+--parallel), record its result, and end it through outcome.end_trial.
+
+The shape is Optuna's `_run_trial`: one `try` around the training catches whatever stops it,
+`outcome.classify` maps that to a row of the outcome table, and one writer records the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from tqdm.auto import tqdm
+
+from kdsweep.common.locks import StudyLock
+from kdsweep.common.processes import Owner
+from kdsweep.data.device_data import DeviceData
+from kdsweep.methods.registry import get_method
+from kdsweep.models import factory
+from kdsweep.models.zoo import Shapes, count_params
+from kdsweep.study import outcome as oc
+from kdsweep.study.config import StudyConfig
+from kdsweep.study.progress import Reporter
+from kdsweep.study.workers import Heartbeat, check_stop
+from kdsweep.tracking.tracker import Tracker
+from kdsweep.tracking.vocabulary import RUN_ID_ATTR, STATE_RUNNING, STATE_TAG
+from kdsweep.training import checkpoint, teacher_outputs
+from kdsweep.training.devices import Accel
+from kdsweep.training.loop import Member, Schedule, TrainResult, evaluate, train_student, train_students
+
+
+@dataclass
+class StudyContext:
+    """Everything a trial needs that every trial shares (built once per study)."""
+
+    cfg: StudyConfig
+    data: DeviceData
+    teacher: torch.nn.Module | None
+    teacher_info: dict
+    tracker: Tracker
+    experiment_id: str
+    parent_run: str
+    say: Callable[[str], None] = print
+    base_params: dict[str, Any] = field(default_factory=dict)
+    # Worker coordination (see workers.py); set by run_study.
+    study: optuna.Study | None = None
+    storage: optuna.storages.RDBStorage | None = None
+    lock: StudyLock | None = None
+    owner: Owner | None = None
+    heartbeat: int = 10
+    grace: int = 60
+    poll: float = 2.0
+    # The device path (see train.py, teacher_outputs.py); set by run_study.
+    cache: teacher_outputs.TeacherCache | None = None  # teacher outputs shared by the study's trials
+    accel: Accel | None = None
+    teacher_shapes: Shapes | None = None  # the frozen teacher's tap shapes: one dry forward per study, not per trial
+    reporter: Reporter = field(default_factory=Reporter.auto)  # bars, log lines or nothing (progress.py)
+
+    def __post_init__(self):
+        if self.teacher is not None and self.teacher_shapes is None:
+            self.teacher_shapes = self.teacher.shapes(self.data.in_shape)
+
+    def records(self, trial: optuna.Trial, run: str | None = None) -> oc.Records:
+        """Where one of the study's trials is recorded, for outcome.end_trial."""
+        line = (lambda frozen: self.reporter.trial_end(self.cfg.name, frozen)) if self.reporter.lines else None
+        return oc.Records(self.tracker, run, trial, say=self.say, line=line)
+
+
+def trial_params(ctx: StudyContext, trial: optuna.Trial) -> dict[str, float]:
+    """The trial's hyperparameters: the fixed ones and a draw from the search space."""
+    hp = dict(ctx.cfg.fixed)
+    for name, dist in ctx.cfg.space.items():
+        hp[name] = dist.suggest(trial, name)
+    return hp
+
+
+@dataclass
+class TrialRun:
+    """One trial being trained: its models, settings and MLflow run."""
+
+    trial: optuna.Trial
+    hp: dict[str, float]
+    schedule: Schedule
+    student: torch.nn.Module
+    method: torch.nn.Module
+    run: str
+    rng: tuple  # the RNG state right after initialisation (lockstep replays it)
+    reported: list[int] = field(default_factory=list)  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
+    seconds: float = 0.0  # training wall time so far
+
+
+def _open(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
+    """Sample the trial's parameters, build its student and heads, and create its MLflow run (the last step)."""
+    cfg, data = ctx.cfg, ctx.data
+    method_cls = get_method(cfg.method)
+    hp = trial_params(ctx, trial)
+    schedule = Schedule(cfg.epochs, cfg.batch_size, hp["lr"], cfg.momentum, cfg.weight_decay, cfg.optimizer)
+    torch.manual_seed(cfg.seed)  # every trial starts from the same student initialisation
+    student = factory.build_for(cfg, "student", data.in_shape, data.num_classes).to(data.device)
+    s_shapes = student.shapes(data.in_shape)
+    method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
+    run = ctx.tracker.start(ctx.experiment_id, f"t{trial.number:03d}",  # short: the table cuts long names; the parent names the study
+                            {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
+                             "kdsweep.trial": trial.number, STATE_TAG: STATE_RUNNING}, parent=ctx.parent_run)
+    return TrialRun(trial, hp, schedule, student, method, run, rng)
+
+
+def _fill(ctx: StudyContext, tr: TrialRun) -> None:
+    """Link the trial and its run both ways and log the run's parameters."""
+    tr.trial.set_user_attr(RUN_ID_ATTR, tr.run)
+    params = {**ctx.base_params, **tr.hp, **vars(tr.schedule), "extra_params": count_params(tr.method)}
+    ctx.tracker.log(tr.run, params=params)
+
+
+def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
+    def on_epoch(stats):
+        check_stop()
+        ctx.tracker.log(tr.run, stats.metrics(), step=stats.epoch)
+        tr.seconds += stats.seconds
+        tr.trial.report(stats.val_acc, stats.epoch)
+        tr.reported.append(stats.epoch)
+        if tr.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch + 1} of {ctx.cfg.epochs}")  # 1-based for people
+
+    return on_epoch
+
+
+def record_result(tracker: Tracker, run: str, data: DeviceData, arch: str, student: torch.nn.Module, method: torch.nn.Module,
+                  result: TrainResult, meta: dict[str, Any], accel: Accel | None = None) -> dict[str, float]:
+    """Evaluate the selected (best-val) epoch on test, log its checkpoint and final metrics (outcome.end_trial ends the run)."""
+    student.load_state_dict(result.state["student"])
+    method.load_state_dict(result.state["heads"])
+    test_loss, test_acc = evaluate(student, data, "test", accel)
+    final = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "test_acc": test_acc, "test_loss": test_loss}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint.save(Path(tmp) / "student.pt", arch, data.in_shape, data.num_classes, result.state,
+                               {**meta, "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc})
+        tracker.client.log_artifact(run, str(ckpt), "checkpoint")
+    tracker.log(run, final, step=result.best_epoch)
+    return final
+
+
+def _complete(ctx: StudyContext, tr: TrialRun, result: TrainResult) -> oc.Ending:
+    """Record a trial that trained to the end; what its end records (its value is the best val acc)."""
+    cfg = ctx.cfg
+    final = record_result(ctx.tracker, tr.run, ctx.data, cfg.student, tr.student, tr.method, result,
+                          {"method": cfg.method, "study": cfg.full_study_name, "trial": tr.trial.number, "hparams": tr.hp},
+                          ctx.accel)
+    return oc.Ending(epochs=len(result.history), seconds=tr.seconds, value=result.best_val_acc,
+                     attrs={k: final[k] for k in ("test_acc", "best_epoch")})
+
+
+def ending(tr: TrialRun | None, error: BaseException) -> oc.Ending:
+    """What a trial that stopped with `error` records: the epochs it trained, and where it stopped."""
+    if tr is None:
+        return oc.Ending(error=error)
+    row = oc.classify(error)
+    if row is oc.PRUNED:
+        return oc.Ending(error=error, epochs=len(tr.reported), seconds=tr.seconds,
+                         tags={"kdsweep.pruned_at_epoch": tr.reported[-1] if tr.reported else -1})
+    if row in (oc.DIVERGED, oc.OUT_OF_MEMORY):  # it trained until it diverged (or ran out of memory): it counts
+        epoch = getattr(error, "epoch", len(tr.reported))  # an OOM: the epoch it was in
+        return oc.Ending(error=error, epochs=epoch + 1, seconds=tr.seconds, attrs={"failed_at_epoch": epoch},
+                         tags={"kdsweep.failed_at_epoch": epoch})
+    return oc.Ending(error=error, epochs=len(tr.reported), seconds=tr.seconds)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _end(ctx: StudyContext, trial: optuna.Trial, tr: TrialRun | None, end: oc.Ending) -> oc.Outcome:
+    """End one trial through the outcome table."""
+    return oc.end_trial(ctx.records(trial, tr.run if tr else None), oc.classify(end.error), end)
+
+
+def execute(ctx: StudyContext, trial: optuna.Trial) -> oc.Outcome:
+    """Train one claimed trial alone, with a heartbeat, and record its end; a bad trial does not stop the study."""
+    tr, end = None, None
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trial {trial.number}", unit="epoch", leave=False, disable=not ctx.reporter.bars)
+    try:
+        with Heartbeat(ctx.storage, trial._trial_id, ctx.heartbeat):
+            tr = _open(ctx, trial)
+            _fill(ctx, tr)
+            result = train_student(tr.student, tr.method, ctx.teacher, ctx.data, tr.schedule, on_epoch=_epoch_callback(ctx, tr),
+                                   progress=lambda e: bar.update(1), cache=ctx.cache, accel=ctx.accel)
+            end = _complete(ctx, tr, result)
+    except BaseException as e:
+        end = ending(tr, e)
+    finally:
+        bar.close()
+    outcome = _end(ctx, trial, tr, end)
+    if not oc.classify(end.error).goes_on:
+        raise end.error
+    if outcome is oc.OUT_OF_MEMORY:
+        end = None  # its traceback holds the tensors: give the next trial the memory back
+        _free_memory(ctx.data.device)
+    return outcome
+
+
+def _train_group(ctx: StudyContext, trials: list[optuna.Trial], started: list[TrialRun]) -> list[TrainResult]:
+    """Open every trial's run (into `started`) and train them in lockstep, each with its heartbeat."""
+    bar = tqdm(total=ctx.cfg.epochs, desc=f"trials {trials[0].number}-{trials[-1].number}", unit="epoch", leave=False,
+               disable=not ctx.reporter.bars)
+    try:
+        with contextlib.ExitStack() as beats:
+            for t in trials:
+                beats.enter_context(Heartbeat(ctx.storage, t._trial_id, ctx.heartbeat))
+            for t in trials:
+                started.append(_open(ctx, t))
+                _fill(ctx, started[-1])
+            members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng) for tr in started]
+            return train_students(members, ctx.teacher, ctx.data, cache=ctx.cache, accel=ctx.accel,
+                                  progress=lambda e: bar.update(1), stop_on=(optuna.TrialPruned,))
+    finally:
+        bar.close()
+
+
+def execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[oc.Outcome]:
+    """Train claimed trials in lockstep on the same batches (--parallel); each reports, prunes and ends on its own.
+
+    An exception that stops the whole group (an out-of-memory error, Ctrl-C, a bug) ends every member
+    with the same row of the outcome table as it would end a lone trial.
+    """
+    started: list[TrialRun] = []
+    error = None
+    try:
+        results = _train_group(ctx, trials, started)
+    except BaseException as e:
+        error = e
+    if error is not None:
+        return _end_stopped_group(ctx, trials, started, error)
+    outcomes: list[oc.Outcome] = []
+    for i, (tr, result) in enumerate(zip(started, results)):
+        try:
+            end = ending(tr, result.stopped_by) if result.stopped_by is not None else _complete(ctx, tr, result)
+        except BaseException as e:
+            end = ending(tr, e)
+        outcomes.append(_end(ctx, tr.trial, tr, end))
+        if not oc.classify(end.error).goes_on:  # interrupted while closing: no trial may be left RUNNING
+            for later in started[i + 1:]:
+                _end(ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
+            raise end.error
+    return outcomes
+
+
+def _end_stopped_group(ctx: StudyContext, trials: list[optuna.Trial], started: list[TrialRun],
+                       error: BaseException) -> list[oc.Outcome]:
+    """End every member of a group that `error` stopped, each as a lone trial stopped by it would end."""
+    runs = {tr.trial.number: tr for tr in started}
+    outcomes = [_end(ctx, t, runs.get(t.number), ending(runs.get(t.number), error)) for t in trials]
+    if not oc.classify(error).goes_on:
+        raise error
+    if oc.OUT_OF_MEMORY in outcomes:
+        del error  # its traceback holds the tensors: give the next trials the memory back
+        _free_memory(ctx.data.device)
+    return outcomes
