@@ -84,7 +84,10 @@ def test_a_log_gets_one_flushed_line_per_trial_then_quiet_gets_only_the_summary(
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = next(r for r in runs if r.data.tags.get("kdsweep.role") == "study")
-    assert sorted(r.info.run_name for r in runs if r.data.tags.get("kdsweep.role") == "trial") == ["t000", "t001", "t002"]
+    trials = [r for r in runs if r.data.tags.get("kdsweep.role") == "trial"]
+    tags = trials[0].data.tags
+    assert tags["kdsweep.label"] == "ce" and tags["kdsweep.per_trial"] and tags["kdsweep.per_trial"] in parent.info.run_name
+    assert sorted(r.info.run_name for r in trials) == [f"ce {tags['kdsweep.per_trial']} t00{i}" for i in range(3)]
     assert parent.info.run_name == parent.data.tags["kdsweep.study"]
     assert {k: parent.data.params[k] for k in ("epochs", "batch_size", "dataset", "teacher", "student", "seed")} == \
         {"epochs": "2", "batch_size": "32", "dataset": "digits", "teacher": "digitnet_l", "student": "digitnet_s", "seed": "0"}

@@ -186,8 +186,8 @@ def _record_best(tracker: Tracker, parent: str, study: optuna.Study) -> dict | N
         return None
     best = best_trial(done)
     metrics.update(best_val_acc=best.value, best_test_acc=best.user_attrs.get("test_acc", math.nan), best_trial=best.number)
-    # Params are immutable in MLflow, but the best trial changes as a study grows: metrics and tags instead.
-    metrics.update({f"best.{k}": v for k, v in best.params.items()})
+    # Params are immutable in MLflow, but the best trial changes as a study grows: tags instead (not metrics,
+    # which MLflow's chart view would open on as single-point charts).
     tags = {f"best.{k}": f"{v:.6g}" for k, v in best.params.items()}
     tags["best.run_id"] = best.user_attrs.get(RUN_ID_ATTR, "")
     tracker.log(parent, metrics, tags=tags, step=len(study.trials))

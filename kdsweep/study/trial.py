@@ -106,8 +106,11 @@ def _open(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     s_shapes = student.shapes(data.in_shape)
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
-    run = ctx.tracker.start(ctx.experiment_id, f"t{trial.number:03d}",  # short: the table cuts long names; the parent names the study
+    # Named for its study's label and per-trial settings first: in a flat list of trials (sorted by the
+    # objective) 'vanilla_kd e5-b32 t002' and 'vanilla_kd e3-b32 t002' stay apart; the table cuts long names.
+    run = ctx.tracker.start(ctx.experiment_id, f"{cfg.name} {cfg.budget_tag} t{trial.number:03d}",
                             {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
+                             "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag,
                              "kdsweep.trial": trial.number, STATE_TAG: STATE_RUNNING}, parent=ctx.parent_run)
     return TrialRun(trial, hp, schedule, student, method, run, rng)
 

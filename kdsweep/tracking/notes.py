@@ -136,13 +136,14 @@ VIEWS: dict[str, tuple[str, dict[str, Any]]] = {
         "runsHiddenMode": "SHOW_ALL",  # every study in the charts (MLflow: the first 10)
     }),
     TRIALS_VIEW: ("kdsweep: trials, objective first", {
-        # Every trial of every study, ranked by the objective: best_val_acc is the best epoch's val_acc, what
-        # Optuna maximised (val_acc is the last epoch's); kdsweep.state says COMPLETE / PRUNED / FAIL.
+        # Every trial of every study (named "LABEL PER-TRIAL tNNN"), ranked by the objective: best_val_acc is the
+        # best epoch's val_acc, what Optuna maximised (val_acc is the last epoch's); kdsweep.state says COMPLETE /
+        # PRUNED / FAIL.
         "searchFilter": "tags.`kdsweep.role` = 'trial'",
         "orderByKey": "metrics.`best_val_acc`", "orderByAsc": False,
         **_columns(_metrics("best_val_acc", "test_acc") + _tags(STATE_TAG, "kdsweep.study")
                    + _metrics("best_epoch", "epochs_trained"),
-                   {RUN_NAME_COLUMN: 90, "tags.`kdsweep.study`": 380, "metrics.`best_epoch`": 100}),
+                   {RUN_NAME_COLUMN: 220, "tags.`kdsweep.study`": 380, "metrics.`best_epoch`": 100}),
         **_charts("trials", ("BAR", "best_val_acc"), ("LINE", "val_acc"), ("BAR", "test_acc")),
         "runsHiddenMode": "FIRST_20_RUNS",  # the 20 best trials in the charts (MLflow: the first 10)
     }),
