@@ -480,10 +480,15 @@ def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, work
     assert kdsweep(*STUDY, "--trials", 1)[0] == 0
     r = _kill_at("kdsweep.report.confirm:train_student", ["confirm", "--seeds", "1"], workdir, private_tmp)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    running = {r.data.tags.get("kdsweep.role"): r for r in _runs(workdir) if r.info.status == "RUNNING"}
+    assert set(running) == {"confirm"}  # what the kill left
     r = _kill_at("mlflow.tracking:MlflowClient.log_artifact", ["report", "--no-plots"], workdir, private_tmp)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    running = {r.data.tags.get("kdsweep.role"): r for r in _runs(workdir) if r.info.status == "RUNNING"}
-    assert set(running) == {"confirm", "report"}  # what the kills left
+    # The report closed the lost seed's run (and named it) before it was killed in turn.
+    assert "confirmation seed" in r.stdout and "was lost" in r.stdout
+    running.update({r.data.tags.get("kdsweep.role"): r for r in _runs(workdir) if r.info.status == "RUNNING"})
+    assert {k for k, r in running.items() if {x.info.run_id: x for x in _runs(workdir)}[r.info.run_id].info.status
+            == "RUNNING"} == {"report"}
 
     # A run whose owner lives on (this process), and one from before owners were recorded: left alone.
     from kdsweep.tracking.cleanup import owner_tags
@@ -496,7 +501,6 @@ def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, work
 
     code, out, err = kdsweep("confirm", "--seeds", "1")
     assert code == 0, err
-    assert f"closed confirm run {running['confirm'].info.run_id}, left RUNNING: its process" in err
     code, out, err = kdsweep("report", "--no-plots")
     assert code == 0, err
     assert f"closed report run {running['report'].info.run_id}" in err
@@ -544,3 +548,47 @@ def test_a_report_of_a_study_still_running_says_so(kdsweep, workdir):
     assert "in progress: ce still running when this report was made" in out
     (report,) = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'report'")
     assert report.data.tags["kdsweep.in_progress"] == "true" and report.info.run_name == "report-s0-in-progress"
+
+
+def _confirm_run(workdir, seed: int, owner: dict) -> str:
+    """A RUNNING confirmation run of the study's best trial, as a confirm process leaves it while it trains."""
+    from kdsweep.tracking.tracker import Tracker
+
+    runs = _runs(workdir)
+    parent = next(r for r in runs if r.data.tags.get("kdsweep.role") == "study")
+    best = max((r for r in runs if r.data.tags.get("kdsweep.role") == "trial" and "best_val_acc" in r.data.metrics),
+               key=lambda r: r.data.metrics["best_val_acc"])
+    t = Tracker(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    return t.start(parent.info.experiment_id, f"confirm-s{seed}", {
+        "kdsweep.role": "confirm", "kdsweep.study": parent.data.tags["kdsweep.study"], "kdsweep.method": "ce",
+        "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id, "kdsweep.state": "RUNNING",
+        "kdsweep.owner": json.dumps(owner)}, parent=parent.info.run_id)
+
+
+def test_two_confirms_share_the_seeds(kdsweep, workdir):
+    """Attack: two `confirm --seeds 4` at once both trained seeds 3 and 4. A seed another live confirm is training
+    is now left to it (the claim is made under a lock, as a trial's is)."""
+    from kdsweep.common.processes import Owner
+    from kdsweep.report.stored_studies import confirm_seeds
+
+    assert kdsweep(*STUDY, "--trials", 1)[0] == 0
+    seeds = confirm_seeds(0, 2)
+    other = _confirm_run(workdir, seeds[1], Owner.me().as_attr())  # alive: this very process
+    code, out, err = kdsweep("confirm", "--seeds", "2")
+    assert code == 0, err
+    assert f"seed {seeds[1]}: being trained by " in err and f"(run {other}); left to it" in err
+    confirms = [r for r in _runs(workdir) if r.data.tags.get("kdsweep.role") == "confirm"]
+    assert sorted(r.data.tags["kdsweep.confirm_seed"] for r in confirms) == sorted(map(str, seeds))  # none twice
+
+
+def test_a_report_names_a_lost_confirmation_seed_and_closes_its_run(kdsweep, workdir):
+    """Attack: SIGKILL of a confirm seed left its run RUNNING, and the report showed n = 4 of 5 without a word."""
+    assert kdsweep(*STUDY, "--trials", 1)[0] == 0
+    lost = _confirm_run(workdir, 5, _dead_owner())
+    code, out, err = kdsweep("report", "--no-plots", "--no-log")
+    assert code == 0 and "ce: confirmation seed 5 was lost (its process" in out and "run `kdsweep confirm` again" in out
+    assert {r.info.run_id: r.info.status for r in _runs(workdir)}[lost] == "RUNNING"  # --no-log writes nothing
+    code, out, err = kdsweep("report", "--no-plots")
+    assert code == 0 and "confirmation seed 5 was lost" in out
+    closed = {r.info.run_id: r for r in _runs(workdir)}[lost]
+    assert closed.info.status == "KILLED" and closed.data.tags["kdsweep.reason"].endswith("is gone (killed or crashed)")

@@ -43,6 +43,7 @@ from kdsweep.common.errors import UserError
 from kdsweep.common.uris import redact
 from kdsweep.data.device_data import DeviceData
 from kdsweep.methods.space import edge_warnings
+from kdsweep.report.confirm import confirm, lost_seeds
 from kdsweep.report.metrics import (
     ALPHA,
     DIRECTIONS,
@@ -631,20 +632,8 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
     if out:
         atomic.check_out(Path(out), _REPORT_FILE.match, overwrite)
     dev = resolve_device(device)
-    tracker = open_tracker(tracking_uri)
-    sel = select(tracker, dataset, teacher, student, seed, studies, per_trial)
-    if log:
-        _check_writable(tracker)
-    if log or seeds is not None:  # --no-log writes nothing to MLflow (the store may be read-only)
-        cleanup.close_dead_runs(tracker, sel.experiment_id, ("report",), say)
-    if seeds is not None:
-        from kdsweep.report.confirm import confirm
-
-        confirm(sel, seeds, dev, data_dir, say)
-        # Pick up the new runs, from the same studies.
-        notes = sel.notes
-        sel = select(tracker, sel.dataset, sel.teacher, sel.student, sel.seed, [x.name for x in sel.studies])
-        sel.notes = notes
+    sel = _selection(open_tracker(tracking_uri), (dataset, teacher, student, seed, studies, per_trial), seeds, dev,
+                     data_dir, log, say)
     with atomic.tmp_dir("kdsweep-report") as tmp:
         rep = build(sel, data_dir, dev, seeds, say, tmp=tmp)
         show(to_markdown(rep))
@@ -663,6 +652,25 @@ def run_report(tracking_uri: str | None = None, dataset: str | None = None, teac
                 raise UserError(f"{why}; `--no-log` reports without writing to MLflow") from None
             say(f"logged to MLflow run {run} (experiment {sel.experiment!r}, artifacts under report/)")
     return rep
+
+
+def _selection(tracker, choice: tuple, seeds: int | None, dev: torch.device, data_dir: str | None, log: bool,
+               say: Say) -> Selection:
+    """The studies to report, after the runs of dead reports are closed and, with `seeds`, the studies confirmed;
+    without `seeds`, a confirmation seed whose process died is named in the notes (and its run closed, if `log`)."""
+    sel = select(tracker, *choice)
+    if log:
+        _check_writable(tracker)
+    if log or seeds is not None:  # --no-log writes nothing to MLflow (the store may be read-only)
+        cleanup.close_dead_runs(tracker, sel.experiment_id, ("report",), say)
+    if seeds is None:
+        sel.notes += lost_seeds(sel, close=log)
+        return sel
+    confirm(sel, seeds, dev, data_dir, say)  # closes the lost seeds' runs and trains them again
+    notes = sel.notes  # pick up the new runs, from the same studies
+    sel = select(tracker, sel.dataset, sel.teacher, sel.student, sel.seed, [x.name for x in sel.studies])
+    sel.notes = notes
+    return sel
 
 
 def _check_writable(tracker) -> None:

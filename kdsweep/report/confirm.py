@@ -23,6 +23,7 @@ import torch
 
 from kdsweep.common import atomic
 from kdsweep.common.errors import UserError
+from kdsweep.common.locks import StudyLock
 from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
 from kdsweep.models import taps
@@ -40,7 +41,7 @@ from kdsweep.report.stored_studies import (
 from kdsweep.study import outcome
 from kdsweep.study.trial import record_result
 from kdsweep.tracking import cleanup
-from kdsweep.tracking.vocabulary import STATE_RUNNING, STATE_TAG
+from kdsweep.tracking.vocabulary import RUN_FINISHED, RUN_RUNNING, STATE_COMPLETE, STATE_RUNNING, STATE_TAG
 from kdsweep.training.devices import set_cpu_threads
 from kdsweep.training.loop import Schedule, train_student
 
@@ -100,13 +101,76 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
                     continue
                 t_shapes = teacher.shapes(data.in_shape)
             say(f"{s.label}: {summary[s.label]['reused']} confirmation runs reused, training seeds {', '.join(map(str, missing))}")
-            for k in missing:
-                ok = _train_one(sel, s, method_cls, teacher if method_cls.uses_teacher else None, t_shapes, data, k, say)
-                summary[s.label]["trained" if ok else "failed"] += 1
+            _train_seeds(sel, s, missing, (method_cls, teacher if method_cls.uses_teacher else None, t_shapes, data),
+                         summary[s.label], say)
     return summary
 
 
-def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data, seed: int, say: Say) -> bool:
+def _train_seeds(sel: Selection, s: StudyRuns, seeds: list[int], setup: tuple, counts: dict[str, int], say: Say) -> None:
+    """Claim and train each seed of `seeds` that no other confirm has taken meanwhile; count what happened."""
+    lock = StudyLock(sel.tracker.uri, f"confirm:{s.name}")
+    try:
+        for k in seeds:
+            run = _claim_seed(sel, s, k, lock, say)
+            if run is None:
+                counts["reused"] += 1
+                continue
+            counts["trained" if _train_one(sel, s, *setup, k, run, say) else "failed"] += 1
+    finally:
+        lock.close()
+
+
+def _seed_runs(sel: Selection, s: StudyRuns, seed: int | None, statuses: tuple[str, ...]) -> list:
+    """The confirmation runs of `s`'s current best trial (of one seed, unless None) in one of `statuses`."""
+    tags = {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.source_run": s.best.info.run_id}
+    if seed is not None:
+        tags["kdsweep.confirm_seed"] = str(seed)
+    return sel.tracker.find_runs(sel.experiment_id, tags, statuses=statuses)
+
+
+def _claim_seed(sel: Selection, s: StudyRuns, seed: int, lock: StudyLock, say: Say) -> str | None:
+    """Start seed `seed`'s run (its claim), unless another confirm trains or trained it since this one looked.
+
+    Under the lock, so two `confirm`s at once share the seeds instead of both training each (the lock is
+    released while a seed trains; on a store without one, claims can race, as a study's trials can)."""
+    with lock:
+        for run in _seed_runs(sel, s, seed, (RUN_RUNNING, RUN_FINISHED)):
+            if run.info.status == RUN_FINISHED and run.data.tags.get(STATE_TAG) == STATE_COMPLETE:
+                say(f"  seed {seed}: trained meanwhile by another confirm (run {run.info.run_id}); reused")
+                return None
+            owner = cleanup.run_owner(run)
+            if run.info.status == RUN_RUNNING and owner is not None and owner.alive() is not False:
+                say(f"  seed {seed}: being trained by {owner} (run {run.info.run_id}); left to it")
+                return None
+        best = s.best
+        return sel.tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
+                                 {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
+                                  "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
+                                  "kdsweep.source_trial": best.data.tags.get("kdsweep.trial", ""),
+                                  STATE_TAG: STATE_RUNNING, **cleanup.owner_tags()},
+                                 parent=s.run.info.run_id)
+
+
+def lost_seeds(sel: Selection, close: bool) -> list[str]:
+    """One line per confirmation seed whose process died while it trained (its run left RUNNING on this node),
+    for `confirm` and `report` to say; with `close`, each such run is ended as a lost worker's trial is."""
+    lines = []
+    for s in sel.studies:
+        if s.best is None:
+            continue
+        for run in _seed_runs(sel, s, None, (RUN_RUNNING,)):
+            owner = cleanup.run_owner(run)
+            if owner is None or owner.alive() is not False:
+                continue
+            reason = f"its process {owner} is gone (killed or crashed)"
+            if close:
+                _close_dead(sel.tracker, run.info.run_id, reason)
+            lines.append(f"{s.label}: confirmation seed {run.data.tags.get('kdsweep.confirm_seed', '?')} was lost "
+                         f"({reason}): run `kdsweep confirm` again")
+    return lines
+
+
+def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data, seed: int, run: str, say: Say) -> bool:
     tracker, best = sel.tracker, s.best
     p = best.data.params
     hp = {k: float(p[k]) for k in [*method_cls.space, "lr"] if k in p}
@@ -121,11 +185,6 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
                         schedule.epochs).to(data.device)
 
     source_trial = best.data.tags.get("kdsweep.trial", "")
-    run = tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
-                        {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
-                         "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
-                         "kdsweep.source_trial": source_trial, STATE_TAG: STATE_RUNNING, **cleanup.owner_tags()},
-                        parent=s.run.info.run_id)
     params = {**p, "device": data.device.type, "confirm_seed": seed, "source_trial": source_trial,
               "extra_params": count_params(method)}
     try:
