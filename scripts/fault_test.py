@@ -512,14 +512,22 @@ def store_round(args, root: Path) -> Result:
     return Result(f"store_deleted={value}", "store: " + "; ".join(notes), ok)
 
 
-def teacher_round(args, root: Path) -> Result:
-    """A study on one teacher, resumed with another."""
-    root.mkdir(parents=True)
+def _two_teachers(args, root: Path) -> str:
+    """Teachers A (1 epoch) and B (2 epochs) as ROOT/A.pt and ROOT/B.pt; what went wrong, or ''."""
     for name, epochs in (("A", 1), ("B", 2)):
         child = run(args, ["teacher", "--dataset", args.dataset, "--data-size", str(args.data_size), "--device", "cpu",
                            "--epochs", str(epochs), "--out", str(root / f"{name}.pt")], root, f"teacher{name}")
         if child.status != 0:
-            return Result("teacher_mismatch=setup_failed", f"teacher: training teacher {name} exited {child.status}", False)
+            return f"training teacher {name} exited {child.status}"
+    return ""
+
+
+def teacher_round(args, root: Path) -> Result:
+    """A study on one teacher, resumed with another."""
+    root.mkdir(parents=True)
+    failed = _two_teachers(args, root)
+    if failed:
+        return Result("teacher_mismatch=setup_failed", f"teacher: {failed}", False)
     first = run(args, study_argv(args, "vanilla_kd", "teach", 1, "--teacher-checkpoint", str(root / "A.pt")), root, "first")
     if first.status != 0:
         return Result("teacher_mismatch=setup_failed", f"teacher: the first study exited {first.status}: "
@@ -541,11 +549,9 @@ def _confirm_runs(mlruns: Path) -> int:
 def swap_round(args, root: Path) -> Result:
     """A study on teacher A; A's file then replaced by teacher B; `confirm` must refuse, and work with A back."""
     root.mkdir(parents=True)
-    for name, epochs in (("A", 1), ("B", 2)):
-        child = run(args, ["teacher", "--dataset", args.dataset, "--data-size", str(args.data_size), "--device", "cpu",
-                           "--epochs", str(epochs), "--out", str(root / f"{name}.pt")], root, f"teacher{name}")
-        if child.status != 0:
-            return Result("teacher_swap=setup_failed", f"swap: training teacher {name} exited {child.status}", False)
+    failed = _two_teachers(args, root)
+    if failed:
+        return Result("teacher_swap=setup_failed", f"swap: {failed}", False)
     used = root / "used.pt"
     shutil.copy(root / "A.pt", used)
     first = run(args, study_argv(args, "vanilla_kd", "swap", 1, "--teacher-checkpoint", str(used)), root, "first")

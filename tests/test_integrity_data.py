@@ -63,6 +63,7 @@ def test_non_finite_inputs_are_named_by_split_before_a_teacher_trains(kdsweep, w
             return x, np.arange(40) % 2, tx, np.arange(16) % 2
     """)
     code, _, err = kdsweep("study", "vanilla_kd", "--dataset", "userdata:make", *PAIR, *TINY)
+    assert code == 2 and expect in err
     _one_line_and_nothing_trained(code, err, expect, workdir)
 
 
