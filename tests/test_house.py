@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdsweep"
 LAYERS = ["common", "data", "models", "methods", "tracking", "training", "study", "report", "tools", "api", "cli"]
 MAX_FUNCTION_LINES = 60
 # Functions still over the limit when the packages landed; each is being split, and this set must end empty.
-KNOWN_LONG = {"build_parser", "select", "run_study", "run_bench"}
+KNOWN_LONG = {"build_parser", "run_study"}
 
 
 def _modules() -> dict[str, Path]:
