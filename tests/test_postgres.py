@@ -33,6 +33,9 @@ from reliability_helpers import (
     stop,
 )
 
+# Three workers, a PostgreSQL server and an MLflow server: the slow tier, which .ci/run gives a server.
+pytestmark = pytest.mark.slow
+
 TRIALS = 6
 WORKERS = 3
 SERVER = "KDSWEEP_TEST_POSTGRES"
