@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import cli_env, free_port
 
-from kdsweep.report import build as report_build
+from kdsweep.report import build as report  # where predict lives since the packages by role
 
 STUDY = ["study", "ce", "--dataset", "digits", "--epochs", "2", "--device", "cpu", "--pruner", "none"]
 STUDY_NAME = "ce-digits-digitnet_l-digitnet_s-s0-e2-b32"
@@ -417,7 +417,7 @@ def test_a_killed_report_leaves_no_half_written_out_and_no_temp_dirs(kdsweep, wo
     def boom(*a, **k):
         raise RuntimeError("boom")  # a bug, not the environment: a traceback, but no temp dir left
 
-    monkeypatch.setattr(report_build, "predict", boom)
+    monkeypatch.setattr(report, "predict", boom)
     with pytest.raises(RuntimeError):
         kdsweep("report", "--out", "R", "--no-plots")
     assert not _ours(private_tmp)
