@@ -66,9 +66,8 @@ def postgres():
     con.autocommit = True
     db = f"kdsweep_test_{uuid.uuid4().hex[:12]}"
     con.cursor().execute(f"CREATE DATABASE {db}")
-    netloc = url.netloc.rsplit("@", 1)
     try:
-        yield {"url": urlunsplit(("postgresql", netloc[0] + "@" + netloc[1], "/" + db, "", "")), "db": db, **server}
+        yield {"url": urlunsplit(("postgresql", url.netloc, "/" + db, "", "")), "db": db, **server}
     finally:
         con.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         con.close()
