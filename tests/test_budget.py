@@ -51,6 +51,7 @@ def _study(name_part: str):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+@pytest.mark.slow  # two whole studies; what counts is unit-tested above, summing and resuming in the default tier below
 def test_trials_count_pruned_trials_too_and_resume_adds_the_difference(kdsweep):
     code, out, err = kdsweep("study", "ce", "--trials", 9, "--epochs", 3, *PRUNING)
     assert code == 0, err

@@ -163,8 +163,8 @@ def test_ui_refuses_a_taken_port_in_one_line(tmp_path, small_store):
     assert out.stdout == ""
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143),
-                                         pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])  # the same path twice
+@pytest.mark.slow  # a real `kdsweep ui` and its MLflow server, signalled; `ui` itself runs in the default tier
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_ui_stops_every_process_it_started(tmp_path, small_store, sig, status):
     uri, exp = small_store
     port = free_port()
