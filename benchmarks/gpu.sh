@@ -27,7 +27,7 @@ fi
 nvidia-smi -L
 python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
 step "CUDA tests"
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused.py
+timeout 240 python -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_cuda.py tests/test_fused.py  # both tiers: the compile tests are slow on CPU
 step "K = 1, 8, 32"
 timeout 300 python -m kdsweep.tools.gpu_suite
 step "kdsweep bench: ratio against a seed-style reference trial"

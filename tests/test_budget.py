@@ -51,6 +51,7 @@ def _study(name_part: str):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+@pytest.mark.slow  # two whole studies; what counts is unit-tested above, summing and resuming in the default tier below
 def test_trials_count_pruned_trials_too_and_resume_adds_the_difference(kdsweep):
     code, out, err = kdsweep("study", "ce", "--trials", 9, "--epochs", 3, *PRUNING)
     assert code == 0, err
@@ -82,6 +83,7 @@ def test_budget_epochs_sums_all_trials_and_resumes(kdsweep):
     assert 30 <= spent.epochs <= 32 and len(_study("ce-").trials) > before
 
 
+@pytest.mark.slow  # two CLI workers with cold teacher caches; claims that never overshoot are unit-tested in test_reliability
 @pytest.mark.parametrize("rule", [["--trials", "8"], ["--budget-epochs", "16"]])
 def test_two_workers_share_one_budget_exactly(tmp_path, rule):
     env = cli_env(tmp_path)

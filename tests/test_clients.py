@@ -61,6 +61,7 @@ def _buffered_env(tmp):
     return env
 
 
+@pytest.mark.slow  # two real CLI processes, output to a file; the trial line itself is unit-tested below
 def test_a_log_gets_one_flushed_line_per_trial_then_quiet_gets_only_the_summary(tmp_path):
     log = tmp_path / "nohup.out"
     proc = start_cli(["study", "ce", *STUDY, "--trials", "3"], tmp_path, _buffered_env(tmp_path), log)
@@ -165,6 +166,7 @@ def test_ui_refuses_a_taken_port_in_one_line(tmp_path, small_store):
     assert out.stdout == ""
 
 
+@pytest.mark.slow  # a real `kdsweep ui` and its MLflow server, signalled; `ui` itself runs in the default tier
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_ui_stops_every_process_it_started(tmp_path, small_store, sig, status):
     uri, exp = small_store

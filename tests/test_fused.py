@@ -192,6 +192,7 @@ def batch(data, teacher, needs):
     return x, y, t, SampleIndex(ids, data.n_train)
 
 
+@pytest.mark.slow  # torch.compile of every method: minutes on 2 cores; fusing every method stays in the default tier
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_fused_step_compiles_without_graph_breaks(data, teacher, method):
     """One whole fused step - K students' forward, the K losses, backward, the fused optimiser update - is one

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a pytest and a suite run in child processes: a minute on 2 cores; CI runs it in the slow tier
 def test_gpu_script_dry_run_prints_the_table():
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
                        timeout=600, cwd=ROOT)

@@ -16,6 +16,10 @@ from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.registry import METHODS
 from kdsweep.models.factory import build_model
 
+# torch.compile of every method: minutes on 2 cores. The default tier runs every loss eagerly (test_method_losses,
+# test_method_fixture) and end to end (test_methods_e2e).
+pytestmark = pytest.mark.slow
+
 IN_SHAPE, CLASSES, BATCH, N_TRAIN = (1, 8, 8), 10, 6, 40
 
 

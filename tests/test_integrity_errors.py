@@ -88,7 +88,7 @@ def _full(db: Path):
         sqlalchemy.event.remove(Pool, "checkout", on_checkout)
 
 
-@pytest.mark.parametrize("store", ["mlflow", "optuna"])
+@pytest.mark.parametrize("store", ["mlflow", pytest.param("optuna", marks=pytest.mark.slow)])  # one store in the default tier
 def test_disk_full_store_is_one_line_exit_2_and_the_study_resumes(kdsweep, workdir, store):
     # Attack: a 3 MB tmpfs under mlruns/ filled up mid-study: exit 1 with a 74-205-line traceback.
     assert kdsweep(*STUDY, "--trials", 2)[0] == 0
@@ -186,6 +186,7 @@ def read_only(tmp_path):
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
 
 
+@pytest.mark.slow  # a study, a read-only directory, a resume; permission errors are classified without root tricks below
 def test_read_only_artifacts_directory_is_a_permission_problem_and_the_study_resumes(kdsweep, workdir, read_only):
     # Attack: chmod -R a-w mlruns/artifacts, then resume: a 48-line PermissionError traceback.
     assert kdsweep(*STUDY, "--trials", 1)[0] == 0
@@ -215,6 +216,7 @@ def test_read_only_working_directory_with_default_stores_is_one_line(tmp_path, r
     assert not (cwd / "mlruns").exists()
 
 
+@pytest.mark.slow  # a study, then two reports in an unprivileged child process
 def test_report_from_a_read_only_store_works_with_no_log(kdsweep, workdir, read_only):
     # Attack: a store another user owns (read-only, no lock file yet): `report --no-log` failed because
     # the lock file beside the database is opened for writing.
@@ -390,6 +392,7 @@ def private_tmp(workdir, monkeypatch):
     return t
 
 
+@pytest.mark.slow  # kill -9 of a report in a child process, then three more reports
 def test_a_killed_report_leaves_no_half_written_out_and_no_temp_dirs(kdsweep, workdir, private_tmp, monkeypatch):
     # Attack: kill -9 of `report --out R` while it writes: R looked complete (tables there, plots missing),
     # and the temporary directory of downloaded checkpoints stayed behind.
@@ -474,6 +477,7 @@ def _dead_owner() -> dict:
     return Owner(me.node, me.host, proc.pid, "1").as_attr()  # its start time cannot match: gone
 
 
+@pytest.mark.slow  # kill -9 of confirm and report in child processes; closing dead owners' runs stays in the default tier
 def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, workdir, private_tmp):
     # Attack: kill -9 of `kdsweep confirm` mid-seed and of `kdsweep report` while it logs: their MLflow runs
     # stayed RUNNING forever (only trial runs were reconciled); confirm's checkpoint temp dir stayed behind.

@@ -233,6 +233,7 @@ def test_workers_on_a_cold_cache_train_the_teacher_once(tmp_path, monkeypatch, d
 # --------------------------------------------------------------------------- nothing left RUNNING
 
 
+@pytest.mark.slow  # a teacher training in a child process, killed
 def test_a_killed_teacher_training_leaves_no_running_run(tmp_path, tracker):
     from kdsweep.tracking.cleanup import owner_tags, run_owner
     from kdsweep.tracking.vocabulary import OWNER_TAG

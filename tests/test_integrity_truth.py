@@ -236,6 +236,7 @@ def test_a_name_typed_like_anothers_stored_form_is_refused(kdsweep, workdir):
 # --------------------------------------------------------------------------- the fault script's other rounds
 
 
+@pytest.mark.slow  # the fault script end to end; each attack has its own default-tier test
 def test_fault_script_reports_store_deletion_teacher_mismatch_and_disk_full(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_test.py"), "--rounds", "store,teacher,disk",
                           "--workdir", str(tmp_path / "fault")], cwd=tmp_path, env=cli_env(tmp_path),

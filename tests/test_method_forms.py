@@ -164,6 +164,7 @@ def test_crd_banks_are_per_trial_in_lockstep_with_the_cache(digits, workers):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # test_methods_e2e's sweep of every method runs every form in the default tier
 def test_digits_sweep_runs_every_form(kdsweep):
     names = [n for name in FORMS for n in (name, f"{name}_seed003")]
     code, out, err = kdsweep("sweep", "--methods", ",".join(names), "--trials", 1, "--epochs", 1, "--dataset", "digits")

@@ -1,25 +1,27 @@
 """Several workers, one study, on a real PostgreSQL server and a real `mlflow server` (both on loopback).
 
-The PostgreSQL server is this machine's (Debian's `postgresql` package,
-installed with apt-get when missing and we are root), run from a temporary
-data directory with initdb/pg_ctl as the `postgres` user, on a free port of
-127.0.0.1, with password authentication; it is stopped and deleted after the
-module. The test skips, saying why, only where PostgreSQL cannot be had.
+The PostgreSQL server is given, never installed or started here: KDSWEEP_TEST_POSTGRES names it,
+postgresql://USER:PASSWORD@HOST:PORT/DBNAME, with a user that may create databases. `.ci/run`
+starts a throwaway one on loopback (installing Debian's `postgresql` package first where it is
+missing) with `.ci/postgres`; by hand:
+
+    eval "$(bash .ci/postgres start /tmp/kdsweep-pg)"; python -m pytest tests/test_postgres.py
+    bash .ci/postgres stop /tmp/kdsweep-pg
+
+The test creates its own database on that server and drops it after the module. It skips, saying
+why, where no server is given, and fails where the one given cannot be reached.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
-from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from reliability_helpers import (
@@ -31,9 +33,12 @@ from reliability_helpers import (
     stop,
 )
 
-PASSWORD = "kd-S3cret-pw"  # distinctive: the test greps every output and store for it
+# Three workers, a PostgreSQL server and an MLflow server: the slow tier, which .ci/run gives a server.
+pytestmark = pytest.mark.slow
+
 TRIALS = 6
 WORKERS = 3
+SERVER = "KDSWEEP_TEST_POSTGRES"
 
 
 def _skip(reason: str):
@@ -41,76 +46,31 @@ def _skip(reason: str):
     pytest.skip(reason)
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3].split(".")[0]))
-    if found:
-        return Path(found[-1]).parent
-    which = shutil.which("initdb")
-    return Path(which).resolve().parent if which else None
-
-
-def _install_postgres() -> None:
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        _skip("PostgreSQL is not installed and this is not a root Debian/Ubuntu machine to apt-get it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"]
-    if subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            _skip(f"apt-get install postgresql failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run its tools as the `postgres` user then."""
-    if os.geteuid() != 0:
-        return cmd
-    if shutil.which("runuser"):
-        return ["runuser", "-u", "postgres", "--", *cmd]
-    return ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(f"'{c}'" for c in cmd)]
-
-
 @pytest.fixture(scope="module")
 def postgres():
     pytest.importorskip("psycopg2", reason="psycopg2 is missing: pip install -e '.[test]' (it has psycopg2-binary)")
-    bindir = _pg_bin()
-    if bindir is None:
-        _install_postgres()
-        bindir = _pg_bin()
-        if bindir is None:
-            _skip("apt-get installed postgresql but no initdb was found under /usr/lib/postgresql")
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            _skip("running as root and there is no `postgres` user to run the server as")
-    root = Path(tempfile.mkdtemp(prefix="kdsweep-pg-"))
-    data, pwfile, log = root / "data", root / "pw", root / "server.log"
-    pwfile.write_text(PASSWORD + "\n")
-    if os.geteuid() == 0:
-        os.chown(root, user.pw_uid, user.pw_gid)
-        os.chown(pwfile, user.pw_uid, user.pw_gid)
-    port = free_port()
-    try:
-        init = subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "kd", "-E", "UTF8",
-                                            "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]),
-                              capture_output=True, text=True, timeout=300)
-        assert init.returncode == 0, init.stdout + init.stderr
-        start = subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "120",
-                                             "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start"]),
-                               capture_output=True, text=True, timeout=300)
-        assert start.returncode == 0, start.stdout + start.stderr + (log.read_text() if log.exists() else "")
-        import psycopg2
+    import psycopg2
 
-        con = psycopg2.connect(host="127.0.0.1", port=port, user="kd", password=PASSWORD, dbname="postgres")
-        con.autocommit = True
-        con.cursor().execute("CREATE DATABASE optuna")
-        con.close()
-        yield {"url": f"postgresql://kd:{PASSWORD}@127.0.0.1:{port}/optuna", "port": port}
+    given = os.environ.get(SERVER)
+    if not given:
+        _skip(f"no PostgreSQL server given: set {SERVER}=postgresql://USER:PASSWORD@HOST:PORT/DB "
+              f"(`eval \"$(bash .ci/postgres start DIR)\"` starts one; .ci/run does)")
+    url = urlsplit(given)
+    if not (url.hostname and url.username and url.password):
+        _skip(f"{SERVER} must name a host, a user and a password (the test checks the password is never written)")
+    server = {"host": url.hostname, "port": url.port or 5432, "user": url.username, "password": url.password}
+    try:
+        con = psycopg2.connect(**server, dbname=url.path.lstrip("/") or "postgres", connect_timeout=10)
+    except psycopg2.OperationalError as e:  # a server was promised: not having it is a failure, not a skip
+        pytest.fail(f"the PostgreSQL server {SERVER} names cannot be reached: {str(e).strip().splitlines()[0]}")
+    con.autocommit = True
+    db = f"kdsweep_test_{uuid.uuid4().hex[:12]}"
+    con.cursor().execute(f"CREATE DATABASE {db}")
+    try:
+        yield {"url": urlunsplit(("postgresql", url.netloc, "/" + db, "", "")), "db": db, **server}
     finally:
-        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True, timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
+        con.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        con.close()
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +106,13 @@ def test_workers_share_one_study_on_postgres_and_an_mlflow_server(postgres, mlfl
     args = ["study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "2", "--pruner", "none",
             "--device", "cpu", "--trials", str(TRIALS), "--study-name", "pg", "--storage", storage,
             "--tracking-uri", tracking]
+    env = cli_env(tmp_path)
+    env.pop(SERVER, None)  # the workers know the password only from --storage
     procs = []
     for i in range(WORKERS):  # each in its own directory, as on its own machine
         home = tmp_path / f"worker{i}"
         home.mkdir()
-        procs.append((home, start_cli(args, home, cli_env(tmp_path), log=home / "out.log")))
+        procs.append((home, start_cli(args, home, env, log=home / "out.log")))
     deadline = time.monotonic() + 480
     for home, p in procs:
         try:
@@ -187,6 +149,7 @@ def test_workers_share_one_study_on_postgres_and_an_mlflow_server(postgres, mlfl
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
     # The password is in the storage URL every worker was given: it must be nowhere else.
+    PASSWORD = postgres["password"]
     for out in outputs:
         assert PASSWORD not in out
     assert PASSWORD.encode() not in mlflow_server["db"].read_bytes()
@@ -194,7 +157,8 @@ def test_workers_share_one_study_on_postgres_and_an_mlflow_server(postgres, mlfl
         assert PASSWORD not in repr(r.data.params) + repr(r.data.tags)
     import psycopg2
 
-    con = psycopg2.connect(host="127.0.0.1", port=postgres["port"], user="kd", password=PASSWORD, dbname="optuna")
+    con = psycopg2.connect(host=postgres["host"], port=postgres["port"], user=postgres["user"], password=PASSWORD,
+                           dbname=postgres["db"])
     try:
         cur = con.cursor()
         for table in ("study_user_attributes", "study_system_attributes", "trial_user_attributes", "trial_system_attributes"):

@@ -58,6 +58,7 @@ def _training_trial(db: Path, proc: subprocess.Popen, at_least: int = 0):
 # --------------------------------------------------------------------------- kill -9, then resume
 
 
+@pytest.mark.slow  # a real process killed and resumed; stale-trial recovery is unit-tested in the default tier
 def test_kill_9_then_resume_recovers_the_trial_and_ends_with_exactly_n(tmp_path):
     env, (storage, tracking) = cli_env(tmp_path), _stores(tmp_path)
     args = LONG + ["--trials", "3", "--study-name", "kr"]
@@ -129,6 +130,7 @@ def test_ctrl_c_fails_the_trial_kills_its_run_and_says_how_to_resume(tmp_path):
     assert [p.info.status for p in parents] == ["KILLED"]
 
 
+@pytest.mark.slow  # a real process again: the default tier keeps the Ctrl-C one
 def test_sigterm_is_cleaned_up_like_ctrl_c(tmp_path):
     env, (storage, tracking) = cli_env(tmp_path), _stores(tmp_path)
     args = LONG + ["--trials", "2", "--study-name", "st"]
@@ -263,6 +265,7 @@ def test_divergence_is_caught_even_when_the_loss_stays_finite():
     assert e.value.epoch == 1
 
 
+@pytest.mark.slow  # a whole study of diverging trials; one diverging trial stays in the default tier
 def test_every_trial_diverging_spends_the_budget_and_says_so(tmp_path, monkeypatch, capsys):
     from kdsweep import cli
 
@@ -516,6 +519,7 @@ def test_ui_binds_loopback_unless_told(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- the fault script
 
 
+@pytest.mark.slow  # the fault script kills and resumes K times; the default tier keeps Ctrl-C, divergence and OOM
 def test_fault_script_kills_resumes_and_loses_nothing(tmp_path):
     # The kill rounds only: the store, teacher and disk rounds are tested in test_integrity_truth.py.
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_test.py"), "--kills", "5", "--seed", "1",

@@ -82,6 +82,7 @@ def test_other_budget_is_another_study_and_other_search_settings_are_refused(kds
     assert len(_study("ce-digits-digitnet_l-digitnet_s-s0-e1-b32").trials) == 1
 
 
+@pytest.mark.slow  # an 8-trial, 3-epoch study; pruning (lockstep and sequential) stays in the default tier in test_perf
 def test_ce_study_with_median_pruner_prunes_and_marks_runs(kdsweep):
     code, out, err = kdsweep("study", "ce", "--trials", 8, "--epochs", 3, "--dataset", "digits", "--pruner", "median",
                              "--sampler", "random")

@@ -90,6 +90,7 @@ def test_a_study_with_the_users_own_module_pair(kdsweep, workdir):
 
 
 
+@pytest.mark.slow  # a torchvision pair studied end to end; its default taps are unit-tested
 def test_torchvision_pair_with_feature_methods_on_hook_taps(kdsweep, workdir):
     code, out, err = kdsweep("sweep", "--methods", "fitnet,attention", *TV)
     assert code == 0, err
@@ -337,6 +338,7 @@ def test_the_shared_teacher_cache_keeps_other_layers_apart():
     assert len(keys) == 2
 
 
+@pytest.mark.slow  # torchvision models on an image folder: the folder source (test_sources) and the taps (unit) stay in the default tier
 def test_torchvision_pair_on_an_image_folder_of_generated_pngs(kdsweep, workdir):
     """Acceptance 1's last case: the torchvision pair, hook taps and all, on an ImageFolder of PNGs."""
     from test_sources import make_folder

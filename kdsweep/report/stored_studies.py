@@ -183,6 +183,27 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
     the per-trial budget most studies share is chosen, and the others named in
     `sel.notes`.
     """
+    experiment, dataset, teacher, student = _choose_experiment(tracker, dataset, teacher, student)
+    exp_id = tracker.client.get_experiment_by_name(experiment).experiment_id
+    # Runs retired by `kdsweep study --on-mismatch repair` belong to no Optuna study: never a best trial.
+    runs = [r for r in search_all(tracker.client, exp_id) if r.data.tags.get(STATE_TAG) != STATE_ORPHANED]
+    by_role: dict[str, list] = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("kdsweep.role", ""), []).append(r)
+    parents, seed = _parents_of_seed(tracker, experiment, by_role.get("study", []), seed)
+
+    sel = Selection(tracker, exp_id, experiment, dataset, teacher, student, seed)
+    sel.studies = [_study_runs(p, by_role) for p in parents]
+    if studies:
+        _keep_named(sel, studies)
+    _choose_per_trial(sel, per_trial, explicit=bool(studies))
+    sel.studies.sort(key=lambda s: s.label)
+    return sel
+
+
+def _choose_experiment(tracker: Tracker, dataset: str | None, teacher: str | None,
+                       student: str | None) -> tuple[str, str, str, str]:
+    """(experiment, dataset, teacher, student) of the pair asked for: the store's only one when none is named."""
     names = _kdsweep_experiments(tracker)
     if not names:
         raise UserError(f"no kdsweep studies in the tracking store {redact(tracker.uri)}: run `kdsweep study` first")
@@ -191,29 +212,26 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
             raise UserError(f"the store holds several pairs ({', '.join(n[len('kdsweep/'):] for n in names)}); "
                             f"choose one with --dataset (and --teacher/--student)")
         experiment = next(iter(names))
-        dataset, teacher, student = names[experiment]
-    else:
-        spec = get_dataset(dataset or "cifar10")
-        dataset, teacher, student = spec.name, teacher or spec.teacher, student or spec.student
-        if not (teacher and student):  # a spec has no default pair: the one pair its studies used, if only one
-            found = [(t, s) for d, t, s in names.values() if d == dataset]
-            pairs = [f"{t}->{s}" for t, s in found]
-            if len(found) == 1:
-                teacher, student = teacher or found[0][0], student or found[0][1]
-            else:
-                raise UserError(f"{dataset} has no default pair: choose one with --teacher and --student"
-                                + (f" ({', '.join(pairs)})" if pairs else f"; no studies of it in {redact(tracker.uri)}"))
-        experiment = f"kdsweep/{dataset}/{teacher}->{student}"  # as StudyConfig.experiment_name
-        if experiment not in names:
-            raise UserError(f"no studies of {dataset} {teacher}->{student} in {redact(tracker.uri)}; "
-                            f"it holds: {', '.join(n[len('kdsweep/'):] for n in names)}")
-    exp_id = tracker.client.get_experiment_by_name(experiment).experiment_id
-    # Runs retired by `kdsweep study --on-mismatch repair` belong to no Optuna study: never a best trial.
-    runs = [r for r in search_all(tracker.client, exp_id) if r.data.tags.get(STATE_TAG) != STATE_ORPHANED]
-    by_role: dict[str, list] = {}
-    for r in runs:
-        by_role.setdefault(r.data.tags.get("kdsweep.role", ""), []).append(r)
-    parents = by_role.get("study", [])
+        return (experiment, *names[experiment])
+    spec = get_dataset(dataset or "cifar10")
+    dataset, teacher, student = spec.name, teacher or spec.teacher, student or spec.student
+    if not (teacher and student):  # a spec has no default pair: the one pair its studies used, if only one
+        found = [(t, s) for d, t, s in names.values() if d == dataset]
+        pairs = [f"{t}->{s}" for t, s in found]
+        if len(found) == 1:
+            teacher, student = teacher or found[0][0], student or found[0][1]
+        else:
+            raise UserError(f"{dataset} has no default pair: choose one with --teacher and --student"
+                            + (f" ({', '.join(pairs)})" if pairs else f"; no studies of it in {redact(tracker.uri)}"))
+    experiment = f"kdsweep/{dataset}/{teacher}->{student}"  # as StudyConfig.experiment_name
+    if experiment not in names:
+        raise UserError(f"no studies of {dataset} {teacher}->{student} in {redact(tracker.uri)}; "
+                        f"it holds: {', '.join(n[len('kdsweep/'):] for n in names)}")
+    return experiment, dataset, teacher, student
+
+
+def _parents_of_seed(tracker: Tracker, experiment: str, parents: list, seed: int | None) -> tuple[list, int]:
+    """The study runs of one seed (the only seed there when none is asked for), and that seed."""
     seeds = sorted({int(r.data.params.get("seed", 0)) for r in parents})
     if not parents:
         raise UserError(f"no studies in experiment {experiment!r} of {redact(tracker.uri)}: run `kdsweep study` first")
@@ -224,28 +242,30 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
     parents = [r for r in parents if int(r.data.params.get("seed", 0)) == seed]
     if not parents:
         raise UserError(f"no studies with seed {seed} in {experiment} (seeds there: {', '.join(map(str, seeds))})")
+    return parents, seed
 
-    sel = Selection(tracker, exp_id, experiment, dataset, teacher, student, seed)
-    for p in parents:
-        name = p.data.tags["kdsweep.study"]
-        trials = [r for r in by_role.get("trial", []) if r.data.tags.get("kdsweep.study") == name]
-        s = StudyRuns(p, trials, [])
-        s.best = best_run(trials)
-        if s.best is not None:
-            s.confirms = [r for r in by_role.get("confirm", [])
-                          if r.data.tags.get("kdsweep.study") == name and r.data.tags.get(STATE_TAG) == STATE_COMPLETE
-                          and r.data.tags.get("kdsweep.source_run") == s.best.info.run_id]
-        sel.studies.append(s)
-    if studies:
-        want = set(studies)
-        sel.studies = [s for s in sel.studies if s.label in want or s.name in want]
-        missing = want - {s.label for s in sel.studies} - {s.name for s in sel.studies}
-        if missing:
-            raise UserError(f"no study {', '.join(sorted(missing))} in {experiment} (seed {seed}); "
-                            f"there: {', '.join(s.label for s in sel.studies) or 'none of those'}")
-    _choose_per_trial(sel, per_trial, explicit=bool(studies))
-    sel.studies.sort(key=lambda s: s.label)
-    return sel
+
+def _study_runs(parent, by_role: dict[str, list]) -> StudyRuns:
+    """One study's parent run with its trials, best trial and the confirmations of that best trial."""
+    name = parent.data.tags["kdsweep.study"]
+    trials = [r for r in by_role.get("trial", []) if r.data.tags.get("kdsweep.study") == name]
+    s = StudyRuns(parent, trials, [])
+    s.best = best_run(trials)
+    if s.best is not None:
+        s.confirms = [r for r in by_role.get("confirm", [])
+                      if r.data.tags.get("kdsweep.study") == name and r.data.tags.get(STATE_TAG) == STATE_COMPLETE
+                      and r.data.tags.get("kdsweep.source_run") == s.best.info.run_id]
+    return s
+
+
+def _keep_named(sel: Selection, studies: list[str]) -> None:
+    """Only the studies named (by label or full name); a name not there is an error."""
+    want = set(studies)
+    sel.studies = [s for s in sel.studies if s.label in want or s.name in want]
+    missing = want - {s.label for s in sel.studies} - {s.name for s in sel.studies}
+    if missing:
+        raise UserError(f"no study {', '.join(sorted(missing))} in {sel.experiment} (seed {sel.seed}); "
+                        f"there: {', '.join(s.label for s in sel.studies) or 'none of those'}")
 
 
 def _choose_per_trial(sel: Selection, per_trial: str | None, explicit: bool) -> None:

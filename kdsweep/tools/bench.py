@@ -342,11 +342,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
 
     torch.manual_seed(cfg.seed)
     teacher = build_model(cfg.teacher, data.in_shape, data.num_classes).to(device).eval().requires_grad_(False)
-
-    def new_student():
-        torch.manual_seed(cfg.seed + 1)  # every trial, on both paths, starts from the same weights
-        return build_model(cfg.student, data.in_shape, data.num_classes).to(device)
-
+    new_student = _student_factory(cfg, data, device)
     t_macs = count_macs(teacher, data.in_shape)
     s_macs = 3 * count_macs(new_student(), data.in_shape)
     bound = study_bound(t_macs, s_macs, k)
@@ -358,38 +354,55 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     _warm_up(teacher, new_student(), data, b)
     if device.type == "cpu":
         say(f"  resident memory before the runs: {_rss_mb():.0f} MB")
+    ref, one, study, cache = _run_phases(cfg, device, teacher, new_student, raw, data, workers)
+    out = _say_results(cfg, data, ref, one, study, cache, bound, say)
+    return {**out, "bound": bound, "t_macs": t_macs, "s_macs": s_macs}
 
+
+def _student_factory(cfg: BenchConfig, data: DeviceData, device: torch.device) -> Callable[[], torch.nn.Module]:
+    def new_student():
+        torch.manual_seed(cfg.seed + 1)  # every trial, on both paths, starts from the same weights
+        return build_model(cfg.student, data.in_shape, data.num_classes).to(device)
+
+    return new_student
+
+
+def _kdsweep_epochs(cfg: BenchConfig, teacher, new_student, data: DeviceData, lrs: list[float],
+                    cache: TeacherCache | None, parallel: int) -> Iterator[int]:
+    """kdsweep's path, an epoch per step: lockstep groups of `parallel` vanilla-KD trials, one after the other."""
+    e, b = cfg.epochs, cfg.batch_size
     method_cls = get_method("vanilla_kd")
     hp = {"temperature": 4.0, "alpha": 0.7}
+    t = copy.deepcopy(teacher)
+    for g in range(0, len(lrs), parallel):
+        members = []
+        for lr in lrs[g : g + parallel]:
+            student = new_student()
+            method = method_cls(hp, student.shapes(data.in_shape), teacher.shapes(data.in_shape), e)
+            members.append(Member(student, method, Schedule(e, b, lr)))
+        group = Lockstep(members, t, data, cache=cache, accel=Accel())
+        while not group.done:
+            live = sum(r.alive for r in group.runs)
+            group.epoch()
+            yield live * data.steps_per_epoch(b) * b
 
-    def kd_method(student):
-        shapes = student.shapes(data.in_shape)
-        return method_cls(hp, shapes, teacher.shapes(data.in_shape), e)
 
-    def kdsweep_epochs(lrs: list[float], cache: TeacherCache | None, parallel: int) -> Iterator[int]:
-        t = copy.deepcopy(teacher)
-        for g in range(0, len(lrs), parallel):  # lockstep groups of `parallel` trials, one after the other
-            members = []
-            for lr in lrs[g : g + parallel]:
-                student = new_student()
-                members.append(Member(student, kd_method(student), Schedule(e, b, lr)))
-            group = Lockstep(members, t, data, cache=cache, accel=Accel())
-            while not group.done:
-                live = sum(r.alive for r in group.runs)
-                group.epoch()
-                yield live * data.steps_per_epoch(b) * b
-
+def _run_phases(cfg: BenchConfig, device: torch.device, teacher, new_student, raw: RawData, data: DeviceData,
+                workers: int) -> tuple[Phase, Phase, Phase, TeacherCache]:
+    """The three timed paths, an epoch of each in turn; the reference averaged over its `--ref-trials` runs."""
+    k, e = cfg.trials, cfg.epochs
     train_loader, val_loader = _loaders(raw, data, cfg, workers)
     refs = [Phase(f"reference trial (seed 003 style, {workers} DataLoader worker{'s' * (workers != 1)})", device,
                   reference_trial(new_student(), copy.deepcopy(teacher), train_loader, val_loader, device, e, cfg.lr))
             for _ in range(cfg.ref_trials)]
-    one = Phase("kdsweep trial (device data path, no cache)", device, kdsweep_epochs([cfg.lr], None, 1))
+    one = Phase("kdsweep trial (device data path, no cache)", device,
+                _kdsweep_epochs(cfg, teacher, new_student, data, [cfg.lr], None, 1))
     budget = default_budget_bytes(device) if cfg.teacher_cache_mb is None else int(cfg.teacher_cache_mb * 2**20)
     cache = TeacherCache(budget)  # fresh: filling it is part of the study's time
     lrs = [cfg.lr * 2 ** (i / max(1, k - 1) - 0.5) for i in range(k)]  # x0.7 .. x1.4 of --lr: no trial diverges
     group = cfg.parallel or k
     how = f"lockstep x{group} + teacher cache" if group > 1 else "sequential + teacher cache"
-    study = Phase(f"kdsweep study, K={k} ({how})", device, kdsweep_epochs(lrs, cache, group))
+    study = Phase(f"kdsweep study, K={k} ({how})", device, _kdsweep_epochs(cfg, teacher, new_student, data, lrs, cache, group))
     # Round-robin, an epoch of each path in turn: on a shared machine every path sees the same load on average.
     pending = [*refs, one, study]
     while pending:
@@ -397,9 +410,16 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     ref = Phase(refs[0].name, device, iter(()))
     ref.wall, ref.cpu = (sum(getattr(r, a) for r in refs) / len(refs) for a in ("wall", "cpu"))
     ref.images, ref.peak_mb = refs[0].images, max(r.peak_mb for r in refs)
+    return ref, one, study, cache
+
+
+def _say_results(cfg: BenchConfig, data: DeviceData, ref: Phase, one: Phase, study: Phase, cache: TeacherCache,
+                 bound: float, say: Callable[[str], None]) -> dict:
+    """The table and the speedups; returns what run_bench reports besides the MACs and the bound."""
+    k, e, b = cfg.trials, cfg.epochs, cfg.batch_size
+    group = cfg.parallel or k
     phases = [ref, one, study]
     full = study.images // (e * data.steps_per_epoch(b) * b)
-
     ref_k = k * ref.wall
     speedup = ref_k / study.wall
     say("")
@@ -407,7 +427,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     for ph in phases:
         say(f"  {ph.name:<52} {ph.wall:8.1f} {ph.cpu:8.1f} {ph.rate:9.1f} {ph.peak_mb:8.0f}")
     say("")
-    say(f"  images/s, one trial: kdsweep / reference = {phases[1].rate / ref.rate:.2f}x")
+    say(f"  images/s, one trial: kdsweep / reference = {one.rate / ref.rate:.2f}x")
     say(f"  K={k} trials: reference {k} x {ref.wall:.1f} s = {ref_k:.1f} s "
         f"({'one trial measured' if cfg.ref_trials == 1 else f'mean of {cfg.ref_trials} measured'}, times K) "
         f"vs kdsweep study {study.wall:.1f} s ({full}/{k} trials' worth of epochs trained)")
@@ -422,8 +442,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         f"(bound {bound:.2f})")
     say(f"  cpu-time speedup {k * ref.cpu / study.cpu:.2f} (spin-waiting threads count here); load average after: {_load_avg()}")
     say(f"speedup={speedup:.2f} bound={bound:.2f}")
-    return {"speedup": speedup, "bound": bound, "phases": phases, "t_macs": t_macs, "s_macs": s_macs, "complete": full,
-            "cache": cs}
+    return {"speedup": speedup, "phases": phases, "complete": full, "cache": cs}
 
 
 def _load_avg() -> str:
