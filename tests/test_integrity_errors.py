@@ -248,7 +248,6 @@ def test_permission_and_disk_errors_are_classified_without_root_tricks():
 
 def test_a_lock_file_that_cannot_be_written_is_opened_read_only_or_skipped(tmp_path, monkeypatch):
     from kdsweep.common import locks
-    from kdsweep.study import workers
 
     real_open = os.open
 
@@ -257,7 +256,7 @@ def test_a_lock_file_that_cannot_be_written_is_opened_read_only_or_skipped(tmp_p
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, flags, *a)
 
-    monkeypatch.setattr(workers.os, "open", refuse_writes)
+    monkeypatch.setattr(locks.os, "open", refuse_writes)
     lock = locks.StudyLock(f"sqlite:///{tmp_path / 'db.sqlite'}", "x")
     with lock:  # no lock file, none may be created: no lock, no error
         pass

@@ -166,3 +166,44 @@ def test_workers_share_one_study_on_postgres_and_an_mlflow_server(postgres, mlfl
             assert cur.fetchone()[0] == 0, table
     finally:
         con.close()
+
+
+def test_a_password_holding_hash_slash_and_question_mark_is_never_written(postgres, tmp_path):
+    """Attack (issue 21): a password with '#', '?' or '/' connects (SQLAlchemy reads it whole), but a URL parser
+    that stops at those characters printed the rest of it: in the summary, the parent run's description, status,
+    status --json, the report and its copies in MLflow, and error lines."""
+    import psycopg2
+
+    password, user, db = "s3c#re/t?x", f"kdh_{uuid.uuid4().hex[:8]}", f"kdsweep_hash_{uuid.uuid4().hex[:8]}"
+    admin = {k: postgres[k] for k in ("host", "port", "user", "password")}
+    con = psycopg2.connect(**admin, dbname=postgres["db"], connect_timeout=10)
+    con.autocommit = True
+    cur = con.cursor()
+    cur.execute(f"CREATE ROLE {user} LOGIN PASSWORD %s", (password,))
+    cur.execute(f"CREATE DATABASE {db} OWNER {user}")
+    storage = f"postgresql://{user}:{password}@{postgres['host']}:{postgres['port']}/{db}"
+    wrong = f"postgresql://{user}:wr#ong/pw@{postgres['host']}:{postgres['port']}/{db}"
+    try:
+        env = cli_env(tmp_path)
+        env.pop(SERVER, None)
+        runs = []
+        for argv in (["study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "1", "--trials", "1",
+                      "--pruner", "none", "--device", "cpu", "--storage", storage],
+                     ["status", "--storage", storage], ["status", "--json", "--storage", storage],
+                     ["report", "--no-plots", "--out", "R", "--format", "md,html,json"], ["status", "--storage", wrong]):
+            runs.append(subprocess.run([sys.executable, "-m", "kdsweep.cli", *argv], cwd=tmp_path, env=env,
+                                       capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL))
+        assert [r.returncode for r in runs] == [0, 0, 0, 0, 2], [r.stderr[-800:] for r in runs]
+        assert f"{user}:***@" in runs[1].stdout + runs[1].stderr
+        written = "".join(r.stdout + r.stderr for r in runs)
+        written += "".join(p.read_text(errors="replace") for p in (tmp_path / "R").iterdir() if p.is_file())
+        written += (tmp_path / "mlruns" / "mlflow.db").read_bytes().decode("latin-1")  # params, tags, descriptions
+        for p in (tmp_path / "mlruns").rglob("*"):  # the report's copies logged to MLflow
+            if p.is_file() and p.suffix in (".md", ".html", ".json", ".txt"):
+                written += p.read_text(errors="replace")
+        for secret in (password, "s3c#re", "re/t?x", "s3c%23re", "wr#ong", "ong/pw"):
+            assert secret not in written, f"{secret!r} was written"
+    finally:
+        cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        cur.execute(f"DROP ROLE IF EXISTS {user}")
+        con.close()

@@ -159,13 +159,13 @@ def _beating(lock: Path) -> Iterator[None]:
     """While the lock is held, beat beside it every heartbeat interval, so a waiter can tell a frozen holder."""
     interval, _ = heartbeat_settings()
     since, stop = time.time(), threading.Event()
+    with contextlib.suppress(OSError):  # the first beat before the holder's work, not when the thread gets its turn:
+        _write_holder(lock, since)  # a holder frozen at once must still be named
 
     def beat() -> None:
-        while True:
+        while not stop.wait(interval):
             with contextlib.suppress(OSError):  # a missed beat is no failure: the grace period allows several
                 _write_holder(lock, since)
-            if stop.wait(interval):
-                return
 
     thread = threading.Thread(target=beat, name="kdsweep-teacher-lock-beat", daemon=True)
     thread.start()
