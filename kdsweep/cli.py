@@ -248,7 +248,7 @@ def _report_select(p: argparse.ArgumentParser) -> None:
     g.add_argument("--studies", help="comma-separated study labels or names to include (default: all)")
     g.add_argument("--per-trial", metavar="SETTINGS",
                    help="the per-trial settings that end the studies' names, e.g. e5-b32: studies whose trials compute "
-                        "something else are not compared (default: the settings most studies share; the others are named)")
+                        "something else are not compared (default: the settings of the studies that ran last; the others are named)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--device", choices=list(schema.DEVICES), default=schema.StudySettings.device,
                    help=f"where to evaluate the checkpoints (default: {schema.StudySettings.device})")

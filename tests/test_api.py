@@ -110,3 +110,15 @@ def test_a_model_name_with_slashes_is_found_again_by_report(workdir):
         assert r.summary["study"] in set(tables["best"]["study"].dropna())
     finally:
         specs.unregister("org/tiny-net")
+
+
+def test_confirm_without_a_selection_acts_on_the_sweep_just_run(workdir):
+    """Seen (issue 22): the README swept every method at 3 epochs, then three at 5, and `confirm` confirmed the
+    3-epoch studies ('the setting most studies share'), none of the sweep just run."""
+    kd.sweep(["ce", "vanilla_kd", "dkd"], trials=1, **{**TINY, "epochs": 1})
+    latest = kd.sweep(["ce"], trials=1, **TINY)
+    said = []
+    table = kd.confirm(seeds=1, dataset="digits", device="cpu", say=said.append)
+    assert list(table["method"]) == ["ce"] and table.loc[0, "trained"] == 1
+    per_trial = latest.studies["ce"].summary["study"].rsplit("-e", 1)[-1]
+    assert said[0].startswith(f"note: studies with per-trial settings e{per_trial} (the most recent) are compared"), said

@@ -180,8 +180,8 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
 
     Studies whose trials compute different things (other epochs, batch size...)
     are not compared: without `per_trial` (or an explicit list of `studies`)
-    the per-trial budget most studies share is chosen, and the others named in
-    `sel.notes`.
+    the per-trial settings of the studies that last ran a trial are chosen (what the
+    user just ran), and the others named in the first of `sel.notes`.
     """
     experiment, dataset, teacher, student = _choose_experiment(tracker, dataset, teacher, student)
     exp_id = tracker.client.get_experiment_by_name(experiment).experiment_id
@@ -279,13 +279,19 @@ def _choose_per_trial(sel: Selection, per_trial: str | None, explicit: bool) -> 
         chosen = per_trial
     elif explicit or len(groups) < 2:
         return
-    else:  # most studies, then the most recently started
-        chosen = max(groups, key=lambda k: (len(groups[k]), max(s.run.info.start_time or 0 for s in groups[k])))
+    else:  # what the user just ran: the settings whose studies last started a trial (or were created)
+        chosen = max(groups, key=lambda k: max(_last_active(s) for s in groups[k]))
     sel.studies = groups[chosen]
     others = "; ".join(f"{k}: {', '.join(sorted(s.label for s in v))}" for k, v in sorted(groups.items()) if k != chosen)
     if others:
-        sel.notes.append(f"studies with per-trial settings {chosen} are compared; also in the store (choose with "
-                         f"--per-trial): {others}")
+        how = "the most recent" if per_trial is None else "as asked"
+        sel.notes.insert(0, f"studies with per-trial settings {chosen} ({how}) are compared; also in the store "
+                            f"(choose with --per-trial): {others}")
+
+
+def _last_active(s: StudyRuns) -> int:
+    """When a study last started a trial (or, with none, was created): ms since the epoch, as MLflow keeps it."""
+    return max([s.run.info.start_time or 0] + [r.info.start_time or 0 for r in s.trials])
 
 
 def confirm_seeds(study_seed: int, k: int) -> list[int]:
