@@ -76,6 +76,9 @@ def test_ui_puts_no_store_uri_on_any_command_line(tmp_path):
 
     store = tmp_path / "store-marker-7f3a"
     store.mkdir()
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{store}/mlflow.db").search_experiments()  # an existing store, as `kdsweep ui` requires
     port = free_port()
     # The store reaches the child through its environment, so the child's own `python -c` line does not name it.
     script = "import os; from kdsweep.tools import ui; ui.serve(os.environ['STORE'], '127.0.0.1', int(os.environ['PORT']))"
