@@ -104,12 +104,15 @@ class SweepResult:
     pair: dict[str, Any]  # dataset, teacher, student, seed, per-trial settings: what confirm() and report() select by
 
     def confirm(self, seeds: int = 3, **kw: Any) -> pd.DataFrame:
-        """:func:`confirm` for this sweep's pair (a store may hold others)."""
-        return confirm(seeds, **{**self.pair, **kw})
+        """:func:`confirm` for this sweep's own studies (a store may hold other methods and pairs)."""
+        return confirm(seeds, **{**self.pair, "studies": self._names(), **kw})
 
     def report(self, **kw: Any) -> dict[str, pd.DataFrame]:
-        """:func:`report` for this sweep's pair."""
-        return report(**{**self.pair, **kw})
+        """:func:`report` of this sweep's own studies."""
+        return report(**{**self.pair, "studies": self._names(), **kw})
+
+    def _names(self) -> list[str]:
+        return [r.summary["study"] for r in self.studies.values()]
 
     @property
     def table(self) -> pd.DataFrame:

@@ -122,3 +122,12 @@ def test_confirm_without_a_selection_acts_on_the_sweep_just_run(workdir):
     assert list(table["method"]) == ["ce"] and table.loc[0, "trained"] == 1
     per_trial = latest.studies["ce"].summary["study"].rsplit("-e", 1)[-1]
     assert said[0].startswith(f"note: studies with per-trial settings e{per_trial} (the most recent) are compared"), said
+
+
+def test_a_sweeps_confirm_and_report_keep_to_its_own_methods(workdir):
+    """Seen (issue 22): after a CLI sweep with dkd, the API sweep ["ce", "vanilla_kd"] with the same settings had
+    its confirm() train dkd too, and its report() rank it."""
+    kd.sweep(["dkd"], trials=1, **TINY)
+    result = kd.sweep(["ce", "vanilla_kd"], trials=1, **TINY)
+    assert set(result.confirm(seeds=1)["method"]) == {"ce", "vanilla_kd"}
+    assert set(result.report()["best"]["method"]) <= {"ce", "vanilla_kd", "teacher"}
