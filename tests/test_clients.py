@@ -166,13 +166,18 @@ def test_ui_refuses_a_taken_port_in_one_line(tmp_path, small_store):
     assert out.stdout == ""
 
 
+def _start_ui(tmp_path, uri: str):
+    """A real `kdsweep ui` on `uri` and a free port, its output in ui.log: (process, port, log)."""
+    port = free_port()
+    log = tmp_path / "ui.log"
+    return start_cli(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path, cli_env(tmp_path), log), port, log
+
+
 @pytest.mark.slow  # a real `kdsweep ui` and its MLflow server, signalled; `ui` itself runs in the default tier
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_ui_stops_every_process_it_started(tmp_path, small_store, sig, status):
     uri, exp = small_store
-    port = free_port()
-    log = tmp_path / "ui.log"
-    proc = start_cli(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path, cli_env(tmp_path), log)
+    proc, port, log = _start_ui(tmp_path, uri)
     try:
         wait_for(lambda: f"/#/experiments/{exp}/runs" in log.read_text(), 180, proc)
         assert _answers(port)
@@ -398,9 +403,7 @@ def test_ui_opens_on_the_ranked_studies_without_a_line_per_request(tmp_path, sma
     from kdsweep.tracking import notes
 
     uri, exp = small_store
-    port = free_port()
-    log = tmp_path / "ui.log"
-    proc = start_cli(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path, cli_env(tmp_path), log)
+    proc, port, log = _start_ui(tmp_path, uri)
     try:
         wait_for(lambda: f"/#/experiments/{exp}/runs" in log.read_text(), 180, proc)
         for path in ("/", f"/ajax-api/2.0/mlflow/experiments/get?experiment_id={exp}", "/no-such-page"):
