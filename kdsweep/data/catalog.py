@@ -1,7 +1,7 @@
 """The dataset names and their one-line summaries, without torch: what the command line needs to build its help.
 
 `kdsweep --help` and argument errors must not pay for importing torch (over a second, hundreds of MB);
-data.py holds the loaders and is checked against this list in tests/test_clients.py.
+builtin.py holds the loaders and is checked against this list in tests/test_clients.py.
 """
 
 DATASET_SUMMARIES: dict[str, str] = {

@@ -1,6 +1,6 @@
 """Datasets from anywhere: an image folder, a torchvision dataset class, the user's own function, or tensors.
 
-`--dataset` takes a built-in name (data.py) or one of these specs:
+`--dataset` takes a built-in name (builtin.py) or one of these specs:
 
   * `imagefolder:PATH`     class folders under PATH/train and PATH/test (PATH/val when there is no test/);
   * `torchvision:NAME`     torchvision.datasets.NAME read from --data-dir (never downloaded);

@@ -1,6 +1,6 @@
 """The report: which method wins for one dataset and teacher -> student pair, by how much, how surely.
 
-The studies are read back from MLflow (store.py), and the Optuna studies for
+The studies are read back from MLflow (stored_studies.py), and the Optuna studies for
 the plots are rebuilt from the trial runs. Three tables are built with pandas:
 
   best     one row per study: its best trial (by validation accuracy, as
@@ -497,7 +497,7 @@ def directions_text() -> str:
 
 
 def write_html(rep: Report, out: Path, plots: list[Path]) -> Path:
-    """report.html: the whole report on one self-contained page, plots embedded (report_html.py)."""
+    """report.html: the whole report on one self-contained page, plots embedded (page.py)."""
     from kdsweep.report.page import render
 
     methods = [line[2:] for line in method_lines(rep.sel.studies) if line.startswith("- ")]

@@ -171,7 +171,7 @@ def _best_of(study: optuna.Study) -> dict | None:
 
 
 def _write_note(tracker: Tracker, run: str, study: optuna.Study, cfg: StudyConfig, best: dict | None) -> None:
-    """The parent run's description (describe.py), rewritten when a run of the study starts and ends."""
+    """The parent run's description (tracking/notes.py), rewritten when a run of the study starts and ends."""
     tracker.log(run, tags={NOTE_TAG: study_note(cfg, cfg.budget.spent_text(spent(study)), best)})
 
 

@@ -33,7 +33,7 @@ def _print(line: str) -> None:
 
 
 class Reporter:
-    """The one place a study's progress is written; study.py calls it where trials and studies end."""
+    """The one place a study's progress is written; study/outcome.py and loop.py call it where trials and studies end."""
 
     def __init__(self, mode: str, write: Callable[[str], None] = _print):
         if mode not in MODES:

@@ -56,7 +56,7 @@ class StudyContext:
     heartbeat: int = 10
     grace: int = 60
     poll: float = 2.0
-    # The device path (see train.py, teacher_outputs.py); set by run_study.
+    # The device path (see training/loop.py, teacher_outputs.py); set by run_study.
     cache: teacher_outputs.TeacherCache | None = None  # teacher outputs shared by the study's trials
     accel: Accel | None = None
     teacher_shapes: Shapes | None = None  # the frozen teacher's tap shapes: one dry forward per study, not per trial

@@ -4,7 +4,7 @@
   time: workers.Owner) in the tag `kdsweep.owner`. The next `confirm` or
   `report` on the same experiment closes RUNNING runs whose owner ran on this
   node and is gone, as KILLED with `kdsweep.reason`. (Trial runs are
-  reconciled against Optuna instead, in study.py.)
+  reconciled against Optuna instead, in study/loop.py.)
 * Temporary directories carry the pid of their process in their name; they
   are removed on every exit Python sees, and the next run removes those of
   processes that were killed outright.

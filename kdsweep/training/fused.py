@@ -79,7 +79,7 @@ class FusedOptimizer:
 
     Equals torch.optim's SGD (momentum, L2 weight decay in the gradient), Adam
     (L2 in the gradient) and AdamW (decoupled decay), betas = (momentum, 0.999),
-    eps = 1e-8, as `train.make_optimizer` builds them, with train.py's cosine
+    eps = 1e-8, as `loop.make_optimizer` builds them, with loop.py's cosine
     LambdaLR stepped after every update. The step count and learning rates live
     on the device, so an update reads nothing back to the host.
     """
@@ -104,7 +104,7 @@ class FusedOptimizer:
         self.state = {n: [torch.zeros_like(p) for p in params] for n in names}
 
     def lr(self) -> torch.Tensor:
-        """(K,) learning rates of the next update: base * 0.5 (1 + cos(pi t / total)), as train.py's LambdaLR."""
+        """(K,) learning rates of the next update: base * 0.5 (1 + cos(pi t / total)), as loop.py's LambdaLR."""
         return self.base_lr * (0.5 * (1 + torch.cos(math.pi * self.t / self.total)))
 
     @torch.no_grad()
@@ -258,7 +258,7 @@ class FusedGroup:
             self._keep(live)
         self.sums = {k: torch.zeros(len(self.runs), device=self.device) for k in self.keys}
         self.correct = torch.zeros(len(self.runs), device=self.device)
-        for r in self.runs:  # as train.py's LambdaLR computes it, in Python floats
+        for r in self.runs:  # as loop.py's LambdaLR computes it, in Python floats
             r.lr_now = r.m.schedule.lr * 0.5 * (1 + math.cos(math.pi * steps / self.opt.total))
 
     def _keep(self, idx: list[int]) -> None:
