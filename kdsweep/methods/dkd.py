@@ -22,7 +22,8 @@ def dkd_terms(s_logits, t_logits, y, T: float):
     """
     z_s, z_t = s_logits.float() / T, t_logits.detach().float() / T
     n, c = z_s.shape
-    gt = F.one_hot(y, c).bool()
+    # By comparison, not F.one_hot: one_hot reads its input's min back to the host to check it, every step.
+    gt = y[:, None] == torch.arange(c, device=y.device)
 
     def binary(z):
         lp = F.log_softmax(z, 1)

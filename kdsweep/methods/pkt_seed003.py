@@ -9,12 +9,14 @@ from kdsweep.methods.space import Float
 def similarity_log_probs(e, sigma: float):
     """Row-wise log-softmax of cosine similarities / sigma over the *other* samples: (N, N-1).
 
-    The diagonal is dropped rather than filled with -inf, so no 0 * inf appears in the KL.
+    The diagonal is dropped rather than filled with -inf, so no 0 * inf appears in the KL. It is dropped by
+    gather, not by a boolean mask, whose data-dependent shape would make the host wait for the device.
     """
     z = F.normalize(e.float().flatten(1), dim=1, eps=1e-6)
     n = z.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    return F.log_softmax((z @ z.t())[off].view(n, n - 1) / sigma, 1)
+    cols = torch.arange(n - 1, device=z.device)
+    others = cols + (cols >= torch.arange(n, device=z.device)[:, None]).long()  # (n, n-1): row i skips column i
+    return F.log_softmax((z @ z.t()).gather(1, others) / sigma, 1)
 
 
 def pkt_kl(e_s, e_t, sigma: float):
