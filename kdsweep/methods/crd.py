@@ -5,8 +5,10 @@ for CIFAR-10), made on the first step on the trainer's device, one pair per tria
 instance). Per step it scores the batch against every row of both banks, (B, N) floats each
 (23 MB at B = 128 on CIFAR-10), rather than gathering (B, 16385, 128) rows (1 GB), which
 gives the same numbers; each step also copies both banks (the rows the backward pass needs
-stay as they were while the banks move in place: 2 x 23 MB per step on CIFAR-10). The banks are training state, not heads: they are left out of
-state_dict, so checkpoints and the extra-parameter count hold the projection heads only.
+stay as they were while the banks move in place: 2 x 23 MB per step on CIFAR-10), and it keeps
+the negatives' mixed position counters, B x 16,384 int64 (16 MB at B = 128). The banks are
+training state, not heads: they are left out of state_dict, so checkpoints and the
+extra-parameter count hold the projection heads only.
 """
 
 import math
@@ -27,15 +29,52 @@ EPS = 1e-7
 
 
 _MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # a salt, so that zeros (seed 0, step 0) are not fixed points of the mix
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """An integer hash of int64 tensors to uniform 32-bit values (xor-shift-multiply rounds; multipliers
-    below 2^31 keep every product inside int64)."""
-    x = x & _MASK32
-    for mult in (0x7FEB352D, 0x2C1B3C6D):
-        x = ((x ^ (x >> 16)) * mult) & _MASK32
-    return x ^ (x >> 16)
+def _mul32_(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x = (x * m) mod 2^32, in place, for x in [0, 2^32), never leaving int64: m's halves are multiplied
+    separately, because a full 32 x 32-bit product can pass 2^63 (int64 overflow is undefined behaviour)."""
+    if m < 1 << 31:
+        return x.mul_(m).bitwise_and_(_MASK32)
+    high = (x * (m >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(m & 0xFFFF).add_(high).bitwise_and_(_MASK32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """x = a bijection of 32-bit words (held in int64) in which every input bit flips every output bit
+    with probability close to 1/2: xor-shift-multiply rounds, constants from C. Wellons'
+    hash-prospector ("lowbias32"). In place: a fresh 16 MB tensor per op costs more than the op on CPU."""
+    x ^= x >> 16
+    _mul32_(x, 0x21F0AAAD)
+    x ^= x >> 15
+    _mul32_(x, 0xD35A2D97)
+    x ^= x >> 15
+    return x
+
+
+def position_words(rows: int, k: int, device: torch.device) -> torch.Tensor:
+    """(rows, k) mixed position counters, the per-position half of `draw_negatives` (the same every step)."""
+    return _mix32_(torch.arange(rows * k, device=device).view(rows, k) ^ _GOLDEN)
+
+
+def draw_negatives(seed: int, step: torch.Tensor, words: torch.Tensor, total: int) -> torch.Tensor:
+    """ids uniform in [0, total) with replacement, one per entry of `words` (position_words), a pure
+    function of (seed, step, position): a counter-based generator, computed with int64 ops on the
+    device (no host sync, no state).
+
+    The step's 32-bit key mixes seed and step; each position is mixed on its own (`words`), then
+    xored with the key and mixed again. Mixing the position first matters: xoring a raw position
+    range into the key (the earlier sampler) gives the same set of inputs for every key that shares
+    its high bits, so at batch x K a power of two only a few thousand negative sets existed.
+    Within a step the words are distinct (the mix is a bijection), which lowers the variance of the
+    counts by rows x k / 2^32 (0.05% at 128 x 16,384): sampling without replacement from 2^32, not from
+    the training split. Steps wrap at 2^32 (over 4 billion steps).
+    """
+    key = _mix32_((step & _MASK32) ^ ((seed & _MASK32) ^ _GOLDEN))
+    key = _mix32_(key ^ ((seed >> 32) & _MASK32))
+    u = _mix32_(words ^ key)  # uniform 32-bit words
+    return u.mul_(total).bitwise_right_shift_(32)  # into [0, total) by multiply-shift: total < 2^31, so no overflow
 
 
 def nce_loss(p, n: int):
@@ -61,10 +100,10 @@ class CRD(Method):
     divided by a constant Z = mean * N estimated on the first batch, as the reference does;
     after the step the batch's rows move to their new embeddings with momentum 0.5.
 
-    The bank's initial rows come from the method's own generator and the negatives from a hash
-    of (seed, step, position), both seeded from torch's initial seed (the study's seed), so every
-    trial of a study draws the same ones and the global random stream is untouched. RepDistiller's CIFAR loader draws negatives
-    from other classes only; the paper's estimator, used here, draws them from all samples.
+    The bank's initial rows come from the method's own generator and the negatives from
+    `draw_negatives` of (seed, step, position), both seeded from torch's initial seed (the study's
+    seed), so every trial of a study draws the same ones and the global random stream is untouched.
+    RepDistiller's CIFAR loader draws negatives from other classes only; the paper's estimator, used here, draws them from all samples.
     Seed 003's in-batch InfoNCE is `crd_seed003`.
     """
 
@@ -80,7 +119,7 @@ class CRD(Method):
         self.proj_s = nn.Linear(math.prod(student.embedding), DIM)
         self.proj_t = nn.Linear(math.prod(teacher.embedding), DIM)
         self.nce_k = NCE_K
-        for name in ("memory_s", "memory_t", "z_s", "z_t", "draws"):  # made on first use; not in state_dict
+        for name in ("memory_s", "memory_t", "z_s", "z_t", "draws", "words"):  # made on first use; not in state_dict
             self.register_buffer(name, None, persistent=False)
         self.seed = torch.initial_seed()
         self._gen: torch.Generator | None = None
@@ -100,15 +139,16 @@ class CRD(Method):
     def contrast_index(self, index) -> torch.Tensor:
         """(B, 1 + K) bank rows: each sample's own id, then K ids drawn uniformly with replacement.
 
-        Drawn by hashing (seed, step, position) on the device: a torch.Generator cannot be traced
-        into a captured graph, and the global stream must stay the trial's own.
+        Drawn by `draw_negatives` from (seed, step, position) on the device: a torch.Generator cannot
+        be traced into a captured graph, and the global stream must stay the trial's own.
         """
         ids = index.ids
         if self.draws is None or self.draws.device != ids.device:
             self.draws = torch.zeros((), dtype=torch.long, device=ids.device)
-        key = _hash32(self.draws * 0x9E37 + (self.seed & _MASK32))
-        pos = torch.arange(len(ids) * self.nce_k, device=ids.device).view(len(ids), self.nce_k)
-        neg = (_hash32(key ^ pos) * index.total) >> 32  # uniform in [0, total): total < 2^31, so no overflow
+        rows, w = len(ids), self.words
+        if w is None or w.shape[0] < rows or w.shape[1] != self.nce_k or w.device != ids.device:
+            self.words = position_words(rows, self.nce_k, ids.device)  # made on the first (full) batch
+        neg = draw_negatives(self.seed, self.draws, self.words[:rows], index.total)
         self.draws.add_(1)
         return torch.cat([ids[:, None], neg], 1)
 

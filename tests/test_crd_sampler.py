@@ -1,0 +1,146 @@
+"""crd's negatives: a new set every step, uniform over the training split within a step and pooled over
+steps, independent from one step to the next; and the sampler they replaced failing the same tests.
+
+Statistics are chi-square statistics turned into z by Wilson and Hilferty's cube-root approximation
+(exact enough at these degrees of freedom); a test fails at |z| > 3.29, a two-sided p of 0.001.
+The draws are a fixed function of (seed, step, position), so every number here is the same on every run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdsweep.methods.registry  # noqa: F401 - first: crd imported before the registry meets crd_seed003 half-made
+from kdsweep.methods.base import SampleIndex
+from kdsweep.methods.crd import NCE_K, draw_negatives, position_words
+from kdsweep.methods.registry import METHODS
+from kdsweep.models.zoo import Shapes
+
+Z_MAX = 3.29  # two-sided p = 0.001
+N_CIFAR = 45_000  # CIFAR-10's training split, where crd's 16,384 negatives are meant to run
+SEED = 1234
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def old_draws(seed: int, step: int, rows: int, k: int, total: int) -> torch.Tensor:
+    """The sampler crd used before: one 32-bit key per step, xored with the raw position, hashed once."""
+    mask = 0xFFFFFFFF
+
+    def hash32(x):
+        x = x & mask
+        for mult in (0x7FEB352D, 0x2C1B3C6D):
+            x = ((x ^ (x >> 16)) * mult) & mask
+        return x ^ (x >> 16)
+
+    key = hash32(torch.tensor(step) * 0x9E37 + (seed & mask))
+    return (hash32(key ^ torch.arange(rows * k).view(rows, k)) * total) >> 32
+
+
+_WORDS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def new_draws(seed: int, step: int, rows: int, k: int, total: int) -> torch.Tensor:
+    if (rows, k) not in _WORDS:
+        _WORDS[rows, k] = position_words(rows, k, torch.device("cpu"))
+    return draw_negatives(seed, torch.tensor(step), _WORDS[rows, k], total)
+
+
+SAMPLERS = {"new": new_draws, "old": old_draws}
+
+
+def chi2(counts: torch.Tensor, expected) -> float:
+    """The chi-square statistic of `counts` against `expected` counts (a number: the same in every cell)."""
+    return ((counts.double() - expected) ** 2 / expected).sum().item()
+
+
+def z_of(chi2_value: float, df: int) -> float:
+    """A chi-square statistic with `df` degrees of freedom as a standard normal z (Wilson-Hilferty)."""
+    v = 2 / (9 * df)
+    return ((chi2_value / df) ** (1 / 3) - (1 - v)) / math.sqrt(v)
+
+
+def repeated_sets(draw, steps: int, rows: int, k: int, total: int) -> int:
+    """How many of `steps` steps drew the same multiset of negatives as an earlier step."""
+    seen = set()
+    for step in range(steps):
+        seen.add(draw(SEED, step, rows, k, total).flatten().sort().values.numpy().tobytes())
+    return steps - len(seen)
+
+
+def within_and_pooled(draw, steps: int, rows: int, k: int, total: int) -> tuple[float, float, float]:
+    """(z of the within-step chi-squares summed over steps, z of the pooled counts, z of the test of
+    independence between consecutive steps: the same positions' ids, in 32 bins each, as a 32 x 32 table)."""
+    within, pooled, pairs, before = 0.0, torch.zeros(total, dtype=torch.long), torch.zeros(32 * 32, dtype=torch.long), None
+    for step in range(steps):
+        ids = draw(SEED, step, rows, k, total).flatten()
+        counts = torch.bincount(ids, minlength=total)
+        within += chi2(counts, ids.numel() / total)  # a sum of independent chi-squares is one, df summed
+        pooled += counts
+        bins = ids * 32 // total
+        if before is not None:
+            pairs += torch.bincount(before * 32 + bins, minlength=32 * 32)
+        before = bins
+    n = steps * rows * k
+    # The pair table's cells are uniform only up to the bins' unequal widths (total is not a multiple of 32).
+    width = torch.bincount(torch.arange(total) * 32 // total, minlength=32).double() / total
+    expected = (width[:, None] * width[None, :]).flatten() * (n - rows * k)
+    return (z_of(within, steps * (total - 1)), z_of(chi2(pooled, n / total), total - 1),
+            z_of(chi2(pairs, expected), 32 * 32 - 1))
+
+
+# ---------------------------------------------------------------- the method draws what is tested here
+
+def test_crd_draws_its_negatives_with_the_tested_sampler():
+    shapes = Shapes((4, 2, 2), (8,), (10,))
+    torch.manual_seed(SEED)
+    m = METHODS["crd"]({"weight": 0.8}, shapes, shapes, 1)
+    m.nce_k = 64
+    index = SampleIndex(torch.tensor([3, 1, 4]), 40)
+    for step in range(3):
+        cols = m.contrast_index(index)
+        assert torch.equal(cols[:, 0], index.ids)  # the positive first, then K negatives from all samples
+        assert torch.equal(cols[:, 1:], new_draws(SEED, step, 3, 64, 40)), step
+    assert m.draws.item() == 3 and NCE_K == 16384
+
+
+# ---------------------------------------------------------------- a new set every step
+
+@pytest.mark.parametrize("name, rows", [("new", 128), ("new", 100), ("old", 128)])
+def test_every_step_draws_another_set(name, rows):
+    # K = 128 keeps 3,000 steps fast. The old sampler's sets, at batch x K a power of two (2^14), depend on
+    # the top 18 bits of its 32-bit key alone: 2^18 possible sets, so about 17 repeats expected in 3,000 steps;
+    # independent draws of 16,384 ids out of 45,000 practically never repeat a set.
+    got = repeated_sets(SAMPLERS[name], 3000, rows, 128, N_CIFAR)
+    assert (got == 0) if name == "new" else (got > 5), got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["new", "old"])
+def test_every_step_draws_another_set_at_full_size(name):
+    # crd's own K: at batch 128 the old sampler has 2^11 possible sets, about 22 repeats expected in 300 steps.
+    got = repeated_sets(SAMPLERS[name], 300, 128, NCE_K, N_CIFAR)
+    assert (got == 0) if name == "new" else (got > 10)
+
+
+# ---------------------------------------------------------------- uniform, and independent across steps
+
+@pytest.mark.parametrize("rows", [128, 100])
+def test_draws_are_uniform_within_and_across_steps(rows):
+    within, pooled, pairs = within_and_pooled(new_draws, 12, rows, NCE_K, N_CIFAR)
+    assert abs(within) < Z_MAX and abs(pooled) < Z_MAX and abs(pairs) < Z_MAX, (within, pooled, pairs)
+
+
+def test_the_old_sampler_fails_the_uniformity_test():
+    # Its counts within a step are too even (z about -15) and its pooled counts uneven (z about -5).
+    within, pooled, pairs = within_and_pooled(old_draws, 12, 128, NCE_K, N_CIFAR)
+    assert abs(within) > Z_MAX and abs(pooled) > Z_MAX, (within, pooled, pairs)
