@@ -27,8 +27,9 @@ from kdsweep.models.zoo import Shapes, count_params
 from kdsweep.study import outcome as oc
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.progress import Reporter
+from kdsweep.study.pruning import Completed, in_memory, should_prune
 from kdsweep.study.workers import Heartbeat, check_stop
-from kdsweep.tracking.tracker import Tracker
+from kdsweep.tracking.tracker import Curves, Tracker
 from kdsweep.tracking.vocabulary import RUN_ID_ATTR, STATE_RUNNING, STATE_TAG
 from kdsweep.training import checkpoint, teacher_outputs
 from kdsweep.training.devices import Accel
@@ -91,8 +92,14 @@ class TrialRun:
     method: torch.nn.Module
     run: str
     rng: tuple  # the RNG state right after initialisation (lockstep replays it)
-    reported: list[int] = field(default_factory=list)  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
+    completed: Completed | None = None  # the study's complete trials as its pruner compares with them (pruning.py)
+    curves: Curves | None = None  # its epochs' metrics on their way to MLflow
+    curve: dict[int, float] = field(default_factory=dict)  # val_acc per epoch, as reported to Optuna
     seconds: float = 0.0  # training wall time so far
+
+    @property
+    def reported(self) -> list[int]:
+        return list(self.curve)
 
 
 def _open(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
@@ -106,13 +113,14 @@ def _open(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     s_shapes = student.shapes(data.in_shape)
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
+    completed = Completed(ctx.study) if ctx.study is not None and in_memory(ctx.study.pruner) else None
     # Named for its study's label and per-trial settings first: in a flat list of trials (sorted by the
     # objective) 'vanilla_kd e5-b32 t002' and 'vanilla_kd e3-b32 t002' stay apart; the table cuts long names.
     run = ctx.tracker.start(ctx.experiment_id, f"{cfg.name} {cfg.budget_tag} t{trial.number:03d}",
                             {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                              "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag,
                              "kdsweep.trial": trial.number, STATE_TAG: STATE_RUNNING}, parent=ctx.parent_run)
-    return TrialRun(trial, hp, schedule, student, method, run, rng)
+    return TrialRun(trial, hp, schedule, student, method, run, rng, completed, Curves(ctx.tracker, run))
 
 
 def _fill(ctx: StudyContext, tr: TrialRun) -> None:
@@ -125,11 +133,11 @@ def _fill(ctx: StudyContext, tr: TrialRun) -> None:
 def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
     def on_epoch(stats):
         check_stop()
-        ctx.tracker.log(tr.run, stats.metrics(), step=stats.epoch)
+        tr.curves.add(stats.epoch, stats.metrics())
         tr.seconds += stats.seconds
         tr.trial.report(stats.val_acc, stats.epoch)
-        tr.reported.append(stats.epoch)
-        if tr.trial.should_prune():
+        tr.curve[stats.epoch] = stats.val_acc
+        if should_prune(tr.trial, tr.curve, tr.completed):
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch + 1} of {ctx.cfg.epochs}")  # 1-based for people
 
     return on_epoch
@@ -182,7 +190,9 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _end(ctx: StudyContext, trial: optuna.Trial, tr: TrialRun | None, end: oc.Ending) -> oc.Outcome:
-    """End one trial through the outcome table."""
+    """End one trial through the outcome table; the epochs' metrics not yet in MLflow go with its end."""
+    if tr is not None:
+        end.history = tr.curves.take()
     return oc.end_trial(ctx.records(trial, tr.run if tr else None), oc.classify(end.error), end)
 
 
