@@ -1,5 +1,5 @@
 """One trial's life: sample its parameters, open its MLflow run, train it (alone, or K in lockstep with
---parallel), record its result, and end it through outcome.end_trial.
+--parallel, from one study or several of a sweep), record its result, and end it through outcome.end_trial.
 
 The shape is Optuna's `_run_trial`: one `try` around the training catches whatever stops it,
 `outcome.classify` maps that to a row of the outcome table, and one writer records the end.
@@ -220,26 +220,42 @@ def execute(ctx: StudyContext, trial: optuna.Trial) -> oc.Outcome:
     return outcome
 
 
-def _train_group(ctx: StudyContext, trials: list[optuna.Trial], started: list[TrialRun]) -> list[TrainResult]:
+Entry = tuple[StudyContext, optuna.Trial]  # a claimed trial and the study it belongs to
+
+
+def _shared(entries: list[Entry]) -> tuple[DeviceData, torch.nn.Module | None, StudyContext]:
+    """What the members of a group share: one data split and one teacher (a sweep opens them once: loop.Shared)."""
+    first = entries[0][0]
+    teachers = {id(c.teacher): c.teacher for c, _ in entries if c.teacher is not None}
+    if any(c.data is not first.data for c, _ in entries) or len(teachers) > 1:
+        raise ValueError("a lockstep group's trials must share their data split and teacher")
+    return first.data, next(iter(teachers.values()), None), first
+
+
+def _train_group(entries: list[Entry], started: list[TrialRun]) -> list[TrainResult]:
     """Open every trial's run (into `started`) and train them in lockstep, each with its heartbeat."""
-    bar = tqdm(total=ctx.cfg.epochs, desc=f"trials {trials[0].number}-{trials[-1].number}", unit="epoch", leave=False,
-               disable=not ctx.reporter.bars)
+    data, teacher, first = _shared(entries)
+    numbers = ", ".join(f"{c.cfg.name} {t.number}" for c, t in entries)
+    bar = tqdm(total=first.cfg.epochs, desc=f"trials {numbers}"[:60], unit="epoch", leave=False,
+               disable=not first.reporter.bars)
     try:
         with contextlib.ExitStack() as beats:
-            for t in trials:
+            for ctx, t in entries:
                 beats.enter_context(Heartbeat(ctx.storage, t._trial_id, ctx.heartbeat))
-            for t in trials:
+            for ctx, t in entries:
                 started.append(_open(ctx, t))
                 _fill(ctx, started[-1])
-            members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng) for tr in started]
-            return train_students(members, ctx.teacher, ctx.data, cache=ctx.cache, accel=ctx.accel,
+            members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng)
+                       for (ctx, _), tr in zip(entries, started)]
+            return train_students(members, teacher, data, cache=first.cache, accel=first.accel,
                                   progress=lambda e: bar.update(1), stop_on=(optuna.TrialPruned,))
     finally:
         bar.close()
 
 
-def execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[oc.Outcome]:
-    """Train claimed trials in lockstep on the same batches (--parallel); each reports, prunes and ends on its own.
+def execute_group(entries: list[Entry]) -> list[oc.Outcome]:
+    """Train claimed trials in lockstep on the same batches (--parallel; in a sweep, trials of several methods'
+    studies together); each reports, prunes and ends on its own, in its own study.
 
     An exception that stops the whole group (an out-of-memory error, Ctrl-C, a bug) ends every member
     with the same row of the outcome table as it would end a lone trial.
@@ -247,33 +263,32 @@ def execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[oc.Outc
     started: list[TrialRun] = []
     error = None
     try:
-        results = _train_group(ctx, trials, started)
+        results = _train_group(entries, started)
     except BaseException as e:
         error = e
     if error is not None:
-        return _end_stopped_group(ctx, trials, started, error)
+        return _end_stopped_group(entries, started, error)
     outcomes: list[oc.Outcome] = []
-    for i, (tr, result) in enumerate(zip(started, results)):
+    for i, ((ctx, _), tr, result) in enumerate(zip(entries, started, results)):
         try:
             end = ending(tr, result.stopped_by) if result.stopped_by is not None else _complete(ctx, tr, result)
         except BaseException as e:
             end = ending(tr, e)
         outcomes.append(_end(ctx, tr.trial, tr, end))
         if not oc.classify(end.error).goes_on:  # interrupted while closing: no trial may be left RUNNING
-            for later in started[i + 1:]:
-                _end(ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
+            for (later_ctx, _), later in zip(entries[i + 1:], started[i + 1:]):
+                _end(later_ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
             raise end.error
     return outcomes
 
 
-def _end_stopped_group(ctx: StudyContext, trials: list[optuna.Trial], started: list[TrialRun],
-                       error: BaseException) -> list[oc.Outcome]:
+def _end_stopped_group(entries: list[Entry], started: list[TrialRun], error: BaseException) -> list[oc.Outcome]:
     """End every member of a group that `error` stopped, each as a lone trial stopped by it would end."""
-    runs = {tr.trial.number: tr for tr in started}
-    outcomes = [_end(ctx, t, runs.get(t.number), ending(runs.get(t.number), error)) for t in trials]
+    runs = {id(tr.trial): tr for tr in started}
+    outcomes = [_end(ctx, t, runs.get(id(t)), ending(runs.get(id(t)), error)) for ctx, t in entries]
     if not oc.classify(error).goes_on:
         raise error
     if oc.OUT_OF_MEMORY in outcomes:
         del error  # its traceback holds the tensors: give the next trials the memory back
-        _free_memory(ctx.data.device)
+        _free_memory(entries[0][0].data.device)
     return outcomes
