@@ -117,12 +117,12 @@ def print_summary(s: dict) -> None:
 
 
 def cmd_sweep(args) -> int:
-    """One study per method, one after another, with the same split, stream, epochs and budget."""
+    """One study per method, run together, with the same split, stream, epochs and budget."""
     from kdsweep import api
 
     def starting(i: int, n: int, cfg) -> None:
         if not args.quiet:
-            print(f"\n[{i}/{n}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
+            print(f"[{i}/{n}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
 
     flags = _settings(args, "study_name")
     result = api.sweep(args.methods, study_suffix=args.study_suffix, quiet=args.quiet, on_study=starting,
@@ -362,7 +362,7 @@ def _add_study(sub: Sub) -> None:
 
 def _add_sweep(sub: Sub) -> None:
     p = sub.add_parser("sweep", help="one study per method, same budget for each", formatter_class=RAW,
-                       description="Run (or resume) one study per method, one after another, with the same data split, "
+                       description="Run (or resume) one study per method, together, with the same data split, "
                                    "augmentation stream, epochs and trial budget, so the methods compare fairly.",
                        epilog=EPILOG_SWEEP)
     p.add_argument("--methods", default="all",

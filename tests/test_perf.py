@@ -309,3 +309,49 @@ def test_teacher_digest_is_memoised_but_sees_in_place_edits(monkeypatch):
     twin = build_model("digitnet_l", (1, 8, 8), 10)
     twin.load_state_dict(m.state_dict())  # equal weights in other tensors: the same key
     assert model_digest(twin) == model_digest(m)
+
+
+def test_a_group_of_several_methods_trials_equals_the_same_trials_one_by_one(tmp_path, monkeypatch):
+    """A sweep deals the trials of its methods' studies into one lockstep group: each trial trains as it would
+    alone (same parameters, losses, accuracies and checkpoint, up to float rounding), in its own study."""
+    import mlflow
+    import optuna
+
+    from kdsweep.study.config import resolve
+    from kdsweep.study.loop import run_studies
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
+    common = {"dataset": "digits", "trials": 2, "epochs": 2, "teacher_epochs": 1, "device": "cpu", "pruner": "none",
+              "data_size": 600, "channels_last": False, **stores(tmp_path)}
+    methods = ("ce", "vanilla_kd", "pkt")
+    one_by_one = run_studies([resolve(m, {**common, "study_name": f"{m}-alone", "parallel": 1}) for m in methods],
+                             say=lambda s: None)
+    grouped = run_studies([resolve(m, {**common, "study_name": f"{m}-grouped", "parallel": 6}) for m in methods],
+                          say=lambda s: None)
+    assert [s["complete"] for s in one_by_one] == [s["complete"] for s in grouped] == [2, 2, 2]
+
+    client = mlflow.tracking.MlflowClient(common["tracking_uri"])
+    exp = client.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s").experiment_id
+
+    def trials(name):
+        study = optuna.load_study(study_name=name, storage=common["storage"])
+        runs = {r.data.tags["kdsweep.trial"]: r for r in client.search_runs(
+            [exp], filter_string=f"tags.`kdsweep.study` = '{name}' and tags.`kdsweep.role` = 'trial'")}
+        return {t.number: (t, runs[str(t.number)]) for t in study.trials}
+
+    for m in methods:
+        alone, together = trials(f"{m}-alone"), trials(f"{m}-grouped")
+        assert alone.keys() == together.keys() == {0, 1}
+        for n in alone:
+            (ta, ra), (tg, rg) = alone[n], together[n]
+            assert ta.params == tg.params
+            assert math.isclose(ta.value, tg.value, abs_tol=1e-6)
+            assert math.isclose(ta.user_attrs["test_acc"], tg.user_attrs["test_acc"], abs_tol=1e-6)
+            losses = [[x.value for x in client.get_metric_history(r.info.run_id, "train_loss")] for r in (ra, rg)]
+            assert len(losses[0]) == 2 and torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
+            ckpts = [torch.load(mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="checkpoint/student.pt",
+                                                                    tracking_uri=common["tracking_uri"]), weights_only=False)
+                     for r in (ra, rg)]
+            for k, v in ckpts[0]["student"].items():
+                assert torch.allclose(v, ckpts[1]["student"][k], atol=1e-5), (m, n, k)

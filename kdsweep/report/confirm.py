@@ -41,6 +41,7 @@ from kdsweep.report.stored_studies import (
 from kdsweep.study import outcome
 from kdsweep.study.trial import record_result
 from kdsweep.tracking import cleanup
+from kdsweep.tracking.tracker import Curves
 from kdsweep.tracking.vocabulary import RUN_FINISHED, RUN_RUNNING, STATE_COMPLETE, STATE_RUNNING, STATE_TAG
 from kdsweep.training.devices import set_cpu_threads
 from kdsweep.training.loop import Schedule, train_student
@@ -187,16 +188,18 @@ def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data
     source_trial = best.data.tags.get("kdsweep.trial", "")
     params = {**p, "device": data.device.type, "confirm_seed": seed, "source_trial": source_trial,
               "extra_params": count_params(method)}
+    curves = Curves(tracker, run)
     try:
         tracker.log(run, params=params)
         result = train_student(student, method, teacher, run_data, schedule,
-                               on_epoch=lambda st: tracker.log(run, st.metrics(), step=st.epoch))
+                               on_epoch=lambda st: curves.add(st.epoch, st.metrics()))
         final = record_result(tracker, run, data, s.params["student"], student, method, result,
                               {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial,
                                "hparams": hp})
         end = outcome.Ending(epochs=len(result.history), seconds=sum(st.seconds for st in result.history))
     except BaseException as e:
         end = outcome.Ending(error=e)
+    end.history = curves.take()
     # A seed has no Optuna trial: it ends through the same table, MLflow side only.
     ended = outcome.end_trial(outcome.Records(tracker, run, say=say), outcome.classify(end.error), end)
     if not outcome.classify(end.error).goes_on:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import time
 import warnings
@@ -27,7 +28,7 @@ from kdsweep.common.locks import StudyLock
 from kdsweep.common.processes import Owner
 from kdsweep.common.uris import redact, scrub
 from kdsweep.data.device_data import DeviceData, check_split
-from kdsweep.data.dispatch import get_dataset, load_data
+from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
 from kdsweep.methods.space import edge_warnings
 from kdsweep.models import factory
@@ -37,10 +38,11 @@ from kdsweep.study import outcome as oc
 from kdsweep.study.best import best_trial
 from kdsweep.study.budget import Spent
 from kdsweep.study.config import StudyConfig
-from kdsweep.study.optuna_storage import count, make_pruner, make_sampler, open_storage
+from kdsweep.study.optuna_storage import count, make_pruner, make_sampler
 from kdsweep.study.pairs import _conflict, check_pair, pair_tags
 from kdsweep.study.progress import Reporter
-from kdsweep.study.trial import StudyContext, execute, execute_group, trial_params
+from kdsweep.study.resources import Resources
+from kdsweep.study.trial import Entry, StudyContext, execute, execute_group, trial_params
 from kdsweep.study.workers import check_stop, claim, recover_stale, retry
 from kdsweep.tracking.notes import study_note
 from kdsweep.tracking.tracker import Tracker
@@ -59,7 +61,6 @@ from kdsweep.tracking.vocabulary import (
 )
 from kdsweep.training import teacher_outputs
 from kdsweep.training.devices import Accel, resolve_device, set_cpu_threads
-from kdsweep.training.teacher import get_teacher
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -95,7 +96,7 @@ def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_outputs
     cache = teacher_outputs.shared(cfg.teacher_cache_mb, device)
     accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile, cpu_workers=cfg.cpu_workers, fused=cfg.fused)
     params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,
-              "compile": cfg.compile, "cpu_threads": threads or "",
+              "compile": cfg.compile, "cpu_threads": threads or "", "threads_per_student": (1 if cfg.cpu_workers != 0 else threads) if device.type == "cpu" else "",
               "cpu_workers": "" if device.type != "cpu" else cfg.cpu_workers if cfg.cpu_workers is not None else "auto",
               "fused": "auto" if cfg.fused is None else cfg.fused}
     return cache, accel, params
@@ -264,57 +265,63 @@ def spent(study: optuna.Study) -> Spent:
     return Spent.of(study.get_trials(deepcopy=False))
 
 
-def _claim_next(ctx: StudyContext, wait: bool = True) -> optuna.Trial | None:
-    """The next trial for this worker, claimed under the study lock; None once the study is done.
+def _claim_next(ctx: StudyContext) -> optuna.Trial | None:
+    """The study's next trial for this worker, claimed under the study lock; None if its budget has no room now.
 
     A trial is created only while the budget has room for it with every
     running trial counted in full (budget.py), so workers together never
-    overshoot. While the rest of the budget is reserved by trials running
-    elsewhere, wait: one of them may be pruned early or be lost and retried.
+    overshoot.
     """
-    waiting = False
-    budget = ctx.cfg.budget
+    with ctx.lock:
+        found = _recover(ctx)
+        trial = None
+        if ctx.cfg.budget.room(spent(ctx.study)):
+            # A fresh sampler per trial, seeded by the trial count: workers claiming in turn
+            # never draw the same parameters, and a resumed study does not replay old draws.
+            ctx.study.sampler = make_sampler(ctx.cfg, len(ctx.study.get_trials(deepcopy=False)))
+            with warnings.catch_warnings():
+                # "Heartbeat of storage is supposed to be used with Study.optimize": we beat ourselves.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = ctx.study.ask()
+            try:
+                # Draw the parameters now, with this trial's sampler: suggest() later returns the stored values,
+                # so trials claimed together (--parallel) get the same draws as when claimed one by one.
+                trial_params(ctx, trial)
+                claim(trial, ctx.owner)
+            except BaseException as e:
+                oc.end_trial(ctx.records(trial), oc.classify(e), oc.Ending(error=e))
+                raise
+    _report_recovered(ctx, found)
+    return trial
+
+
+def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], turn: int = 0) -> list[Entry]:
+    """Up to `size` trials, dealt round-robin over the studies whose budget has room, from study number `turn`
+    on (a sweep's methods take turns); [] once every study is done. While the rest of every open study's
+    budget is reserved by trials running elsewhere, wait: one of them may be pruned early or be lost and retried."""
     while True:
-        with ctx.lock:
-            found = _recover(ctx)
-            now = spent(ctx.study)
-            trial = None
-            if budget.room(now):
-                # A fresh sampler per trial, seeded by the trial count: workers claiming in turn
-                # never draw the same parameters, and a resumed study does not replay old draws.
-                ctx.study.sampler = make_sampler(ctx.cfg, len(ctx.study.get_trials(deepcopy=False)))
-                with warnings.catch_warnings():
-                    # "Heartbeat of storage is supposed to be used with Study.optimize": we beat ourselves.
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                    trial = ctx.study.ask()
-                try:
-                    # Draw the parameters now, with this trial's sampler: suggest() later returns the stored values,
-                    # so trials claimed together (--parallel) get the same draws as when claimed one by one.
-                    trial_params(ctx, trial)
-                    claim(trial, ctx.owner)
-                except BaseException as e:
-                    oc.end_trial(ctx.records(trial), oc.classify(e), oc.Ending(error=e))
-                    raise
-        _report_recovered(ctx, found)
-        if trial is not None or budget.done(now) or not wait:
-            return trial
-        if not waiting:
-            ctx.say(f"{now.running} trial(s) running in other workers would complete the study; waiting for them.")
-            waiting = True
-        time.sleep(ctx.poll)
+        group: list[Entry] = []
+        open_ = ctxs[turn % len(ctxs):] + ctxs[:turn % len(ctxs)]
+        while open_ and len(group) < size:
+            for ctx in list(open_):
+                trial = _claim_next(ctx) if len(group) < size else None
+                if trial is None:
+                    open_.remove(ctx)
+                else:
+                    group.append((ctx, trial))
+        if group:
+            return group
+        unfinished = [(c, spent(c.study)) for c in ctxs]
+        unfinished = [(c, now) for c, now in unfinished if not c.cfg.budget.done(now)]
+        if not unfinished:
+            return []
+        for ctx, now in unfinished:
+            if ctx.cfg.full_study_name not in said_waiting:
+                ctx.say(f"{now.running} trial(s) running in other workers would complete study "
+                        f"{ctx.cfg.full_study_name!r}; waiting for them.")
+                said_waiting.add(ctx.cfg.full_study_name)
+        time.sleep(unfinished[0][0].poll)
         check_stop()
-
-
-def _claim_group(ctx: StudyContext) -> list[optuna.Trial]:
-    """Up to --parallel trials for this worker: the first may wait for the study, the rest are claimed only if free."""
-    first = _claim_next(ctx)
-    group = [first] if first is not None else []
-    while group and len(group) < ctx.cfg.parallel:
-        t = _claim_next(ctx, wait=False)
-        if t is None:
-            break
-        group.append(t)
-    return group
 
 
 def _close_parent(ctx: StudyContext, status: str) -> None:
@@ -365,21 +372,22 @@ def _base_params(cfg: StudyConfig, data: DeviceData, device: torch.device, teach
             **_model_params(cfg, data, teacher, teacher_info), **perf_params, **data_provenance(data)}
 
 
-def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter) -> StudyContext:
-    """Everything before the first trial, in the order of the module docstring; the context trials share."""
+def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter, resources: Resources) -> StudyContext:
+    """Everything before the first trial, in the order of the module docstring; the context trials share.
+    Stores, data and teacher come from `resources`: opened by the first study that needs them."""
     check_pair(cfg)
     if cfg.full_study_name != cfg.requested_study_name:  # said once, before anything runs
         say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
     cache, accel, perf_params = _perf_setup(cfg, device)
-    storage = open_storage(cfg.storage)
-    tracker = Tracker(cfg.tracking_uri)
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
+    storage = resources.storage(cfg.storage)
+    tracker = resources.tracker(cfg.tracking_uri)
+    data = resources.data(cfg, device)
     check_split(data, cfg.batch_size, cfg.val_fraction, say)  # before a teacher is trained on it
     split = fixed_inputs.split_record(data)
     _precheck(storage, cfg, split)
-    teacher, teacher_info = get_teacher(cfg, data, tracker, say) if method_cls.uses_teacher else (None, {})
+    teacher, teacher_info = resources.teacher(cfg, data, say) if method_cls.uses_teacher else (None, {})
 
     name = cfg.full_study_name
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
@@ -414,37 +422,57 @@ def _say_where(ctx: StudyContext) -> None:
                                    f"spent so far: {budget.spent_text(now)}")
 
 
-def _run_trials(ctx: StudyContext) -> None:
-    """Claim and train trials until the budget is spent (or --timeout); a bar shows the budget."""
-    cfg, study, budget = ctx.cfg, ctx.study, ctx.cfg.budget
-    done, total = budget.progress(spent(study))
-    unit = "epoch" if total == cfg.budget_epochs else "trial"
-    bar = tqdm(total=total, initial=done, desc=cfg.method, unit=unit, disable=not ctx.reporter.bars)
-    # A run of failures that train nothing (a bug, a broken store) must not loop forever.
-    max_failures = cfg.trials if cfg.trials is not None else math.ceil(cfg.budget_epochs / cfg.epochs)
-    start, failed = time.monotonic(), 0
+def _run_trials(ctxs: list[StudyContext]) -> None:
+    """Claim and train trials until every study has spent its budget (or --timeout); a bar shows the budget."""
+    first = ctxs[0].cfg
+    progress = [c.cfg.budget.progress(spent(c.study)) for c in ctxs]
+    unit = "epoch" if progress[0][1] == first.budget_epochs else "trial"
+    bar = tqdm(total=sum(t for _, t in progress), initial=sum(d for d, _ in progress),
+               desc=first.method if len(ctxs) == 1 else f"{len(ctxs)} studies", unit=unit, disable=not ctxs[0].reporter.bars)
+    timeout = min((c.cfg.timeout for c in ctxs if c.cfg.timeout is not None), default=None)
+    start, failed, said_waiting = time.monotonic(), dict.fromkeys((id(c) for c in ctxs), 0), set()
     try:
-        while True:
-            if cfg.timeout is not None and time.monotonic() - start > cfg.timeout:
-                ctx.say(f"--timeout {cfg.timeout:g}s reached; run the same command again to continue.")
+        for turn in itertools.count():
+            if timeout is not None and time.monotonic() - start > timeout:
+                ctxs[0].say(f"--timeout {timeout:g}s reached; run the same command again to continue.")
                 break
             check_stop()
-            group = _claim_group(ctx)
+            group = _claim_group(ctxs, first.parallel, said_waiting, turn)
             if not group:
                 break
-            outcomes = [execute(ctx, group[0])] if len(group) == 1 else execute_group(ctx, group)
-            failed += sum(o.optuna == FAIL for o in outcomes)
-            if failed > max_failures:
-                raise UserError(f"{failed} trials failed in this run (see the FAIL runs' kdsweep.reason tags in MLflow); stopping")
-            now = spent(study)
-            bar.n = budget.progress(now)[0]
-            c = now.by_state.get(COMPLETE.name, 0)
-            best = best_trial(study.get_trials(deepcopy=False)).value if c else float("nan")
-            bar.set_postfix_str(f"done={c} pruned={now.by_state.get(PRUNED.name, 0)} failed={count(study, FAIL)} "
-                                f"epochs={now.epochs} best_val={best:.4f}")
-            bar.refresh()
+            outcomes = [execute(*group[0])] if len(group) == 1 else execute_group(group)
+            for (ctx, _), o in zip(group, outcomes):
+                failed[id(ctx)] += o.optuna == FAIL
+                _stop_on_failures(ctx, failed[id(ctx)])
+            if not bar.disable:  # reading every study back costs a storage query each: only for a bar people see
+                bar.n = sum(c.cfg.budget.progress(spent(c.study))[0] for c in ctxs)
+                bar.set_postfix_str(_bar_text(ctxs))
+                bar.refresh()
     finally:
         bar.close()
+
+
+def _stop_on_failures(ctx: StudyContext, failed: int) -> None:
+    """A run of failures that train nothing (a bug, a broken store) must not loop forever."""
+    cfg = ctx.cfg
+    most = cfg.trials if cfg.trials is not None else math.ceil(cfg.budget_epochs / cfg.epochs)
+    if failed > most:
+        raise UserError(f"{failed} trials of {cfg.name} failed in this run (see the FAIL runs' kdsweep.reason tags in "
+                        f"MLflow); stopping")
+
+
+def _bar_text(ctxs: list[StudyContext]) -> str:
+    """The bar's postfix: one study's counts and best val_acc, or a sweep's best val_acc per method."""
+    if len(ctxs) > 1:
+        return " ".join(f"{c.cfg.name}={_best_value(c.study):.3f}" for c in ctxs)
+    study, now = ctxs[0].study, spent(ctxs[0].study)
+    return (f"done={now.by_state.get(COMPLETE.name, 0)} pruned={now.by_state.get(PRUNED.name, 0)} "
+            f"failed={count(study, FAIL)} epochs={now.epochs} best_val={_best_value(study):.4f}")
+
+
+def _best_value(study: optuna.Study) -> float:
+    done = study.get_trials(deepcopy=False, states=(COMPLETE,))
+    return best_trial(done).value if done else float("nan")
 
 
 def _summary(ctx: StudyContext, best: dict | None) -> dict:
@@ -457,21 +485,23 @@ def _summary(ctx: StudyContext, best: dict | None) -> dict:
             "teacher": ctx.teacher_info, "teacher_cache": ctx.cache.stats()}
 
 
-def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Reporter | None = None) -> dict:
-    """Run (or resume) the study until it has spent its budget (budget.py); return a summary."""
+def run_studies(cfgs: list[StudyConfig], say: Callable[[str], None] = print, reporter: Reporter | None = None) -> list[dict]:
+    """Run (or resume) several studies of one pair together until each has spent its budget; their summaries.
+
+    They share the stores, data and teacher (resources.py) and their trials are dealt into the same
+    lockstep groups (--parallel K): start-up is paid once, and one batch and one teacher output serve
+    every method. Each study keeps its own budget, sampler, pruner and parent run.
+    """
     reporter = reporter or Reporter.auto()
     if say is print:
         say = reporter.say  # flushed in logs, on stderr with --quiet
-    ctx = _open_study(cfg, say, reporter)
+    resources, ctxs, status = Resources(), [], RUN_FINISHED
     try:
-        _close_orphan_runs(ctx, finished_too=True)
-    except BaseException as e:  # the parent was just reopened: not left RUNNING by a store that fails here
-        _finish(ctx, RUN_KILLED if isinstance(e, KeyboardInterrupt) else RUN_FAILED)
-        raise
-    _say_where(ctx)
-    status = RUN_FINISHED
-    try:
-        _run_trials(ctx)
+        for cfg in cfgs:
+            ctxs.append(_open_study(cfg, say, reporter, resources))
+            _close_orphan_runs(ctxs[-1], finished_too=True)
+            _say_where(ctxs[-1])
+        _run_trials(ctxs)
     except KeyboardInterrupt:
         status = RUN_KILLED
         raise
@@ -479,6 +509,12 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Re
         status = RUN_FAILED
         raise
     finally:
-        best = _finish(ctx, status)
-        ctx.lock.close()
-    return _summary(ctx, best)
+        bests = [_finish(ctx, status) for ctx in ctxs]
+        for ctx in ctxs:
+            ctx.lock.close()
+    return [_summary(ctx, best) for ctx, best in zip(ctxs, bests)]
+
+
+def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, reporter: Reporter | None = None) -> dict:
+    """Run (or resume) the study until it has spent its budget (budget.py); return a summary."""
+    return run_studies([cfg], say, reporter)[0]

@@ -12,6 +12,7 @@ from kdsweep.common import failures
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import StudyLock
 from kdsweep.common.processes import heartbeat_settings
+from kdsweep.common.sqlite_stores import use_write_ahead_log
 from kdsweep.common.uris import absolute_sqlite, redact, scrub
 from kdsweep.study.config import StudyConfig
 from kdsweep.tracking.tracker import DEFAULT_DIR, make_store_dir
@@ -47,6 +48,7 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
                 raise UserError(f"storage {url}: directory {db.parent} does not exist")
         # Several workers on one host share the file: wait for its write lock instead of failing after 5 s.
         engine_kwargs = {"connect_args": {"timeout": 60}}
+        use_write_ahead_log()
     interval, grace = heartbeat_settings()
     failures.register("Optuna", given)
     lock = None

@@ -11,7 +11,7 @@ Optuna state or ends a trial's MLflow run, always in this order:
      so a trial whose results could not be recorded does not count;
   2. Optuna state (the study's truth). If another worker already ended the trial (it failed it as
      stale), the outcome becomes STALE_WHILE_RUNNING;
-  3. the MLflow run: its tags and budget metrics, then its status, written from the outcome actually
+  3. the MLflow run: the epochs' metrics it had not sent yet, its tags and budget metrics, then its status, written from the outcome actually
      recorded, so MLflow's `epochs_trained` and the report agree with the budget;
   4. the trial's progress line (progress.Reporter).
 
@@ -115,6 +115,7 @@ class Ending:
     value: float | None = None  # the objective (complete trials)
     attrs: dict[str, Any] = field(default_factory=dict)  # more Optuna user attributes (test_acc, failed_at_epoch)
     tags: dict[str, Any] = field(default_factory=dict)  # more MLflow tags (pruned_at_epoch, failed_at_epoch)
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # epochs' metrics not yet in MLflow
 
 
 @dataclass
@@ -229,8 +230,12 @@ def _close_run(rec: Records, outcome: Outcome, end: Ending, reason: str, strict:
     Ctrl-C that landed inside an MLflow write leaves the store locked for a moment), so it tries twice.
     A run left open here is closed from Optuna's record when the study ends or resumes.
     """
+    history = end.history
     for attempt in range(1 if strict else 2):
         try:
+            if history:
+                rec.tracker.log_steps(rec.run, history)
+                history = []  # written: a retry must not write it twice
             rec.tracker.log(rec.run, _run_metrics(outcome, end), tags=_run_tags(outcome, end, reason))
             rec.tracker.end(rec.run, outcome.status)
             return

@@ -1,5 +1,5 @@
 """One trial's life: sample its parameters, open its MLflow run, train it (alone, or K in lockstep with
---parallel), record its result, and end it through outcome.end_trial.
+--parallel, from one study or several of a sweep), record its result, and end it through outcome.end_trial.
 
 The shape is Optuna's `_run_trial`: one `try` around the training catches whatever stops it,
 `outcome.classify` maps that to a row of the outcome table, and one writer records the end.
@@ -27,8 +27,9 @@ from kdsweep.models.zoo import Shapes, count_params
 from kdsweep.study import outcome as oc
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.progress import Reporter
+from kdsweep.study.pruning import Completed, in_memory, should_prune
 from kdsweep.study.workers import Heartbeat, check_stop
-from kdsweep.tracking.tracker import Tracker
+from kdsweep.tracking.tracker import Curves, Tracker
 from kdsweep.tracking.vocabulary import RUN_ID_ATTR, STATE_RUNNING, STATE_TAG
 from kdsweep.training import checkpoint, teacher_outputs
 from kdsweep.training.devices import Accel
@@ -91,8 +92,14 @@ class TrialRun:
     method: torch.nn.Module
     run: str
     rng: tuple  # the RNG state right after initialisation (lockstep replays it)
-    reported: list[int] = field(default_factory=list)  # epochs reported to Optuna (optuna.Trial has no intermediate_values)
+    completed: Completed | None = None  # the study's complete trials as its pruner compares with them (pruning.py)
+    curves: Curves | None = None  # its epochs' metrics on their way to MLflow
+    curve: dict[int, float] = field(default_factory=dict)  # val_acc per epoch, as reported to Optuna
     seconds: float = 0.0  # training wall time so far
+
+    @property
+    def reported(self) -> list[int]:
+        return list(self.curve)
 
 
 def _open(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
@@ -106,13 +113,14 @@ def _open(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
     s_shapes = student.shapes(data.in_shape)
     method = method_cls({k: v for k, v in hp.items() if k != "lr"}, s_shapes, ctx.teacher_shapes, cfg.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
+    completed = Completed(ctx.study) if ctx.study is not None and in_memory(ctx.study.pruner) else None
     # Named for its study's label and per-trial settings first: in a flat list of trials (sorted by the
     # objective) 'vanilla_kd e5-b32 t002' and 'vanilla_kd e3-b32 t002' stay apart; the table cuts long names.
     run = ctx.tracker.start(ctx.experiment_id, f"{cfg.name} {cfg.budget_tag} t{trial.number:03d}",
                             {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                              "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag,
                              "kdsweep.trial": trial.number, STATE_TAG: STATE_RUNNING}, parent=ctx.parent_run)
-    return TrialRun(trial, hp, schedule, student, method, run, rng)
+    return TrialRun(trial, hp, schedule, student, method, run, rng, completed, Curves(ctx.tracker, run))
 
 
 def _fill(ctx: StudyContext, tr: TrialRun) -> None:
@@ -125,11 +133,11 @@ def _fill(ctx: StudyContext, tr: TrialRun) -> None:
 def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
     def on_epoch(stats):
         check_stop()
-        ctx.tracker.log(tr.run, stats.metrics(), step=stats.epoch)
+        tr.curves.add(stats.epoch, stats.metrics())
         tr.seconds += stats.seconds
         tr.trial.report(stats.val_acc, stats.epoch)
-        tr.reported.append(stats.epoch)
-        if tr.trial.should_prune():
+        tr.curve[stats.epoch] = stats.val_acc
+        if should_prune(tr.trial, tr.curve, tr.completed):
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch + 1} of {ctx.cfg.epochs}")  # 1-based for people
 
     return on_epoch
@@ -182,7 +190,9 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _end(ctx: StudyContext, trial: optuna.Trial, tr: TrialRun | None, end: oc.Ending) -> oc.Outcome:
-    """End one trial through the outcome table."""
+    """End one trial through the outcome table; the epochs' metrics not yet in MLflow go with its end."""
+    if tr is not None:
+        end.history = tr.curves.take()
     return oc.end_trial(ctx.records(trial, tr.run if tr else None), oc.classify(end.error), end)
 
 
@@ -210,26 +220,42 @@ def execute(ctx: StudyContext, trial: optuna.Trial) -> oc.Outcome:
     return outcome
 
 
-def _train_group(ctx: StudyContext, trials: list[optuna.Trial], started: list[TrialRun]) -> list[TrainResult]:
+Entry = tuple[StudyContext, optuna.Trial]  # a claimed trial and the study it belongs to
+
+
+def _shared(entries: list[Entry]) -> tuple[DeviceData, torch.nn.Module | None, StudyContext]:
+    """What the members of a group share: one data split and one teacher (a sweep opens them once: loop.Shared)."""
+    first = entries[0][0]
+    teachers = {id(c.teacher): c.teacher for c, _ in entries if c.teacher is not None}
+    if any(c.data is not first.data for c, _ in entries) or len(teachers) > 1:
+        raise ValueError("a lockstep group's trials must share their data split and teacher")
+    return first.data, next(iter(teachers.values()), None), first
+
+
+def _train_group(entries: list[Entry], started: list[TrialRun]) -> list[TrainResult]:
     """Open every trial's run (into `started`) and train them in lockstep, each with its heartbeat."""
-    bar = tqdm(total=ctx.cfg.epochs, desc=f"trials {trials[0].number}-{trials[-1].number}", unit="epoch", leave=False,
-               disable=not ctx.reporter.bars)
+    data, teacher, first = _shared(entries)
+    numbers = ", ".join(f"{c.cfg.name} {t.number}" for c, t in entries)
+    bar = tqdm(total=first.cfg.epochs, desc=f"trials {numbers}"[:60], unit="epoch", leave=False,
+               disable=not first.reporter.bars)
     try:
         with contextlib.ExitStack() as beats:
-            for t in trials:
+            for ctx, t in entries:
                 beats.enter_context(Heartbeat(ctx.storage, t._trial_id, ctx.heartbeat))
-            for t in trials:
+            for ctx, t in entries:
                 started.append(_open(ctx, t))
                 _fill(ctx, started[-1])
-            members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng) for tr in started]
-            return train_students(members, ctx.teacher, ctx.data, cache=ctx.cache, accel=ctx.accel,
+            members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng)
+                       for (ctx, _), tr in zip(entries, started)]
+            return train_students(members, teacher, data, cache=first.cache, accel=first.accel,
                                   progress=lambda e: bar.update(1), stop_on=(optuna.TrialPruned,))
     finally:
         bar.close()
 
 
-def execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[oc.Outcome]:
-    """Train claimed trials in lockstep on the same batches (--parallel); each reports, prunes and ends on its own.
+def execute_group(entries: list[Entry]) -> list[oc.Outcome]:
+    """Train claimed trials in lockstep on the same batches (--parallel; in a sweep, trials of several methods'
+    studies together); each reports, prunes and ends on its own, in its own study.
 
     An exception that stops the whole group (an out-of-memory error, Ctrl-C, a bug) ends every member
     with the same row of the outcome table as it would end a lone trial.
@@ -237,33 +263,32 @@ def execute_group(ctx: StudyContext, trials: list[optuna.Trial]) -> list[oc.Outc
     started: list[TrialRun] = []
     error = None
     try:
-        results = _train_group(ctx, trials, started)
+        results = _train_group(entries, started)
     except BaseException as e:
         error = e
     if error is not None:
-        return _end_stopped_group(ctx, trials, started, error)
+        return _end_stopped_group(entries, started, error)
     outcomes: list[oc.Outcome] = []
-    for i, (tr, result) in enumerate(zip(started, results)):
+    for i, ((ctx, _), tr, result) in enumerate(zip(entries, started, results)):
         try:
             end = ending(tr, result.stopped_by) if result.stopped_by is not None else _complete(ctx, tr, result)
         except BaseException as e:
             end = ending(tr, e)
         outcomes.append(_end(ctx, tr.trial, tr, end))
         if not oc.classify(end.error).goes_on:  # interrupted while closing: no trial may be left RUNNING
-            for later in started[i + 1:]:
-                _end(ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
+            for (later_ctx, _), later in zip(entries[i + 1:], started[i + 1:]):
+                _end(later_ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
             raise end.error
     return outcomes
 
 
-def _end_stopped_group(ctx: StudyContext, trials: list[optuna.Trial], started: list[TrialRun],
-                       error: BaseException) -> list[oc.Outcome]:
+def _end_stopped_group(entries: list[Entry], started: list[TrialRun], error: BaseException) -> list[oc.Outcome]:
     """End every member of a group that `error` stopped, each as a lone trial stopped by it would end."""
-    runs = {tr.trial.number: tr for tr in started}
-    outcomes = [_end(ctx, t, runs.get(t.number), ending(runs.get(t.number), error)) for t in trials]
+    runs = {id(tr.trial): tr for tr in started}
+    outcomes = [_end(ctx, t, runs.get(id(t)), ending(runs.get(id(t)), error)) for ctx, t in entries]
     if not oc.classify(error).goes_on:
         raise error
     if oc.OUT_OF_MEMORY in outcomes:
         del error  # its traceback holds the tensors: give the next trials the memory back
-        _free_memory(ctx.data.device)
+        _free_memory(entries[0][0].data.device)
     return outcomes

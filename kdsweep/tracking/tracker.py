@@ -22,11 +22,13 @@ import logging  # noqa: E402
 
 from kdsweep.common import failures
 from kdsweep.common.errors import UserError
+from kdsweep.common.sqlite_stores import use_write_ahead_log
 from kdsweep.common.uris import absolute_sqlite, redact, scrub
 from kdsweep.tracking.notes import ui_tags
 from kdsweep.tracking.vocabulary import PARENT_TAG, RUN_FINISHED
 
 DEFAULT_DIR = Path("mlruns")
+LOG_BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 
 
 def default_tracking_uri() -> str:
@@ -103,6 +105,7 @@ class Tracker:
         self.uri = absolute_sqlite(uri or default_tracking_uri())
         if self.uri.startswith("sqlite:///"):
             make_store_dir(Path(self.uri[len("sqlite:///"):]).parent, "--tracking-uri")
+            use_write_ahead_log()
         elif "://" not in self.uri and not self.uri.startswith("databricks"):
             raise UserError(f"tracking URI {self.uri!r} is not a URL (expected e.g. sqlite:///mlruns/mlflow.db or http://127.0.0.1:5000)")
         failures.register("MLflow", self.uri)
@@ -210,5 +213,39 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in dict(tags).items()],
         )
 
+    def log_steps(self, run_id: str, rows: list[tuple[int, Mapping[str, float]]]) -> None:
+        """Many steps' metrics (epoch, {name: value}) in as few round trips as MLflow allows (1000 metrics each)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
+        for i in range(0, len(metrics), LOG_BATCH_METRICS):
+            self.client.log_batch(run_id, metrics=metrics[i : i + LOG_BATCH_METRICS])
+
     def end(self, run_id: str, status: str = RUN_FINISHED) -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+class Curves:
+    """A run's per-epoch metrics on their way to MLflow: sent at most every `every` seconds, the rest with the run's end.
+
+    One write per epoch costs a short trial more than its training does (docs/performance.md); one write
+    at its end keeps nothing from the UI that it would show, and a long run's curves still grow as it trains.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, every: float = 15.0):
+        self.tracker, self.run_id, self.every = tracker, run_id, every
+        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.sent_at = time.monotonic()
+
+    def add(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.rows.append((step, dict(metrics)))
+        if time.monotonic() - self.sent_at >= self.every:
+            self.tracker.log_steps(self.run_id, self.take())
+
+    def take(self) -> list[tuple[int, dict[str, float]]]:
+        """The rows not sent yet (for the run's end to write), and the clock restarted."""
+        rows, self.rows = self.rows, []
+        self.sent_at = time.monotonic()
+        return rows
+

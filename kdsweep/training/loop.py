@@ -430,9 +430,13 @@ class Lockstep:
         """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
         if self.done:
             return False
-        # On CPU worker threads, every op of the group runs on one intra-op thread, the lone student's too:
-        # intra-op parallelism over small convolutions costs more than it gives (docs/performance.md).
-        with _intra_op_threads(1) if self.workers > 1 else contextlib.nullcontext():
+        # On CPU every student's step runs on one intra-op thread, whatever its method (a teacher-free trial
+        # too, K = 1 too), so the report's costs compare like with like: intra-op parallelism over small ops
+        # costs more than it gives, and under load it thrashes (a digits `ce` trial took 39.5 s on two
+        # threads, 2.5 s on one); the cores serve the worker threads instead (docs/performance.md).
+        # --cpu-workers 0 asks for intra-op threads instead, for every method alike.
+        one_thread = self.device.type == "cpu" and self.accel.cpu_workers != 0
+        with _intra_op_threads(1) if one_thread else contextlib.nullcontext():
             finite = self._train_epoch()
         for r, _ in finite:
             if r.alive and r.m.on_epoch is not None:

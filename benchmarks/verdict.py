@@ -1,0 +1,195 @@
+"""How long a verdict takes, against the batched floor of the same epochs measured in the same run.
+
+    python benchmarks/verdict.py                       # ce, vanilla_kd, pkt, cosine on MNIST-1D, 240 epochs each
+    python benchmarks/verdict.py --parallel 8          # their trials in lockstep groups of 8
+    python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5   # the whole MNIST-1D verdict
+
+Runs, each in its own process, in this order: the floor, the sweep on new stores (start-up, migrations
+included), the same sweep resumed with one more trial's worth of epochs per method on the now existing
+stores (its time to the first trial is the start-up a user pays again), confirmation if asked, the floor
+again. The teacher is trained first if it is not cached, outside the timings (`kdsweep teacher`).
+
+The floor is plain PyTorch, no kdsweep import: 32 MNIST-1D MLPs (40-100-100-10) with stacked weights,
+trained at once with batched matmuls over the same number of samples per epoch, batch size, Adam and
+cosine schedule, with a validation pass per epoch: its seconds per trial-epoch times the epochs the
+sweep trained is what the sweep would cost with nothing but that arithmetic. The sweep's own process
+reports where its time went: start-up to the first trial, training (lockstep epochs with their
+validation pass), and bookkeeping (MLflow and Optuna writes: opening a trial's run, its epochs, its end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+T0 = time.perf_counter()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def floor(epochs: int, k: int = 32, n_train: int = 3600, n_val: int = 400, batch: int = 100) -> dict:
+    """Seconds per trial-epoch of K stacked MLPs trained at once (the arithmetic, batched; no kdsweep)."""
+    import torch
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n_train, 40, generator=g), torch.randint(0, 10, (n_train,), generator=g)
+    vx, vy = torch.randn(n_val, 40, generator=g), torch.randint(0, 10, (n_val,), generator=g)
+    sizes = [(40, 100), (100, 100), (100, 10)]
+    ws = [(torch.randn(k, i, o, generator=g) / i**0.5).requires_grad_() for i, o in sizes]
+    bs = [torch.zeros(k, 1, o).requires_grad_() for _, o in sizes]
+    lr = torch.logspace(-3, -1.5, k).view(k, 1, 1)
+    opt = torch.optim.Adam(ws + bs, lr=1.0)  # the per-member lr multiplies the gradients' step below
+    steps = epochs * (n_train // batch)
+
+    def forward(inp):
+        h = inp.expand(k, *inp.shape)
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            h = torch.baddbmm(b, h, w)
+            h = torch.relu(h) if i < len(ws) - 1 else h
+        return h
+
+    start, step, best = time.perf_counter(), 0, torch.zeros(k)
+    for _ in range(epochs):
+        perm = torch.randperm(n_train, generator=g)
+        for j in range(0, n_train - batch + 1, batch):
+            idx = perm[j : j + batch]
+            out = forward(x[idx])
+            loss = torch.nn.functional.cross_entropy(out.reshape(-1, 10), y[idx].repeat(k), reduction="sum") / batch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            scale = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)))
+            for p in ws + bs:
+                p.grad.mul_(lr * scale)
+            opt.step()
+            step += 1
+        with torch.no_grad():
+            best = torch.maximum(best, (forward(vx).argmax(-1) == vy).float().mean(1))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "per_trial_epoch": seconds / (k * epochs), "k": k, "epochs": epochs}
+
+
+def instrumented(argv: list[str]) -> dict:
+    """Run the kdsweep command `argv` in this process and say where its time went."""
+    from kdsweep.study import outcome, trial
+    from kdsweep.training import loop as training
+
+    took = {"first_trial": None, "training": 0.0, "bookkeeping": 0.0, "trial_epochs": 0}
+
+    def timed(fn, key):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                took[key] += time.perf_counter() - t
+        return call
+
+    def first(fn):
+        def call(*a, **k):
+            if took["first_trial"] is None:
+                took["first_trial"] = time.perf_counter() - T0
+            return fn(*a, **k)
+        return call
+
+    train_epoch = training.Lockstep._train_epoch
+
+    def counted(self):
+        took["trial_epochs"] += sum(r.alive for r in self.runs)
+        return train_epoch(self)
+
+    training.Lockstep._train_epoch = timed(counted, "training")
+    for name in ("_open", "_fill"):
+        setattr(trial, name, timed(getattr(trial, name), "bookkeeping"))
+    outcome.end_trial = trial.oc.end_trial = timed(outcome.end_trial, "bookkeeping")
+    callback = trial._epoch_callback
+    trial._epoch_callback = lambda ctx, tr: timed(callback(ctx, tr), "bookkeeping")
+    trial._claim_next = None  # (not used: claims are timed as part of the loop's own overhead)
+    from kdsweep.study import loop
+
+    loop.execute, loop.execute_group = first(loop.execute), first(loop.execute_group)
+    from kdsweep.cli import main
+
+    sys.argv = ["kdsweep", *argv]
+    try:
+        main()
+    except SystemExit as e:
+        if e.code:
+            raise
+    took["wall"] = time.perf_counter() - T0
+    return took
+
+
+def child(argv: list[str], env: dict) -> dict:
+    """One measured step in a fresh process (its wall time includes Python's and the imports' start-up)."""
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(argv)], env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join(argv[:2])} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_wall"] = time.perf_counter() - t
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="ce,vanilla_kd,pkt,cosine")
+    ap.add_argument("--budget-epochs", type=int, default=240)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--confirm-seeds", type=int, default=0)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--floor-epochs", type=int, default=30)
+    args, extra = ap.parse_known_args()
+    if args.child is not None:
+        argv = json.loads(args.child)
+        print(json.dumps(floor(int(argv[1])) if argv[0] == "floor" else instrumented(argv)))
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "kdsweep.cli", "teacher", "--dataset", "mnist1d"], env=env, check=True,
+                   capture_output=True)  # cached after the first time: not timed
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = ["--storage", f"sqlite:///{tmp}/optuna.db", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+        sweep = ["sweep", "--methods", args.methods, "--dataset", "mnist1d", "--epochs", str(args.epochs),
+                 "--parallel", str(args.parallel), "--quiet", *stores, *extra]
+        print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+        rows = [("floor", child(["floor", str(args.floor_epochs)], env))]
+        rows.append(("sweep, new stores", child([*sweep, "--budget-epochs", str(args.budget_epochs)], env)))
+        rows.append(("resumed, +1 trial", child([*sweep, "--budget-epochs", str(args.budget_epochs + args.epochs)], env)))
+        if args.confirm_seeds:
+            rows.append(("confirm", child(["confirm", "--seeds", str(args.confirm_seeds), "--dataset", "mnist1d",
+                                           "--tracking-uri", stores[3]], env)))
+        rows.append(("floor", child(["floor", str(args.floor_epochs)], env)))
+    report(rows, args)
+
+
+def report(rows: list[tuple[str, dict]], args) -> None:
+    floors = [r["per_trial_epoch"] for name, r in rows if name == "floor"]
+    per = sum(floors) / len(floors)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"floor: {per * 1e3:.2f} ms per trial-epoch (32 stacked MLPs; runs: "
+          f"{', '.join(f'{f * 1e3:.2f}' for f in floors)})\n")
+    print(f"{'step':<20} {'wall s':>8} {'to 1st trial s':>15} {'trial-epochs':>13} {'training s':>11} "
+          f"{'bookkeeping ms/trial-epoch':>27} {'floor s':>8} {'ratio':>6}")
+    total_wall = total_floor = 0.0
+    for name, r in rows:
+        if name == "floor":
+            continue
+        n = r.get("trial_epochs", 0)
+        fl = per * n
+        total_wall, total_floor = total_wall + r["process_wall"], total_floor + fl
+        book = r["bookkeeping"] / n * 1e3 if n else float("nan")
+        print(f"{name:<20} {r['process_wall']:8.1f} {r['first_trial'] or float('nan'):15.2f} {n:13d} "
+              f"{r['training']:11.1f} {book:27.2f} {fl:8.1f} {r['process_wall'] / fl if fl else float('nan'):6.1f}")
+    sweep = rows[1][1]
+    print(f"\nsweep ({args.methods}, {args.budget_epochs} epochs each, --parallel {args.parallel}): "
+          f"{sweep['process_wall']:.1f} s = {sweep['process_wall'] / (per * sweep['trial_epochs']):.1f} x the floor "
+          f"of its {sweep['trial_epochs']} trial-epochs; all steps: {total_wall:.1f} s = {total_wall / total_floor:.1f} x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""How kdsweep's SQLite stores commit: a write-ahead log, synced at checkpoints only.
+
+A trial writes dozens of small transactions (its run, its epochs' metrics, Optuna's reports, its end).
+In SQLite's default rollback journal every commit syncs the database and its journal to disk: about
+15 ms on the 2-core VM of docs/performance.md, more than an epoch of a small model. In WAL mode with
+synchronous=NORMAL a commit appends to the log without a sync (0.03 ms there). A killed process loses
+nothing it committed; a power cut or an operating-system crash may roll back the transactions since
+the last checkpoint, never leaving a store half-written (docs/reliability.md says what that means for
+a study). The journal mode is stored in the database file, so every later reader and writer uses it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
+
+
+def _on_connect(dbapi_connection, _record) -> None:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return  # PostgreSQL and other servers decide their own durability
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in PRAGMAS:
+            cursor.execute(pragma)
+    except sqlite3.Error:
+        pass  # a read-only store keeps its journal mode: reading it is all that is asked of it
+    finally:
+        cursor.close()
+
+
+def use_write_ahead_log() -> None:
+    """Every SQLite connection SQLAlchemy opens in this process from now on: WAL, synced at checkpoints."""
+    if not event.contains(Engine, "connect", _on_connect):
+        event.listen(Engine, "connect", _on_connect)
