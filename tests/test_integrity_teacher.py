@@ -155,7 +155,8 @@ def test_a_checkpoint_with_zeroed_weights_fails_its_checksum(tmp_path):
         checkpoint.load_model(path, "digitnet_l", (1, 8, 8), 10)
 
 
-def test_a_damaged_cached_teacher_is_moved_aside_and_retrained(tmp_path, monkeypatch, digits, tracker):
+def test_a_damaged_cached_teacher_is_moved_aside_and_fetched_from_the_tracking_server(tmp_path, monkeypatch, digits,
+                                                                                      tracker):
     from kdsweep.training import teacher
 
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
@@ -169,9 +170,9 @@ def test_a_damaged_cached_teacher_is_moved_aside_and_retrained(tmp_path, monkeyp
     model, info = teacher.get_teacher(cfg, digits, tracker, said.append)
     aside = list(path.parent.glob(path.name + ".corrupt-*"))
     assert len(aside) == 1
-    assert "is damaged" in said[0] and aside[0].name in said[0] and "training the teacher again" in said[0]
-    assert all(line.startswith("teacher digitnet_l: epoch") for line in said[1:])  # then its progress, nothing else
-    assert info["sha256"] == model_digest(model) == checkpoint.load(path)[checkpoint.SHA_KEY]
+    assert "is damaged" in said[0] and aside[0].name in said[0]
+    assert said[1].startswith(f"Fetched teacher {first['sha256'][:12]} from the tracking server") and len(said) == 2
+    assert info["sha256"] == first["sha256"] == model_digest(model) == checkpoint.load(path)[checkpoint.SHA_KEY]
     with pytest.raises(checkpoint.ChecksumMismatch):
         checkpoint.load_model(aside[0])  # kept as it was, for a look
 
