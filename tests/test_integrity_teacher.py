@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import zipfile
@@ -112,14 +113,16 @@ def test_a_changed_training_split_is_refused(workdir, kdsweep):
     assert code == 0, out + err
     study = optuna.load_study(study_name="sp", storage=stores[1])
     rec = study.user_attrs[fixed_inputs.SPLIT_ATTR]
-    assert rec["train"] == 270 and rec["val"] == 30
-    # The attack: the same settings over other images (a dataset file changed on disk, another torchvision copy).
-    study.set_user_attr(fixed_inputs.SPLIT_ATTR, {**rec, "sha256": "f" * 64})
+    assert rec["train"] == 270 and rec["val"] == 30 and rec["host"] == socket.gethostname()
+    # The attack: the same settings over other images (another host's dataset files, another torchvision copy).
+    study.set_user_attr(fixed_inputs.SPLIT_ATTR, {**rec, "sha256": "f" * 64, "host": "gpu-node-7"})
 
     code, out, err = kdsweep("study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "1", "--device", "cpu",
                              "--trials", "2", "--study-name", "sp", *stores)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert f"its data split is ffffffffffff (270 train / 30 val images), this run's is {rec['sha256'][:12]}" in err
+    assert (f"its data split is ffffffffffff (270 train / 30 val images) (recorded on host gpu-node-7), this run's is "
+            f"{rec['sha256'][:12]}") in err
+    assert f"the data on host {socket.gethostname()} differs from host gpu-node-7's" in err
     assert len(_trials(workdir, "sp")) == 1
 
 
