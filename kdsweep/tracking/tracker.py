@@ -31,6 +31,10 @@ DEFAULT_DIR = Path("mlruns")
 
 
 def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI (MLflow's own variable: a URL with a password stays off the command line), else the
+    SQLite store in ./mlruns."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return absolute_sqlite(os.environ["MLFLOW_TRACKING_URI"])
     return absolute_sqlite(f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').as_posix()}")
 
 
