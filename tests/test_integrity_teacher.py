@@ -180,6 +180,36 @@ def test_a_damaged_cached_teacher_is_moved_aside_and_fetched_from_the_tracking_s
         checkpoint.load_model(aside[0])  # kept as it was, for a look
 
 
+def test_a_host_without_the_studys_teacher_fetches_it_or_says_in_one_line_why_it_cannot(tmp_path, monkeypatch, digits,
+                                                                                        tracker):
+    """Issue 24: a second host (its own cache) gets the study's teacher from the tracking server, by the digest the
+    study recorded; an artifact that cannot be had is one line, and so is a digest the server never saw."""
+    import shutil
+
+    from kdsweep.training import teacher
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-a"))
+    _, first = teacher.get_teacher(_cfg(), digits, tracker, [].append)
+    sha = first["sha256"]
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-b"))
+    said = []
+    _, info = teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted=sha)
+    assert info["sha256"] == sha and info["path"].startswith(str(tmp_path / "host-b"))
+    assert len(said) == 1 and said[0].startswith(f"Fetched teacher {sha[:12]} from the tracking server")
+
+    with pytest.raises(UserError, match=r"teacher 000000000000 is neither in this host's cache .* nor in the tracking "):
+        teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted="0" * 64)
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-c"))
+    shutil.rmtree(tmp_path / "artifacts")  # the artifact store lost (or out of reach)
+    with pytest.raises(UserError) as e:
+        teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted=sha)
+    assert str(e.value).startswith(f"cannot fetch the study's teacher {sha[:12]} (run ") and "\n" not in str(e.value)
+    left = [p.name for p in (tmp_path / "host-c" / "teachers").iterdir() if not p.name.endswith(".lock")]
+    assert not left  # nothing half-fetched left in the cache
+
+
 def test_a_damaged_teacher_checkpoint_given_by_the_user_is_refused_in_one_line(workdir, kdsweep):
     bad = _random_teacher(workdir / "mine.pt", seed=1)
     _zero_a_weight(bad)

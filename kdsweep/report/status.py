@@ -161,7 +161,7 @@ def text(status: dict) -> str:
         if w["stale_trials"]:
             out.append(f"  {w['stale_trials']} trial(s) left RUNNING by a worker that is gone: the next start recovers them")
         if w["other_machines"]:
-            where = (f": {', '.join(w['working_elsewhere'])} (beating)" if w.get("working_elsewhere")
+            where = (f" by {', '.join(w['working_elsewhere'])}" if w.get("working_elsewhere")
                      else " (another machine, or just claimed)")
             out.append(f"  {w['other_machines']} running trial(s) owned elsewhere{where}")
         m = r["mlflow"]
