@@ -201,6 +201,15 @@ def test_a_host_without_the_studys_teacher_fetches_it_or_says_in_one_line_why_it
     with pytest.raises(UserError, match=r"teacher 000000000000 is neither in this host's cache .* nor in the tracking "):
         teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted="0" * 64)
 
+    # A host whose cache holds another teacher under the same name: the study's is fetched beside it, the file kept.
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-d"))
+    own = _random_teacher(teacher.cache_path("digits", "digitnet_l", 0, 1, 300, 0.1), seed=9)
+    said.clear()
+    _, info = teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted=sha)
+    assert info["sha256"] == sha and Path(info["path"]).name == f"{own.stem}.{sha[:12]}.pt"
+    assert said[0].startswith(f"note: {own} holds teacher ") and said[1].startswith(f"Fetched teacher {sha[:12]}")
+    assert model_digest(checkpoint.load_model(own)[0]) != sha  # left as it was
+
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-c"))
     shutil.rmtree(tmp_path / "artifacts")  # the artifact store lost (or out of reach)
     with pytest.raises(UserError) as e:

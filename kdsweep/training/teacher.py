@@ -275,7 +275,8 @@ def _fetch_or_keep(cfg, data: DeviceData, tracker: Tracker, path: Path, local: s
     if local is not None:
         if _digest_or_aside(cfg, data, held, say) == sha:
             return held
-        say(f"note: {path} holds teacher {local[:12]}, the study's is {sha[:12]}: using the study's, kept as {held.name}")
+        say(f"note: {path} holds teacher {local[:12]}, not the study's {sha[:12]}: using the study's, cached as "
+            f"{held.name}")
     return teacher_store.fetch(tracker, run, path if local is None else held, say)
 
 
