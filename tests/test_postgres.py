@@ -318,3 +318,25 @@ def test_a_worker_killed_training_the_teacher_is_taken_over_and_nothing_stays_ru
     assert runs.pop(run.info.run_id).info.status == "KILLED"
     assert [r.info.status for r in runs.values()] == ["FINISHED"]  # the one trained by the worker that took over
     _check_study(storage, tracking, "takeover")
+
+
+def test_the_teacher_claim_of_a_frozen_holder_lapses_after_the_grace_period(postgres):
+    """A holder stopped (SIGSTOP, a hung host) keeps its connection open but stops beating: the server ends its
+    session after the grace period, and the claim goes with it; a beating holder keeps it."""
+    from kdsweep.common.locks import WorkLock
+    from kdsweep.study.optuna_storage import _with_driver
+
+    url = _with_driver(postgres["url"])
+    holder, waiter = WorkLock(url, "teacher:frozen", 0.5, 2), WorkLock(url, "teacher:frozen", 0.5, 2)
+    try:
+        assert holder.try_acquire()
+        time.sleep(3)  # longer than the grace period, beating
+        assert not waiter.try_acquire() and not holder.lost
+        holder._stop.set()  # frozen: no more beats
+        deadline = time.monotonic() + 20
+        while not waiter.try_acquire():
+            assert time.monotonic() < deadline, "the frozen holder's claim never lapsed"
+            time.sleep(0.5)
+    finally:
+        holder.release()
+        waiter.release()
