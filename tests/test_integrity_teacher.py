@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import zipfile
@@ -112,14 +113,16 @@ def test_a_changed_training_split_is_refused(workdir, kdsweep):
     assert code == 0, out + err
     study = optuna.load_study(study_name="sp", storage=stores[1])
     rec = study.user_attrs[fixed_inputs.SPLIT_ATTR]
-    assert rec["train"] == 270 and rec["val"] == 30
-    # The attack: the same settings over other images (a dataset file changed on disk, another torchvision copy).
-    study.set_user_attr(fixed_inputs.SPLIT_ATTR, {**rec, "sha256": "f" * 64})
+    assert rec["train"] == 270 and rec["val"] == 30 and rec["host"] == socket.gethostname()
+    # The attack: the same settings over other images (another host's dataset files, another torchvision copy).
+    study.set_user_attr(fixed_inputs.SPLIT_ATTR, {**rec, "sha256": "f" * 64, "host": "gpu-node-7"})
 
     code, out, err = kdsweep("study", "ce", "--dataset", "digits", "--data-size", "300", "--epochs", "1", "--device", "cpu",
                              "--trials", "2", "--study-name", "sp", *stores)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert f"its data split is ffffffffffff (270 train / 30 val images), this run's is {rec['sha256'][:12]}" in err
+    assert (f"its data split is ffffffffffff (270 train / 30 val images) (recorded on host gpu-node-7), this run's is "
+            f"{rec['sha256'][:12]}") in err
+    assert f"the data on host {socket.gethostname()} differs from host gpu-node-7's" in err
     assert len(_trials(workdir, "sp")) == 1
 
 
@@ -155,7 +158,8 @@ def test_a_checkpoint_with_zeroed_weights_fails_its_checksum(tmp_path):
         checkpoint.load_model(path, "digitnet_l", (1, 8, 8), 10)
 
 
-def test_a_damaged_cached_teacher_is_moved_aside_and_retrained(tmp_path, monkeypatch, digits, tracker):
+def test_a_damaged_cached_teacher_is_moved_aside_and_fetched_from_the_tracking_server(tmp_path, monkeypatch, digits,
+                                                                                      tracker):
     from kdsweep.training import teacher
 
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
@@ -169,11 +173,50 @@ def test_a_damaged_cached_teacher_is_moved_aside_and_retrained(tmp_path, monkeyp
     model, info = teacher.get_teacher(cfg, digits, tracker, said.append)
     aside = list(path.parent.glob(path.name + ".corrupt-*"))
     assert len(aside) == 1
-    assert "is damaged" in said[0] and aside[0].name in said[0] and "training the teacher again" in said[0]
-    assert all(line.startswith("teacher digitnet_l: epoch") for line in said[1:])  # then its progress, nothing else
-    assert info["sha256"] == model_digest(model) == checkpoint.load(path)[checkpoint.SHA_KEY]
+    assert "is damaged" in said[0] and aside[0].name in said[0]
+    assert said[1].startswith(f"Fetched teacher {first['sha256'][:12]} from the tracking server") and len(said) == 2
+    assert info["sha256"] == first["sha256"] == model_digest(model) == checkpoint.load(path)[checkpoint.SHA_KEY]
     with pytest.raises(checkpoint.ChecksumMismatch):
         checkpoint.load_model(aside[0])  # kept as it was, for a look
+
+
+def test_a_host_without_the_studys_teacher_fetches_it_or_says_in_one_line_why_it_cannot(tmp_path, monkeypatch, digits,
+                                                                                        tracker):
+    """Issue 24: a second host (its own cache) gets the study's teacher from the tracking server, by the digest the
+    study recorded; an artifact that cannot be had is one line, and so is a digest the server never saw."""
+    import shutil
+
+    from kdsweep.training import teacher
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-a"))
+    _, first = teacher.get_teacher(_cfg(), digits, tracker, [].append)
+    sha = first["sha256"]
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-b"))
+    said = []
+    _, info = teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted=sha)
+    assert info["sha256"] == sha and info["path"].startswith(str(tmp_path / "host-b"))
+    assert len(said) == 1 and said[0].startswith(f"Fetched teacher {sha[:12]} from the tracking server")
+
+    with pytest.raises(UserError, match=r"teacher 000000000000 is neither in this host's cache .* nor in the tracking "):
+        teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted="0" * 64)
+
+    # A host whose cache holds another teacher under the same name: the study's is fetched beside it, the file kept.
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-d"))
+    own = _random_teacher(teacher.cache_path("digits", "digitnet_l", 0, 1, 300, 0.1), seed=9)
+    said.clear()
+    _, info = teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted=sha)
+    assert info["sha256"] == sha and Path(info["path"]).name == f"{own.stem}.{sha[:12]}.pt"
+    assert said[0].startswith(f"note: {own} holds teacher ") and said[1].startswith(f"Fetched teacher {sha[:12]}")
+    assert model_digest(checkpoint.load_model(own)[0]) != sha  # left as it was
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "host-c"))
+    shutil.rmtree(tmp_path / "artifacts")  # the artifact store lost (or out of reach)
+    with pytest.raises(UserError) as e:
+        teacher.get_teacher(_cfg(), digits, tracker, said.append, wanted=sha)
+    assert str(e.value).startswith(f"cannot fetch the study's teacher {sha[:12]} (run ") and "\n" not in str(e.value)
+    left = [p.name for p in (tmp_path / "host-c" / "teachers").iterdir() if not p.name.endswith(".lock")]
+    assert not left  # nothing half-fetched left in the cache
 
 
 def test_a_damaged_teacher_checkpoint_given_by_the_user_is_refused_in_one_line(workdir, kdsweep):

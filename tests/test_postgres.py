@@ -15,6 +15,7 @@ why, where no server is given, and fails where the one given cannot be reached.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from reliability_helpers import (
     mlflow_runs,
     start_cli,
     stop,
+    wait_for,
 )
 
 # Three workers, a PostgreSQL server and an MLflow server: the slow tier, which .ci/run gives a server.
@@ -207,3 +209,134 @@ def test_a_password_holding_hash_slash_and_question_mark_is_never_written(postgr
         cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         cur.execute(f"DROP ROLE IF EXISTS {user}")
         con.close()
+
+
+# --------------------------------------------------------------------------- many hosts, one teacher (issue 24)
+
+KD_HOSTS = ["study", "vanilla_kd", "--dataset", "digits", "--data-size", "300", "--epochs", "1", "--pruner", "none",
+            "--device", "cpu", "--trials", str(TRIALS)]
+
+
+def _host_env(tmp_path, home, postgres, mlflow_server):
+    """A worker as on a host of its own: its own directory and teacher cache; the stores from the environment,
+    as the SLURM and Kubernetes recipes give them (docs/multi-worker.md), never on the command line."""
+    env = cli_env(tmp_path, KDSWEEP_CACHE=str(home / "cache"), KDSWEEP_STORAGE=postgres["url"],
+                  MLFLOW_TRACKING_URI=mlflow_server["url"])
+    env.pop(SERVER, None)
+    return env
+
+
+def _start_host(tmp_path, name, args, postgres, mlflow_server):
+    home = tmp_path / name
+    home.mkdir()
+    return home, start_cli(args, home, _host_env(tmp_path, home, postgres, mlflow_server), log=home / "out.log")
+
+
+def _wait_all(procs, seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    for home, p in procs:
+        try:
+            p.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for _, q in procs:
+                q.kill()
+            pytest.fail("workers did not finish:\n" + "\n".join((h / "out.log").read_text()[-1500:] for h, _ in procs))
+    return [(home / "out.log").read_text() for home, _ in procs]
+
+
+def _teacher_runs(tracking: str, teacher_epochs: int) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    exp = client.get_experiment_by_name("teachers")
+    if exp is None:
+        return []
+    key = f"digits-digitnet_l-s0-e{teacher_epochs}-n300.pt"
+    return client.search_runs([exp.experiment_id], f"tags.`kdsweep.teacher_key` = '{key}'")
+
+
+def _check_study(storage: str, tracking: str, name: str) -> None:
+    """Exactly --trials complete trials, none left running, one parent run, no MLflow run left RUNNING."""
+    from kdsweep.study.optuna_storage import _with_driver
+
+    trials = load_trials(_with_driver(storage), name)
+    assert len([t for t in trials if t.state.name == "COMPLETE"]) == TRIALS, [(t.number, t.state.name) for t in trials]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    runs, parents = mlflow_runs(tracking, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [p.info.status for p in parents]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_two_hosts_train_one_teacher_and_the_other_fetches_it(postgres, mlflow_server, tmp_path):
+    storage, tracking = postgres["url"], mlflow_server["url"]
+    args = [*KD_HOSTS, "--teacher-epochs", "40", "--study-name", "hosts"]
+    procs = [_start_host(tmp_path, f"host{i}", args, postgres, mlflow_server) for i in range(2)]
+    outputs = _wait_all(procs, 480)
+    for (home, p), out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    trained = [out for out in outputs if "training one now" in out]
+    fetched = [out for out in outputs if "Fetched teacher" in out and "from the tracking server" in out]
+    assert len(trained) == 1 and len(fetched) == 1, outputs
+    print(f"\nthe fetching worker said: {[line for line in fetched[0].splitlines() if 'Fetched' in line][0]}")
+
+    (run,) = _teacher_runs(tracking, 40)  # one teacher trained, and published with its weights
+    assert run.info.status == "FINISHED"
+    caches = [list((home / "cache" / "teachers").glob("*.pt")) for home, _ in procs]
+    assert [len(c) for c in caches] == [1, 1]  # each host holds its own copy: nothing was shared
+    from kdsweep.common.digests import model_digest
+    from kdsweep.training import checkpoint
+
+    digests = {model_digest(checkpoint.load_model(c[0])[0]) for c in caches}
+    assert digests == {run.data.tags["kdsweep.teacher_sha256"]}
+    _check_study(storage, tracking, "hosts")
+    for out in outputs:
+        assert postgres["password"] not in out
+
+
+def test_a_worker_killed_training_the_teacher_is_taken_over_and_nothing_stays_running(postgres, mlflow_server, tmp_path):
+    storage, tracking = postgres["url"], mlflow_server["url"]
+    epochs = 400  # long enough to kill it mid-training, short enough to train again
+    args = [*KD_HOSTS, "--teacher-epochs", str(epochs), "--study-name", "takeover"]
+    first = _start_host(tmp_path, "host0", args, postgres, mlflow_server)
+
+    def training():
+        runs = [r for r in _teacher_runs(tracking, epochs) if r.info.status == "RUNNING"]
+        return runs and "val_acc" in runs[0].data.metrics and runs[0]  # an epoch logged: mid-training
+
+    run = wait_for(training, 240, first[1], every=0.5)
+    second = _start_host(tmp_path, "host1", args, postgres, mlflow_server)
+    wait_for(lambda: "waiting for it" in (second[0] / "out.log").read_text(), 240, second[1], every=0.2)
+    first[1].send_signal(signal.SIGKILL)
+    first[1].wait()
+    (out,) = _wait_all([second], 480)
+    assert second[1].returncode == 0, out
+    took_over = [line for line in out.splitlines() if "takes over" in line]
+    assert len(took_over) == 1 and f":{first[1].pid} stopped while training teacher" in took_over[0], out
+    print(f"\nthe surviving worker said: {took_over[0]}")
+
+    runs = {r.info.run_id: r for r in _teacher_runs(tracking, epochs)}
+    assert runs.pop(run.info.run_id).info.status == "KILLED"
+    assert [r.info.status for r in runs.values()] == ["FINISHED"]  # the one trained by the worker that took over
+    _check_study(storage, tracking, "takeover")
+
+
+def test_the_teacher_claim_of_a_frozen_holder_lapses_after_the_grace_period(postgres):
+    """A holder stopped (SIGSTOP, a hung host) keeps its connection open but stops beating: the server ends its
+    session after the grace period, and the claim goes with it; a beating holder keeps it."""
+    from kdsweep.common.locks import WorkLock
+    from kdsweep.study.optuna_storage import _with_driver
+
+    url = _with_driver(postgres["url"])
+    holder, waiter = WorkLock(url, "teacher:frozen", 0.5, 2), WorkLock(url, "teacher:frozen", 0.5, 2)
+    try:
+        assert holder.try_acquire()
+        time.sleep(3)  # longer than the grace period, beating
+        assert not waiter.try_acquire() and not holder.lost
+        holder._stop.set()  # frozen: no more beats
+        deadline = time.monotonic() + 20
+        while not waiter.try_acquire():
+            assert time.monotonic() < deadline, "the frozen holder's claim never lapsed"
+            time.sleep(0.5)
+    finally:
+        holder.release()
+        waiter.release()

@@ -38,6 +38,10 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"kdsweep:{name}".encode(), digest_size=8).digest(), "big", signed=True)
 
 
+def is_postgres(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
 class StudyLock:
     """Mutual exclusion between the workers of one study, for the few milliseconds of a claim.
 
@@ -61,7 +65,7 @@ class StudyLock:
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             self._db = Path(url[len("sqlite:///"):].split("?", 1)[0])
             self._path = self._db.with_name(self._db.name + ".kdsweep-lock")
-        elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+        elif is_postgres(url):
             import sqlalchemy
             from sqlalchemy.pool import NullPool
 
@@ -114,3 +118,61 @@ class StudyLock:
             self._fd = None
         if self._engine is not None:
             self._engine.dispose()
+
+
+class WorkLock:
+    """A PostgreSQL advisory lock held across hosts for long work (training a teacher: minutes to hours).
+
+    Transaction-scoped on a connection of its own, so the lock dies with its holder: a killed process's
+    connection is closed by its kernel at once, and a frozen or unplugged one stops beating and is ended by
+    the server after `grace` seconds (idle_in_transaction_session_timeout). A thread beats while it is held.
+    """
+
+    def __init__(self, url: str, name: str, interval: float, grace: float):
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        self.key, self.interval, self.grace = _lock_key(name), interval, grace
+        self._engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+        self._conn = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False  # the server ended the session under us (a beat failed)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; never waits."""
+        from sqlalchemy import text
+
+        if self._conn is None:
+            self._conn = self._engine.connect()
+            self._conn.execute(text(f"SET idle_in_transaction_session_timeout = {int(self.grace * 1000)}"))
+            self._conn.commit()
+        got = self._conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.key}).scalar()
+        if not got:
+            self._conn.rollback()  # not idle in a transaction between tries
+            return False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="kdsweep-work-lock-beat", daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        from sqlalchemy import text
+
+        while not self._stop.wait(self.interval):
+            try:
+                self._conn.execute(text("SELECT 1"))  # resets the server's idle-in-transaction timer
+            except Exception:  # noqa: BLE001 - the session is gone, and the lock with it
+                self.lost = True
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()  # rolls back: the lock goes with the transaction
+            self._conn = None
+        self._engine.dispose()

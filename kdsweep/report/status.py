@@ -24,8 +24,9 @@ from kdsweep.common.processes import Owner, heartbeat_settings
 from kdsweep.common.uris import absolute_sqlite, redact
 from kdsweep.study.best import best_trial
 from kdsweep.study.budget import Spent
+from kdsweep.study.optuna_storage import default_storage
 from kdsweep.study.workers import stale_reason
-from kdsweep.tracking.tracker import DEFAULT_DIR, default_tracking_uri
+from kdsweep.tracking.tracker import default_tracking_uri
 from kdsweep.tracking.vocabulary import CONFIG_ATTR, OWNER_ATTR, PARENT_ATTR
 
 
@@ -35,7 +36,7 @@ def _sqlite_file(url: str) -> Path | None:
 
 def open_storage(url: str | None):
     """The Optuna storage to read; a local file must exist (a status never creates a store)."""
-    url = absolute_sqlite(url or f"sqlite:///{(DEFAULT_DIR / 'optuna.db').as_posix()}")
+    url = absolute_sqlite(url or default_storage())
     path = _sqlite_file(url)
     if path is None:
         from kdsweep.study.optuna_storage import open_storage as open_any
@@ -54,6 +55,7 @@ def open_storage(url: str | None):
 def _workers(running: list, grace: int) -> dict[str, Any]:
     """Who holds the RUNNING trials: live owners here, stale ones, owners on other machines."""
     live: dict[str, int] = {}
+    hosts: dict[str, int] = {}  # host:pid of owners on other machines, judged by their heartbeat
     stale = elsewhere = 0
     for t in running:
         owner = Owner.from_attr(t.user_attrs.get(OWNER_ATTR))
@@ -61,12 +63,13 @@ def _workers(running: list, grace: int) -> dict[str, Any]:
             stale += 1
         elif owner is not None and owner.alive() is None:
             elsewhere += 1
+            hosts[str(owner)] = hosts.get(str(owner), 0) + 1
         elif owner is not None:
             live[str(owner)] = live.get(str(owner), 0) + 1
         else:
             elsewhere += 1  # claimed moments ago, or by a worker that died before claiming: judged after the grace period
     return {"running_now": sorted(live), "running_trials": sum(live.values()), "stale_trials": stale,
-            "other_machines": elsewhere}
+            "other_machines": elsewhere, "working_elsewhere": sorted(hosts)}
 
 
 def _study(storage, frozen, grace: int) -> dict[str, Any]:
@@ -158,7 +161,9 @@ def text(status: dict) -> str:
         if w["stale_trials"]:
             out.append(f"  {w['stale_trials']} trial(s) left RUNNING by a worker that is gone: the next start recovers them")
         if w["other_machines"]:
-            out.append(f"  {w['other_machines']} running trial(s) owned elsewhere (another machine, or just claimed)")
+            where = (f" by {', '.join(w['working_elsewhere'])}" if w.get("working_elsewhere")
+                     else " (another machine, or just claimed)")
+            out.append(f"  {w['other_machines']} running trial(s) owned elsewhere{where}")
         m = r["mlflow"]
         if m["experiment"]:
             out.append(f"  MLflow: experiment {m['experiment']!r} (id {m['experiment_id']}), parent run {m['parent_run']}")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from typing import Any, Mapping
 
 from kdsweep.common.digests import tensor_digest
 from kdsweep.common.errors import UserError
 
 TEACHER_ATTR = "kdsweep_teacher"  # {"sha256", "path"}
-SPLIT_ATTR = "kdsweep_split"  # {"sha256", "train", "val"}
+SPLIT_ATTR = "kdsweep_split"  # {"sha256", "train", "val", "host": the host that recorded it}
 
 
 def split_digest(data) -> str:
@@ -30,7 +31,9 @@ def split_digest(data) -> str:
 
 
 def split_record(data) -> dict[str, Any]:
-    return {"sha256": split_digest(data), "train": int(len(data.train_y)), "val": int(len(data.val_y))}
+    # The host: each host generates or reads the data itself, so a refusal can say whose data differs.
+    return {"sha256": split_digest(data), "train": int(len(data.train_y)), "val": int(len(data.val_y)),
+            "host": socket.gethostname()}
 
 
 def teacher_record(info: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -54,7 +57,11 @@ def problem(attrs: Mapping[str, Any], split: Mapping[str, Any] | None, teacher: 
     """What differs between a study's recorded identity (its user attrs) and this worker's (None: nothing)."""
     old = attrs.get(SPLIT_ATTR)
     if split is not None and old and old.get("sha256") != split["sha256"]:
-        return f"its data split is {_split_words(old)}, this run's is {_split_words(split)}"
+        here, there = split.get("host", "?"), old.get("host")
+        whose = (f"the data on host {here} differs from host {there}'s" if there and there != here
+                 else f"the data on host {here} changed")
+        return (f"its data split is {_split_words(old)}{f' (recorded on host {there})' if there else ''}, this run's is "
+                f"{_split_words(split)}: {whose}")
     old = attrs.get(TEACHER_ATTR)
     if teacher is not None and old and old.get("sha256") != teacher["sha256"]:
         return f"its teacher is {_teacher_words(old)}, this run's is {_teacher_words(teacher)}"

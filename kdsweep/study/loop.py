@@ -114,15 +114,17 @@ def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
         raise UserError(f"{why}; {RESUME_HINT}")
 
 
-def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict) -> None:
-    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained."""
+def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict) -> str | None:
+    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained;
+    the digest of the teacher the study recorded (which this worker then fetches if it lacks it)."""
     if cfg.full_study_name not in optuna.get_all_study_names(storage):
-        return  # a new study: nothing to compare with
+        return None  # a new study: nothing to compare with
     study = optuna.load_study(study_name=cfg.full_study_name, storage=storage)
     why = _conflict(study, cfg)
     if why:
         raise UserError(f"{why}; {RESUME_HINT}")
     fixed_inputs.check(cfg.full_study_name, study.user_attrs, split, None)
+    return (study.user_attrs.get(fixed_inputs.TEACHER_ATTR) or {}).get("sha256")
 
 
 def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfig, base_params: dict,
@@ -386,8 +388,8 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
     data = resources.data(cfg, device)
     check_split(data, cfg.batch_size, cfg.val_fraction, say)  # before a teacher is trained on it
     split = fixed_inputs.split_record(data)
-    _precheck(storage, cfg, split)
-    teacher, teacher_info = resources.teacher(cfg, data, say) if method_cls.uses_teacher else (None, {})
+    wanted = _precheck(storage, cfg, split)
+    teacher, teacher_info = resources.teacher(cfg, data, say, storage.url, wanted) if method_cls.uses_teacher else (None, {})
 
     name = cfg.full_study_name
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,12 @@ from kdsweep.common.uris import absolute_sqlite, redact, scrub
 from kdsweep.study.config import StudyConfig
 from kdsweep.tracking.tracker import DEFAULT_DIR, make_store_dir
 
+STORAGE_ENV = "KDSWEEP_STORAGE"  # a storage URL with a password stays off the command line, where `ps` shows it
+
 
 def default_storage() -> str:
+    if os.environ.get(STORAGE_ENV):
+        return absolute_sqlite(os.environ[STORAGE_ENV])
     # Its own SQLite file: Optuna and MLflow must not share one (both run alembic migrations).
     return absolute_sqlite(f"sqlite:///{(DEFAULT_DIR / 'optuna.db').as_posix()}")
 

@@ -49,11 +49,14 @@ class Resources:
                                         image_size=cfg.image_size)
         return self.datas[key]
 
-    def teacher(self, cfg: StudyConfig, data: DeviceData, say: Callable[[str], None]) -> tuple[torch.nn.Module, dict]:
+    def teacher(self, cfg: StudyConfig, data: DeviceData, say: Callable[[str], None], storage_url: str,
+                wanted: str | None) -> tuple[torch.nn.Module, dict]:
+        """The study's teacher (training/teacher.py); `wanted`: the digest the study recorded, if it did."""
         key = (*_data_key(cfg, data.device), cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_epochs,
                cfg.teacher_feature, cfg.teacher_embedding)  # the taps' paths are part of the built model
-        if key not in self.teachers:
-            self.teachers[key] = get_teacher(cfg, data, self.tracker(cfg.tracking_uri), say)
+        held = self.teachers.get(key)
+        if held is None or (wanted is not None and held[1].get("sha256") != wanted):
+            self.teachers[key] = get_teacher(cfg, data, self.tracker(cfg.tracking_uri), say, storage_url, wanted)
         return self.teachers[key]
 
 

@@ -127,9 +127,9 @@ class StudySettings:
         "(torch.func.vmap)", SPEED, default_text="on for CUDA with --parallel >= 2, off on CPU")
 
     storage: str | None = setting(None, "Optuna storage URL (e.g. postgresql://user@host/db)", TRACKING,
-                                  default_text="sqlite:///mlruns/optuna.db")
+                                  default_text="$KDSWEEP_STORAGE, else sqlite:///mlruns/optuna.db")
     tracking_uri: str | None = setting(None, "MLflow tracking URI (e.g. http://127.0.0.1:5000)", TRACKING,
-                                       default_text="sqlite:///mlruns/mlflow.db")
+                                       default_text="$MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db")
 
     on_mismatch: str = setting(
         "refuse", "when the study's Optuna trials and MLflow runs disagree at start (a store deleted or replaced): "

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a teacher fetched is one line, not a bar
 
 import logging  # noqa: E402
 
@@ -32,6 +33,10 @@ LOG_BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 
 
 def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI (MLflow's own variable: a URL with a password stays off the command line), else the
+    SQLite store in ./mlruns."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return absolute_sqlite(os.environ["MLFLOW_TRACKING_URI"])
     return absolute_sqlite(f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').as_posix()}")
 
 

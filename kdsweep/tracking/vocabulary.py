@@ -60,3 +60,9 @@ RUN_FINISHED = "FINISHED"
 RUN_FAILED = "FAILED"
 
 RUN_KILLED = "KILLED"
+
+# --------------------------------------------------------------------------- teacher runs (experiment "teachers")
+
+TEACHER_KEY_TAG = "kdsweep.teacher_key"  # the teacher's identity: its cache file's name (data, arch, seed, epochs, size)
+
+TEACHER_SHA_TAG = "kdsweep.teacher_sha256"  # the digest of its weights; the run's artifact checkpoint/<file> holds them

@@ -6,6 +6,8 @@ Integrity:
     is refused;
   * workers starting together on a cold cache train it once: the first takes
     a lock beside the file (`<file>.lock`), the others wait and load its file;
+    workers on other hosts (PostgreSQL storage) take a claim across hosts and
+    fetch the teacher from the tracking server (teacher_store.py);
   * a teacher run left RUNNING by a killed process is closed (KILLED) by the
     next start on that machine: each run names its owner process in a tag.
 """
@@ -28,6 +30,7 @@ from kdsweep.common.atomic import path_component
 from kdsweep.common.digests import model_digest
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner, heartbeat_settings
+from kdsweep.common.uris import redact
 from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
@@ -35,11 +38,17 @@ from kdsweep.models.factory import build_model
 from kdsweep.models.zoo import Net, count_params
 from kdsweep.tracking.cleanup import owner_tags, run_owner
 from kdsweep.tracking.tracker import Tracker
-from kdsweep.tracking.vocabulary import REASON_TAG, RUN_FAILED, RUN_KILLED, RUN_RUNNING
-from kdsweep.training import checkpoint
+from kdsweep.tracking.vocabulary import (
+    REASON_TAG,
+    RUN_FAILED,
+    RUN_KILLED,
+    RUN_RUNNING,
+    TEACHER_KEY_TAG,
+    TEACHER_SHA_TAG,
+)
+from kdsweep.training import checkpoint, teacher_store
 from kdsweep.training.loop import EpochStats, NonFiniteLoss, Schedule, evaluate, train_student
-
-TEACHERS_EXPERIMENT = "teachers"
+from kdsweep.training.teacher_store import TEACHERS_EXPERIMENT
 
 
 def cache_dir() -> Path:
@@ -87,7 +96,7 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
               "data_size": data.n_train, **{k: v for k, v in vars(schedule).items() if k != "epochs"}}
     close_dead_teacher_runs(tracker)
     run = tracker.start(exp, path.stem, {"kdsweep.role": "teacher", "kdsweep.dataset": dataset,
-                                         **owner_tags()})
+                                         TEACHER_KEY_TAG: path.name, **owner_tags()})
     try:
         tracker.log(run, params=params)
         bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch", leave=False, disable=None)
@@ -104,11 +113,12 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
         test_loss, test_acc = evaluate(model, data, "test")
         meta = {"dataset": dataset, "seed": seed, "epochs": epochs, "best_epoch": result.best_epoch,
                 "val_acc": result.best_val_acc, "test_acc": test_acc}
+        digest = model_digest(model)
         checkpoint.save(path, arch, data.in_shape, data.num_classes, {"student": result.state["student"]}, meta,
-                        sha256=model_digest(model))
+                        sha256=digest)
         tracker.log(run, {"best_val_acc": result.best_val_acc, "test_acc": test_acc, "test_loss": test_loss,
                           "best_epoch": result.best_epoch}, tags={"kdsweep.checkpoint": str(path)})
-        tracker.client.log_artifact(run, str(path), "checkpoint")
+        teacher_store.upload(tracker, run, path, digest, {**meta, "arch": arch})
         tracker.end(run)
     except BaseException as e:
         with contextlib.suppress(Exception):  # best effort: never mask why training stopped
@@ -238,27 +248,70 @@ def _load(cfg, data: DeviceData, path: Path) -> tuple[Net, dict]:
                                  getattr(cfg, "teacher_feature", None), getattr(cfg, "teacher_embedding", None))
 
 
-def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say) -> tuple[Net, dict]:
-    """The cached teacher, trained first if missing or damaged; under the cache lock, so it is trained once."""
-    with cache_lock(path, say):
-        if path.is_file():  # checked under the lock: another worker may just have written it
-            try:
-                return _load(cfg, data, path)
-            except checkpoint.Damaged as e:
-                aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(path, aside)
-                say(f"{e}; moved it to {aside.name} and training the teacher again")
-        else:
-            say(f"No cached teacher {cfg.teacher} for {cfg.dataset} (seed {cfg.seed}, {cfg.teacher_epochs} epochs): "
-                f"training one now -> {path}")
-        train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path,
-                      batch_size=get_dataset(cfg.dataset).batch_size, say=say)
-        return _load(cfg, data, path)
+def _digest_or_aside(cfg, data: DeviceData, path: Path, say) -> str | None:
+    """The weight digest of the teacher file at `path`; None when there is none, or it was damaged (moved aside)."""
+    if not path.is_file():
+        return None
+    try:
+        return model_digest(_load(cfg, data, path)[0])
+    except checkpoint.Damaged as e:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        say(f"{e}; moved it to {aside.name}")
+        return None
 
 
-def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print) -> tuple[Net, dict]:
-    """The study's teacher: --teacher-checkpoint (kdsweep's, or a plain state_dict for cfg.teacher), else the cache,
-    else trained now (and said so).
+def _held_path(path: Path, sha: str) -> Path:
+    """Where the cache keeps a fetched teacher of `path`'s identity when `path` holds another one."""
+    return path.with_name(f"{path.stem}.{sha[:12]}{path.suffix}")
+
+
+def _fetch_or_keep(cfg, data: DeviceData, tracker: Tracker, path: Path, local: str | None, run, say) -> Path:
+    """Teacher run `run`'s weights: the file at `path` or beside it when it holds them, else fetched."""
+    sha = run.data.tags.get(TEACHER_SHA_TAG, "")
+    if local == sha:
+        return path
+    held = _held_path(path, sha)
+    if local is not None:
+        if _digest_or_aside(cfg, data, held, say) == sha:
+            return held
+        say(f"note: {path} holds teacher {local[:12]}, not the study's {sha[:12]}: using the study's, cached as "
+            f"{held.name}")
+    return teacher_store.fetch(tracker, run, path if local is None else held, say)
+
+
+def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say, wanted: str | None) -> Path:
+    """The file of the study's teacher (digest `wanted` when the study recorded one): cached here, else fetched
+    from the tracking server, else (a new identity) trained now and published. Under the cache lock (and the
+    claim across hosts), so it is trained once."""
+    local = _digest_or_aside(cfg, data, path, say)  # checked under the lock: another worker may just have written it
+    run = teacher_store.find_published(tracker, sha=wanted) if wanted else None
+    if wanted and run is None:
+        if local == wanted:
+            return path
+        if _digest_or_aside(cfg, data, _held_path(path, wanted), say) == wanted:
+            return _held_path(path, wanted)
+        raise UserError(f"the study's teacher {wanted[:12]} is neither in this host's cache ({path.parent}) nor in the "
+                        f"tracking server {redact(tracker.uri)}: give every worker the study's --tracking-uri (or its "
+                        f"teacher file with --teacher-checkpoint)")
+    run = run or teacher_store.find_published(tracker, key=path.name)  # the first published for this identity
+    if run is not None:
+        return _fetch_or_keep(cfg, data, tracker, path, local, run, say)
+    if local is not None:
+        teacher_store.publish(tracker, path, local, path.name, say)
+        return path
+    say(f"No cached teacher {cfg.teacher} for {cfg.dataset} (seed {cfg.seed}, {cfg.teacher_epochs} epochs): "
+        f"training one now -> {path}")
+    train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path,
+                  batch_size=get_dataset(cfg.dataset).batch_size, say=say)
+    return path
+
+
+def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print, storage_url: str | None = None,
+                wanted: str | None = None) -> tuple[Net, dict]:
+    """The study's teacher: --teacher-checkpoint (kdsweep's, or a plain state_dict for cfg.teacher), else the one
+    with digest `wanted` (the study's record) or the first published for its identity, from the cache or fetched
+    from the tracking server, else trained now (and said so); `storage_url`: a PostgreSQL one claims across hosts.
 
     info: the file's metadata, its path, "sha256" (the weights' digest: the
     study's teacher identity) and "val_acc" measured now on this study's
@@ -271,7 +324,9 @@ def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print) -> tuple[Net
     else:
         # data.tag: a spec's name and the digest of its images, so a changed folder never meets an old teacher
         path = cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
-        model, payload = _cached_teacher(cfg, data, tracker, path, say)
+        with teacher_store.claim(tracker, storage_url, path.name, say), cache_lock(path, say):
+            path = _cached_teacher(cfg, data, tracker, path, say, wanted)
+            model, payload = _load(cfg, data, path)
     if checkpoint.SHA_KEY not in payload and not payload.get("plain"):  # a plain state_dict never carries one
         say(f"note: teacher {path} carries no checksum (written by an older kdsweep): its weights cannot be verified")
     digest = model_digest(model)  # memoised: verified above at no extra cost
