@@ -76,6 +76,9 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     if sweep:
         groups[schema.SEARCH].add_argument(
             "--study-suffix", metavar="TEXT", help="appended to every study's name: a separate set of studies with the same settings")
+        groups[schema.MODELS].add_argument(
+            "--teacher-seeds", metavar="S,S,...", help="one sweep per teacher seed (as --teacher-seed), each its own "
+            "block for `kdsweep report --across`; teacher-free methods (ce) run once and serve every block")
     _output_args(p)
 
 
@@ -125,16 +128,35 @@ def cmd_sweep(args) -> int:
             print(f"\n[{i}/{n}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
 
     flags = _settings(args, "study_name")
-    result = api.sweep(args.methods, study_suffix=args.study_suffix, quiet=args.quiet, on_study=starting,
-                       on_done=print_summary, **flags)
-    if args.quiet:
-        for why in result.skipped.items():
-            print("skipping {}: {}".format(*why))
-    print("\nsweep: " + ", ".join(
-        f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
-        for s in (r.summary for r in result.studies.values())))
-    print("next: kdsweep report")
+    common = {"study_suffix": args.study_suffix, "quiet": args.quiet, "on_study": starting, "on_done": print_summary}
+    if args.teacher_seeds is None:
+        results = {None: api.sweep(args.methods, **common, **flags)}
+    else:
+        if args.teacher_seed is not None:
+            raise UserError("--teacher-seeds runs one sweep per teacher seed: leave out --teacher-seed")
+        flags.pop("teacher_seed")
+        results = api.sweep_teacher_seeds(args.methods, _int_list(args.teacher_seeds, "--teacher-seeds"), **common,
+                                          **flags)
+    for teacher_seed, result in results.items():
+        if args.quiet:
+            for why in result.skipped.items():
+                print("skipping {}: {}".format(*why))
+        print(("\nsweep" if teacher_seed is None else f"\nsweep, teacher seed {teacher_seed}") + ": " + ", ".join(
+            f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
+            for s in (r.summary for r in result.studies.values())))
+    print("next: kdsweep report" if args.teacher_seeds is None else "next: kdsweep confirm --across; kdsweep report --across")
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """A comma list of integers, e.g. 0,1,2, or a one-line error naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes a comma list of integers, e.g. 0,1,2; got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} takes a comma list of integers, e.g. 0,1,2; got {text!r}")
+    return values
 
 
 def cmd_methods(args) -> int:
@@ -267,14 +289,38 @@ def _stderr(msg: str) -> None:
 def cmd_report(args) -> int:
     from kdsweep.report.build import run_report
 
+    if args.across:
+        from kdsweep import api
+
+        api.report(across=True, tracking_uri=args.tracking_uri, formats=args.format, out=args.out,
+                   plots=not args.no_plots, quiet=False, overwrite=args.overwrite, **_across_refusals(args))
+        return 0
     run_report(args.tracking_uri, args.dataset, args.teacher, args.student, args.seed, _studies(args), args.format,
                args.out, args.seeds, args.device, args.data_dir, plots=not args.no_plots, log=not args.no_log, say=_stderr,
                per_trial=args.per_trial, overwrite=args.overwrite)
     return 0
 
 
+def _across_refusals(args) -> dict:
+    """--across reads every block of the store: the flags that choose one pair (or confirm first) do not apply."""
+    given = [f for f in ("dataset", "teacher", "student", "seed", "studies", "per_trial", "seeds")
+             if getattr(args, f, None) is not None and not (f == "seeds" and args.command == "confirm")]
+    if given:
+        raise UserError(f"--across takes every block of the store; {', '.join(schema.flag(f) for f in given)} "
+                        f"choose one pair" + ("; run `kdsweep confirm --across --seeds K` first" if "seeds" in given else ""))
+    return {}
+
+
 def cmd_confirm(args) -> int:
     from kdsweep import api
+
+    if args.across:
+        _across_refusals(args)
+        for block, table in api.confirm_across(args.seeds, device=args.device, data_dir=args.data_dir,
+                                               tracking_uri=args.tracking_uri, say=_stderr).items():
+            for method, counts in table.items():
+                print(f"{block}: {method}: {counts['reused']} reused, {counts['trained']} trained, {counts['failed']} failed")
+        return 0
 
     table = api.confirm(args.seeds, dataset=args.dataset, teacher=args.teacher, student=args.student, seed=args.seed,
                         studies=_studies(args), per_trial=args.per_trial, device=args.device, data_dir=args.data_dir,
@@ -409,6 +455,10 @@ def _add_report(sub: Sub) -> None:
     g.add_argument("--seeds", type=int, help="first confirm every method with K fresh seeds (as `kdsweep confirm --seeds K`), "
                                              "then report mean ± std over them")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--across", action="store_true",
+                   help="rank the methods over every block of the store (pair, seed, teacher seed) with confirmed seeds: "
+                        "mean ranks, Friedman test, Nemenyi critical difference and its diagram; blocks.csv holds the "
+                        "numbers (with --out: md,csv,html unless --format says)")
     g.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
     p.set_defaults(func=cmd_report)
 
@@ -419,6 +469,8 @@ def _add_confirm(sub: Sub) -> None:
                        epilog=EPILOG_CONFIRM, formatter_class=RAW)
     _report_select(p)
     p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per method (default: 3)")
+    p.add_argument("--across", action="store_true",
+                   help="confirm every block of the store (each pair, seed and teacher seed), as `report --across` reads them")
     p.set_defaults(func=cmd_confirm)
 
 
