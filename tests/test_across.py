@@ -134,3 +134,28 @@ def test_across_end_to_end_on_three_teacher_seeds_and_a_control(workdir, kdsweep
     assert set(ranking["label"]) == {"ce", "vanilla_kd"}
     code, _, err = kdsweep("report", "--across", "--dataset", "digits")
     assert code == 2 and "--dataset" in err
+
+
+def test_the_results_check_recomputes_the_printed_friedman_p_from_blocks_csv(tmp_path):
+    """benchmarks/across.py --check: blocks.csv as written and read back gives the p that across.md prints;
+    a blocks.csv edited afterwards is caught."""
+    import importlib.util
+    from pathlib import Path
+
+    from kdsweep.report.across import to_markdown
+
+    spec = importlib.util.spec_from_file_location("across_script", Path(__file__).parent.parent / "benchmarks" / "across.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(1)
+    blocks = [_block(f"t{i}", {m: list(0.6 + 0.05 * j + 0.03 * rng.standard_normal(3)) for j, m in enumerate("abcd")})
+              for i in range(5)]
+    res = analyse(blocks)
+    res.frame.to_csv(tmp_path / "blocks.csv", index=False)
+    (tmp_path / "across.md").write_text(to_markdown(res, "test"))
+    assert f"p = {res.p:.3g}" in script.check(tmp_path)
+    edited = res.frame.copy()
+    edited.loc[edited["method"] == "a", "test_acc_mean"] = 0.99  # a, last in every block, now first
+    edited.to_csv(tmp_path / "blocks.csv", index=False)
+    with pytest.raises(SystemExit, match="check failed"):
+        script.check(tmp_path)
