@@ -228,6 +228,7 @@ examples:
   kdsweep report --dataset digits --format md,csv,json --out R
   kdsweep report --dataset digits --seeds 3 --out R --format md,tex,html
   kdsweep report --tracking-uri http://127.0.0.1:5000 --dataset cifar10 --seed 0
+  kdsweep report --across --out R        # every pair and teacher seed: mean ranks, Friedman, CD diagram
 
 The report reads MLflow only (local SQLite store or a tracking server): for each
 study of the chosen dataset, teacher -> student pair and seed it takes the best
@@ -251,6 +252,7 @@ examples:
   kdsweep confirm --dataset digits                  # 3 fresh seeds per method
   kdsweep confirm --dataset digits --seeds 5        # extends the 3 above by 2 more
   kdsweep confirm --dataset digits --studies ce,vanilla_kd --device cuda
+  kdsweep confirm --across --seeds 5                # every block of the store, for report --across
 
 For each study it retrains the best trial's hyperparameters with seeds
 SEED+1 .. SEED+K: a fresh student initialisation and augmentation stream, the
