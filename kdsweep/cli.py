@@ -199,7 +199,7 @@ def cmd_teacher(args) -> int:
         raise UserError(f"dataset {args.dataset} has no default teacher: pass --arch (e.g. --arch torchvision:resnet18)")
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
                                                        if k in ("dataset", "data_dir", "data_size", "image_size", "val_fraction", "seed",
-                                                                "device", "tracking_uri") and v is not None},
+                                                                "teacher_seed", "device", "tracking_uri") and v is not None},
                       teacher=args.arch, student=args.arch, teacher_epochs=args.epochs)  # no student is trained
     device = resolve_device(cfg.device)
     if device.type == "cpu":  # as a study's teacher trains
@@ -207,13 +207,15 @@ def cmd_teacher(args) -> int:
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
     check_split(data, cfg.batch_size, cfg.val_fraction)
-    path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
+    path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed,
+                                                      cfg.teacher_epochs, cfg.data_size, cfg.val_fraction, cfg.seed)
     # The cache lock: a study starting meanwhile waits for this teacher instead of training its own.
     with cache_lock(path) if not args.out else contextlib.nullcontext():
         if path.exists() and not args.force:
             print(f"teacher already cached at {path} (--force to retrain)")
             return 0
-        train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path, batch_size=cfg.batch_size)
+        train_teacher(cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed, cfg.teacher_epochs, data, tracker, path,
+                      batch_size=cfg.batch_size)
     from kdsweep.training import checkpoint
 
     meta = checkpoint.load(path)["meta"]
@@ -435,6 +437,7 @@ def _add_teacher(sub: Sub) -> None:
                        epilog="examples:\n  kdsweep teacher --dataset digits --arch digitnet_l --epochs 30\n"
                               "  kdsweep teacher --dataset cifar10 --arch resnet18 --epochs 100 --device cuda")
     _add_settings(p, schema.in_group(schema.DATA))
+    p.add_argument("--teacher-seed", type=int, help=_help("teacher_seed"))
     p.add_argument("--arch", help="teacher architecture (default: the dataset's teacher)")
     p.add_argument("--epochs", type=int, help="training epochs (default: per dataset)")
     p.add_argument("--out", help="write the checkpoint here instead of the cache")

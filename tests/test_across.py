@@ -159,3 +159,23 @@ def test_the_results_check_recomputes_the_printed_friedman_p_from_blocks_csv(tmp
     edited.to_csv(tmp_path / "blocks.csv", index=False)
     with pytest.raises(SystemExit, match="check failed"):
         script.check(tmp_path)
+
+
+def test_teacher_seed_and_control_name_the_kd_studies_but_not_the_teacher_free_ones():
+    from kdsweep.common.errors import UserError
+    from kdsweep.study.config import StudyConfig, shared_per_trial
+
+    def cfg(method, **kw):
+        return StudyConfig(method=method, name=method, dataset="digits", epochs=2, **kw)
+
+    assert cfg("vanilla_kd", teacher_seed=1).budget_tag == "e2-b32-ts1"
+    assert cfg("vanilla_kd", teacher_seed=1, teacher_control="untrained").budget_tag == "e2-b32-ts1-untrained"
+    assert cfg("vanilla_kd", teacher_seed=0).budget_tag == "e2-b32"  # the default teacher: the same study as before
+    assert cfg("ce", teacher_seed=1, teacher_control="untrained").budget_tag == "e2-b32"  # one ce for every block
+    assert cfg("vanilla_kd", seed=3, teacher_seed=1).resolved_teacher_seed == 1
+    assert cfg("vanilla_kd", seed=3).resolved_teacher_seed == 3
+    assert shared_per_trial("e2-b32-te5-ts1-untrained") == shared_per_trial("e2-b32-te5") == "e2-b32-te5"
+    with pytest.raises(UserError, match="--teacher-checkpoint"):
+        cfg("vanilla_kd", teacher_seed=1, teacher_checkpoint="t.pt")
+    with pytest.raises(UserError, match="teacher-control"):
+        cfg("vanilla_kd", teacher_control="shuffled")
