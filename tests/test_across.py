@@ -112,6 +112,15 @@ def test_across_end_to_end_on_three_teacher_seeds_and_a_control(workdir, kdsweep
     control = kd.sweep(["vanilla_kd"], teacher_control="untrained", **tiny).studies["vanilla_kd"].summary
     assert control["study"].endswith("-untrained") and control["teacher"]["epochs"] == 0
 
+    from kdsweep.report.stored_studies import open_tracker, search_all
+
+    tracker = open_tracker(None)
+    exp = tracker.client.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s").experiment_id
+    kd_runs = [r.data.params for r in search_all(tracker.client, exp, "tags.`kdsweep.role` = 'study'")
+               if r.data.params.get("teacher_sha256")]
+    assert len({p["teacher_sha256"] for p in kd_runs}) == 4  # three trained teachers and the untrained one
+    assert len({p["split_sha256"] for p in kd_runs}) == 1  # on one split: only the teacher differs
+
     code, out, err = kdsweep("confirm", "--across", "--seeds", "3", "--device", "cpu")
     assert code == 0, err
     assert out.count("3 trained") == 5  # ce once, vanilla_kd in each of the four blocks
