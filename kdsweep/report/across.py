@@ -32,7 +32,6 @@ from kdsweep.report.friedman import block_ranks, cd_groups, critical_difference,
 from kdsweep.report.metrics import ALPHA, MIN_SEEDS_FOR_TESTS, holm, welch_p
 from kdsweep.report.stored_studies import (
     REFERENCE,
-    STATE_TAG,
     Say,
     Selection,
     StudyRuns,
@@ -42,7 +41,7 @@ from kdsweep.report.stored_studies import (
     select,
 )
 from kdsweep.study.config import shared_per_trial
-from kdsweep.tracking.vocabulary import STATE_ORPHANED
+from kdsweep.tracking.vocabulary import STATE_ORPHANED, STATE_TAG
 
 BLOCK_KEYS = ["dataset", "teacher", "student", "seed", "per_trial", "teacher_seed", "control"]
 
@@ -101,7 +100,7 @@ def _block(sel: Selection, notes: list[str]) -> Block | None:
     return block
 
 
-def selections(tracker, say: Say = print) -> list[Selection]:
+def selections(tracker) -> list[Selection]:
     """Every block's studies in the store: one selection per (pair, seed, per-trial settings with a teacher)."""
     out = []
     for experiment, (dataset, teacher, student) in kdsweep_experiments(tracker).items():
@@ -120,10 +119,10 @@ def selections(tracker, say: Say = print) -> list[Selection]:
     return out
 
 
-def collect(tracker, say: Say = print) -> tuple[list[Block], list[str]]:
+def collect(tracker) -> tuple[list[Block], list[str]]:
     """The store's blocks and what was left out of them."""
     notes: list[str] = []
-    blocks = [b for b in (_block(sel, notes) for sel in selections(tracker, say)) if b is not None]
+    blocks = [b for b in (_block(sel, notes) for sel in selections(tracker)) if b is not None]
     if not blocks:
         raise UserError("no block has two confirmed methods: run `kdsweep confirm --across --seeds 5` first")
     return blocks, notes
@@ -339,7 +338,7 @@ def run_across(tracking_uri: str | None = None, formats: list[str] | None = None
     if out:
         atomic.check_out(Path(out), _across_file, overwrite)
     tracker = open_tracker(tracking_uri)
-    blocks, notes = collect(tracker, say)
+    blocks, notes = collect(tracker)
     result = analyse(blocks, notes)
     where = f"{len(blocks)} blocks from the MLflow store at {redact(tracker.uri)}"
     show(to_markdown(result, where))
@@ -357,7 +356,7 @@ def confirm_across(tracking_uri: str | None, seeds: int, device: str = "auto", d
     from kdsweep.training.devices import resolve_device
 
     tracker, dev, done, out = open_tracker(tracking_uri), resolve_device(device), set(), {}
-    for sel in selections(tracker, say):
+    for sel in selections(tracker):
         sel.studies = [s for s in sel.studies if s.name not in done]
         done.update(s.name for s in sel.studies)
         if sel.studies:  # else: only shared studies, confirmed with an earlier block
