@@ -269,17 +269,35 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def display_blocks(blocks: list[Block]) -> pd.DataFrame:
-    return pd.DataFrame([{"block": b.name, "teacher val acc": _fmt(b.teacher_val_acc, ".4f"),
+    return pd.DataFrame([{"id": f"B{i}", "block": b.name, "teacher val acc": _fmt(b.teacher_val_acc, ".4f"),
                           "methods": str(len(b.accs)), "seeds": "/".join(sorted({str(len(a)) for a in b.accs.values()})),
-                          "best": max(b.accs, key=b.mean)} for b in blocks])
+                          "best": max(b.accs, key=b.mean)} for i, b in enumerate(blocks, 1)])
+
+
+def display_deltas(blocks: list[Block], methods: list[str]) -> pd.DataFrame:
+    """Each method's Δ vs ce in each block, in points (columns: the block ids of display_blocks; '–': not there)."""
+    rows = []
+    for m in methods:
+        row = {"method": m}
+        for i, b in enumerate(blocks, 1):
+            ok = m in b.accs and REFERENCE in b.accs
+            row[f"B{i}"] = _fmt(100 * (b.mean(m) - b.mean(REFERENCE)), "+.2f") if ok else "–"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _sections(result: Across) -> dict[str, pd.DataFrame]:
+    """The report's tables, by heading, as markdown and report.html show them."""
+    return {"Ranking over blocks": display(result.table), "Blocks": display_blocks(result.blocks),
+            "Δ vs ce per block (points)": display_deltas(result.blocks, result.table["method"].tolist())}
 
 
 def to_markdown(result: Across, where: str) -> str:
     from kdsweep.report.build import markdown_table
 
     lines = ["# kdsweep report --across: ranks over blocks", "", where, ""]
-    lines += ["## Ranking over blocks", "", markdown_table(display(result.table)), ""]
-    lines += ["## Blocks", "", markdown_table(display_blocks(result.blocks)), ""]
+    for heading, df in _sections(result).items():
+        lines += [f"## {heading}", "", markdown_table(df), ""]
     lines += [f"- {n}" for n in result.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -308,7 +326,7 @@ def write(result: Across, out: Path, formats: list[str], where: str, plots: bool
     files += pngs
     if "html" in formats:
         page = render_across("kdsweep report --across: ranks over blocks", where,
-                             {"Ranking over blocks": display(result.table), "Blocks": display_blocks(result.blocks)},
+                             _sections(result),
                              result.notes, pngs)
         (out / "report.html").write_text(page, encoding="utf-8")
         files.append(out / "report.html")
