@@ -193,7 +193,8 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
 
     say = (lambda _: None) if quiet else print
     runnable, skipped = plan_sweep(methods, study_suffix, say, **settings_)
-    first = runnable[0] if runnable else None
+    # The per-trial tag a report selects by: a teacher-using study's, which names its teacher seed (ce's never does)
+    first = next((c for c in runnable if c.teacher_tag), runnable[0] if runnable else None)
     pair = {} if first is None else {"dataset": first.dataset, "teacher": first.teacher, "student": first.student,
                                      "seed": first.seed, "tracking_uri": first.tracking_uri, "per_trial": first.budget_tag}
     for i, cfg in enumerate(runnable, 1):
@@ -207,6 +208,14 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
             on_done(summary)
         results[cfg.name] = StudyResult(summary, _trials_frame(cfg))
     return SweepResult(results, skipped, pair)
+
+
+def sweep_teacher_seeds(methods: Sequence[str] | str = "all", teacher_seeds: Sequence[int] = (0,), **kw: Any) -> dict[int, SweepResult]:
+    """:func:`sweep` once per teacher seed (`kdsweep sweep --teacher-seeds 0,1,2`): each teacher its own block, on
+    the same split and student seeds; a teacher-free method (ce) is one study that every block shares."""
+    if "teacher_seed" in kw:
+        raise UserError("give teacher seeds as teacher_seeds=[...] (--teacher-seeds), not also teacher_seed")
+    return {int(t): sweep(methods, teacher_seed=int(t), **kw) for t in dict.fromkeys(teacher_seeds)}
 
 
 def confirm(seeds: int = 3, *, dataset: str | None = None, teacher: str | None = None, student: str | None = None,
@@ -236,18 +245,35 @@ def report(*, dataset: str | None = None, teacher: str | None = None, student: s
            studies: Sequence[str] | None = None, per_trial: str | None = None, seeds: int | None = None,
            formats: str | None = None, out: str | None = None, device: str = "auto", data_dir: str | None = None,
            tracking_uri: str | None = None, plots: bool = False, log: bool = True, quiet: bool = True,
-           overwrite: bool = False) -> dict[str, pd.DataFrame]:
+           overwrite: bool = False, across: bool = False) -> dict[str, pd.DataFrame]:
     """The ranking tables of one teacher -> student pair, as `kdsweep report`; returns them as DataFrames.
 
     Keys: "best" (best trial per method), "metrics", "ranking" (mean, CI, p-values over confirmation
     seeds), "ranks". With `out` (and `formats`, e.g. "md,csv,html") the files are written too.
+    `across=True` (`kdsweep report --across`): every block of the store instead of one pair; keys "across" (mean
+    rank, Δ vs ce, where the gain comes from) and "blocks" (one row per block and method, as blocks.csv).
     """
-    from kdsweep.report.build import run_report
+    from kdsweep.report.build import parse_formats, run_report
 
+    if across:  # every block of the store: the pair-choosing keywords do not apply (the CLI refuses them)
+        from kdsweep.report.across import run_across
+
+        say = (lambda _: None) if quiet else print
+        result = run_across(tracking_uri, parse_formats(formats) if formats else None, out, plots, say=say,
+                            show=say, overwrite=overwrite)
+        return {"across": result.table, "blocks": result.frame}
     rep = run_report(tracking_uri, dataset, _label(teacher), _label(student), seed, list(studies or []) or None, formats, out,
                      seeds, device, data_dir, plots=plots, log=log, say=(lambda _: None) if quiet else print,
                      per_trial=per_trial, show=(lambda _: None) if quiet else print, overwrite=overwrite)
     return dict(rep.tables)
+
+
+def confirm_across(seeds: int = 3, *, device: str = "auto", data_dir: str | None = None,
+                   tracking_uri: str | None = None, say: Callable[[str], None] = print) -> dict[str, dict]:
+    """`kdsweep confirm --across`: every block of the store confirmed with `seeds` fresh seeds; {block: {label: counts}}."""
+    from kdsweep.report.across import confirm_across as run
+
+    return run(tracking_uri, seeds, device, data_dir, say)
 
 
 def _label(model: Any) -> str | None:

@@ -76,6 +76,9 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     if sweep:
         groups[schema.SEARCH].add_argument(
             "--study-suffix", metavar="TEXT", help="appended to every study's name: a separate set of studies with the same settings")
+        groups[schema.MODELS].add_argument(
+            "--teacher-seeds", metavar="S,S,...", help="one sweep per teacher seed (as --teacher-seed), each its own "
+            "block for `kdsweep report --across`; teacher-free methods (ce) run once and serve every block")
     _output_args(p)
 
 
@@ -125,16 +128,35 @@ def cmd_sweep(args) -> int:
             print(f"[{i}/{n}] {cfg.name}: budget {cfg.budget.describe()}", flush=True)
 
     flags = _settings(args, "study_name")
-    result = api.sweep(args.methods, study_suffix=args.study_suffix, quiet=args.quiet, on_study=starting,
-                       on_done=print_summary, **flags)
-    if args.quiet:
-        for why in result.skipped.items():
-            print("skipping {}: {}".format(*why))
-    print("\nsweep: " + ", ".join(
-        f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
-        for s in (r.summary for r in result.studies.values())))
-    print("next: kdsweep report")
+    common = {"study_suffix": args.study_suffix, "quiet": args.quiet, "on_study": starting, "on_done": print_summary}
+    if args.teacher_seeds is None:
+        results = {None: api.sweep(args.methods, **common, **flags)}
+    else:
+        if args.teacher_seed is not None:
+            raise UserError("--teacher-seeds runs one sweep per teacher seed: leave out --teacher-seed")
+        flags.pop("teacher_seed")
+        results = api.sweep_teacher_seeds(args.methods, _int_list(args.teacher_seeds, "--teacher-seeds"), **common,
+                                          **flags)
+    for teacher_seed, result in results.items():
+        if args.quiet:
+            for why in result.skipped.items():
+                print("skipping {}: {}".format(*why))
+        print(("\nsweep" if teacher_seed is None else f"\nsweep, teacher seed {teacher_seed}") + ": " + ", ".join(
+            f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
+            for s in (r.summary for r in result.studies.values())))
+    print("next: kdsweep report" if args.teacher_seeds is None else "next: kdsweep confirm --across; kdsweep report --across")
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """A comma list of integers, e.g. 0,1,2, or a one-line error naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes a comma list of integers, e.g. 0,1,2; got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} takes a comma list of integers, e.g. 0,1,2; got {text!r}")
+    return values
 
 
 def cmd_methods(args) -> int:
@@ -177,7 +199,7 @@ def cmd_teacher(args) -> int:
         raise UserError(f"dataset {args.dataset} has no default teacher: pass --arch (e.g. --arch torchvision:resnet18)")
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
                                                        if k in ("dataset", "data_dir", "data_size", "image_size", "val_fraction", "seed",
-                                                                "device", "tracking_uri") and v is not None},
+                                                                "teacher_seed", "device", "tracking_uri") and v is not None},
                       teacher=args.arch, student=args.arch, teacher_epochs=args.epochs)  # no student is trained
     device = resolve_device(cfg.device)
     if device.type == "cpu":  # as a study's teacher trains
@@ -185,13 +207,15 @@ def cmd_teacher(args) -> int:
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
     check_split(data, cfg.batch_size, cfg.val_fraction)
-    path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
+    path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed,
+                                                      cfg.teacher_epochs, cfg.data_size, cfg.val_fraction, cfg.seed)
     # The cache lock: a study starting meanwhile waits for this teacher instead of training its own.
     with cache_lock(path) if not args.out else contextlib.nullcontext():
         if path.exists() and not args.force:
             print(f"teacher already cached at {path} (--force to retrain)")
             return 0
-        train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path, batch_size=cfg.batch_size)
+        train_teacher(cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed, cfg.teacher_epochs, data, tracker, path,
+                      batch_size=cfg.batch_size)
     from kdsweep.training import checkpoint
 
     meta = checkpoint.load(path)["meta"]
@@ -206,6 +230,7 @@ examples:
   kdsweep report --dataset digits --format md,csv,json --out R
   kdsweep report --dataset digits --seeds 3 --out R --format md,tex,html
   kdsweep report --tracking-uri http://127.0.0.1:5000 --dataset cifar10 --seed 0
+  kdsweep report --across --out R        # every pair and teacher seed: mean ranks, Friedman, CD diagram
 
 The report reads MLflow only (local SQLite store or a tracking server): for each
 study of the chosen dataset, teacher -> student pair and seed it takes the best
@@ -229,6 +254,7 @@ examples:
   kdsweep confirm --dataset digits                  # 3 fresh seeds per method
   kdsweep confirm --dataset digits --seeds 5        # extends the 3 above by 2 more
   kdsweep confirm --dataset digits --studies ce,vanilla_kd --device cuda
+  kdsweep confirm --across --seeds 5                # every block of the store, for report --across
 
 For each study it retrains the best trial's hyperparameters with seeds
 SEED+1 .. SEED+K: a fresh student initialisation and augmentation stream, the
@@ -267,14 +293,38 @@ def _stderr(msg: str) -> None:
 def cmd_report(args) -> int:
     from kdsweep.report.build import run_report
 
+    if args.across:
+        from kdsweep import api
+
+        api.report(across=True, tracking_uri=args.tracking_uri, formats=args.format, out=args.out,
+                   plots=not args.no_plots, quiet=False, overwrite=args.overwrite, **_across_refusals(args))
+        return 0
     run_report(args.tracking_uri, args.dataset, args.teacher, args.student, args.seed, _studies(args), args.format,
                args.out, args.seeds, args.device, args.data_dir, plots=not args.no_plots, log=not args.no_log, say=_stderr,
                per_trial=args.per_trial, overwrite=args.overwrite)
     return 0
 
 
+def _across_refusals(args) -> dict:
+    """--across reads every block of the store: the flags that choose one pair (or confirm first) do not apply."""
+    given = [f for f in ("dataset", "teacher", "student", "seed", "studies", "per_trial", "seeds")
+             if getattr(args, f, None) is not None and not (f == "seeds" and args.command == "confirm")]
+    if given:
+        raise UserError(f"--across takes every block of the store; {', '.join(schema.flag(f) for f in given)} "
+                        f"choose one pair" + ("; run `kdsweep confirm --across --seeds K` first" if "seeds" in given else ""))
+    return {}
+
+
 def cmd_confirm(args) -> int:
     from kdsweep import api
+
+    if args.across:
+        _across_refusals(args)
+        for block, table in api.confirm_across(args.seeds, device=args.device, data_dir=args.data_dir,
+                                               tracking_uri=args.tracking_uri, say=_stderr).items():
+            for method, counts in table.items():
+                print(f"{block}: {method}: {counts['reused']} reused, {counts['trained']} trained, {counts['failed']} failed")
+        return 0
 
     table = api.confirm(args.seeds, dataset=args.dataset, teacher=args.teacher, student=args.student, seed=args.seed,
                         studies=_studies(args), per_trial=args.per_trial, device=args.device, data_dir=args.data_dir,
@@ -387,6 +437,7 @@ def _add_teacher(sub: Sub) -> None:
                        epilog="examples:\n  kdsweep teacher --dataset digits --arch digitnet_l --epochs 30\n"
                               "  kdsweep teacher --dataset cifar10 --arch resnet18 --epochs 100 --device cuda")
     _add_settings(p, schema.in_group(schema.DATA))
+    p.add_argument("--teacher-seed", type=int, help=_help("teacher_seed"))
     p.add_argument("--arch", help="teacher architecture (default: the dataset's teacher)")
     p.add_argument("--epochs", type=int, help="training epochs (default: per dataset)")
     p.add_argument("--out", help="write the checkpoint here instead of the cache")
@@ -409,6 +460,10 @@ def _add_report(sub: Sub) -> None:
     g.add_argument("--seeds", type=int, help="first confirm every method with K fresh seeds (as `kdsweep confirm --seeds K`), "
                                              "then report mean ± std over them")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--across", action="store_true",
+                   help="rank the methods over every block of the store (pair, seed, teacher seed) with confirmed seeds: "
+                        "mean ranks, Friedman test, Nemenyi critical difference and its diagram; blocks.csv holds the "
+                        "numbers (with --out: md,csv,html unless --format says)")
     g.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
     p.set_defaults(func=cmd_report)
 
@@ -419,6 +474,8 @@ def _add_confirm(sub: Sub) -> None:
                        epilog=EPILOG_CONFIRM, formatter_class=RAW)
     _report_select(p)
     p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per method (default: 3)")
+    p.add_argument("--across", action="store_true",
+                   help="confirm every block of the store (each pair, seed and teacher seed), as `report --across` reads them")
     p.set_defaults(func=cmd_confirm)
 
 

@@ -143,7 +143,7 @@ def test_study_files_carry_only_what_they_change():
         changed = tomllib.loads(f'method = "{doc["method"]}"\n[search]\n{example[2:]}\n')
         assert changed["search"] and not _restated(changed), example
     # The check is not vacuous: a planted restatement (whole or partial) is found, a change is not.
-    planted = {"method": "vanilla_kd", "search": {"temperature": {"low": 1.0, "high": 20.0, "log": True},
+    planted = {"method": "vanilla_kd", "search": {"temperature": {"low": 1.0, "high": 100.0, "log": True},
                                                   "alpha": {"high": 1.0}, "lr": {"low": 1e-4, "high": 0.1, "log": True}}}
     assert _restated(planted) == ["temperature", "alpha", "lr"]
     assert _restated({"method": "vanilla_kd", "search": {"temperature": {"low": 2.0}}}) == []

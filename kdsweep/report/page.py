@@ -66,7 +66,8 @@ def _caption(path: Path) -> str:
     for prefix, words in (("history_", "optimisation history"), ("importance_", "hyperparameter importances")):
         if stem.startswith(prefix):
             return f"{stem[len(prefix):]}: {words}"
-    return {"test_acc": "test accuracy per method", "val_curves": "validation accuracy per epoch of each best trial"}.get(stem, stem)
+    return {"test_acc": "test accuracy per method", "val_curves": "validation accuracy per epoch of each best trial",
+            "cd_diagram": "mean rank over blocks; a bar joins methods not significantly different (Nemenyi)"}.get(stem, stem)
 
 
 def figure(path: Path) -> str:
@@ -89,6 +90,19 @@ def render(rep, plots: list[Path], titles: dict[str, str], methods: list[str], d
               "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in rep.notes) + "</ul>"]
     if plots:
         parts += ["<h2>Plots</h2>", '<div class="plots">' + "\n".join(figure(p) for p in plots) + "</div>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
+
+
+def render_across(title: str, meta: str, tables: dict[str, pd.DataFrame], notes: list[str], plots: list[Path]) -> str:
+    """The --across page: the ranking over blocks, its notes, the critical-difference diagram, the blocks."""
+    parts = [f"<h1>{_esc(title)}</h1>", f'<p class="meta">{_esc(meta)}</p>']
+    parts += ["<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"]
+    if plots:
+        parts += ['<div class="plots">' + "\n".join(figure(p) for p in plots) + "</div>"]
+    for heading, df in tables.items():
+        parts += [f"<h2>{_esc(heading)}</h2>", table(df)]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")

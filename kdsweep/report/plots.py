@@ -123,3 +123,37 @@ def optuna_plots(study, label: str, out: Path, say: Callable[[str], None]) -> li
         _retitle(ax, f"{label}: hyperparameter importances (fANOVA, {len(complete)} complete trials)")
         paths.append(_save(ax.figure, out / f"importance_{_slug(label)}.png"))
     return paths
+
+
+def cd_diagram(mean_ranks: dict[str, float], groups: list[list[str]], cd: float, path: Path, title: str) -> Path:
+    """Demšar's critical-difference diagram: the methods on an axis of mean rank (1, the best, on the left), each
+    named beside a line down from its rank, a thick bar joining each group not significantly different, the CD
+    drawn as a scale above the axis."""
+    order = sorted(mean_ranks, key=lambda m: (mean_ranks[m], m))
+    k = len(order)
+    lo, hi = 1, max(k, 2)
+    half = (k + 1) // 2
+    bottom = 0.6 + 0.55 * max(half - 1, 0) + 0.35 * len(groups) + 0.4
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.3 * (bottom + 2.2)))
+    ax.set_xlim(lo - 2.6, hi + 2.6)
+    ax.set_ylim(-bottom, 2.2)
+    ax.axis("off")
+    ax.hlines(0, lo, hi, color="black", lw=1)
+    for r in range(lo, hi + 1):
+        ax.vlines(r, 0, 0.15, color="black", lw=1)
+        ax.text(r, 0.3, str(r), ha="center", va="bottom", fontsize=8)
+    if cd == cd and cd > 0:  # NaN with too few blocks: no scale
+        ax.hlines(1.3, lo, lo + cd, color="black", lw=1.5)
+        ax.text(lo + cd / 2, 1.45, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=8)
+    for i, m in enumerate(order):
+        left = i < half
+        y = -(0.6 + (i if left else k - 1 - i) * 0.55 + 0.35 * len(groups))
+        x_text = lo - 0.2 if left else hi + 0.2
+        ax.plot([mean_ranks[m], mean_ranks[m], x_text], [0, y, y], color="black", lw=0.8)
+        ax.text(x_text, y, f"{m} ({mean_ranks[m]:.2f})" if left else f"({mean_ranks[m]:.2f}) {m}",
+                ha="right" if left else "left", va="center", fontsize=8)
+    for j, g in enumerate(groups):
+        y = -(0.25 + 0.3 * j)
+        ax.hlines(y, mean_ranks[g[0]] - 0.05, mean_ranks[g[-1]] + 0.05, color="tab:red", lw=3)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

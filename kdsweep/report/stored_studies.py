@@ -20,6 +20,7 @@ from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import get_dataset, load_data
 from kdsweep.methods.space import Float
 from kdsweep.study.best import best_run
+from kdsweep.study.config import shared_per_trial
 from kdsweep.tracking.tracker import Tracker
 from kdsweep.tracking.vocabulary import (
     RUN_FINISHED,
@@ -75,6 +76,22 @@ class StudyRuns:
         """What one trial computes, as in the study's name (e.g. e5-b32)."""
         p = self.params
         return self.run.data.tags.get("kdsweep.per_trial") or f"e{p.get('epochs')}-b{p.get('batch_size')}"
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether its trials distilled from a teacher (they recorded one's digest)."""
+        return bool(self.params.get("teacher_sha256"))
+
+    @property
+    def teacher_seed(self) -> int:
+        """The seed its teacher was initialised and trained with (studies from before teacher seeds: the seed)."""
+        return int(self.params.get("teacher_seed", self.params.get("seed", 0)))
+
+    @property
+    def teacher_control(self) -> str:
+        """'untrained' for a control study's teacher, '' for a trained one."""
+        control = self.params.get("teacher_control", "none")
+        return "" if control == "none" else control
 
     @property
     def budget(self) -> str:
@@ -160,7 +177,7 @@ def open_tracker(uri: str | None) -> Tracker:
     return Tracker(u)
 
 
-def _kdsweep_experiments(tracker: Tracker) -> dict[str, tuple[str, str, str]]:
+def kdsweep_experiments(tracker: Tracker) -> dict[str, tuple[str, str, str]]:
     """kdsweep's experiments: name -> (dataset, teacher, student), from the experiment's tags (study.pair_tags) or,
     for stores written before them, from the name (a spec's path may hold '/', the pair then none)."""
     out = {}
@@ -204,7 +221,7 @@ def select(tracker: Tracker, dataset: str | None = None, teacher: str | None = N
 def _choose_experiment(tracker: Tracker, dataset: str | None, teacher: str | None,
                        student: str | None) -> tuple[str, str, str, str]:
     """(experiment, dataset, teacher, student) of the pair asked for: the store's only one when none is named."""
-    names = _kdsweep_experiments(tracker)
+    names = kdsweep_experiments(tracker)
     if not names:
         raise UserError(f"no kdsweep studies in the tracking store {redact(tracker.uri)}: run `kdsweep study` first")
     if dataset is None and teacher is None and student is None:
@@ -281,7 +298,8 @@ def _choose_per_trial(sel: Selection, per_trial: str | None, explicit: bool) -> 
         return
     else:  # what the user just ran: the settings whose studies last started a trial (or were created)
         chosen = max(groups, key=lambda k: max(_last_active(s) for s in groups[k]))
-    sel.studies = groups[chosen]
+    shared = shared_per_trial(chosen)  # another teacher's block: the teacher-free studies (ce) are shared with it
+    sel.studies = groups[chosen] + [s for s in groups.get(shared, []) if shared != chosen and not s.uses_teacher]
     others = "; ".join(f"{k}: {', '.join(sorted(s.label for s in v))}" for k, v in sorted(groups.items()) if k != chosen)
     if others:
         how = "the most recent" if per_trial is None else "as asked"
@@ -341,8 +359,10 @@ def _teacher_files(sel: Selection, dst: Path, say: Say):
     exp = sel.tracker.client.get_experiment_by_name(TEACHERS_EXPERIMENT)
     if exp is not None:
         runs = search_all(sel.tracker.client, exp.experiment_id, f"tags.`kdsweep.dataset` = '{sel.dataset}'")
-        runs = [r for r in runs if r.data.params.get("arch") == sel.teacher and r.data.params.get("seed") == str(sel.seed)
-                and r.info.status == RUN_FINISHED]
+        seeds = {str(s.teacher_seed) for s in sel.studies if s.uses_teacher} or {str(sel.seed)}
+        controls = {s.teacher_control for s in sel.studies if s.uses_teacher} or {""}
+        runs = [r for r in runs if r.data.params.get("arch") == sel.teacher and r.data.params.get("seed") in seeds
+                and r.data.params.get("control", "") in controls and r.info.status == RUN_FINISHED]
         if wanted:
             runs = [r for r in runs if r.data.tags.get("kdsweep.checkpoint") == wanted]
         for r in sorted(runs, key=lambda r: -r.info.start_time):

@@ -72,6 +72,9 @@ class StudyConfig(StudySettings):
                 path = getattr(self, f"{role}_{tap}")
                 if path is not None and (not isinstance(path, str) or not path.strip()):
                     raise UserError(f"--{role}-{tap} must name a module path (e.g. layer4), got {path!r}")
+        if self.teacher_checkpoint and (self.teacher_seed is not None or self.teacher_control):
+            raise UserError("--teacher-seed and --teacher-control choose the cached teacher; --teacher-checkpoint gives "
+                            "one: use one or the other")
         if self.study_name is not None:
             sanitize(self.study_name)  # a name with no usable characters fails here, before anything is written
 
@@ -94,7 +97,25 @@ class StudyConfig(StudySettings):
                 parts.append(f"{token}{getattr(self, key):g}")
         if self.teacher_epochs != spec.teacher_epochs:  # for ce too: its studies then group with the KD studies they serve
             parts.append(f"te{self.teacher_epochs}")
+        if self.teacher_tag:
+            parts.append(self.teacher_tag)
         return "-".join(parts)
+
+    @property
+    def resolved_teacher_seed(self) -> int:
+        """The seed the teacher is initialised and trained with: --teacher-seed, else --seed."""
+        return self.seed if self.teacher_seed is None else self.teacher_seed
+
+    @property
+    def teacher_tag(self) -> str:
+        """Which teacher a study distils from when not the default one (ts2, untrained, ts2-untrained), '' otherwise.
+
+        A method without a teacher computes the same thing whatever the teacher: its tag stays '', so one study of
+        it serves every teacher seed's block (the report adds it to them: shared_per_trial)."""
+        if not get_method(self.method).uses_teacher:
+            return ""
+        parts = [f"ts{self.teacher_seed}"] if self.teacher_seed is not None and self.teacher_seed != self.seed else []
+        return "-".join(parts + ([self.teacher_control] if self.teacher_control else []))
 
     @property
     def requested_study_name(self) -> str:
@@ -132,6 +153,14 @@ class StudyConfig(StudySettings):
         method = get_method(self.method)
         roles = ("student", "teacher") if method.uses_teacher else ("student",)
         return {f"{r}_{t}": getattr(self, f"{r}_{t}") for r in roles for t in ("feature", "embedding") if t in method.needs}
+
+
+_TEACHER_TOKEN = re.compile(r"-(ts-?\d+|untrained)(?=-|$)")
+
+
+def shared_per_trial(per_trial: str) -> str:
+    """A study's per-trial tag without its teacher tokens: the tag of the teacher-free studies its block shares."""
+    return _TEACHER_TOKEN.sub("", per_trial)
 
 
 def sanitize(name: str) -> str:

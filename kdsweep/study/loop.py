@@ -162,8 +162,11 @@ def _settings_params(cfg: StudyConfig, study: optuna.Study) -> dict[str, Any]:
     tag kdsweep.budget and part of the run's description instead.
     """
     split = study.user_attrs.get(fixed_inputs.SPLIT_ATTR) or {}
+    teacher = {"teacher_seed": cfg.resolved_teacher_seed, "teacher_control": cfg.teacher_control or "none"} \
+        if get_method(cfg.method).uses_teacher else {}  # a teacher-free study serves every teacher's block
     return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay, "teacher_epochs": cfg.teacher_epochs, "split_sha256": split.get("sha256", "")}
+            "weight_decay": cfg.weight_decay, "teacher_epochs": cfg.teacher_epochs, "split_sha256": split.get("sha256", ""),
+            **teacher}
 
 
 def _best_of(study: optuna.Study) -> dict | None:

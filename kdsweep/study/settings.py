@@ -21,6 +21,7 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 DEVICES = ("auto", "cuda", "cpu")
 ON_MISMATCH = ("refuse", "repair", "ignore")  # see store_agreement.py
+TEACHER_CONTROLS = ("untrained",)
 DEFAULT_TRIALS = 20
 
 # Flag groups, in the order `kdsweep study --help` shows them.
@@ -82,6 +83,13 @@ class StudySettings:
                                             default_text="the last nn.Linear", metavar="PATH")
     teacher_epochs: int | None = setting(None, "epochs of a teacher trained when none is cached", MODELS,
                                          default_text=_PER_DATASET, at_least=1)
+    teacher_seed: int | None = setting(
+        None, "seed of the teacher's initialisation and training batches; the split and the students keep --seed, so "
+        "studies with other teacher seeds are blocks that differ only in their teacher", MODELS, default_text="--seed")
+    teacher_control: str | None = setting(
+        None, "untrained: distil from a randomly initialised teacher of the same architecture, a control block: what "
+        "a method gains from it is regularisation, not the teacher's knowledge", MODELS, default_text="none",
+        choices=TEACHER_CONTROLS)
     teacher_checkpoint: str | None = setting(
         None, "use this teacher checkpoint instead of the cache: kdsweep's, a plain state_dict or "
         "{\"state_dict\"/\"model\": ...} for --teacher (always loaded with weights_only=True)", MODELS)

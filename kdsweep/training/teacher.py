@@ -15,6 +15,7 @@ Integrity:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -57,11 +58,23 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "kdsweep"
 
 
-def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int | None, val_fraction: float) -> Path:
+def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int | None, val_fraction: float,
+               split_seed: int | None = None, control: str | None = None) -> Path:
+    """The cached teacher's file. `seed` is the teacher's own; `split_seed`, the data split's seed, is named only
+    when it differs (a teacher of another seed on the same split), so every older file keeps its name."""
     size = f"-n{data_size}" if data_size else ""
     val = "" if val_fraction == 0.1 else f"-v{val_fraction:g}"
+    split = "" if split_seed is None or split_seed == seed else f"-split{split_seed}"
+    what = f"-{control}" if control else f"-e{epochs}"  # an untrained teacher has no epochs
     # A registered model may be named anything, '../x' too: the name must not lead the file out of the cache.
-    return cache_dir() / "teachers" / path_component(f"{dataset}-{arch}-s{seed}-e{epochs}{size}{val}.pt")
+    return cache_dir() / "teachers" / path_component(f"{dataset}-{arch}-s{seed}{split}{what}{size}{val}.pt")
+
+
+def study_cache_path(cfg, data: DeviceData) -> Path:
+    """The cached teacher of a study's settings (its teacher seed and control, on its split)."""
+    # data.tag: a spec's name and the digest of its images, so a changed folder never meets an old teacher
+    return cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed, cfg.teacher_epochs,
+                      cfg.data_size, cfg.val_fraction, cfg.seed, cfg.teacher_control)
 
 
 class EpochLines:
@@ -88,6 +101,9 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
     spec = get_dataset(dataset)
     torch.manual_seed(seed)
     model = build_model(arch, data.in_shape, data.num_classes)
+    if data.stream_seed != seed:  # another teacher seed on the same split: its own batch order too
+        data = copy.copy(data)
+        data.stream_seed = seed
     ce = get_method("ce")({}, model.shapes(data.in_shape), None, epochs)
     schedule = Schedule(epochs=epochs, batch_size=batch_size, lr=spec.teacher_lr if lr is None else lr,
                         weight_decay=spec.weight_decay, optimizer=spec.optimizer)
@@ -300,10 +316,36 @@ def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say, wa
     if local is not None:
         teacher_store.publish(tracker, path, local, path.name, say)
         return path
-    say(f"No cached teacher {cfg.teacher} for {cfg.dataset} (seed {cfg.seed}, {cfg.teacher_epochs} epochs): "
-        f"training one now -> {path}")
-    train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path,
+    if cfg.teacher_control:
+        say(f"No cached {cfg.teacher_control} teacher {cfg.teacher} for {cfg.dataset} (seed "
+            f"{cfg.resolved_teacher_seed}): making one now -> {path}")
+        return untrained_teacher(cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed, data, tracker, path)
+    say(f"No cached teacher {cfg.teacher} for {cfg.dataset} (seed {cfg.resolved_teacher_seed}, {cfg.teacher_epochs} "
+        f"epochs): training one now -> {path}")
+    train_teacher(cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed, cfg.teacher_epochs, data, tracker, path,
                   batch_size=get_dataset(cfg.dataset).batch_size, say=say)
+    return path
+
+
+def untrained_teacher(dataset: str, arch: str, seed: int, data: DeviceData, tracker: Tracker, path: Path) -> Path:
+    """The control teacher: `arch` as initialised by `seed`, never trained; saved and logged as a trained one is
+    (a `teachers` run with params epochs=0, control=untrained), so confirm and report find it the same way."""
+    torch.manual_seed(seed)
+    model = build_model(arch, data.in_shape, data.num_classes).to(data.device)
+    _, val_acc = evaluate(model, data, "val")
+    test_loss, test_acc = evaluate(model, data, "test")
+    meta = {"dataset": dataset, "seed": seed, "epochs": 0, "control": "untrained", "best_epoch": -1,
+            "val_acc": val_acc, "test_acc": test_acc}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    checkpoint.save(path, arch, data.in_shape, data.num_classes, {"student": state}, meta, sha256=model_digest(model))
+    run = tracker.start(tracker.experiment(TEACHERS_EXPERIMENT), path.stem,
+                        {"kdsweep.role": "teacher", "kdsweep.dataset": dataset, TEACHER_KEY_TAG: path.name, **owner_tags()})
+    tracker.log(run, {"best_val_acc": val_acc, "test_acc": test_acc, "test_loss": test_loss},
+                params={"dataset": dataset, "arch": arch, "seed": seed, "epochs": 0, "control": "untrained",
+                        "params": count_params(model), "data_size": data.n_train},
+                tags={"kdsweep.checkpoint": str(path)})
+    teacher_store.upload(tracker, run, path, model_digest(model), {**meta, "arch": arch})  # other hosts fetch it
+    tracker.end(run)
     return path
 
 
@@ -322,8 +364,7 @@ def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print, storage_url:
         path = Path(cfg.teacher_checkpoint)
         model, payload = _load(cfg, data, path)  # damaged: refused (ChecksumMismatch is a UserError)
     else:
-        # data.tag: a spec's name and the digest of its images, so a changed folder never meets an old teacher
-        path = cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
+        path = study_cache_path(cfg, data)  # the teacher's identity (teacher seed, control, data digest...)
         with teacher_store.claim(tracker, storage_url, path.name, say), cache_lock(path, say):
             path = _cached_teacher(cfg, data, tracker, path, say, wanted)
             model, payload = _load(cfg, data, path)
