@@ -154,6 +154,22 @@ def test_every_method_fuses(data, teacher, method):
         assert_same(a, f)
 
 
+def test_members_of_different_methods_fuse_into_one_group(data, teacher):
+    """A sweep's group: trials of several methods (with and without heads, teacher and sample index) stack their
+    students into one fused model; each trains as it would alone, one of them pruned on the way."""
+    specs = [dict(method="ce", lr=0.05), dict(method="vanilla_kd", lr=0.1, seed=1), dict(method="fitnet", lr=0.05),
+             dict(method="crd", lr=0.05, seed=2), dict(method="pkt", lr=0.1), dict(method="fitnet", lr=0.1, seed=3),
+             dict(method="dkd", lr=0.05, epochs=3, prune_after=2), dict(method="ce", lr=0.2, seed=4)]
+    specs = [{"epochs": 3, **spec} for spec in specs]
+    alone = sequential(data, teacher, specs)
+    group = fused(data, teacher, specs)
+    assert group.fused_members == 8 and len(group.groups) == 1, group.notes  # (the pruned member has left it since)
+    assert {type(r.m.method).__name__ for r in group.groups[0].runs} == {"CE", "VanillaKD", "FitNet", "CRD", "PKT"}
+    for spec, a, f in zip(specs, alone, group.results()):
+        assert_same(a, f)
+        assert len(f.history) == spec.get("prune_after", 3)
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 def test_fused_optimizer_matches_torch_optim(kind):
     """Three members, each with its own lr, momentum / beta1 and weight decay, under the cosine schedule."""

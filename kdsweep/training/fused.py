@@ -1,4 +1,4 @@
-"""Fused lockstep students: K students of one architecture and method trained as one model.
+"""Fused lockstep students: K students of one architecture trained as one model, each with its own method.
 
 On CUDA, a small student's step is launch-bound: about 150 kernels of a few
 microseconds each. Stepping K students one after another issues K times as
@@ -8,7 +8,8 @@ leading dimension (`torch.func.stack_module_state`) and their forward is one
 shared (convolutions become grouped convolutions, linears batched matmuls): the
 kernel count no longer grows with K. Each member's loss is its own method
 module's (its hyperparameters are Python floats) on its slice of the stacked
-outputs, the K losses are summed for one backward, and one fused optimiser
+outputs, so trials of several methods (a sweep's) fuse together; the stacked
+forward computes the taps any member needs. The K losses are summed for one backward, and one fused optimiser
 update (:class:`FusedOptimizer`: SGD, Adam, AdamW as torch.optim computes them,
 with per-member learning rate, schedule, momentum/beta1 and weight decay as
 (K, 1, ...) tensors) steps all K.
@@ -22,8 +23,8 @@ What is fused, and what is not (docs/performance.md, "Fused students"):
     refused rather than silently desynchronised.
   * The group's first step is taken on the ordinary path (it is the probe);
     the fused group starts from the members' state and torch.optim state after it.
-  * Method heads (fitnet's regressor, crd's projections, ...) are stacked and
-    updated with the students; their buffers (batch-norm statistics, crd's
+  * Method heads (fitnet's regressor, crd's projections, ...) are stacked per
+    method and updated with a fused optimiser of their own; their buffers (batch-norm statistics, crd's
     memory banks) stay in each member's own method module, which runs eagerly.
   * A member that stops (pruned, diverged) is dropped at the next epoch: the
     live members are re-stacked, optimiser state included. Within an epoch a
@@ -152,15 +153,77 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def fusion_key(run) -> tuple:
-    """Members with equal keys can be stacked: the same student architecture, method class, heads and optimiser."""
-    s, m = run.m.student, run.m.method
+    """Members with equal keys can be stacked: the same student architecture, optimiser and memory format.
+    Their methods may differ: each member's loss is its own, and heads are stacked per method (`_Heads`)."""
+    s = run.m.student
     shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in [*s.named_parameters(), *s.named_buffers()])
-    heads = tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters())
-    return type(s), repr(s), shapes, type(m), heads, run.m.schedule.optimizer, run.fmt
+    return type(s), repr(s), shapes, run.m.schedule.optimizer, run.fmt
+
+
+def head_key(run) -> tuple:
+    """Members with equal keys share a method and the shapes of its heads: their heads stack."""
+    m = run.m.method
+    return type(m), tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters())
 
 
 class NotFusable(Exception):
     """These members cannot be stacked; the message says why (they then step one after another)."""
+
+
+class _Heads:
+    """The members of a fused group that share a method: their heads stacked, with one fused optimiser, and their
+    loss terms summed over the epoch as (K_m,) tensors. `pos`: their positions in the group."""
+
+    def __init__(self, runs: list, pos: list[int], total_steps: int, steps_done: int):
+        self.runs, self.pos = runs, pos
+        self.keys = list(runs[0].sums)
+        if any(list(r.sums) != self.keys for r in runs):
+            raise NotFusable(f"{type(runs[0].m.method).__name__}'s members return different loss terms")
+        self.needs_index = runs[0].m.method.needs_index
+        self.params = {n: _stack([dict(r.m.method.named_parameters())[n] for r in runs]).requires_grad_()
+                       for n, _ in runs[0].m.method.named_parameters()}
+        leaves = list(self.params.values())
+        self.opt = FusedOptimizer(runs[0].m.schedule.optimizer, leaves, [r.m.schedule for r in runs], total_steps,
+                                  steps_done) if leaves else None
+        if self.opt is not None:
+            _copy_state(self.opt, runs, lambda r: list(r.m.method.parameters()))
+        self.sums = {k: torch.stack([r.sums[k] for r in runs]) for k in self.keys}
+
+    def losses(self, s_all: Outputs, t_out, y, epoch: int, index: SampleIndex) -> tuple[list, list]:
+        """Each member's loss terms on its slice of the stacked student outputs, and their sums."""
+        extra = {"index": index} if self.needs_index else {}
+        terms, losses = [], []
+        for j, (i, r) in enumerate(zip(self.pos, self.runs)):
+            s_i = Outputs(*(None if o is None else o[i] for o in s_all))
+            t = functional_call(r.m.method, {n: p[j] for n, p in self.params.items()}, (s_i, t_out, y, epoch), extra)
+            terms.append(t)
+            losses.append(sum(t.values()))
+        return terms, losses
+
+    def zero(self, device: torch.device) -> None:
+        self.sums = {k: torch.zeros(len(self.runs), device=device) for k in self.keys}
+
+    def keep(self, live: list[int]) -> bool:
+        """Keep the members whose group positions are in `live` (renumbered in order); False if none is left."""
+        mine = [j for j, i in enumerate(self.pos) if i in live]
+        if len(mine) < len(self.runs):
+            self.runs = [self.runs[j] for j in mine]
+            self.params = {n: _stack([p[j] for j in mine]).requires_grad_() for n, p in self.params.items()}
+            if self.opt is not None and mine:
+                self.opt.keep(mine)
+        self.pos = [live.index(i) for i in self.pos if i in live]
+        return bool(self.runs)
+
+
+def _copy_state(opt: FusedOptimizer, runs: list, tensors) -> None:
+    """The members' torch.optim state so far (after the probe step) into `opt`, tensor by tensor; `tensors(run)`:
+    the member's tensors in the order of `opt`'s leaves."""
+    with torch.no_grad():
+        for i, r in enumerate(runs):
+            for j, p in enumerate(tensors(r)):
+                for n, bufs in opt.state.items():
+                    if r.opt.state.get(p, {}).get(n) is not None:
+                        bufs[j][i].copy_(r.opt.state[p][n])
 
 
 class FusedGroup:
@@ -173,33 +236,31 @@ class FusedGroup:
     def __init__(self, runs: list, device: torch.device, total_steps: int, steps_done: int, x: torch.Tensor):
         self.runs, self.device = list(runs), device
         first = self.runs[0]
-        self.keys = list(first.sums)
-        if any(list(r.sums) != self.keys for r in self.runs):
-            raise NotFusable("their methods return different loss terms")
-        self.needs, self.fmt = first.needs, first.fmt
-        self.needs_index = first.m.method.needs_index
+        self.needs = frozenset().union(*(r.needs for r in self.runs))  # every member's taps, computed once for all
+        self.fmt = first.fmt
         adaptors = [_Taps(r.m.student, self.needs) for r in self.runs]
         self.base = adaptors[0]  # functional_call's module: its own tensors are swapped for the stacked ones
         self.params, self.buffers = stack_module_state(adaptors)
         why = self._vmap_problem(x)
         if why is not None:
             raise NotFusable(f"torch.func.vmap cannot run {type(first.m.student).__name__}: {why}")
-        self.heads = {n: _stack([dict(r.m.method.named_parameters())[n] for r in self.runs]).requires_grad_()
-                      for n, _ in first.m.method.named_parameters()}
-        self.opt = FusedOptimizer(first.m.schedule.optimizer, self.leaves(), [r.m.schedule for r in self.runs],
-                                  total_steps, steps_done)
-        with torch.no_grad():  # the members' torch.optim state so far (after the probe step), tensor by tensor
-            for i, r in enumerate(self.runs):
-                for j, (_, p) in enumerate(_named_params(r)):
-                    for n, bufs in self.opt.state.items():
-                        if r.opt.state.get(p, {}).get(n) is not None:
-                            bufs[j][i].copy_(r.opt.state[p][n])
-        self.sums = {k: torch.stack([r.sums[k] for r in self.runs]) for k in self.keys}
+        by_method: dict[tuple, list[int]] = {}
+        for i, r in enumerate(self.runs):
+            by_method.setdefault(head_key(r), []).append(i)
+        self.heads = [_Heads([self.runs[i] for i in pos], pos, total_steps, steps_done) for pos in by_method.values()]
+        self.opt = FusedOptimizer(first.m.schedule.optimizer, list(self.params.values()),
+                                  [r.m.schedule for r in self.runs], total_steps, steps_done)
+        _copy_state(self.opt, self.runs, lambda r: list(r.m.student.parameters()))
         self.correct = torch.stack([r.correct for r in self.runs])
 
+    @property
+    def sums(self) -> dict[tuple[int, str], torch.Tensor]:
+        """The epoch's loss-term sums so far, (method set, term) -> (K_m,) tensor."""
+        return {(j, k): v for j, h in enumerate(self.heads) for k, v in h.sums.items()}
+
     def leaves(self) -> list[torch.Tensor]:
-        """The stacked trainable tensors, in the order of each member's `_named_params`."""
-        return [*self.params.values(), *self.heads.values()]
+        """The stacked trainable tensors: the students' (as `_Taps` names them), then each method set's heads."""
+        return [*self.params.values(), *(p for h in self.heads for p in h.params.values())]
 
     def _vmap_problem(self, x: torch.Tensor) -> str | None:
         """Why the stacked students cannot run under vmap (None: they can); tried on copies of the buffers."""
@@ -216,25 +277,26 @@ class FusedGroup:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, epoch: int, index: SampleIndex) -> None:
         """One training step of all K members: no host synchronisation, no data-dependent shapes."""
-        extra = {"index": index} if self.needs_index else {}
-        leaves = self.leaves()
+        students = list(self.params.values())
         with autocast(self.device):
             outs = vmap(self._forward, in_dims=(0, 0, None), randomness="error")(self.params, self.buffers, x)
             taps = dict(zip(self.base.names, outs))
             s_all = Outputs(*(taps.get(n) for n in TAPS))
-            terms, losses = [], []
-            for i, r in enumerate(self.runs):
-                s_i = Outputs(*(None if o is None else o[i] for o in s_all))
-                heads = {n: p[i] for n, p in self.heads.items()}
-                t = functional_call(r.m.method, heads, (s_i, t_out, y, epoch), extra)
-                terms.append(t)
-                losses.append(sum(t.values()))
-        grads = torch.autograd.grad(torch.stack(losses).sum(), leaves, allow_unused=True)
-        self.opt.step(leaves, grads)
+            per_set = [h.losses(s_all, t_out, y, epoch, index) for h in self.heads]
+        heads = [list(h.params.values()) for h in self.heads]
+        total = torch.stack([loss for _, losses in per_set for loss in losses]).sum()
+        grads = torch.autograd.grad(total, [*students, *(p for hs in heads for p in hs)], allow_unused=True)
+        self.opt.step(students, grads[:len(students)])
+        at = len(students)
+        for h, hs in zip(self.heads, heads):
+            if h.opt is not None:
+                h.opt.step(hs, grads[at : at + len(hs)])
+            at += len(hs)
         with torch.no_grad():
             b = len(y)
-            for k in self.keys:
-                self.sums[k] += torch.stack([t[k].detach().float() for t in terms]) * b
+            for h, (terms, _) in zip(self.heads, per_set):
+                for k in h.keys:
+                    h.sums[k] += torch.stack([t[k].detach().float() for t in terms]) * b
             self.correct += (s_all.logits.argmax(-1) == y).sum(1)
 
     def compiled_step(self, **compile_kw):
@@ -256,7 +318,8 @@ class FusedGroup:
         live = [i for i, r in enumerate(self.runs) if r.alive]
         if len(live) < len(self.runs) and live:
             self._keep(live)
-        self.sums = {k: torch.zeros(len(self.runs), device=self.device) for k in self.keys}
+        for h in self.heads:
+            h.zero(self.device)
         self.correct = torch.zeros(len(self.runs), device=self.device)
         for r in self.runs:  # as loop.py's LambdaLR computes it, in Python floats
             r.lr_now = r.m.schedule.lr * 0.5 * (1 + math.cos(math.pi * steps / self.opt.total))
@@ -266,7 +329,7 @@ class FusedGroup:
         self.base = _Taps(self.runs[0].m.student, self.needs)
         self.params = {n: _stack([p[i] for i in idx]).requires_grad_() for n, p in self.params.items()}
         self.buffers = {n: _stack([b[i] for i in idx]) for n, b in self.buffers.items()}
-        self.heads = {n: _stack([p[i] for i in idx]).requires_grad_() for n, p in self.heads.items()}
+        self.heads = [h for h in self.heads if h.keep(idx)]
         self.opt.keep(idx)
 
     @property
@@ -282,15 +345,12 @@ class FusedGroup:
                 p.copy_(self.params[n][i])
             for n, b in a.named_buffers():
                 b.copy_(self.buffers[n][i])
-            for n, p in r.m.method.named_parameters():
-                p.copy_(self.heads[n][i])
-            r.sums = {k: self.sums[k][i] for k in self.keys}
             r.correct = self.correct[i]
-
-
-def _named_params(run) -> list[tuple[str, torch.Tensor]]:
-    """A member's trainable tensors in the fused group's leaf order: student (as `_Taps` names them), then heads."""
-    return [(f"model.{n}", p) for n, p in run.m.student.named_parameters()] + list(run.m.method.named_parameters())
+        for h in self.heads:
+            for j, r in enumerate(h.runs):
+                for n, p in r.m.method.named_parameters():
+                    p.copy_(h.params[n][j])
+                r.sums = {k: h.sums[k][j] for k in h.keys}
 
 
 def plan(runs: Sequence, min_size: int) -> list[list]:

@@ -307,8 +307,8 @@ class Lockstep:
     first step of a group finds out which members do.
 
     With `Accel.fused` (default: on CUDA for K >= 2), after that first step the
-    members that drew no random numbers are stacked, per architecture and
-    method, into `fused.FusedGroup`s: one vmapped forward, one backward and one
+    members that drew no random numbers are stacked, per student architecture
+    (whatever their methods), into `fused.FusedGroup`s: one vmapped forward, one backward and one
     fused optimiser update for all of them (kdsweep/fused.py).
 
     A member whose loss goes non-finite stops with `NonFiniteLoss` in its
