@@ -177,15 +177,17 @@ def cmd_teacher(args) -> int:
         raise UserError(f"dataset {args.dataset} has no default teacher: pass --arch (e.g. --arch torchvision:resnet18)")
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
                                                        if k in ("dataset", "data_dir", "data_size", "image_size", "val_fraction", "seed",
-                                                                "device", "tracking_uri") and v is not None},
+                                                                "device", "tracking_uri", "preprocess") and v is not None},
                       teacher=args.arch, student=args.arch, teacher_epochs=args.epochs)  # no student is trained
     device = resolve_device(cfg.device)
     if device.type == "cpu":  # as a study's teacher trains
         set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads)
     tracker = Tracker(cfg.tracking_uri)
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size,
+                     preprocess=cfg.preprocess)
     check_split(data, cfg.batch_size, cfg.val_fraction)
-    path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, cfg.data_size, cfg.val_fraction)
+    path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs,
+                                                      cfg.data_size, cfg.val_fraction, cfg.preprocess)
     # The cache lock: a study starting meanwhile waits for this teacher instead of training its own.
     with cache_lock(path) if not args.out else contextlib.nullcontext():
         if path.exists() and not args.force:

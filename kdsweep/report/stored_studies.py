@@ -315,7 +315,7 @@ def split_data(params: dict[str, str], data_dir: str | None, device: torch.devic
             data_dir = params.get("data_path") or None
         image_size = int(params["image_size"]) if params.get("image_size") else None
         return load_data(params["dataset"], data_dir, n, int(params["seed"]), float(params["val_fraction"]), device, stream_seed,
-                         image_size=image_size)
+                         image_size=image_size, preprocess=params.get("preprocess"))  # absent: older studies standardized
     except KeyError as e:
         raise UserError(f"study run lacks the param {e.args[0]!r}; it was not written by kdsweep study") from None
 

@@ -56,10 +56,11 @@ from kdsweep.tracking.vocabulary import (
     RUN_ID_ATTR,
     RUN_KILLED,
     RUN_RUNNING,
+    TEACHER_ACCEPTED_TAG,
 )
 from kdsweep.training import teacher_outputs
 from kdsweep.training.devices import Accel, resolve_device, set_cpu_threads
-from kdsweep.training.teacher import get_teacher
+from kdsweep.training.teacher import check_teacher, get_teacher
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -113,15 +114,16 @@ def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
         raise UserError(f"{why}; {RESUME_HINT}")
 
 
-def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict) -> None:
-    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained."""
+def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict, teacher: dict | None = None) -> None:
+    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained (and
+    again with the teacher's record, before the teacher's quality is judged: another teacher is the first thing to say)."""
     if cfg.full_study_name not in optuna.get_all_study_names(storage):
         return  # a new study: nothing to compare with
     study = optuna.load_study(study_name=cfg.full_study_name, storage=storage)
     why = _conflict(study, cfg)
     if why:
         raise UserError(f"{why}; {RESUME_HINT}")
-    fixed_inputs.check(cfg.full_study_name, study.user_attrs, split, None)
+    fixed_inputs.check(cfg.full_study_name, study.user_attrs, split, teacher)
 
 
 def _parent_run(tracker: Tracker, exp: str, study: optuna.Study, cfg: StudyConfig, base_params: dict,
@@ -360,6 +362,7 @@ def _base_params(cfg: StudyConfig, data: DeviceData, device: torch.device, teach
     return {"method": cfg.method, "study": cfg.full_study_name, "dataset": cfg.dataset, "teacher": cfg.teacher,
             "student": cfg.student, "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y),
             "test_size": len(data.test_y), "val_fraction": cfg.val_fraction, "augment": data.augment.describe(),
+            "preprocess": cfg.preprocess, "inputs": data.preprocess,
             "device": device.type, "teacher_checkpoint": teacher_info.get("path", ""),
             "teacher_val_acc": teacher_info.get("val_acc", ""), "teacher_sha256": teacher_info.get("sha256", ""),
             **_model_params(cfg, data, teacher, teacher_info), **perf_params, **data_provenance(data)}
@@ -375,11 +378,16 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
     cache, accel, perf_params = _perf_setup(cfg, device)
     storage = open_storage(cfg.storage)
     tracker = Tracker(cfg.tracking_uri)
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size,
+                     preprocess=cfg.preprocess)
     check_split(data, cfg.batch_size, cfg.val_fraction, say)  # before a teacher is trained on it
     split = fixed_inputs.split_record(data)
     _precheck(storage, cfg, split)
     teacher, teacher_info = get_teacher(cfg, data, tracker, say) if method_cls.uses_teacher else (None, {})
+    accepted = None
+    if teacher is not None:  # before the study is created or any trial trains
+        _precheck(storage, cfg, split, fixed_inputs.teacher_record(teacher_info))
+        accepted = check_teacher(cfg, data, teacher, teacher_info, say)
 
     name = cfg.full_study_name
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
@@ -395,6 +403,8 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
         fixed_inputs.check_and_record(study, split, fixed_inputs.teacher_record(teacher_info))
         store_agreement.check_name(study, cfg.requested_study_name, name)
         parent = _parent_run(tracker, exp, study, cfg, base_params, say)
+    if accepted:
+        tracker.log(parent, tags={TEACHER_ACCEPTED_TAG: f"--accept-teacher: it {accepted}"})
     return StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                         study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=storage.heartbeat_interval,
                         grace=storage.grace_period, cache=cache, accel=accel, reporter=reporter)
