@@ -130,7 +130,7 @@ def cmd_sweep(args) -> int:
     if args.quiet:
         for why in result.skipped.items():
             print("skipping {}: {}".format(*why))
-    print("\nsweep: " + ", ".join(
+    print("\nsweep, best val_acc per method (the objective; test_acc in each summary above): " + ", ".join(
         f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
         for s in (r.summary for r in result.studies.values())))
     print("next: kdsweep report")

@@ -58,7 +58,11 @@ def test_imagefolder_study_confirm_report_and_provenance(kdsweep, workdir):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(f"kdsweep/imagefolder:{folder}/digitnet_l->digitnet_s")  # the absolute path
+    from kdsweep.data.sources import name_tag
+
+    # Named short (the folder's name and a digest of its path, issue 22); the pair's tags hold the path whole.
+    exp = client.get_experiment_by_name(f"kdsweep/{name_tag(f'imagefolder:{folder}')}/digitnet_l->digitnet_s")
+    assert str(folder) not in exp.name and exp.tags["kdsweep.dataset"] == f"imagefolder:{folder}"
     parent = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'study'")[0]
     p = parent.data.params
     assert p["dataset"] == f"imagefolder:{folder}" and p["data_source"] == "imagefolder"

@@ -349,7 +349,9 @@ def test_torchvision_pair_on_an_image_folder_of_generated_pngs(kdsweep, workdir)
                              "--student", "torchvision:mobilenet_v3_small", "--trials", "1", "--epochs", "1",
                              "--teacher-epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "-q")
     assert code == 0, err
-    (parent,) = _parents(f"kdsweep/imagefolder:{folder}/torchvision:resnet18->torchvision:mobilenet_v3_small")
+    from kdsweep.data.sources import name_tag
+
+    (parent,) = _parents(f"kdsweep/{name_tag(f'imagefolder:{folder}')}/torchvision:resnet18->torchvision:mobilenet_v3_small")
     p = parent.data.params
     assert (p["teacher_feature"], p["student_feature"], p["in_shape"], p["data_files"]) == ("layer4", "features", "3x32x32", "78")
     assert "1 complete" in out or "1 pruned" in out

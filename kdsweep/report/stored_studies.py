@@ -223,8 +223,10 @@ def _choose_experiment(tracker: Tracker, dataset: str | None, teacher: str | Non
         else:
             raise UserError(f"{dataset} has no default pair: choose one with --teacher and --student"
                             + (f" ({', '.join(pairs)})" if pairs else f"; no studies of it in {redact(tracker.uri)}"))
-    experiment = f"kdsweep/{dataset}/{teacher}->{student}"  # as StudyConfig.experiment_name
-    if experiment not in names:
+    # Found by its pair, not its name: a spec's experiment is named short (StudyConfig.experiment_name), or by its
+    # whole path in stores written before.
+    experiment = next((n for n, pair in names.items() if pair == (dataset, teacher, student)), None)
+    if experiment is None:
         raise UserError(f"no studies of {dataset} {teacher}->{student} in {redact(tracker.uri)}; "
                         f"it holds: {', '.join(n[len('kdsweep/'):] for n in names)}")
     return experiment, dataset, teacher, student

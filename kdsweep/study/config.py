@@ -112,7 +112,13 @@ class StudyConfig(StudySettings):
 
     @property
     def experiment_name(self) -> str:
-        """MLflow experiment: one per dataset and teacher->student pair, so methods sit side by side."""
+        """MLflow experiment: one per dataset and teacher->student pair, so methods sit side by side. A spec is named
+        short (an image folder by its folder's name and a digest of its path); the pair's tags hold it whole."""
+        return f"kdsweep/{name_tag(self.dataset)}/{self.teacher}->{self.student}"
+
+    @property
+    def legacy_experiment_name(self) -> str:
+        """The experiment's name before issue 22 (a spec's whole path): a store that holds it keeps using it."""
         return f"kdsweep/{self.dataset}/{self.teacher}->{self.student}"
 
     @property

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from tqdm.auto import tqdm
 
 from kdsweep.common import digests, failures
+from kdsweep.common.bars import tqdm
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import StudyLock
 from kdsweep.common.processes import Owner
@@ -371,12 +371,12 @@ def _base_params(cfg: StudyConfig, data: DeviceData, device: torch.device, teach
 def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter) -> StudyContext:
     """Everything before the first trial, in the order of the module docstring; the context trials share."""
     check_pair(cfg)
-    if cfg.full_study_name != cfg.requested_study_name:  # said once, before anything runs
-        say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
     cache, accel, perf_params = _perf_setup(cfg, device)
     storage = open_storage(cfg.storage)
+    if cfg.full_study_name != cfg.requested_study_name and cfg.full_study_name not in optuna.get_all_study_names(storage):
+        say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")  # once: when it is new
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size,
                      preprocess=cfg.preprocess)
@@ -396,7 +396,8 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
     if not lock.exact:
         say(f"warning: no cross-worker lock for {redact(storage.url).split(':', 1)[0]} storage; several workers may "
             f"overshoot --trials (use SQLite on one host, or PostgreSQL)")
-    exp = tracker.experiment(cfg.experiment_name, pair_tags(cfg))
+    old = cfg.legacy_experiment_name
+    exp = tracker.experiment(old if tracker.client.get_experiment_by_name(old) else cfg.experiment_name, pair_tags(cfg))
     base_params = _base_params(cfg, data, device, teacher, teacher_info, perf_params)
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
@@ -460,7 +461,7 @@ def _run_trials(ctx: StudyContext) -> None:
 def _summary(ctx: StudyContext, best: dict | None) -> dict:
     cfg, study, now = ctx.cfg, ctx.study, spent(ctx.study)
     return {"study": cfg.full_study_name, "storage": redact(ctx.storage.url if hasattr(ctx.storage, "url") else str(cfg.storage)),
-            "tracking_uri": redact(ctx.tracker.uri), "experiment": cfg.experiment_name, "experiment_id": ctx.experiment_id,
+            "tracking_uri": redact(ctx.tracker.uri), "experiment": ctx.tracker.client.get_experiment(ctx.experiment_id).name, "experiment_id": ctx.experiment_id,
             "parent_run": ctx.parent_run, "complete": count(study, COMPLETE), "pruned": count(study, PRUNED),
             "failed": count(study, FAIL), "best": best, "trained": now.trials, "epochs": now.epochs,
             "budget": cfg.budget.describe(), "edges": edge_warnings(best["params"], cfg.space) if best else [],

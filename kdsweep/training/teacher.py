@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from kdsweep.common.atomic import path_component
+from kdsweep.common.bars import tqdm
 from kdsweep.common.digests import model_digest
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner, heartbeat_settings
@@ -248,7 +248,9 @@ def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say) ->
     with cache_lock(path, say):
         if path.is_file():  # checked under the lock: another worker may just have written it
             try:
-                return _load(cfg, data, path)
+                model, payload = _load(cfg, data, path)
+                say(_provenance(path, payload.get("meta", {})))
+                return model, payload
             except checkpoint.Damaged as e:
                 aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(path, aside)
@@ -259,6 +261,14 @@ def _cached_teacher(cfg, data: DeviceData, tracker: Tracker, path: Path, say) ->
         train_teacher(cfg.dataset, cfg.teacher, cfg.seed, cfg.teacher_epochs, data, tracker, path,
                       batch_size=get_dataset(cfg.dataset).batch_size, say=say)
         return _load(cfg, data, path)
+
+
+def _provenance(path: Path, meta: dict) -> str:
+    """Where a cached teacher came from, in one line: the cache is shared by every project of this user."""
+    when = meta.get("trained") or time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
+    score = f", val_acc {meta['val_acc']:.4f}" if isinstance(meta.get("val_acc"), (int, float)) else ""
+    return (f"teacher: the cached {path} (trained by kdsweep {when}, {meta.get('epochs', '?')} epochs{score}; the cache "
+            f"serves every project of this user: $KDSWEEP_CACHE or --teacher-checkpoint chooses another)")
 
 
 def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print) -> tuple[Net, dict]:
