@@ -185,11 +185,15 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
     The default budget is 20 x epochs per method, counted in epochs (`budget_epochs`), so methods
     that prune more try more configurations for the same compute. Settings as :func:`study`.
     """
-    from kdsweep.study.loop import run_study
+    from kdsweep.methods.registry import get_method
+    from kdsweep.study.loop import check_given_teacher, run_study
     from kdsweep.study.progress import Reporter
 
     say = (lambda _: None) if quiet else print
     runnable, skipped = plan_sweep(methods, study_suffix, say, **settings_)
+    needs = [cfg for cfg in runnable if get_method(cfg.method).uses_teacher]
+    if needs and needs[0] is not runnable[0] and needs[0].teacher_checkpoint and not needs[0].accept_teacher:
+        check_given_teacher(needs[0], say)  # before ce trains: the teacher's study would refuse it anyway
     results = {}
     first = runnable[0] if runnable else None
     pair = {} if first is None else {"dataset": first.dataset, "teacher": first.teacher, "student": first.student,

@@ -4,6 +4,7 @@ with its own preprocessing or is refused in one line, a random teacher is refuse
 from __future__ import annotations
 
 import mlflow
+import optuna
 import pytest
 import torch
 import torch.nn as nn
@@ -33,6 +34,11 @@ def _teacher_on_unit_inputs() -> nn.Module:
         nn.functional.cross_entropy(model(x), data.train_y).backward()
         opt.step()
     return model.eval()
+
+
+def _studies(workdir) -> list[str]:
+    db = workdir / "mlruns" / "optuna.db"
+    return optuna.get_all_study_names(f"sqlite:///{db}") if db.exists() else []
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
@@ -66,7 +72,10 @@ def test_a_random_teacher_is_refused_and_accept_teacher_overrides(workdir):
     with pytest.raises(UserError) as e:
         kd.study("vanilla_kd", teacher=random_teacher, preprocess="none", **STUDY)
     assert "near chance (0.100 for 10 classes" in _one_line(e)
-    assert not list(workdir.glob("mlruns/artifacts/*"))  # refused before any trial
+    assert _studies(workdir) == []  # refused before any study or trial
+    with pytest.raises(UserError, match="near chance"):  # a sweep: before ce, which needs no teacher, trains
+        kd.sweep(["ce", "vanilla_kd"], teacher=random_teacher, preprocess="none", **STUDY)
+    assert _studies(workdir) == []
 
     r = kd.study("vanilla_kd", teacher=random_teacher, preprocess="none", accept_teacher=True, **STUDY)
     assert r.summary["complete"] == 1

@@ -411,6 +411,16 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
                         grace=storage.grace_period, cache=cache, accel=accel, reporter=reporter)
 
 
+def check_given_teacher(cfg: StudyConfig, say: Callable[[str], None] = print) -> None:
+    """Judge a teacher given as weights (check_teacher) now: a sweep calls it before a study that needs no teacher (ce,
+    first) trains anything, so a teacher fed other inputs stops the sweep before its first trial, not after."""
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size,
+                     preprocess=cfg.preprocess)
+    teacher, info = get_teacher(cfg, data, Tracker(cfg.tracking_uri), say)
+    check_teacher(cfg, data, teacher, info, say)
+
+
 def _say_where(ctx: StudyContext) -> None:
     """Say what the study has spent so far, and open its line in a log."""
     cfg, name, budget, now = ctx.cfg, ctx.cfg.full_study_name, ctx.cfg.budget, spent(ctx.study)
