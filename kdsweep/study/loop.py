@@ -471,7 +471,8 @@ def _run_trials(ctx: StudyContext) -> None:
 def _summary(ctx: StudyContext, best: dict | None) -> dict:
     cfg, study, now = ctx.cfg, ctx.study, spent(ctx.study)
     return {"study": cfg.full_study_name, "storage": redact(ctx.storage.url if hasattr(ctx.storage, "url") else str(cfg.storage)),
-            "tracking_uri": redact(ctx.tracker.uri), "experiment": ctx.tracker.client.get_experiment(ctx.experiment_id).name, "experiment_id": ctx.experiment_id,
+            "tracking_uri": redact(ctx.tracker.uri), "experiment": ctx.tracker.client.get_experiment(ctx.experiment_id).name,
+            "experiment_id": ctx.experiment_id,
             "parent_run": ctx.parent_run, "complete": count(study, COMPLETE), "pruned": count(study, PRUNED),
             "failed": count(study, FAIL), "best": best, "trained": now.trials, "epochs": now.epochs,
             "budget": cfg.budget.describe(), "edges": edge_warnings(best["params"], cfg.space) if best else [],
