@@ -77,6 +77,23 @@ def test_imagefolder_study_confirm_report_and_provenance(kdsweep, workdir):
     assert code == 0 and "vanilla_kd" in (workdir / "rep" / "report.md").read_text(), err
 
 
+def test_a_store_holding_the_older_long_experiment_name_keeps_using_it(kdsweep, workdir):
+    """Stores written before issue 22 name a folder's experiment by its whole path: studies go on landing there."""
+    from mlflow.tracking import MlflowClient
+
+    folder = make_folder(workdir / "old")
+    (workdir / "mlruns").mkdir()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    legacy = f"kdsweep/imagefolder:{folder}/digitnet_l->digitnet_s"
+    old = client.create_experiment(legacy)
+    code, out, err = kdsweep("study", "ce", "--dataset", "imagefolder:old", *PAIR, *TINY, "-q")
+    assert code == 0, err
+    assert [e.name for e in client.search_experiments() if e.name.startswith("kdsweep/")] == [legacy]
+    assert client.search_runs([old], "tags.`kdsweep.role` = 'study'")
+    code, out, err = kdsweep("report", "--format", "md", "--out", "rep", "--no-plots")  # found by its pair's tags
+    assert code == 0 and "| ce" in (workdir / "rep" / "report.md").read_text(), err
+
+
 def test_second_load_reads_the_disk_cache_and_a_changed_file_decodes_again(tmp_path):
     folder = make_folder(tmp_path / "f", n=6)
     spec = f"imagefolder:{folder}"
