@@ -3,11 +3,11 @@ with its own preprocessing or is refused in one line, a random teacher is refuse
 
 from __future__ import annotations
 
-import mlflow
 import optuna
 import pytest
 import torch
 import torch.nn as nn
+from mlflow.tracking import MlflowClient
 
 import kdsweep.api as kd
 from kdsweep.common.errors import UserError
@@ -79,8 +79,8 @@ def test_a_random_teacher_is_refused_and_accept_teacher_overrides(workdir):
 
     r = kd.study("vanilla_kd", teacher=random_teacher, preprocess="none", accept_teacher=True, **STUDY)
     assert r.summary["complete"] == 1
-    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
-    parent = mlflow.get_run(r.summary["parent_run"])
+    # By its absolute path: MLflow keeps one store per URI string, and another test's mlruns/ had the relative one.
+    parent = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}").get_run(r.summary["parent_run"])
     assert parent.data.tags["kdsweep.teacher_accepted"].startswith("--accept-teacher: it scores val_acc")
     assert parent.data.params["preprocess"] == "none"
 
