@@ -141,7 +141,8 @@ def cmd_sweep(args) -> int:
         if args.quiet:
             for why in result.skipped.items():
                 print("skipping {}: {}".format(*why))
-        print(("\nsweep" if teacher_seed is None else f"\nsweep, teacher seed {teacher_seed}") + ": " + ", ".join(
+        print(("\nsweep" if teacher_seed is None else f"\nsweep, teacher seed {teacher_seed}")
+              + ", best val_acc per method (the objective; test_acc in each summary above): " + ", ".join(
             f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
             for s in (r.summary for r in result.studies.values())))
     print("next: kdsweep report" if args.teacher_seeds is None else "next: kdsweep confirm --across; kdsweep report --across")
@@ -199,16 +200,19 @@ def cmd_teacher(args) -> int:
         raise UserError(f"dataset {args.dataset} has no default teacher: pass --arch (e.g. --arch torchvision:resnet18)")
     cfg = StudyConfig(method="ce", name="teacher", **{k: v for k, v in vars(args).items()
                                                        if k in ("dataset", "data_dir", "data_size", "image_size", "val_fraction", "seed",
-                                                                "teacher_seed", "device", "tracking_uri") and v is not None},
+                                                                "teacher_seed", "device", "tracking_uri", "preprocess")
+                                                       and v is not None},
                       teacher=args.arch, student=args.arch, teacher_epochs=args.epochs)  # no student is trained
     device = resolve_device(cfg.device)
     if device.type == "cpu":  # as a study's teacher trains
         set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads)
     tracker = Tracker(cfg.tracking_uri)
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size,
+                     preprocess=cfg.preprocess)
     check_split(data, cfg.batch_size, cfg.val_fraction)
     path = Path(args.out) if args.out else cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed,
-                                                      cfg.teacher_epochs, cfg.data_size, cfg.val_fraction, cfg.seed)
+                                                      cfg.teacher_epochs, cfg.data_size, cfg.val_fraction, cfg.seed,
+                                                      preprocess=cfg.preprocess)
     # The cache lock: a study starting meanwhile waits for this teacher instead of training its own.
     with cache_lock(path) if not args.out else contextlib.nullcontext():
         if path.exists() and not args.force:

@@ -513,7 +513,8 @@ def store_round(args, root: Path) -> Result:
 
 
 def _two_teachers(args, root: Path) -> str:
-    """Teachers A (1 epoch) and B (2 epochs) as ROOT/A.pt and ROOT/B.pt; what went wrong, or ''."""
+    """Teachers A (1 epoch) and B (2 epochs) as ROOT/A.pt and ROOT/B.pt; what went wrong, or ''. Both are weak, so the
+    studies given them say --accept-teacher: these rounds are about which teacher, not how good."""
     for name, epochs in (("A", 1), ("B", 2)):
         child = run(args, ["teacher", "--dataset", args.dataset, "--data-size", str(args.data_size), "--device", "cpu",
                            "--epochs", str(epochs), "--out", str(root / f"{name}.pt")], root, f"teacher{name}")
@@ -528,12 +529,14 @@ def teacher_round(args, root: Path) -> Result:
     failed = _two_teachers(args, root)
     if failed:
         return Result("teacher_mismatch=setup_failed", f"teacher: {failed}", False)
-    first = run(args, study_argv(args, "vanilla_kd", "teach", 1, "--teacher-checkpoint", str(root / "A.pt")), root, "first")
+    first = run(args, study_argv(args, "vanilla_kd", "teach", 1, "--teacher-checkpoint", str(root / "A.pt"),
+                                    "--accept-teacher"), root, "first")
     if first.status != 0:
         return Result("teacher_mismatch=setup_failed", f"teacher: the first study exited {first.status}: "
                       f"{(first.errors() or ['?'])[-1]}", False)
     before = len(optuna_trials(root / "mlruns", "teach"))
-    child = run(args, study_argv(args, "vanilla_kd", "teach", 2, "--teacher-checkpoint", str(root / "B.pt")), root, "other")
+    child = run(args, study_argv(args, "vanilla_kd", "teach", 2, "--teacher-checkpoint", str(root / "B.pt"),
+                                    "--accept-teacher"), root, "other")
     after = len(optuna_trials(root / "mlruns", "teach"))
     value = verdict(child, trained=after != before)
     return Result(f"teacher_mismatch={value}", f"teacher: study on teacher A (1 epoch) resumed with teacher B (2 epochs) "
@@ -554,7 +557,7 @@ def swap_round(args, root: Path) -> Result:
         return Result("teacher_swap=setup_failed", f"swap: {failed}", False)
     used = root / "used.pt"
     shutil.copy(root / "A.pt", used)
-    first = run(args, study_argv(args, "vanilla_kd", "swap", 1, "--teacher-checkpoint", str(used)), root, "first")
+    first = run(args, study_argv(args, "vanilla_kd", "swap", 1, "--teacher-checkpoint", str(used), "--accept-teacher"), root, "first")
     if first.status != 0:
         return Result("teacher_swap=setup_failed", f"swap: the study exited {first.status}: "
                       f"{(first.errors() or ['?'])[-1]}", False)

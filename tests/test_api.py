@@ -67,13 +67,14 @@ def test_modules_factories_and_tensors_from_a_notebook(workdir):
 
     data = _tensors()
     r = kd.study("vanilla_kd", teacher=teacher, student=tiny_student, data=data, trials=2, epochs=1, batch_size=32,
-                      device="cpu")
+                 device="cpu", accept_teacher=True)  # untrained: how objects are named is what this test asks
     assert r.summary["complete"] + r.summary["pruned"] == 2
     name = r.summary["study"]
-    assert "py.data-" in name and "py.Sequential-" in name and "py.tiny_student-" in name
+    # Named by the variables that hold them (the same on every rerun), a function by its own name.
+    assert "py.data-" in name and "py.teacher-" in name and "py.tiny_student-" in name
     # The same objects again find the same study (names come from content, not memory addresses).
     again = kd.study("vanilla_kd", teacher=teacher, student=tiny_student, data=_tensors(), trials=2, epochs=1,
-                          batch_size=32, device="cpu")
+                     batch_size=32, device="cpu", accept_teacher=True)
     assert again.summary["study"] == name and again.summary["epochs"] == r.summary["epochs"]
     # The teacher module was used as trained, through a weights file: its digest is the study's teacher.
     import mlflow
@@ -131,3 +132,12 @@ def test_a_sweeps_confirm_and_report_keep_to_its_own_methods(workdir):
     result = kd.sweep(["ce", "vanilla_kd"], trials=1, **TINY)
     assert set(result.confirm(seeds=1)["method"]) == {"ce", "vanilla_kd"}
     assert set(result.report()["best"]["method"]) <= {"ce", "vanilla_kd", "teacher"}
+
+
+def test_objects_are_named_by_the_variable_that_holds_them():
+    torch.manual_seed(0)
+    my_teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert naming.model_name(my_teacher).startswith("py.my_teacher-")
+    assert naming.model_name(nn.Sequential(nn.Flatten(), nn.Linear(64, 3))).startswith("py.Sequential-")  # no variable
+    digits_arrays = _tensors()
+    assert naming.data_name(digits_arrays).startswith("py.digits_arrays-")

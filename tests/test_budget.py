@@ -132,3 +132,15 @@ def test_a_sweep_gives_every_method_the_same_epoch_budget_and_the_report_shows_t
         row = best.loc[m]
         assert row["budget"] == "12 epochs" and 12 <= row["epochs_all"] <= 14 and row["train_seconds_all"] > 0
         assert row["complete"] + row["pruned"] + row["failed"] == len(_study(f"{m}-").trials)
+
+
+def test_status_gives_the_budget_as_numbers_and_adams_beta1_by_its_name():
+    from kdsweep.report.status import _per_trial
+    from kdsweep.study.budget import Budget
+
+    for trials, epochs in ((20, None), (None, 60), (5, 40)):
+        words = Budget(trials, epochs, 5).describe()
+        assert Budget.read(words) == {"trials": trials, "epochs": epochs}
+    adam = _per_trial({"optimizer": "adam", "epochs": 30, "batch_size": 100, "momentum": 0.9, "weight_decay": 0.0})
+    assert adam["beta1"] == 0.9 and "momentum" not in adam
+    assert _per_trial({"optimizer": "sgd", "momentum": 0.9})["momentum"] == 0.9

@@ -264,6 +264,22 @@ def test_report_html_is_one_self_contained_page(two_studies, capsys):
         assert not re.search(ref, page, re.I), ref
     for b64 in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page):
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+    # Reads well (issue 22, item 7): every table scrolls in its own box, every plot enlarges on a click (a checkbox
+    # and CSS: no script), and the top-group rule stands beside its table.
+    assert page.count('<div class="scroll"><table>') == len(TITLES)
+    assert page.count('<input type="checkbox" class="zoom"') == len(srcs)
+    assert '<h2>Ranking by test accuracy</h2>\n<p class="caption">top group' in page
+
+
+def test_every_method_has_its_own_colour_and_marker_in_every_plot():
+    from kdsweep.methods.registry import METHODS
+    from kdsweep.report.plots import method_styles
+
+    labels = sorted(METHODS) + ["my_kd", "vanilla_kd_wide"]  # 20 methods and two study files
+    styles = method_styles(labels)
+    assert len(set(styles.values())) == len(labels) >= 22
+    assert len({color for color, _ in styles.values()}) >= 20
+    assert method_styles(["vanilla_kd", "ce"])["vanilla_kd"] == styles["vanilla_kd"]  # the same in every plot
 
 
 def test_status_lists_both_studies_with_workers_and_json(two_studies, capsys, monkeypatch):
@@ -310,8 +326,9 @@ def test_status_lists_both_studies_with_workers_and_json(two_studies, capsys, mo
     assert ce["active"] is True and ce["workers"]["running_now"] == [str(me)] and ce["trials"]["RUNNING"] == 1
     assert kd["active"] is False and kd["workers"]["stale_trials"] == 1 and kd["workers"]["running_now"] == []
     for r in (ce, kd):
-        assert r["budget"] == "2 trials" and r["trained"] == 2 and r["epochs_spent"] == 2
+        assert r["budget"] == {"trials": 2, "epochs": None, "text": "2 trials"} and r["trained"] == 2 and r["epochs_spent"] == 2
         assert r["trials"]["COMPLETE"] == 2 and r["per_trial"]["epochs"] == 1 and r["per_trial"]["batch_size"] == 32
+        assert r["per_trial"]["optimizer"] == "sgd" and r["per_trial"]["momentum"] == 0.9 and "beta1" not in r["per_trial"]
         assert 0 <= r["best"]["val_acc"] <= 1 and 0 <= r["best"]["test_acc"] <= 1
         assert r["mlflow"]["experiment"] == "kdsweep/digits/digitnet_l->digitnet_s" and len(r["mlflow"]["parent_run"]) == 32
 

@@ -85,7 +85,8 @@ def test_resume_with_another_teacher_checkpoint_is_refused_before_any_training(w
     assert code == 0, out + err
     other = _random_teacher(workdir / "other.pt", seed=7)
 
-    code, out, err = kdsweep(*KD, "--trials", "2", "--study-name", "one", "--teacher-checkpoint", other, *stores)
+    code, out, err = kdsweep(*KD, "--trials", "2", "--study-name", "one", "--teacher-checkpoint", other, *stores,
+                             "--accept-teacher")  # random weights: which teacher is what this test asks
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "its teacher is" in lines[0] and str(other) in lines[0], err
@@ -340,7 +341,7 @@ def test_confirm_and_report_refuse_a_teacher_swapped_after_the_study(workdir, kd
     """Attack: the teacher file replaced by another valid teacher after the study; `confirm` distilled from the
     wrong one yet recorded the study's teacher_sha256, and `report` pooled seeds of two teachers, exit 0."""
     mine = _random_teacher(workdir / "mine.pt", seed=1)
-    code, out, err = kdsweep(*KD, "--trials", "1", "--teacher-checkpoint", mine)
+    code, out, err = kdsweep(*KD, "--trials", "1", "--teacher-checkpoint", mine, "--accept-teacher")  # random weights
     assert code == 0, out + err
     studied = model_digest(checkpoint.load_model(mine)[0])
     swapped = model_digest(checkpoint.load_model(_random_teacher(mine, seed=2))[0])

@@ -208,6 +208,8 @@ def test_names_that_sanitise_alike_are_two_studies(kdsweep, workdir):
     for name, out in zip(("研究1", "調査1"), outs):
         assert f"study name {name!r} is stored as '1-" in out
         assert "Resuming" not in out
+    code, out, err = kdsweep(*STUDY, "--trials", "2", "--study-name", "研究1")  # said when created, not on resume
+    assert code == 0 and "Resuming" in out and "is stored as" not in out, out + err
 
 
 def test_long_names_sharing_their_first_200_characters_are_two_studies(kdsweep, workdir):

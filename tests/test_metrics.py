@@ -138,7 +138,7 @@ def test_ranking_table_tests_against_ce_with_holm_and_groups_the_best():
     evaluated = [Evaluated(SimpleNamespace(label=k), [{"acc": a} for a in v], "5 confirmation seeds") for k, v in accs.items()]
     students = pd.DataFrame({"label": list(accs), "method": list(accs), "n": 5,
                              "acc": [np.mean(v) for v in accs.values()], "acc_std": [np.std(v, ddof=1) for v in accs.values()]})
-    table, notes = _ranking_table(students, evaluated, SimpleNamespace(label="ce"))
+    table, notes, rule = _ranking_table(students, evaluated, SimpleNamespace(label="ce"))
     t = table.set_index("label")
     raw = {k: stats.ttest_ind(accs[k], accs["ce"], equal_var=False).pvalue for k in ("kd", "dkd", "bad")}
     order = sorted(raw, key=raw.get)
@@ -152,13 +152,18 @@ def test_ranking_table_tests_against_ce_with_holm_and_groups_the_best():
     assert math.isnan(t.loc["ce", "p_vs_ce_holm"])
     ci = stats.ttest_1samp(accs["kd"], 0).confidence_interval(0.95)
     assert (t.loc["kd", "ci95_low"], t.loc["kd", "ci95_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
-    # kd has the best mean; dkd is not significantly below it, ce and bad are.
+    # dkd has the best mean (0.756 against kd's 0.754); kd is not significantly below it, ce and bad are.
     assert bool(t.loc["kd", "top_group"]) and bool(t.loc["dkd", "top_group"])
     assert not t.loc["ce", "top_group"] and not t.loc["bad", "top_group"]
     assert any("Holm-corrected" in n for n in notes)
+    # The rule beside the table, as computed: the best, the seeds, the number of comparisons, the level.
+    assert rule == ("top group: a method not significantly below the best mean (dkd): Welch's t-test of its test accuracy "
+                    "against dkd's over 5 seeds, Holm-corrected over the 3 comparisons, corrected p ≥ 0.05; – where a "
+                    "method has fewer than 3 confirmation seeds")
 
     # Two seeds: a CI, but no p-value and no group, and a note that says why.
     two = [Evaluated(e.study, e.runs[:2], "2 confirmation seeds") for e in evaluated]
-    table, notes = _ranking_table(students, two, SimpleNamespace(label="ce"))
+    table, notes, rule = _ranking_table(students, two, SimpleNamespace(label="ce"))
     assert table["p_vs_ce_holm"].isna().all() and table["top_group"].isna().all()
+    assert rule.startswith("top group and p-values: – until every method has 3 or more confirmation seeds")
     assert any("need at least 3 confirmation seeds" in n for n in notes)

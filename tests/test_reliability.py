@@ -197,13 +197,14 @@ def _patch_first_trial(monkeypatch, change):
 
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     from kdsweep.study.loop import run_study
+    from kdsweep.study.progress import Reporter
 
     monkeypatch.chdir(tmp_path)
     # A real divergence: the first trial trains at lr=1e4, and train.py sees the loss blow up.
     _patch_first_trial(monkeypatch, lambda real, *a, **kw: real(*a[:4], dataclasses.replace(a[4], lr=1e4), **kw))
     cfg, storage, tracking = _config(tmp_path, "nan")
     said: list[str] = []
-    summary = run_study(cfg, say=said.append)
+    summary = run_study(cfg, say=said.append, reporter=Reporter("lines", write=said.append))
     # The diverged trial trained (one epoch): it counts towards --trials 2, so one more completes.
     assert (summary["complete"], summary["failed"], summary["trained"], summary["epochs"]) == (1, 1, 2, 3)
 
@@ -211,7 +212,8 @@ def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypat
     bad = trials[0]
     assert bad.state.name == "FAIL"
     assert re.search(r"non-finite|diverged", bad.user_attrs["fail_reason"]) and bad.user_attrs["failed_at_epoch"] == 0
-    assert any(line.startswith("trial 0 failed: NonFiniteLoss") for line in said)
+    (failed,) = [line for line in said if "NonFiniteLoss" in line]  # one line in a log, its progress line
+    assert " trial 0: FAIL " in failed
     runs, parents = mlflow_runs(tracking, "nan")
     run = next(r for r in runs if r.data.tags["kdsweep.trial"] == "0")
     assert run.info.status == "FAILED"

@@ -58,7 +58,11 @@ def test_imagefolder_study_confirm_report_and_provenance(kdsweep, workdir):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(f"kdsweep/imagefolder:{folder}/digitnet_l->digitnet_s")  # the absolute path
+    from kdsweep.data.sources import name_tag
+
+    # Named short (the folder's name and a digest of its path, issue 22); the pair's tags hold the path whole.
+    exp = client.get_experiment_by_name(f"kdsweep/{name_tag(f'imagefolder:{folder}')}/digitnet_l->digitnet_s")
+    assert str(folder) not in exp.name and exp.tags["kdsweep.dataset"] == f"imagefolder:{folder}"
     parent = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'study'")[0]
     p = parent.data.params
     assert p["dataset"] == f"imagefolder:{folder}" and p["data_source"] == "imagefolder"
@@ -71,6 +75,23 @@ def test_imagefolder_study_confirm_report_and_provenance(kdsweep, workdir):
     assert code == 0 and "vanilla_kd: 0 reused, 1 trained, 0 failed" in out + err, out + err
     code, out, err = kdsweep("report", "--format", "md", "--out", "rep", "--no-plots")
     assert code == 0 and "vanilla_kd" in (workdir / "rep" / "report.md").read_text(), err
+
+
+def test_a_store_holding_the_older_long_experiment_name_keeps_using_it(kdsweep, workdir):
+    """Stores written before issue 22 name a folder's experiment by its whole path: studies go on landing there."""
+    from mlflow.tracking import MlflowClient
+
+    folder = make_folder(workdir / "old")
+    (workdir / "mlruns").mkdir()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    legacy = f"kdsweep/imagefolder:{folder}/digitnet_l->digitnet_s"
+    old = client.create_experiment(legacy)
+    code, out, err = kdsweep("study", "ce", "--dataset", "imagefolder:old", *PAIR, *TINY, "-q")
+    assert code == 0, err
+    assert [e.name for e in client.search_experiments() if e.name.startswith("kdsweep/")] == [legacy]
+    assert client.search_runs([old], "tags.`kdsweep.role` = 'study'")
+    code, out, err = kdsweep("report", "--format", "md", "--out", "rep", "--no-plots")  # found by its pair's tags
+    assert code == 0 and "| ce" in (workdir / "rep" / "report.md").read_text(), err
 
 
 def test_second_load_reads_the_disk_cache_and_a_changed_file_decodes_again(tmp_path):

@@ -117,7 +117,8 @@ def test_a_plain_state_dict_teacher_loads_and_is_the_study_identity(kdsweep, wor
     torch.manual_seed(1)
     teacher = kd_user_models.teacher(10, (1, 8, 8))
     torch.save(teacher.state_dict(), workdir / "mine.pt")
-    code, out, err = kdsweep("study", "vanilla_kd", *DIGITS, *PAIR, "--teacher-checkpoint", "mine.pt")
+    code, out, err = kdsweep("study", "vanilla_kd", *DIGITS, *PAIR, "--teacher-checkpoint", "mine.pt",
+                             "--accept-teacher")  # random weights: the file's identity is what this test asks
     assert code == 0, err
     assert "carries no checksum" not in out + err  # a state_dict never has one: no note about it
     (parent,) = _parents("kdsweep/digits/kd_user_models:teacher->kd_user_models:student")
@@ -348,7 +349,9 @@ def test_torchvision_pair_on_an_image_folder_of_generated_pngs(kdsweep, workdir)
                              "--student", "torchvision:mobilenet_v3_small", "--trials", "1", "--epochs", "1",
                              "--teacher-epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "-q")
     assert code == 0, err
-    (parent,) = _parents(f"kdsweep/imagefolder:{folder}/torchvision:resnet18->torchvision:mobilenet_v3_small")
+    from kdsweep.data.sources import name_tag
+
+    (parent,) = _parents(f"kdsweep/{name_tag(f'imagefolder:{folder}')}/torchvision:resnet18->torchvision:mobilenet_v3_small")
     p = parent.data.params
     assert (p["teacher_feature"], p["student_feature"], p["in_shape"], p["data_files"]) == ("layer4", "features", "3x32x32", "78")
     assert "1 complete" in out or "1 pruned" in out

@@ -4,12 +4,14 @@ trial of every method sees, and the checks on a split's size.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from kdsweep.common.errors import UserError
+from kdsweep.data import inputs
 from kdsweep.data.builtin import RawData
 
 # Batch size used for evaluation passes: large, since no gradients are kept.
@@ -19,9 +21,10 @@ EVAL_BATCH = 1024
 class DeviceData:
     """The three splits of a dataset, resident on one device, with the seeded batch stream."""
 
-    def __init__(self, raw: RawData, seed: int, val_fraction: float, device: torch.device, stream_seed: int | None = None):
+    def __init__(self, raw: RawData, seed: int, val_fraction: float, device: torch.device, stream_seed: int | None = None,
+                 preprocess: str | None = None):
         # `seed` fixes the train/val split; `stream_seed` (default: `seed`) fixes the augmented batch
-        # stream, so a confirmation run can draw fresh batches over the very same split.
+        # stream, so a confirmation run can draw fresh batches over the very same split. `preprocess`: inputs.py.
         if not 0 < val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
         n = len(raw.train_y)
@@ -38,14 +41,24 @@ class DeviceData:
         self.train_x, self.train_y = put(raw.train_x[train_idx]), put(raw.train_y[train_idx])
         self.val_x, self.val_y = put(raw.train_x[val_idx]), put(raw.train_y[val_idx])
         self.test_x, self.test_y = put(raw.test_x), put(raw.test_y)
-        # Normalisation folded into one multiply-add: x * scale + shift (uint8 images are in 0..255).
-        peak = 255.0 if raw.train_x.dtype == torch.uint8 else 1.0
-        mean, std = (raw.mean, raw.std) if raw.mean is not None else channel_stats(self.train_x, peak)
+        self._declared = (raw.mean, raw.std)  # a built-in's statistics (None: the training split's)
+        self._see_through(preprocess)
+
+    def _see_through(self, preprocess: str | None) -> None:
+        """Normalisation folded into one multiply-add: x * scale + shift (uint8 images are in 0..255)."""
+        peak = 255.0 if self.train_x.dtype == torch.uint8 else 1.0
+        mean, std, self.preprocess = input_statistics(self._declared, self.train_x, peak, preprocess)
         self.mean, self.std = tuple(mean), tuple(std)
         std = torch.tensor(std)
-        per_channel = (1, -1) + (1,) * (raw.train_x.dim() - 2)
-        self._scale = put((1.0 / (peak * std)).view(per_channel))
-        self._shift = put((-torch.tensor(mean) / std).view(per_channel))
+        per_channel = (1, -1) + (1,) * (self.train_x.dim() - 2)
+        self._scale = (1.0 / (peak * std)).view(per_channel).to(self.device)
+        self._shift = (-torch.tensor(mean) / std).view(per_channel).to(self.device)
+
+    def seen_through(self, preprocess: str | None) -> "DeviceData":
+        """The same splits through another preprocessing (a shallow copy sharing the tensors): for checking a teacher."""
+        other = copy.copy(self)
+        other._see_through(preprocess)
+        return other
 
     @property
     def n_train(self) -> int:
@@ -99,6 +112,26 @@ class DeviceData:
         x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
         for i in range(0, len(y), EVAL_BATCH):
             yield self.normalize(x[i : i + EVAL_BATCH]), y[i : i + EVAL_BATCH]
+
+
+def input_statistics(declared: tuple, train_x: torch.Tensor, peak: float, preprocess: str | None
+                     ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, the preprocessing in words) that every model of the study sees its inputs through (inputs.py);
+    declared: a built-in dataset's (mean, std), or (None, None)."""
+    how, channels = inputs.parse(preprocess), train_x.shape[1]
+    if how.kind == inputs.NONE:
+        return (0.0,) * channels, (1.0,) * channels, "none (images scaled to [0, 1], floats as given)"
+    if how.kind == inputs.STANDARDIZE and declared[0] is not None:
+        mean, std = tuple(declared[0]), tuple(declared[1])
+        whose = "the dataset's declared statistics"
+    elif how.kind == inputs.STANDARDIZE:
+        mean, std = channel_stats(train_x, peak)
+        whose = "the training split's statistics"
+    else:
+        mean, std = how.per_channel(channels)
+        whose = "your statistics"
+    numbers = f"mean {','.join(f'{v:.4g}' for v in mean)}, std {','.join(f'{v:.4g}' for v in std)}"
+    return mean, std, f"{how.text} with {whose} ({numbers})"
 
 
 def channel_stats(x: torch.Tensor, peak: float, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

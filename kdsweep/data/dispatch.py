@@ -48,10 +48,11 @@ def dataset_shape(name: str, data_dir: str | Path | None = None, image_size: int
 
 
 def load_data(name: str, data_dir: Path | None, size: int | None, seed: int, val_fraction: float, device: torch.device,
-              stream_seed: int | None = None, image_size: int | None = None) -> DeviceData:
+              stream_seed: int | None = None, image_size: int | None = None, preprocess: str | None = None) -> DeviceData:
     """The dataset's splits for `seed`; `stream_seed` (default: `seed`) seeds the training batch stream only.
 
-    `image_size` resizes a spec's images (sources.py); a built-in refuses it.
+    `image_size` resizes a spec's images (sources.py); a built-in refuses it. `preprocess`: what every model
+    sees (inputs.py; None: standardize).
     """
     from kdsweep.data import sources
 
@@ -65,6 +66,6 @@ def load_data(name: str, data_dir: Path | None, size: int | None, seed: int, val
         raw = sources.load(spec.name, data_dir, size, image_size)
     device = torch.device(device)
     sources.check_fits(sum(t.nbytes for t in (raw.train_x, raw.train_y, raw.test_x, raw.test_y)), device)
-    data = DeviceData(raw, seed, val_fraction, device, stream_seed)
+    data = DeviceData(raw, seed, val_fraction, device, stream_seed, preprocess)
     data.tag = name if name in DATASETS else f"{sources.name_tag(spec.name)}-{sources.train_digest(raw)[:12]}"
     return data

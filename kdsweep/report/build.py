@@ -30,7 +30,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -139,6 +139,7 @@ class Report:
     curves: dict[str, list[tuple[int, float]]]  # label -> best trial's val_acc per epoch
     bars: pd.DataFrame  # label, acc mean, acc std, n (+ teacher)
     tmp: Path
+    captions: dict[str, str] = field(default_factory=dict)  # table name -> the one line that reads it, beside it
 
 
 def _fmt_params(run, names: list[str], fixed: list[str]) -> str:
@@ -307,7 +308,8 @@ def _metrics_table(evaluated: list[Evaluated], teacher: Teacher, cost: dict) -> 
     return met.loc[order].reset_index(drop=True)
 
 
-def _ranking_table(students: pd.DataFrame, evaluated: list[Evaluated], ref: StudyRuns | None) -> tuple[pd.DataFrame, list[str]]:
+def _ranking_table(students: pd.DataFrame, evaluated: list[Evaluated], ref: StudyRuns | None
+                   ) -> tuple[pd.DataFrame, list[str], str]:
     """The primary ranking, by test accuracy: CI, difference and Holm-corrected p-value against ce, the top group."""
     by_label = {e.study.label: e for e in evaluated}
     accs = {lbl: by_label[lbl].values("acc") for lbl in students["label"]}
@@ -328,6 +330,12 @@ def _ranking_table(students: pd.DataFrame, evaluated: list[Evaluated], ref: Stud
 
     notes = []
     ns = sorted({len(accs[lbl]) for lbl in accs if by_label[lbl].confirmed})
+    caption = (f"top group: a method not significantly below the best mean ({best}): Welch's t-test of its test "
+               f"accuracy against {best}'s over {'/'.join(map(str, ns))} seeds, Holm-corrected over the "
+               f"{len(tied) - 1} comparisons, corrected p ≥ {ALPHA}; – where a method has fewer than "
+               f"{MIN_SEEDS_FOR_TESTS} confirmation seeds" if len(testable) >= 2 else
+               f"top group and p-values: – until every method has {MIN_SEEDS_FOR_TESTS} or more confirmation seeds "
+               f"(kdsweep confirm --seeds 5)")
     if not ns:
         notes.append("one run per method (its best trial, selected on validation): no CI and no p-values; run "
                      "`kdsweep confirm --seeds 5` for mean ± std, 95% CIs and tests")
@@ -341,7 +349,7 @@ def _ranking_table(students: pd.DataFrame, evaluated: list[Evaluated], ref: Stud
         short = sorted(set(accs) - testable)
         if short:
             notes.append(f"not tested (fewer than {MIN_SEEDS_FOR_TESTS} confirmation seeds): {', '.join(short)}")
-    return out, notes
+    return out, notes, caption
 
 
 def _ranks_table(students: pd.DataFrame) -> pd.DataFrame:
@@ -379,7 +387,7 @@ def build(sel: Selection, data_dir: str | None = None, device: torch.device | st
     met = _metrics_table(evaluated, teacher, cost)
     best = _best_table(sel, evaluated, teacher, ref).set_index("label").loc[met["label"]].reset_index()
     students = met[met["label"] != "teacher"].reset_index(drop=True)
-    ranking, stat_notes = _ranking_table(students, evaluated, ref)
+    ranking, stat_notes, rule = _ranking_table(students, evaluated, ref)
     notes += stat_notes
     for e in evaluated:
         if not e.runs:
@@ -395,7 +403,8 @@ def build(sel: Selection, data_dir: str | None = None, device: torch.device | st
     tables = {"best": best, "metrics": met, "ranking": ranking, "ranks": _ranks_table(students)}
     display = {"best": _display_best(best), "metrics": _display_metrics(met), "ranking": _display_ranking(ranking),
                "ranks": _display_ranks(tables["ranks"])}
-    return Report(sel, tables, display, _budget_warnings(sel), notes, curves, met[["label", "acc", "acc_std", "n"]].copy(), tmp)
+    return Report(sel, tables, display, _budget_warnings(sel), notes, curves, met[["label", "acc", "acc_std", "n"]].copy(), tmp,
+                  {"ranking": rule})
 
 
 # ---------------------------------------------------------------- formatting
@@ -512,7 +521,8 @@ def to_markdown(rep: Report) -> str:
              f"MLflow experiment `{s.experiment}` at {redact(s.tracker.uri)}", ""]
     lines += [f"**Warning:** {w}" for w in rep.warnings] + ([""] if rep.warnings else [])
     for name in TABLES:
-        lines += [f"## {TITLES[name]}", "", markdown_table(rep.display[name]), ""]
+        lines += [f"## {TITLES[name]}", ""] + ([f"*{rep.captions[name]}*", ""] if name in rep.captions else [])
+        lines += [markdown_table(rep.display[name]), ""]
     lines += method_lines(s.studies)
     lines += [directions_text(), ""]
     lines += [f"- {n}" for n in rep.notes]

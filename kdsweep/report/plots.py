@@ -16,9 +16,24 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from kdsweep.methods.registry import METHODS
 from kdsweep.study.best import best_trial
 
 DPI = 120
+# tab20's strong shades first, then its light ones: the first ten methods get ten distinct hues. With a marker
+# from a cycle of another length beside each colour, 20+ methods stay distinguishable (and in greyscale).
+COLORS = [plt.get_cmap("tab20")(i) for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h"]
+
+
+def method_styles(labels) -> dict[str, tuple[tuple, str]]:
+    """(colour, marker) per label, the same in every plot and every report: a known method keeps its slot in the
+    sorted list of methods; other labels (study files) take the next free slots, in sorted order."""
+    known = sorted(METHODS)
+    taken = {known.index(lbl) for lbl in labels if lbl in known}
+    free = (i for i in range(len(known) + len(labels)) if i not in taken)
+    slots = {lbl: known.index(lbl) if lbl in known else next(free) for lbl in sorted(set(labels))}
+    return {lbl: (COLORS[i % len(COLORS)], MARKERS[(i + i // len(COLORS)) % len(MARKERS)]) for lbl, i in slots.items()}
 
 
 def _slug(name: str) -> str:
@@ -41,50 +56,55 @@ def _retitle(ax, text: str) -> None:
 
 
 def acc_bars(bars: pd.DataFrame, path: Path, title: str, reference: str | None = None) -> Path:
-    """Test accuracy per method: a point at the mean, error bars of one sample std (with seeds); the teacher as a line.
-
-    Points, not bars: the axis does not start at zero, and a truncated bar would exaggerate the gaps.
-    """
+    """Test accuracy per method, one row each, best on top: a point at the mean, error bars of one sample std (with
+    seeds); the teacher as a line. Rows, so 20 methods stay readable at any width; points, not bars: the axis does
+    not start at zero, and a truncated bar would exaggerate the gaps."""
     teacher = bars[(bars["label"] == "teacher") & bars["acc"].notna()]
-    rows = bars[(bars["label"] != "teacher") & bars["acc"].notna()].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.9 * len(rows)), 3.6))
+    rows = bars[(bars["label"] != "teacher") & bars["acc"].notna()].sort_values("acc", ascending=False).reset_index(drop=True)
+    styles = method_styles(list(rows["label"]))
+    fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * max(len(rows), 2)))
     std = rows["acc_std"].to_numpy(dtype=float)
     for i, r in rows.iterrows():
-        color = "#8c8c8c" if r["label"] == reference else "#3b75af"
+        color, marker = styles[r["label"]]
         s = None if math.isnan(std[i]) else std[i]
-        ax.errorbar([i], [r["acc"]], yerr=None if s is None else [[s], [s]], fmt="o", color=color, capsize=5, markersize=6)
-        txt = f"{r['acc']:.3f}" + ("" if s is None else f" ± {s:.3f}") + f"\nn={int(r['n'])}"
-        ax.annotate(txt, (i, r["acc"]), ha="left", va="center", fontsize=7, xytext=(8, 0), textcoords="offset points")
+        ax.errorbar([r["acc"]], [i], xerr=None if s is None else [[s], [s]], fmt=marker, color=color, capsize=4,
+                    markersize=7, markeredgecolor="black" if r["label"] == reference else color)
+        txt = f"{r['acc']:.3f}" + ("" if s is None else f" ± {s:.3f}") + f"  n={int(r['n'])}"
+        ax.annotate(txt, (r["acc"] + (s or 0), i), ha="left", va="center", fontsize=7, xytext=(6, 0),
+                    textcoords="offset points")
     values = list(rows["acc"] - np.nan_to_num(std)) + list(rows["acc"] + np.nan_to_num(std))
     if len(teacher):
         t = float(teacher["acc"].iloc[0])
-        ax.axhline(t, color="#c44e52", linestyle="--", linewidth=1, label=f"teacher {t:.3f}")
+        ax.axvline(t, color="#c44e52", linestyle="--", linewidth=1, label=f"teacher {t:.3f}")
         values.append(t)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=8)  # where no point is
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    pad = 0.15 * (hi - lo) + 0.01
-    ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) if hi + pad <= 1.0 else hi + pad / 3)
-    ax.set_xlim(-0.5, len(rows) - 0.5 + 0.6)
-    ax.set_xticks(range(len(rows)), rows["label"], rotation=20, ha="right")
-    ax.set_ylabel("test accuracy")
+    pad = 0.1 * (hi - lo) + 0.01
+    ax.set_xlim(max(0.0, lo - pad), hi + 2.5 * pad)  # room on the right for the numbers
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # best on top
+    ax.set_yticks(range(len(rows)), [f"{lbl} (reference)" if lbl == reference else lbl for lbl in rows["label"]],
+                  fontsize=8)
+    ax.set_xlabel("test accuracy")
     ax.set_title(title, fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 
 def val_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
     """Validation accuracy per epoch of each method's best trial."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    styles = method_styles(list(curves))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for label, pts in sorted(curves.items()):
         if pts:
-            ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+            color, marker = styles[label]
+            ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker=marker, markersize=4, color=color, label=label)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8)
+    if curves:  # beside the axes, not over the curves; two columns past 14 methods
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 if len(curves) <= 14 else 2)
     return _save(fig, path)
 
 

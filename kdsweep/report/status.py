@@ -23,7 +23,7 @@ from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner, heartbeat_settings
 from kdsweep.common.uris import absolute_sqlite, redact
 from kdsweep.study.best import best_trial
-from kdsweep.study.budget import Spent
+from kdsweep.study.budget import Budget, Spent
 from kdsweep.study.optuna_storage import default_storage
 from kdsweep.study.workers import stale_reason
 from kdsweep.tracking.tracker import default_tracking_uri
@@ -84,15 +84,25 @@ def _study(storage, frozen, grace: int) -> dict[str, Any]:
     workers = _workers([t for t in trials if t.state == TrialState.RUNNING], grace)
     return {
         "study": frozen.study_name, "method": fp.get("method", ""),
-        "per_trial": {k: fp[k] for k in ("epochs", "batch_size", "momentum", "weight_decay", "data_size", "val_fraction",
-                                         "teacher_epochs") if fp.get(k) is not None},
+        "per_trial": _per_trial(fp),
         "dataset": fp.get("dataset", ""), "teacher": fp.get("teacher", ""), "student": fp.get("student", ""),
-        "seed": fp.get("seed"), "budget": "", "per_trial_tag": "", "trials": states, "trained": spent.trials, "epochs_spent": spent.epochs,
+        "seed": fp.get("seed"), "budget": {"trials": None, "epochs": None, "text": ""}, "per_trial_tag": "", "trials": states, "trained": spent.trials, "epochs_spent": spent.epochs,
         "best": None if best is None else {"trial": best.number, "val_acc": best.value,
                                            "test_acc": best.user_attrs.get("test_acc")},
         "active": workers["running_trials"] > 0, "workers": workers,
         "mlflow": {"parent_run": frozen.user_attrs.get(PARENT_ATTR, ""), "experiment": "", "experiment_id": ""},
     }
+
+
+def _per_trial(fp: dict[str, Any]) -> dict[str, Any]:
+    """What one trial computes, from the study's fingerprint; `momentum` is Adam's and AdamW's beta1 (loop.Schedule),
+    and named so for them."""
+    keys = ("optimizer", "epochs", "batch_size", "momentum", "weight_decay", "data_size", "val_fraction", "teacher_epochs",
+            "preprocess")
+    out = {k: fp[k] for k in keys if fp.get(k) is not None}
+    if out.get("optimizer") in ("adam", "adamw") and "momentum" in out:
+        out["beta1"] = out.pop("momentum")
+    return out
 
 
 def _add_mlflow(rows: list[dict], uri: str) -> str | None:
@@ -115,7 +125,8 @@ def _add_mlflow(rows: list[dict], uri: str) -> str | None:
         except Exception:  # noqa: BLE001 - deleted, or another store
             row["mlflow"]["parent_run"] += " (not in this MLflow store)"
             continue
-        row["budget"] = run.data.tags.get("kdsweep.budget", "")
+        words = run.data.tags.get("kdsweep.budget", "")
+        row["budget"] = {**Budget.read(words), "text": words}
         row["per_trial_tag"] = run.data.tags.get("kdsweep.per_trial", "")
         row["mlflow"]["experiment_id"] = run.info.experiment_id
         row["mlflow"]["experiment"] = client.get_experiment(run.info.experiment_id).name
@@ -146,7 +157,7 @@ def text(status: dict) -> str:
         s = r["trials"]
         w = r["workers"]
         out += ["", r["study"],
-                f"  method {r['method'] or '?'}; per trial {_per_trial_words(r)}; budget {r['budget'] or 'unrecorded'}",
+                f"  method {r['method'] or '?'}; per trial {_per_trial_words(r)}; budget {r['budget']['text'] or 'unrecorded'}",
                 f"  trials: {s['COMPLETE']} complete, {s['PRUNED']} pruned, {s['FAIL']} failed, {s['RUNNING']} running"
                 + (f", {s['WAITING']} waiting" if s["WAITING"] else "") + f" ({r['trained']} trained, {r['epochs_spent']} epochs)"]
         b = r["best"]

@@ -240,8 +240,10 @@ def _choose_experiment(tracker: Tracker, dataset: str | None, teacher: str | Non
         else:
             raise UserError(f"{dataset} has no default pair: choose one with --teacher and --student"
                             + (f" ({', '.join(pairs)})" if pairs else f"; no studies of it in {redact(tracker.uri)}"))
-    experiment = f"kdsweep/{dataset}/{teacher}->{student}"  # as StudyConfig.experiment_name
-    if experiment not in names:
+    # Found by its pair, not its name: a spec's experiment is named short (StudyConfig.experiment_name), or by its
+    # whole path in stores written before.
+    experiment = next((n for n, pair in names.items() if pair == (dataset, teacher, student)), None)
+    if experiment is None:
         raise UserError(f"no studies of {dataset} {teacher}->{student} in {redact(tracker.uri)}; "
                         f"it holds: {', '.join(n[len('kdsweep/'):] for n in names)}")
     return experiment, dataset, teacher, student
@@ -333,7 +335,7 @@ def split_data(params: dict[str, str], data_dir: str | None, device: torch.devic
             data_dir = params.get("data_path") or None
         image_size = int(params["image_size"]) if params.get("image_size") else None
         return load_data(params["dataset"], data_dir, n, int(params["seed"]), float(params["val_fraction"]), device, stream_seed,
-                         image_size=image_size)
+                         image_size=image_size, preprocess=params.get("preprocess"))  # absent: older studies standardized
     except KeyError as e:
         raise UserError(f"study run lacks the param {e.args[0]!r}; it was not written by kdsweep study") from None
 

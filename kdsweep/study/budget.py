@@ -17,6 +17,7 @@ the budget; a study ends with between E and E + epochs - 1 epochs spent.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
@@ -79,6 +80,12 @@ class Budget:
         parts = ([f"{self.trials} trials"] if self.trials is not None else []) + \
                 ([f"{self.epochs} epochs"] if self.epochs is not None else [])
         return " or ".join(parts)
+
+    @staticmethod
+    def read(text: str) -> dict[str, int | None]:
+        """describe()'s words back as numbers, {"trials": N or None, "epochs": E or None} (for `status --json`)."""
+        found = {unit: int(n) for n, unit in re.findall(r"(\d+) (trials|epochs)", text or "")}
+        return {"trials": found.get("trials"), "epochs": found.get("epochs")}
 
     def spent_text(self, s: Spent) -> str:
         states = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s.by_state.items()))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kdsweep.common.errors import UserError
+from kdsweep.data import inputs
 from kdsweep.data.dispatch import dataset_shape, get_dataset
 from kdsweep.data.sources import name_tag
 from kdsweep.methods.registry import METHODS, get_method
@@ -57,6 +58,7 @@ class StudyConfig(StudySettings):
         if not spec.teacher and not (self.teacher and self.student):
             raise UserError(f"dataset {self.dataset} has no default teacher and student: pass --teacher and --student")
         settings.check(self)  # choices and bounds, as the schema declares them, before any data is read
+        self.preprocess = inputs.parse(self.preprocess).text  # refused here when it cannot be read
         in_shape, _ = dataset_shape(self.dataset, self.data_dir, self.image_size)  # a spec's data is read (once) here
         self.teacher = check_arch(self.teacher or spec.teacher, in_shape)
         self.student = check_arch(self.student or spec.student, in_shape)
@@ -99,6 +101,8 @@ class StudyConfig(StudySettings):
             parts.append(f"te{self.teacher_epochs}")
         if self.teacher_tag:
             parts.append(self.teacher_tag)
+        if inputs.parse(self.preprocess).tag:  # other inputs: another computation (the default adds nothing)
+            parts.append(inputs.parse(self.preprocess).tag)
         return "-".join(parts)
 
     @property
@@ -129,7 +133,13 @@ class StudyConfig(StudySettings):
 
     @property
     def experiment_name(self) -> str:
-        """MLflow experiment: one per dataset and teacher->student pair, so methods sit side by side."""
+        """MLflow experiment: one per dataset and teacher->student pair, so methods sit side by side. A spec is named
+        short (an image folder by its folder's name and a digest of its path); the pair's tags hold it whole."""
+        return f"kdsweep/{name_tag(self.dataset)}/{self.teacher}->{self.student}"
+
+    @property
+    def legacy_experiment_name(self) -> str:
+        """The experiment's name before issue 22 (a spec's whole path): a store that holds it keeps using it."""
         return f"kdsweep/{self.dataset}/{self.teacher}->{self.student}"
 
     @property
@@ -138,8 +148,8 @@ class StudyConfig(StudySettings):
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when a study is resumed (else its trials are not comparable)."""
-        keys = ("method", "dataset", "data_size", "image_size", "val_fraction", "teacher", "student", "seed", "epochs",
-                "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
+        keys = ("method", "dataset", "data_size", "image_size", "val_fraction", "preprocess", "teacher", "student", "seed",
+                "epochs", "batch_size", "optimizer", "momentum", "weight_decay", "teacher_epochs", "sampler", "pruner")
         fp = {k: getattr(self, k) for k in keys}
         fp.update(self._tap_fingerprint())
         fp["space"] = {k: v.settings() for k, v in sorted(self.space.items())}

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from tqdm.auto import tqdm
 
 from kdsweep.common import digests, failures
+from kdsweep.common.bars import tqdm
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import StudyLock
 from kdsweep.common.processes import Owner
@@ -58,9 +58,11 @@ from kdsweep.tracking.vocabulary import (
     RUN_ID_ATTR,
     RUN_KILLED,
     RUN_RUNNING,
+    TEACHER_ACCEPTED_TAG,
 )
 from kdsweep.training import teacher_outputs
 from kdsweep.training.devices import Accel, resolve_device, set_cpu_threads
+from kdsweep.training.teacher import check_teacher
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -114,8 +116,9 @@ def _check_resume(study: optuna.Study, cfg: StudyConfig) -> None:
         raise UserError(f"{why}; {RESUME_HINT}")
 
 
-def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict) -> str | None:
-    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained;
+def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict, teacher: dict | None = None) -> str | None:
+    """Refuse a resume with other settings or another data split now, read-only, before a teacher is trained (and
+    again with the teacher's record, before the teacher's quality is judged: another teacher is the first thing to say);
     the digest of the teacher the study recorded (which this worker then fetches if it lacks it)."""
     if cfg.full_study_name not in optuna.get_all_study_names(storage):
         return None  # a new study: nothing to compare with
@@ -123,7 +126,7 @@ def _precheck(storage: optuna.storages.RDBStorage, cfg: StudyConfig, split: dict
     why = _conflict(study, cfg)
     if why:
         raise UserError(f"{why}; {RESUME_HINT}")
-    fixed_inputs.check(cfg.full_study_name, study.user_attrs, split, None)
+    fixed_inputs.check(cfg.full_study_name, study.user_attrs, split, teacher)
     return (study.user_attrs.get(fixed_inputs.TEACHER_ATTR) or {}).get("sha256")
 
 
@@ -372,6 +375,7 @@ def _base_params(cfg: StudyConfig, data: DeviceData, device: torch.device, teach
     return {"method": cfg.method, "study": cfg.full_study_name, "dataset": cfg.dataset, "teacher": cfg.teacher,
             "student": cfg.student, "seed": cfg.seed, "data_size": data.n_train, "val_size": len(data.val_y),
             "test_size": len(data.test_y), "val_fraction": cfg.val_fraction, "augment": data.augment.describe(),
+            "preprocess": cfg.preprocess, "inputs": data.preprocess,
             "device": device.type, "teacher_checkpoint": teacher_info.get("path", ""),
             "teacher_val_acc": teacher_info.get("val_acc", ""), "teacher_sha256": teacher_info.get("sha256", ""),
             **_model_params(cfg, data, teacher, teacher_info), **perf_params, **data_provenance(data)}
@@ -381,18 +385,22 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
     """Everything before the first trial, in the order of the module docstring; the context trials share.
     Stores, data and teacher come from `resources`: opened by the first study that needs them."""
     check_pair(cfg)
-    if cfg.full_study_name != cfg.requested_study_name:  # said once, before anything runs
-        say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
     cache, accel, perf_params = _perf_setup(cfg, device)
     storage = resources.storage(cfg.storage)
+    if cfg.full_study_name != cfg.requested_study_name and cfg.full_study_name not in optuna.get_all_study_names(storage):
+        say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")  # once: when it is new
     tracker = resources.tracker(cfg.tracking_uri)
     data = resources.data(cfg, device)
     check_split(data, cfg.batch_size, cfg.val_fraction, say)  # before a teacher is trained on it
     split = fixed_inputs.split_record(data)
     wanted = _precheck(storage, cfg, split)
     teacher, teacher_info = resources.teacher(cfg, data, say, storage.url, wanted) if method_cls.uses_teacher else (None, {})
+    accepted = None
+    if teacher is not None:  # before the study is created or any trial trains
+        _precheck(storage, cfg, split, fixed_inputs.teacher_record(teacher_info))
+        accepted = check_teacher(cfg, data, teacher, teacher_info, say)
 
     name = cfg.full_study_name
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
@@ -401,13 +409,16 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
     if not lock.exact:
         say(f"warning: no cross-worker lock for {redact(storage.url).split(':', 1)[0]} storage; several workers may "
             f"overshoot --trials (use SQLite on one host, or PostgreSQL)")
-    exp = tracker.experiment(cfg.experiment_name, pair_tags(cfg))
+    old = cfg.legacy_experiment_name
+    exp = tracker.experiment(old if tracker.client.get_experiment_by_name(old) else cfg.experiment_name, pair_tags(cfg))
     base_params = _base_params(cfg, data, device, teacher, teacher_info, perf_params)
     with lock:  # one parent run, however many workers start at once
         _check_resume(study, cfg)
         fixed_inputs.check_and_record(study, split, fixed_inputs.teacher_record(teacher_info))
         store_agreement.check_name(study, cfg.requested_study_name, name)
         parent = _parent_run(tracker, exp, study, cfg, base_params, say)
+    if accepted:
+        tracker.log(parent, tags={TEACHER_ACCEPTED_TAG: f"--accept-teacher: it {accepted}"})
     return StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                         study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=storage.heartbeat_interval,
                         grace=storage.grace_period, cache=cache, accel=accel, reporter=reporter)
@@ -483,7 +494,8 @@ def _best_value(study: optuna.Study) -> float:
 def _summary(ctx: StudyContext, best: dict | None) -> dict:
     cfg, study, now = ctx.cfg, ctx.study, spent(ctx.study)
     return {"study": cfg.full_study_name, "storage": redact(ctx.storage.url if hasattr(ctx.storage, "url") else str(cfg.storage)),
-            "tracking_uri": redact(ctx.tracker.uri), "experiment": cfg.experiment_name, "experiment_id": ctx.experiment_id,
+            "tracking_uri": redact(ctx.tracker.uri), "experiment": ctx.tracker.client.get_experiment(ctx.experiment_id).name,
+            "experiment_id": ctx.experiment_id,
             "parent_run": ctx.parent_run, "complete": count(study, COMPLETE), "pruned": count(study, PRUNED),
             "failed": count(study, FAIL), "best": best, "trained": now.trials, "epochs": now.epochs,
             "budget": cfg.budget.describe(), "edges": edge_warnings(best["params"], cfg.space) if best else [],
@@ -500,12 +512,16 @@ def run_studies(cfgs: list[StudyConfig], say: Callable[[str], None] = print, rep
     reporter = reporter or Reporter.auto()
     if say is print:
         say = reporter.say  # flushed in logs, on stderr with --quiet
-    resources, ctxs, status = Resources(), [], RUN_FINISHED
+    resources, opened, status = Resources(), {}, RUN_FINISHED
+    # Studies that need a teacher open first: a teacher refused (check_teacher) stops the run before a
+    # teacher-free study (ce) is made, so a refusal leaves no study behind.
+    order = sorted(range(len(cfgs)), key=lambda i: not get_method(cfgs[i].method).uses_teacher)
     try:
-        for cfg in cfgs:
-            ctxs.append(_open_study(cfg, say, reporter, resources))
-            _close_orphan_runs(ctxs[-1], finished_too=True)
-            _say_where(ctxs[-1])
+        for i in order:
+            opened[i] = ctx = _open_study(cfgs[i], say, reporter, resources)
+            _close_orphan_runs(ctx, finished_too=True)
+            _say_where(ctx)
+        ctxs = [opened[i] for i in range(len(cfgs))]
         _run_trials(ctxs)
     except KeyboardInterrupt:
         status = RUN_KILLED
@@ -514,6 +530,7 @@ def run_studies(cfgs: list[StudyConfig], say: Callable[[str], None] = print, rep
         status = RUN_FAILED
         raise
     finally:
+        ctxs = [opened[i] for i in sorted(opened)]
         bests = [_finish(ctx, status) for ctx in ctxs]
         for ctx in ctxs:
             ctx.lock.close()

@@ -4,9 +4,11 @@ A name must find the same study again when a notebook is run twice, so it comes 
 object *is*, never from where it happens to live in memory:
   * a function or class importable by its module path (not defined in `__main__`) becomes that
     spec, `package.module:name`, which other processes (`kdsweep report`) can rebuild too;
-  * anything else is registered in this process under a name made from its kind and a digest
-    of its content (data: the tensors; a model instance: its class and weights; a notebook
-    function: its name and code). Such a study is confirmed and reported from the same process.
+  * anything else is registered in this process under a readable name and a digest of its
+    content (data: the tensors; a model instance: its weights; a notebook function: its code). The
+    readable part is the variable the calling code holds the object in (`teacher = nn.Sequential(...)`
+    gives `py.teacher-<digest>`), else its class (a module) or `data`; a function's is its own name.
+    Such a study is confirmed and reported from the same process.
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ def _importable(obj: Any) -> str | None:
         return None
 
 
+def _callers_name(obj: Any) -> str | None:
+    """The variable the user's code holds `obj` in, in the first frame outside kdsweep (a notebook cell's globals, a
+    function's locals): the same on every rerun, unlike its address. IPython's `_`, `_1`... never count."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "kdsweep":
+            frame = frame.f_back
+        names = [] if frame is None else sorted(k for k, v in list(frame.f_locals.items())
+                                                if v is obj and k.isidentifier() and not k.startswith("_"))
+        return names[0] if names else None
+    finally:
+        del frame  # a frame holds its locals: never keep it alive
+
+
 def _code_digest(fn: Any) -> str:
     try:
         text = inspect.getsource(fn)
@@ -81,8 +97,8 @@ def model_name(model: Any) -> str:
     from kdsweep.common.digests import model_digest
     from kdsweep.models import specs
 
-    if isinstance(model, nn.Module):
-        name = f"py.{type(model).__name__}-{model_digest(model)[:10]}"  # an instance: its class and its weights
+    if isinstance(model, nn.Module):  # an instance: the user's name for it (or its class), and its weights
+        name = f"py.{_callers_name(model) or type(model).__name__}-{model_digest(model)[:10]}"
     elif callable(model):
         spec = _importable(model)
         if spec:
@@ -103,7 +119,7 @@ def data_name(data: Any) -> str:
             return spec
         name = f"py.{getattr(data, '__name__', 'data')}-{_code_digest(data)}"
     else:
-        name = f"py.data-{_content_digest(data)}"
+        name = f"py.{_callers_name(data) or 'data'}-{_content_digest(data)}"
     dispatch.register(name, data)
     return name
 

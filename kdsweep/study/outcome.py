@@ -253,16 +253,16 @@ def _close_run(rec: Records, outcome: Outcome, end: Ending, reason: str, strict:
 
 
 def _tell_people(rec: Records, outcome: Outcome, reason: str) -> None:
-    """Step 4: a trial that failed by its own fault is said; every ended trial gets its progress line."""
+    """Step 4: every ended trial gets its progress line (in a log); a trial that failed by its own fault is said in
+    one line: its progress line, which carries the reason, or where there is none (bars, --quiet) a line of its own."""
+    if rec.line is not None and rec.storage is not None:
+        try:
+            rec.line(rec.storage.get_trial(rec.trial._trial_id))
+            return
+        except Exception:  # noqa: BLE001 - a log line is never worth stopping the study for
+            pass
     if outcome in (DIVERGED, OUT_OF_MEMORY) and rec.run is not None:
         rec.say(f"trial {rec.trial.number} failed: {reason}; the study goes on")
-    if rec.line is None or rec.storage is None:
-        return
-    try:
-        frozen = rec.storage.get_trial(rec.trial._trial_id)
-    except Exception:  # noqa: BLE001 - a log line is never worth stopping the study for
-        return
-    rec.line(frozen)
 
 
 def recorded_outcome(trial: FrozenTrial) -> Outcome:

@@ -46,7 +46,7 @@ class Resources:
         key = _data_key(cfg, device)
         if key not in self.datas:
             self.datas[key] = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device,
-                                        image_size=cfg.image_size)
+                                        image_size=cfg.image_size, preprocess=cfg.preprocess)
         return self.datas[key]
 
     def teacher(self, cfg: StudyConfig, data: DeviceData, say: Callable[[str], None], storage_url: str,
@@ -61,4 +61,5 @@ class Resources:
 
 
 def _data_key(cfg: StudyConfig, device: torch.device) -> tuple[Any, ...]:
-    return (cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, str(device), cfg.image_size)
+    return (cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, str(device), cfg.image_size,
+            cfg.preprocess)

@@ -14,6 +14,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
 from kdsweep.common.errors import UserError
+from kdsweep.data import inputs
 from kdsweep.data.catalog import DATASET_NAMES
 from kdsweep.methods.space import MOMENTUM, OPTIMIZERS
 
@@ -65,6 +66,11 @@ class StudySettings:
     data_size: int | None = setting(None, "training images to use (synthetic: to generate)", DATA,
                                     default_text="all, synthetic 5000", at_least=10)
     val_fraction: float = setting(0.1, "share of the training set held out for validation", DATA, above=0, below=1)
+    preprocess: str = setting(
+        inputs.DEFAULT, "what the teacher and every student see: uint8 images are scaled to [0, 1] (floats kept), then "
+        "standardize: (x - mean) / std with a built-in dataset's statistics or your data's training split's; none: "
+        "nothing more; MEAN/STD: your own, one number per channel or one for all (e.g. 0.485,0.456,0.406/0.229,0.224,"
+        "0.225); a teacher trained elsewhere needs the preprocessing it was trained with", DATA, metavar="HOW")
     seed: int = setting(0, "seed of the split, augmentation stream, initialisation and sampler", DATA)
     device: str = setting("auto", "where to train; auto: CUDA when there is one", DATA, choices=DEVICES)
 
@@ -81,6 +87,10 @@ class StudySettings:
                                           default_text="the last module that yields a spatial map", metavar="PATH")
     student_embedding: str | None = setting(None, "module whose input is the student's embedding, e.g. fc", MODELS,
                                             default_text="the last nn.Linear", metavar="PATH")
+    accept_teacher: bool = setting(
+        False, "distil from a teacher even when it scores near chance on this study's validation split, or far below "
+        "what its checkpoint says it scored (checked before any trial; the acceptance is recorded in MLflow)", MODELS,
+        in_file=False)
     teacher_epochs: int | None = setting(None, "epochs of a teacher trained when none is cached", MODELS,
                                          default_text=_PER_DATASET, at_least=1)
     teacher_seed: int | None = setting(

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from tqdm.auto import tqdm
 
+from kdsweep.common.bars import tqdm
 from kdsweep.common.locks import StudyLock
 from kdsweep.common.processes import Owner
 from kdsweep.data.device_data import DeviceData

@@ -33,6 +33,9 @@ PARENT_ATTR = "mlflow_parent_run_id"
 CONFIG_ATTR = "kdsweep_config"
 
 
+TEACHER_ACCEPTED_TAG = "kdsweep.teacher_accepted"  # a parent run's: why its teacher was refused, and that --accept-teacher overrode it
+
+
 # --------------------------------------------------------------------------- trial states
 # A trial run's STATE_TAG holds the Optuna state its trial ended in (RUNNING while it trains; ORPHANED for
 # a run no trial owns). Which state, MLflow status and tag go together is study/outcome.py's table.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import tempfile
 import threading
@@ -25,13 +26,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from kdsweep.common.atomic import path_component
+from kdsweep.common.bars import tqdm
 from kdsweep.common.digests import model_digest
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner, heartbeat_settings
 from kdsweep.common.uris import redact
+from kdsweep.data import inputs
 from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
@@ -59,22 +61,24 @@ def cache_dir() -> Path:
 
 
 def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int | None, val_fraction: float,
-               split_seed: int | None = None, control: str | None = None) -> Path:
+               split_seed: int | None = None, control: str | None = None, preprocess: str | None = None) -> Path:
     """The cached teacher's file. `seed` is the teacher's own; `split_seed`, the data split's seed, is named only
-    when it differs (a teacher of another seed on the same split), so every older file keeps its name."""
+    when it differs (a teacher of another seed on the same split), so every older file keeps its name; so are
+    inputs other than the default (`preprocess`: a teacher trained on other inputs is another teacher)."""
     size = f"-n{data_size}" if data_size else ""
     val = "" if val_fraction == 0.1 else f"-v{val_fraction:g}"
     split = "" if split_seed is None or split_seed == seed else f"-split{split_seed}"
     what = f"-{control}" if control else f"-e{epochs}"  # an untrained teacher has no epochs
+    inputs_tag = f"-{inputs.parse(preprocess).tag}" if inputs.parse(preprocess).tag else ""
     # A registered model may be named anything, '../x' too: the name must not lead the file out of the cache.
-    return cache_dir() / "teachers" / path_component(f"{dataset}-{arch}-s{seed}{split}{what}{size}{val}.pt")
+    return cache_dir() / "teachers" / path_component(f"{dataset}-{arch}-s{seed}{split}{what}{size}{val}{inputs_tag}.pt")
 
 
 def study_cache_path(cfg, data: DeviceData) -> Path:
-    """The cached teacher of a study's settings (its teacher seed and control, on its split)."""
+    """The cached teacher of a study's settings (its teacher seed, control and inputs, on its split)."""
     # data.tag: a spec's name and the digest of its images, so a changed folder never meets an old teacher
     return cache_path(data.tag or cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed, cfg.teacher_epochs,
-                      cfg.data_size, cfg.val_fraction, cfg.seed, cfg.teacher_control)
+                      cfg.data_size, cfg.val_fraction, cfg.seed, cfg.teacher_control, cfg.preprocess)
 
 
 class EpochLines:
@@ -109,7 +113,7 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
                         weight_decay=spec.weight_decay, optimizer=spec.optimizer)
     exp = tracker.experiment(TEACHERS_EXPERIMENT)
     params = {"dataset": dataset, "arch": arch, "seed": seed, "epochs": epochs, "params": count_params(model),
-              "data_size": data.n_train, **{k: v for k, v in vars(schedule).items() if k != "epochs"}}
+              "data_size": data.n_train, "preprocess": data.preprocess, **{k: v for k, v in vars(schedule).items() if k != "epochs"}}
     close_dead_teacher_runs(tracker)
     run = tracker.start(exp, path.stem, {"kdsweep.role": "teacher", "kdsweep.dataset": dataset,
                                          TEACHER_KEY_TAG: path.name, **owner_tags()})
@@ -128,7 +132,8 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
         model.load_state_dict(result.state["student"])
         test_loss, test_acc = evaluate(model, data, "test")
         meta = {"dataset": dataset, "seed": seed, "epochs": epochs, "best_epoch": result.best_epoch,
-                "val_acc": result.best_val_acc, "test_acc": test_acc}
+                "val_acc": result.best_val_acc, "test_acc": test_acc, "preprocess": data.preprocess,
+                "trained": time.strftime("%Y-%m-%d %H:%M:%S")}
         digest = model_digest(model)
         checkpoint.save(path, arch, data.in_shape, data.num_classes, {"student": result.state["student"]}, meta,
                         sha256=digest)
@@ -349,6 +354,14 @@ def untrained_teacher(dataset: str, arch: str, seed: int, data: DeviceData, trac
     return path
 
 
+def _provenance(path: Path, meta: dict) -> str:
+    """Where a cached teacher came from, in one line: the cache is shared by every project of this user."""
+    when = meta.get("trained") or time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
+    score = f", val_acc {meta['val_acc']:.4f}" if isinstance(meta.get("val_acc"), (int, float)) else ""
+    return (f"teacher: the cached {path} (trained by kdsweep {when}, {meta.get('epochs', '?')} epochs{score}; the cache "
+            f"serves every project of this user: $KDSWEEP_CACHE or --teacher-checkpoint chooses another)")
+
+
 def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print, storage_url: str | None = None,
                 wanted: str | None = None) -> tuple[Net, dict]:
     """The study's teacher: --teacher-checkpoint (kdsweep's, or a plain state_dict for cfg.teacher), else the one
@@ -366,8 +379,12 @@ def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print, storage_url:
     else:
         path = study_cache_path(cfg, data)  # the teacher's identity (teacher seed, control, data digest...)
         with teacher_store.claim(tracker, storage_url, path.name, say), cache_lock(path, say):
-            path = _cached_teacher(cfg, data, tracker, path, say, wanted)
-            model, payload = _load(cfg, data, path)
+            before = path.stat().st_mtime_ns if path.is_file() else None
+            found = _cached_teacher(cfg, data, tracker, path, say, wanted)
+            model, payload = _load(cfg, data, found)
+        if found == path and before is not None and path.stat().st_mtime_ns == before:  # used as it was: say whose it is
+            say(_provenance(path, payload.get("meta", {})))
+        path = found
     if checkpoint.SHA_KEY not in payload and not payload.get("plain"):  # a plain state_dict never carries one
         say(f"note: teacher {path} carries no checksum (written by an older kdsweep): its weights cannot be verified")
     digest = model_digest(model)  # memoised: verified above at no extra cost
@@ -377,3 +394,62 @@ def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print, storage_url:
     info = {"path": str(path), **meta, "stored_val_acc": meta.get("val_acc"), "val_acc": val_acc, "sha256": digest,
             "file_sha256": checkpoint.file_sha256(path)}
     return model, info
+
+
+# A teacher worth distilling covers at least this share of the way from chance to perfect accuracy on the study's
+# validation split: 0.28 for 10 classes, 0.4 for 4, 0.6 for 2, 0.21 for 100; a random one scores about chance.
+MIN_SKILL = 0.2
+# A teacher scoring this much (or 3 standard errors, on a small split) below its checkpoint's own score, or below
+# what it scores through another preprocessing, is being fed inputs other than it was trained on.
+MAX_DROP = 0.1
+
+
+def _allowed_drop(acc: float, n_val: int) -> float:
+    return max(MAX_DROP, 3 * math.sqrt(acc * (1 - acc) / n_val))
+
+
+def teacher_problem(val_acc: float, stored_val_acc: float | None, num_classes: int, n_val: int,
+                    elsewhere: dict[str, float] | None = None) -> str | None:
+    """Why a teacher is not worth distilling from, in words (None: it is): it scores far better through another
+    preprocessing (`elsewhere`: {setting: val_acc}), near chance, or far below its checkpoint's own score."""
+    best = max((elsewhere or {}).items(), key=lambda kv: kv[1], default=None)
+    if best and best[1] > val_acc + _allowed_drop(best[1], n_val):
+        return f"scores val_acc {val_acc:.3f}, and {best[1]:.3f} with --preprocess {best[0]}: it was trained on other inputs"
+    chance = 1 / num_classes
+    noise = 3 * math.sqrt(chance * (1 - chance) / n_val)  # a random teacher's luck on a small validation split
+    floor = chance + max(MIN_SKILL * (1 - chance), noise)
+    if val_acc < floor:
+        return (f"scores val_acc {val_acc:.3f}, near chance ({chance:.3f} for {num_classes} classes; a teacher needs "
+                f"{floor:.3f})")
+    if isinstance(stored_val_acc, (int, float)) and val_acc < stored_val_acc - _allowed_drop(stored_val_acc, n_val):
+        return f"scores val_acc {val_acc:.3f}, far below the {stored_val_acc:.3f} its checkpoint says it scored"
+    return None
+
+
+def _elsewhere(model: Net, data: DeviceData, current: str | None) -> dict[str, float]:
+    """The teacher's validation accuracy through the other standard preprocessings (one evaluation pass each)."""
+    now = inputs.parse(current).text
+    return {how: evaluate(model, data.seen_through(how), "val")[1] for how in (inputs.STANDARDIZE, inputs.NONE)
+            if how != now}
+
+
+def check_teacher(cfg, data: DeviceData, model: Net, info: dict, say=print) -> str | None:
+    """Refuse, in one line, a given teacher (--teacher-checkpoint, a module) that scores far better through another
+    preprocessing, near chance, or far below its claim on this study's inputs; warn about a weak teacher kdsweep
+    trained itself (on these very inputs); with --accept-teacher say so and return why, for the record."""
+    given = bool(cfg.teacher_checkpoint)
+    elsewhere = _elsewhere(model, data, cfg.preprocess) if given else None
+    why = teacher_problem(info["val_acc"], info.get("stored_val_acc"), data.num_classes, len(data.val_y), elsewhere)
+    if why is None:
+        return None
+    who = f"teacher {cfg.teacher} ({info['path']})"
+    if cfg.accept_teacher:
+        say(f"note: {who} {why}; distilling from it all the same (--accept-teacher, recorded in MLflow)")
+        return why
+    if not given:
+        say(f"warning: {who} {why} after {cfg.teacher_epochs} epochs of kdsweep's training on these inputs: more "
+            f"--teacher-epochs make a teacher worth distilling")
+        return None
+    raise UserError(f"{who} {why} on this study's validation split, whose inputs are preprocessed as {data.preprocess}: "
+                    f"give --preprocess as the teacher was trained (none: images in [0, 1]; MEAN/STD: its own "
+                    f"statistics), or --accept-teacher to distil from it all the same")
