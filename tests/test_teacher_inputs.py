@@ -92,6 +92,8 @@ def test_the_teacher_rule_in_numbers():
     assert teacher_problem(0.55, None, 2, 100)  # within 3 standard errors of a coin
     assert teacher_problem(0.80, 0.95, 10, 500)  # far below its checkpoint's own score
     assert teacher_problem(0.90, 0.95, 10, 500) is None  # another split scores a little differently
+    assert "you say it scored" in teacher_problem(0.80, None, 10, 500, claimed=0.95)  # --teacher-val-acc
+    assert teacher_problem(0.90, None, 10, 500, claimed=0.95) is None
     assert "with --preprocess none" in teacher_problem(0.77, None, 10, 144, {"none": 0.98})
     assert teacher_problem(0.95, None, 10, 144, {"none": 0.96}) is None
 
@@ -107,3 +109,20 @@ def test_preprocess_settings_parse(text, want):
 def test_bad_preprocess_settings_are_one_line(text):
     with pytest.raises(UserError, match="--preprocess"):
         inputs.parse(text)
+
+
+def test_a_teacher_far_below_the_score_its_user_gives_is_refused(workdir):
+    """--teacher-val-acc: the user's own measurement of the teacher they bring is a claim it is held to."""
+    data = load_data("digits", None, None, 0, 0.1, torch.device("cpu"), preprocess="none")
+    torch.manual_seed(0)
+    teacher = _mlp()
+    opt = torch.optim.Adam(teacher.parameters(), 1e-2)
+    for _ in range(4):  # a few steps: well above chance, well below the 0.99 claimed for it
+        opt.zero_grad()
+        nn.functional.cross_entropy(teacher(data.train_x.float() / 255), data.train_y).backward()
+        opt.step()
+    with pytest.raises(UserError) as e:
+        kd.study("vanilla_kd", teacher=teacher.eval(), preprocess="none", teacher_val_acc=0.99, **STUDY)
+    assert "far below the 0.990 you say it scored (--teacher-val-acc)" in _one_line(e)
+    assert _studies(workdir) == []
+

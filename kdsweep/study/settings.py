@@ -91,6 +91,11 @@ class StudySettings:
         False, "distil from a teacher even when it scores near chance on this study's validation split, or far below "
         "what its checkpoint says it scored (checked before any trial; the acceptance is recorded in MLflow)", MODELS,
         in_file=False)
+    teacher_val_acc: float | None = setting(
+        None, "the validation accuracy you measured for the teacher you bring (--teacher-checkpoint or a module): one "
+        "scoring far below it on this study's validation split is refused before any trial, as for its checkpoint's "
+        "own score", MODELS, default_text="none: the checkpoint's own score, if it has one", at_least=0.0, below=1.0001,
+        metavar="ACC")
     teacher_epochs: int | None = setting(None, "epochs of a teacher trained when none is cached", MODELS,
                                          default_text=_PER_DATASET, at_least=1)
     teacher_seed: int | None = setting(

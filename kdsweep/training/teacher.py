@@ -409,9 +409,10 @@ def _allowed_drop(acc: float, n_val: int) -> float:
 
 
 def teacher_problem(val_acc: float, stored_val_acc: float | None, num_classes: int, n_val: int,
-                    elsewhere: dict[str, float] | None = None) -> str | None:
+                    elsewhere: dict[str, float] | None = None, claimed: float | None = None) -> str | None:
     """Why a teacher is not worth distilling from, in words (None: it is): it scores far better through another
-    preprocessing (`elsewhere`: {setting: val_acc}), near chance, or far below its checkpoint's own score."""
+    preprocessing (`elsewhere`: {setting: val_acc}), near chance, or far below its checkpoint's own score or the
+    user's (`claimed`, --teacher-val-acc)."""
     best = max((elsewhere or {}).items(), key=lambda kv: kv[1], default=None)
     if best and best[1] > val_acc + _allowed_drop(best[1], n_val):
         return f"scores val_acc {val_acc:.3f}, and {best[1]:.3f} with --preprocess {best[0]}: it was trained on other inputs"
@@ -423,6 +424,8 @@ def teacher_problem(val_acc: float, stored_val_acc: float | None, num_classes: i
                 f"{floor:.3f})")
     if isinstance(stored_val_acc, (int, float)) and val_acc < stored_val_acc - _allowed_drop(stored_val_acc, n_val):
         return f"scores val_acc {val_acc:.3f}, far below the {stored_val_acc:.3f} its checkpoint says it scored"
+    if claimed is not None and val_acc < claimed - _allowed_drop(claimed, n_val):
+        return f"scores val_acc {val_acc:.3f}, far below the {claimed:.3f} you say it scored (--teacher-val-acc)"
     return None
 
 
@@ -439,7 +442,8 @@ def check_teacher(cfg, data: DeviceData, model: Net, info: dict, say=print) -> s
     trained itself (on these very inputs); with --accept-teacher say so and return why, for the record."""
     given = bool(cfg.teacher_checkpoint)
     elsewhere = _elsewhere(model, data, cfg.preprocess) if given else None
-    why = teacher_problem(info["val_acc"], info.get("stored_val_acc"), data.num_classes, len(data.val_y), elsewhere)
+    why = teacher_problem(info["val_acc"], info.get("stored_val_acc"), data.num_classes, len(data.val_y), elsewhere,
+                          getattr(cfg, "teacher_val_acc", None))
     if why is None:
         return None
     who = f"teacher {cfg.teacher} ({info['path']})"
