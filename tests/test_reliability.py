@@ -378,7 +378,7 @@ def test_claims_never_overshoot_and_wait_for_trials_running_elsewhere(tmp_path):
 
     from kdsweep.common.locks import StudyLock
     from kdsweep.common.processes import Owner
-    from kdsweep.study.loop import _claim_next
+    from kdsweep.study.loop import _claim_group, _claim_next
     from kdsweep.study.optuna_storage import open_storage
     from kdsweep.study.trial import StudyContext
     from kdsweep.study.workers import claim
@@ -402,10 +402,11 @@ def test_claims_never_overshoot_and_wait_for_trials_running_elsewhere(tmp_path):
 
     threading.Thread(target=fail_it_later).start()
     t0 = time.monotonic()
-    second = _claim_next(ctx)  # 1 complete + 1 running = 2: waits until the running one fails
-    assert second is not None and time.monotonic() - t0 >= 0.9
+    assert _claim_next(ctx) is None  # 1 complete + 1 running = 2: no room now
+    [(_, second)] = _claim_group([ctx], 1, set())  # ... so the worker waits until the running one fails
+    assert time.monotonic() - t0 >= 0.9
     study.tell(second, 0.7)
-    assert _claim_next(ctx) is None  # 2 complete: done
+    assert _claim_group([ctx], 1, set()) == []  # 2 complete: done
 
 
 # --------------------------------------------------------------------------- files and secrets

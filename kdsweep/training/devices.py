@@ -27,7 +27,8 @@ class Accel:
     # the students (and of each teacher batch). None: the usable cores; 0 or 1: off (intra-op threads only).
     cpu_workers: int | None = None
     # Lockstep members stacked into one vmapped model with one fused optimiser step (kdsweep/fused.py).
-    # None: on for CUDA groups of K >= 2, off on CPU (worker threads are faster there); True/False: forced.
+    # None: on for CUDA groups of K >= 2; on CPU, measured per student architecture and group size on the
+    # group's first batch (worker threads win for convolutions there, fusing for small MLPs); True/False: forced.
     fused: bool | None = None
 
     def tag(self, device: torch.device) -> str:
@@ -87,8 +88,8 @@ def _cpu_workers(accel: Accel, device: torch.device, members: int, teacher: bool
 
 def _fuse_min(accel: Accel, device: torch.device, members: int) -> int | None:
     """The fewest members worth fusing into one group (None: no fusion); see kdsweep/fused.py."""
-    if accel.fused is None:
-        return 2 if device.type == "cuda" and members >= 2 else None
+    if accel.fused is None:  # on CPU the group measures whether fusing pays (loop.Lockstep._fusing_pays)
+        return 2 if device.type in ("cuda", "cpu") and members >= 2 else None
     return 1 if accel.fused else None
 
 

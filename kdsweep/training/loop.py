@@ -15,6 +15,7 @@ batch for all K. `train_student` is the K=1 case.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -291,6 +292,29 @@ def _check_group(members: Sequence[Member]) -> tuple[int, int]:
     return first.epochs, first.batch_size
 
 
+# Whether fusing paid, per (fusion key, members, worker threads): measured by the first group of a process.
+_FUSING_PAYS: dict[tuple, bool] = {}
+
+
+def _copy_run(r: _Run, device: torch.device, accel: Accel, total_steps: int) -> _Run:
+    """A scratch copy of a member's training state (student, heads, optimiser state) for timing its next steps."""
+    copy_ = _Run(Member(copy.deepcopy(r.m.student), copy.deepcopy(r.m.method), r.m.schedule), device, accel, total_steps)
+    copy_.opt.load_state_dict(copy.deepcopy(r.opt.state_dict()))  # its own buffers: load_state_dict keeps tensors
+    copy_.first_loss, copy_.stochastic = r.first_loss, False
+    return copy_
+
+
+def _seconds_a_step(step: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of `step`, after one untimed (warm-up: allocations, vmap's first trace)."""
+    step()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 class Lockstep:
     """K students trained in lockstep over one batch stream, one epoch per call of :meth:`epoch`.
 
@@ -401,17 +425,20 @@ class Lockstep:
                 if not self.probed:
                     r.stochastic = any(a is not None and not torch.equal(a, b) for a, b in zip(before, r.m.rng))
         if not self.probed and self.fuse is not None:
-            self._form_groups(active, xs)
+            self._form_groups(active, xs, (y, t_out, epoch, index))
         self.probed = True
         if len(active) > 1 and any(t._version != v for t, v in shared):
             raise RuntimeError(f"{type(active[0].m.method).__name__} modified the teacher's outputs in place; lockstep "
                                "members share them: the method must not write to its `t` argument")
 
-    def _form_groups(self, active: list[_Run], xs: dict) -> None:
-        """Stack the members that drew no random numbers in the first step into fused groups (kdsweep/fused.py)."""
+    def _form_groups(self, active: list[_Run], xs: dict, batch: tuple) -> None:
+        """Stack the members that drew no random numbers in the first step into fused groups (kdsweep/fused.py);
+        on CPU without --fused/--no-fused, only where fusing measured faster (`_fusing_pays`)."""
         from kdsweep.training import fused
 
         for runs in fused.plan([r for r in active if not r.stochastic], self.fuse):
+            if self.accel.fused is None and self.device.type == "cpu" and not self._fusing_pays(runs, xs, batch):
+                continue
             try:
                 g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, 1, xs[runs[0].fmt])
             except fused.NotFusable as e:
@@ -425,6 +452,31 @@ class Lockstep:
                 r.opt.state.clear()  # the fused optimiser holds the state now
             self.groups.append(g)
             self.fused_members += len(runs)
+
+    def _fusing_pays(self, runs: list[_Run], xs: dict, batch: tuple) -> bool:
+        """Whether these members step faster fused than on the worker threads, measured once per process for their
+        architecture and number, on copies of them (their next steps on this batch): no fixed rule fits every model
+        (on a 2-core CPU fusing wins for MNIST-1D's MLP and loses for small convolutions, docs/performance.md)."""
+        from kdsweep.training import fused
+
+        key = (fused.fusion_key(runs[0]), len(runs), self.workers)
+        if key not in _FUSING_PAYS:
+            x, (y, t_out, epoch, index) = xs[runs[0].fmt], batch
+            copies = [_copy_run(r, self.device, self.accel, self.steps * self.epochs) for r in runs]
+            hands = _deal(copies, self.workers)
+            threaded = _seconds_a_step(lambda: _in_pool(self.workers, lambda hand: [
+                r.step(x, y, t_out, epoch, index) for r in hand], hands) if len(hands) > 1 else
+                [r.step(x, y, t_out, epoch, index) for r in copies])
+            try:
+                group = fused.FusedGroup([_copy_run(r, self.device, self.accel, self.steps * self.epochs) for r in runs],
+                                         self.device, self.steps * self.epochs, 1, x)
+            except fused.NotFusable:
+                return True  # the real attempt says why
+            stacked = _seconds_a_step(lambda: group.step(x, y, t_out, epoch, index))
+            _FUSING_PAYS[key] = stacked < threaded
+            self.notes.append(f"{len(runs)} {type(runs[0].m.student).__name__} students: fused {stacked * 1e3:.1f} ms a "
+                              f"step, worker threads {threaded * 1e3:.1f} ms: {'fused' if stacked < threaded else 'threads'}")
+        return _FUSING_PAYS[key]
 
     def epoch(self) -> bool:
         """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
