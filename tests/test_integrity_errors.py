@@ -77,10 +77,6 @@ def _full(db: Path):
             pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
             dbapi_conn.execute(f"PRAGMA max_page_count = {pages if state['full'] else 1_073_741_823}")
 
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA page_size = 512")  # small pages, packed: the next few inserts need new pages
-    con.execute("VACUUM")
-    con.close()
     sqlalchemy.event.listen(Pool, "checkout", on_checkout)
     try:
         yield state
@@ -91,8 +87,13 @@ def _full(db: Path):
 @pytest.mark.parametrize("store", ["mlflow", pytest.param("optuna", marks=pytest.mark.slow)])  # one store in the default tier
 def test_disk_full_store_is_one_line_exit_2_and_the_study_resumes(kdsweep, workdir, store):
     # Attack: a 3 MB tmpfs under mlruns/ filled up mid-study: exit 1 with a 74-205-line traceback.
-    assert kdsweep(*STUDY, "--trials", 2)[0] == 0
     db = workdir / "mlruns" / f"{store}.db"
+    db.parent.mkdir(exist_ok=True)
+    con = sqlite3.connect(db)  # small pages, made before the store (a WAL store keeps its page size): once full,
+    con.execute("PRAGMA page_size = 512")  # the next few inserts need new pages
+    con.execute("VACUUM")
+    con.close()
+    assert kdsweep(*STUDY, "--trials", 2)[0] == 0
     with _full(db) as state:
         code, _, err = kdsweep(*STUDY, "--trials", 6)
         line = _one_error_line(err)
