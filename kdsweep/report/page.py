@@ -116,7 +116,7 @@ def render_across(title: str, meta: str, tables: dict[str, pd.DataFrame], notes:
     parts = [f"<h1>{_esc(title)}</h1>", f'<p class="meta">{_esc(meta)}</p>']
     parts += ["<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"]
     if plots:
-        parts += ['<div class="plots">' + "\n".join(figure(p) for p in plots) + "</div>"]
+        parts += ['<div class="plots">' + "\n".join(figure(p, i) for i, p in enumerate(plots)) + "</div>"]
     for heading, df in tables.items():
         parts += [f"<h2>{_esc(heading)}</h2>", table(df)]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
