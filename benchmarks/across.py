@@ -58,18 +58,41 @@ def _settings(args) -> dict:
     return {"device": args.device, **{k: v for k, v in given.items() if v is not None}}
 
 
+def _servable(methods: str, pair: dict[str, str], settings: dict) -> tuple[str, dict[str, str]]:
+    """The methods of the list the pair can serve, and why each other one cannot: an explicit --methods list is
+    refused by `kdsweep sweep` when a method does not fit the pair (only `all` skips), but across pairs a
+    feature-map method belongs in the blocks whose student has maps, and is "missing" from the others."""
+    if methods == "all":
+        return methods, {}
+    from kdsweep.study.config import resolve
+    from kdsweep.study.pairs import pair_problem
+
+    keep, skipped = [], {}
+    for name in (n.strip() for n in methods.split(",") if n.strip()):
+        why = pair_problem(resolve(name, {**pair, **settings}))
+        if why:
+            skipped[name] = why
+        else:
+            keep.append(name)
+    return ",".join(keep), skipped
+
+
 def run(args) -> dict:
     """Sweep every pair (each teacher seed, and the control), confirm every block, report; return the timings."""
     import kdsweep.api as kd
 
     seeds = [int(s) for s in args.teacher_seeds.split(",")]
-    timing: dict = {"pairs": {}}
+    timing: dict = {"pairs": {}, "skipped": {}}
     start = time.monotonic()
     for text in args.pairs.split(","):
         t0 = time.monotonic()
-        kd.sweep_teacher_seeds(args.methods, seeds, quiet=True, **_pair(text), **_settings(args))
+        methods, skipped = _servable(args.methods, _pair(text), _settings(args))
+        for name, why in skipped.items():
+            print(f"{text}: skipping {name}: {why}", flush=True)
+        timing["skipped"][text] = skipped
+        kd.sweep_teacher_seeds(methods, seeds, quiet=True, **_pair(text), **_settings(args))
         if args.control:
-            kd.sweep(args.methods, teacher_seed=seeds[0], teacher_control="untrained", quiet=True, **_pair(text),
+            kd.sweep(methods, teacher_seed=seeds[0], teacher_control="untrained", quiet=True, **_pair(text),
                      **_settings(args))
         timing["pairs"][text] = round(time.monotonic() - t0, 1)
         print(f"{text}: swept in {timing['pairs'][text]:.0f} s", flush=True)

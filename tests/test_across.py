@@ -188,3 +188,20 @@ def test_teacher_seed_and_control_name_the_kd_studies_but_not_the_teacher_free_o
         cfg("vanilla_kd", teacher_seed=1, teacher_checkpoint="t.pt")
     with pytest.raises(UserError, match="teacher-control"):
         cfg("vanilla_kd", teacher_control="shuffled")
+
+
+def test_the_results_script_leaves_a_feature_method_out_of_a_pair_without_maps():
+    """benchmarks/across.py: an explicit --methods list keeps, per pair, the methods the pair can serve (a feature-map
+    method is skipped, with why, where the student is an MLP) instead of refusing the whole run; `all` is passed on."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("across_script", Path(__file__).parent.parent / "benchmarks" / "across.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    mlp = {"dataset": "mnist1d", "teacher": "cnn1d", "student": "mlp100"}
+    kept, skipped = script._servable("ce,fitnet,pkt", mlp, {"device": "cpu"})
+    assert kept == "ce,pkt" and list(skipped) == ["fitnet"] and "feature maps" in skipped["fitnet"]
+    kept, skipped = script._servable("ce,fitnet", {**mlp, "student": "cnn1d_s"}, {"device": "cpu"})
+    assert kept == "ce,fitnet" and skipped == {}
+    assert script._servable("all", mlp, {}) == ("all", {})
