@@ -117,7 +117,10 @@ def test_disk_full_store_is_one_line_exit_2_and_the_study_resumes(kdsweep, workd
 
 def _corrupt_table(db: Path, table: str) -> None:
     """Overwrite the root page of `table` with garbage; the header (page 1) stays valid."""
-    con = sqlite3.connect(db)
+    con = sqlite3.connect(db, timeout=30)
+    # The store is in WAL mode: fold the log into the file first, else the log's newer copy of the page is what
+    # SQLite reads and the damage is never seen.
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     page_size = con.execute("PRAGMA page_size").fetchone()[0]
     (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
     con.close()

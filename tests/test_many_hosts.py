@@ -32,7 +32,7 @@ def test_status_names_the_hosts_working_elsewhere():
     workers = status._workers([_running(far), _running(far), _running({**far, "host": "gpu-node-8"})], grace=60)
     assert workers["other_machines"] == 3
     assert workers["working_elsewhere"] == ["gpu-node-7:4242", "gpu-node-8:4242"]
-    row = {"study": "s", "method": "ce", "per_trial": {}, "per_trial_tag": "", "budget": "", "trained": 0,
+    row = {"study": "s", "method": "ce", "per_trial": {}, "per_trial_tag": "", "budget": {"trials": None, "epochs": None, "text": ""}, "trained": 0,
            "epochs_spent": 0, "best": None, "workers": workers, "mlflow": {"experiment": ""},
            "trials": {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 3, "WAITING": 0}}
     shown = status.text({"storage": "x", "tracking_uri": "y", "studies": [row], "notes": []})
