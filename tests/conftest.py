@@ -33,3 +33,15 @@ def kdsweep(workdir, capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (restored after): used by modules that trace or sum many small ops."""
+    import torch  # here: conftest stays light for the tests that never touch torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

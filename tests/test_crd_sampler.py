@@ -24,12 +24,7 @@ N_CIFAR = 45_000  # CIFAR-10's training split, where crd's 16,384 negatives are 
 SEED = 1234
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: exact sums, and quicker on a shared machine
 
 
 def old_draws(seed: int, step: int, rows: int, k: int, total: int) -> torch.Tensor:

@@ -41,12 +41,7 @@ def _t(a, dtype=torch.float32):
     return torch.as_tensor(a).to(dtype)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: exact sums, and quicker on a shared machine
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c['method']}-{c['case']}" for c in CASES])
