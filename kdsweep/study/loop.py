@@ -1,11 +1,13 @@
-"""One Optuna study for one distillation method, every trial tracked as a nested MLflow run.
+"""Optuna studies, one per distillation method, every trial tracked as a nested MLflow run; the studies of a
+sweep run together (run_studies), sharing stores, data and teacher (resources.py) and lockstep groups.
 
-Order of work, chosen so a bad input fails before anything is written:
+Order of work per study, chosen so a bad input fails before anything is written:
 config -> pair check -> device (+ threads, teacher cache) -> Optuna storage ->
 MLflow store -> data -> resume pre-check (settings, split: read-only, before a
-teacher is trained) -> teacher -> study + identity check + parent run, Optuna
-checked against MLflow (store_agreement.py; under the study lock) -> trials (claimed one
-by one, or --parallel K at a time in lockstep: trial.py; each ends through outcome.py).
+teacher is trained) -> teacher (judged before any trial) -> study + identity check + parent run, Optuna
+checked against MLflow (store_agreement.py; under the study lock). Then the trials of every study: claimed
+under each study's lock and dealt round-robin, one at a time or --parallel K in lockstep (trial.py; each
+ends through outcome.py).
 """
 
 from __future__ import annotations

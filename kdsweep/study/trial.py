@@ -49,7 +49,7 @@ class StudyContext:
     parent_run: str
     say: Callable[[str], None] = print
     base_params: dict[str, Any] = field(default_factory=dict)
-    # Worker coordination (see workers.py); set by run_study.
+    # Worker coordination (see workers.py); set by loop.run_studies.
     study: optuna.Study | None = None
     storage: optuna.storages.RDBStorage | None = None
     lock: StudyLock | None = None
@@ -57,7 +57,7 @@ class StudyContext:
     heartbeat: int = 10
     grace: int = 60
     poll: float = 2.0
-    # The device path (see training/loop.py, teacher_outputs.py); set by run_study.
+    # The device path (see training/loop.py, teacher_outputs.py); set by loop.run_studies.
     cache: teacher_outputs.TeacherCache | None = None  # teacher outputs shared by the study's trials
     accel: Accel | None = None
     teacher_shapes: Shapes | None = None  # the frozen teacher's tap shapes: one dry forward per study, not per trial
