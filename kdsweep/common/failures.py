@@ -106,7 +106,8 @@ def _store(exc: BaseException) -> tuple[str, Path | None, str]:
     return f"the {label} store {where}".rstrip(), path, flag
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line, at most 200 characters (its type's name when it says nothing): for one-line errors."""
     text = str(e.args[0] if isinstance(e, sqlite3.Error) and e.args else e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 
@@ -121,7 +122,7 @@ def explain(exc: BaseException) -> str | None:
 
 def _explain(exc: BaseException) -> str | None:
     for e in causes(exc):
-        low = _first_line(e).lower()
+        low = first_line(e).lower()
         is_sqlite = isinstance(e, sqlite3.Error)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = Path(e.filename) if e.filename else None
@@ -131,15 +132,15 @@ def _explain(exc: BaseException) -> str | None:
         if (is_sqlite or type(e).__module__.startswith("psycopg")) and any(m in low for m in DISK_FULL):
             name, path, _ = _store(exc)
             free = free_space(path) if path else ""
-            return (f"{name} is out of disk space ({_first_line(e)}{'; ' + free if free else ''}): free some space, "
+            return (f"{name} is out of disk space ({first_line(e)}{'; ' + free if free else ''}): free some space, "
                     f"then run the same command again (nothing written so far is lost)")
         if is_sqlite and any(m in low for m in CORRUPT):
             name, path, flag = _store(exc)
             salvage = f", salvage it with `sqlite3 {path} .recover`" if path else ""
-            return f"{name} is corrupt ({_first_line(e)}): restore a backup{salvage}, or use another {flag}"
+            return f"{name} is corrupt ({first_line(e)}): restore a backup{salvage}, or use another {flag}"
         if is_sqlite and any(m in low for m in READ_ONLY):
             name, path, _ = _store(exc)
-            return (f"permission problem: {name} cannot be written ({_first_line(e)}): make the file and its directory "
+            return (f"permission problem: {name} cannot be written ({first_line(e)}): make the file and its directory "
                     f"writable for this user" + (f" ({path.parent})" if path else ""))
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             what = e.filename or "a file"

@@ -67,7 +67,7 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
         explained = failures.explain(e)
         if explained:
             raise UserError(scrub(explained, given)) from None
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        msg = failures.first_line(e)
         raise UserError(f"cannot open Optuna storage {redact(given)}: {scrub(msg, given)}") from None
     finally:
         if lock is not None:

@@ -133,7 +133,7 @@ class Tracker:
             if unreachable:
                 raise UserError(f"cannot reach the MLflow tracking server {redact(self.uri)} ({unreachable}): is it running? "
                                 f"(`mlflow server`), or drop --tracking-uri for the local store") from None
-            msg = scrub(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__, self.uri)
+            msg = scrub(failures.first_line(e), self.uri)
             raise UserError(f"cannot open MLflow tracking store {redact(self.uri)}: {msg}") from None
         finally:
             if lock is not None:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kdsweep.common import failures
 from kdsweep.common.digests import model_digest
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import WorkLock, is_postgres
@@ -85,7 +86,7 @@ def publish(tracker: Tracker, path: Path, digest: str, key: str, say: Callable[[
         tracker.end(run)
         return run
     except Exception as e:  # noqa: BLE001
-        why = scrub(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__, tracker.uri)
+        why = scrub(failures.first_line(e), tracker.uri)
         with contextlib.suppress(Exception):
             tracker.close(run, RUN_FAILED, {REASON_TAG: f"upload failed: {why}"})
         say(f"warning: could not publish teacher {digest[:12]} to the tracking server {redact(tracker.uri)} ({why}): "
@@ -103,7 +104,7 @@ def fetch(tracker: Tracker, run, dest: Path, say: Callable[[str], None]) -> Path
         try:
             got = Path(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{name}", tmp))
         except Exception as e:  # noqa: BLE001 - any failure to get it is the same news to the user
-            why = scrub(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__, tracker.uri)
+            why = scrub(failures.first_line(e), tracker.uri)
             raise UserError(f"cannot fetch the study's teacher {sha[:12]} (run {run_id}, artifact {CHECKPOINT_DIR}/{name}) "
                             f"from the tracking server {redact(tracker.uri)}: {why}") from None
         model, _ = checkpoint.load_model(got)  # a damaged download is refused here (its stored digest)
