@@ -314,7 +314,9 @@ def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], tu
         open_ = ctxs[turn % len(ctxs):] + ctxs[:turn % len(ctxs)]
         while open_ and len(group) < size:
             for ctx in list(open_):
-                trial = _claim_next(ctx) if len(group) < size else None
+                if len(group) == size:
+                    break
+                trial = _claim_next(ctx)
                 if trial is None:
                     open_.remove(ctx)
                 else:

@@ -20,7 +20,7 @@ from kdsweep.data.dispatch import load_data
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.optuna_storage import open_storage
 from kdsweep.tracking.tracker import Tracker
-from kdsweep.training.teacher import get_teacher
+from kdsweep.training.teacher import get_teacher, study_cache_path
 
 
 @dataclass
@@ -52,8 +52,10 @@ class Resources:
     def teacher(self, cfg: StudyConfig, data: DeviceData, say: Callable[[str], None], storage_url: str,
                 wanted: str | None) -> tuple[torch.nn.Module, dict]:
         """The study's teacher (training/teacher.py); `wanted`: the digest the study recorded, if it did."""
-        key = (*_data_key(cfg, data.device), cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_epochs,
-               cfg.teacher_feature, cfg.teacher_embedding)  # the taps' paths are part of the built model
+        # The teacher's identity is its cache file's name (arch, teacher seed, epochs, control, inputs, split), or the
+        # file the user gave; the taps' paths are part of the built model.
+        key = (*_data_key(cfg, data.device), cfg.teacher_checkpoint or study_cache_path(cfg, data).name,
+               cfg.teacher_feature, cfg.teacher_embedding)
         held = self.teachers.get(key)
         if held is None or (wanted is not None and held[1].get("sha256") != wanted):
             self.teachers[key] = get_teacher(cfg, data, self.tracker(cfg.tracking_uri), say, storage_url, wanted)

@@ -440,12 +440,12 @@ def check_teacher(cfg, data: DeviceData, model: Net, info: dict, say=print) -> s
     """Refuse, in one line, a given teacher (--teacher-checkpoint, a module) that scores far better through another
     preprocessing, near chance, or far below its claim on this study's inputs; warn about a weak teacher kdsweep
     trained itself (on these very inputs); with --accept-teacher say so and return why, for the record."""
-    if getattr(cfg, "teacher_control", None):
+    if cfg.teacher_control:
         return None  # a control teacher is untrained on purpose: near chance is what it is for
     given = bool(cfg.teacher_checkpoint)
     elsewhere = _elsewhere(model, data, cfg.preprocess) if given else None
     why = teacher_problem(info["val_acc"], info.get("stored_val_acc"), data.num_classes, len(data.val_y), elsewhere,
-                          getattr(cfg, "teacher_val_acc", None))
+                          cfg.teacher_val_acc)
     if why is None:
         return None
     who = f"teacher {cfg.teacher} ({info['path']})"
