@@ -1,0 +1,47 @@
+"""Pruning decided in memory (study/pruning.py) makes the decisions Optuna's own Trial.should_prune makes."""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+
+from kdsweep.study.pruning import Completed, in_memory, should_prune
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize("pruner", [optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+                                    optuna.pruners.PercentilePruner(25.0, n_startup_trials=3),
+                                    optuna.pruners.NopPruner()])
+def test_in_memory_decisions_equal_optunas(pruner):
+    """40 trials of noisy rising curves: every epoch's decision, read against the complete trials as the trial
+    started, equals Optuna's (which reads the storage then; no trial completes meanwhile, as within a group)."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    rnd, calls, pruned = random.Random(0), 0, 0
+    assert in_memory(pruner)
+    for _ in range(40):
+        trial, curve, completed = study.ask(), {}, Completed(study)
+        for epoch in range(10):
+            curve[epoch] = rnd.random() * 0.3 + epoch * 0.05
+            trial.report(curve[epoch], epoch)
+            theirs = trial.should_prune()
+            assert should_prune(trial, curve, completed) == theirs, (trial.number, epoch)
+            calls += 1
+            if theirs:
+                break
+        pruned += theirs
+        state = optuna.trial.TrialState.PRUNED if theirs else optuna.trial.TrialState.COMPLETE
+        study.tell(trial, None if theirs else curve[epoch], state=state)
+    assert calls > 60 and (pruned > 0) is not isinstance(pruner, optuna.pruners.NopPruner)
+
+
+def test_other_pruners_are_asked_through_the_storage():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=4))
+    trial = study.ask()
+    trial.report(0.5, 0)
+    assert not in_memory(study.pruner)
+    assert should_prune(trial, {0: 0.5}, None) == trial.should_prune()
+    with pytest.raises(ValueError):  # the view answers only what the percentile pruners ask
+        Completed(study).get_trials(states=(optuna.trial.TrialState.PRUNED,))
