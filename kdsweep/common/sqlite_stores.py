@@ -1,9 +1,10 @@
 """How kdsweep's SQLite stores commit: a write-ahead log, synced at checkpoints only.
 
 A trial writes dozens of small transactions (its run, its epochs' metrics, Optuna's reports, its end).
-In SQLite's default rollback journal every commit syncs the database and its journal to disk: about
-15 ms on the 2-core VM of docs/performance.md, more than an epoch of a small model. In WAL mode with
-synchronous=NORMAL a commit appends to the log without a sync (0.03 ms there). A killed process loses
+In SQLite's default rollback journal every commit syncs the database and its journal to disk: 0.6 ms
+on the 2-core VM of docs/performance.md when quiet, 15 ms while other jobs wrote to its disk (more than
+an epoch of a small model). In WAL mode with synchronous=NORMAL a commit appends to the log without a
+sync: 0.014-0.03 ms there (benchmarks/sqlite_commit.py). A killed process loses
 nothing it committed; a power cut or an operating-system crash may roll back the transactions since
 the last checkpoint, never leaving a store half-written (docs/reliability.md says what that means for
 a study). The journal mode is stored in the database file, so every later reader and writer uses it.
