@@ -48,11 +48,12 @@ def teacher(data):
 
 
 def member(data, teacher, method="vanilla_kd", lr=0.05, student="digitnet_s", seed=0, epochs=2, optimizer="sgd",
-           momentum=0.9, weight_decay=5e-4, prune_after=None) -> Member:
+           momentum=0.9, weight_decay=5e-4, prune_after=None, hp_scale=1.0) -> Member:
+    """`hp_scale`: the method's hyperparameters are its defaults times this, within their ranges."""
     torch.manual_seed(seed)
     s = build_model(student, data.in_shape, data.num_classes)
     cls = get_method(method)
-    hp = {k: v.default for k, v in cls.space.items()}
+    hp = {k: min(max(v.default * hp_scale, v.low), v.high) for k, v in cls.space.items()}
     m = cls(hp, s.shapes(data.in_shape), teacher.shapes(data.in_shape), epochs)
     def prune(stats):
         if stats.epoch + 1 >= prune_after:
@@ -71,14 +72,16 @@ def close(a, b, tol=TOL):
     return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
 
 
-def assert_same(seq, fused):
+def assert_same(seq, fused, acc_tol=TOL):
+    """`acc_tol`: how far accuracies may differ (a sample's share allows one prediction at a near-tie to flip)."""
     assert type(seq.stopped_by) is type(fused.stopped_by)
     assert len(seq.history) == len(fused.history)
     for ea, eb in zip(curve(seq), curve(fused)):
-        assert all(close(x, y) for x, y in zip(ea, eb)), (curve(seq), curve(fused))
+        tols = (TOL, acc_tol, TOL, acc_tol, TOL)
+        assert all(close(x, y, t) for x, y, t in zip(ea, eb, tols)), (curve(seq), curve(fused))
     for ha, hb in zip(seq.history, fused.history):
         assert ha.train.keys() == hb.train.keys()
-        assert all(close(ha.train[k], hb.train[k]) for k in ha.train)
+        assert all(close(ha.train[k], hb.train[k], acc_tol if k == "acc" else TOL) for k in ha.train)
     assert seq.best_epoch == fused.best_epoch
     # the best epoch's snapshot is an ordinary state_dict of the student and heads, equal to the sequential one
     for part in ("student", "heads"):
@@ -132,6 +135,30 @@ def test_fused_lockstep_equals_sequential(data, teacher, k):
             assert isinstance(f.stopped_by, Stop) and len(f.history) == spec["prune_after"]
         else:
             assert f.stopped_by is None and len(f.history) == spec.get("epochs", 2)
+
+
+# Methods whose loss is computed for all their members in one vmapped forward, hyperparameters as (K,) tensors;
+# the others keep state per member (buffers, a memory bank) and compute one member at a time.
+ONE_BY_ONE = {"crd", "feature_mse", "fitnet"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_members_with_different_hyperparameters_share_one_loss_pass(data, teacher, method):
+    """Three members of one method, each with its own hyperparameters: their losses are computed together (the
+    hyperparameters batched) and each trains exactly as alone."""
+    specs = [dict(method=method, lr=0.05, hp_scale=0.8), dict(method=method, lr=0.1, seed=5),
+             dict(method=method, lr=0.02, seed=6, hp_scale=1.25)]
+    alone = sequential(data, teacher, specs)
+    group = fused(data, teacher, specs)
+    (g,) = group.groups
+    (heads,) = g.heads
+    assert heads.batched is (method not in ONE_BY_ONE), heads.why
+    one_sample = 1 / min(data.n_train, len(data.val_y))
+    for a, f in zip(alone, group.results()):
+        # A hyperparameter as a tensor rounds as a Python float does, except that torch divides by a Python
+        # float as a multiplication by its reciprocal: the last bit may differ, and after two epochs at lr 0.1
+        # one prediction at a near-tie may flip (pkt_seed003's 1 / sigma); the losses stay within TOL.
+        assert_same(a, f, acc_tol=one_sample)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])

@@ -6,10 +6,12 @@ many. Here the K students' parameters and buffers are stacked along a new
 leading dimension (`torch.func.stack_module_state`) and their forward is one
 `torch.func.vmap` over `functional_call` of the student's taps, with the batch
 shared (convolutions become grouped convolutions, linears batched matmuls): the
-kernel count no longer grows with K. Each member's loss is its own method
-module's (its hyperparameters are Python floats) on its slice of the stacked
-outputs, so trials of several methods (a sweep's) fuse together; the stacked
-forward computes the taps any member needs. The K losses are summed for one backward, and one fused optimiser
+kernel count no longer grows with K. Trials of several methods (a sweep's)
+fuse together: the stacked forward computes the taps any member needs, and
+each method's members compute their losses on their slice of the stacked
+outputs, in one vmapped pass of the method with the hyperparameters that
+differ as (K_m,) tensors (`_Heads`; one member at a time for methods with
+state). The K losses are summed for one backward, and one fused optimiser
 update (:class:`FusedOptimizer`: SGD, Adam, AdamW as torch.optim computes them,
 with per-member learning rate, schedule, momentum/beta1 and weight decay as
 (K, 1, ...) tensors) steps all K.
@@ -99,6 +101,7 @@ class FusedOptimizer:
         self.base_lr = vec(s.lr for s in schedules)
         self.momentum = vec(s.momentum for s in schedules)  # SGD's momentum; Adam's beta1
         self.weight_decay = vec(s.weight_decay for s in schedules)
+        self.decays = any(s.weight_decay != 0 for s in schedules)  # as torch.optim, no decay term when it is 0
         self.beta2, self.eps = 0.999, 1e-8
         self.t = torch.tensor(float(steps_done), dtype=wide, device=dev)  # updates taken (LambdaLR's last_epoch)
         names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
@@ -110,34 +113,46 @@ class FusedOptimizer:
 
     @torch.no_grad()
     def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        """The update, as torch.optim computes it, op for op; each op over all tensors at once (torch._foreach_*:
+        one call instead of one per tensor, which on a small model costs more than the arithmetic)."""
         f = params[0].dtype  # per-step scalars are computed wide and rounded once, as torch.optim's Python floats are
         lr = self.lr()
         self.t += 1
+        # as torch.optim: a parameter without a gradient is left alone
+        have = [i for i, g in enumerate(grads) if g is not None]
+        ps, gs = [params[i] for i in have], [grads[i] for i in have]
+        if not ps:
+            return
+        state = {n: [bufs[i] for i in have] for n, bufs in self.state.items()}
+
+        def cols(v: torch.Tensor) -> list[torch.Tensor]:  # (K,) values shaped to broadcast over each tensor (views)
+            return [_col(v, p) for p in ps]
+
         wd, mom = self.weight_decay.to(f), self.momentum.to(f)
         if self.kind == "sgd":
-            lr = lr.to(f)
-            for p, g, buf in zip(params, grads, self.state["momentum_buffer"]):
-                if g is None:  # as torch.optim: a parameter without a gradient is left alone
-                    continue
-                g = g + _col(wd, p) * p
-                buf.mul_(_col(mom, p)).add_(g)  # zeros at the start: the first buffer is the gradient
-                p.addcmul_(buf, _col(lr, p), value=-1)
+            if self.decays:
+                gs = torch._foreach_add(gs, torch._foreach_mul(ps, cols(wd)))
+            bufs = state["momentum_buffer"]
+            torch._foreach_mul_(bufs, cols(mom))  # zeros at the start: the first buffer is the gradient
+            torch._foreach_add_(bufs, gs)
+            torch._foreach_addcmul_(ps, bufs, cols(lr.to(f)), value=-1)
             return
         b1 = self.momentum
         step_size = (lr / (1 - b1 ** self.t)).to(f)
         bc2_sqrt = ((1 - self.beta2 ** self.t) ** 0.5).to(f)
         decay, w1 = (1 - lr * self.weight_decay).to(f), (1 - b1).to(f)
-        for p, g, m, v in zip(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"]):
-            if g is None:
-                continue
-            if self.kind == "adamw":
-                p.mul_(_col(decay, p))
-            else:
-                g = g + _col(wd, p) * p
-            m.lerp_(g, _col(w1, p))
-            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            p.addcmul_(m / denom, _col(step_size, p), value=-1)
+        ms, vs = state["exp_avg"], state["exp_avg_sq"]
+        if self.kind == "adamw" and self.decays:
+            torch._foreach_mul_(ps, cols(decay))
+        elif self.decays:
+            gs = torch._foreach_add(gs, torch._foreach_mul(ps, cols(wd)))
+        torch._foreach_lerp_(ms, gs, cols(w1))
+        torch._foreach_mul_(vs, self.beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - self.beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [bc2_sqrt] * len(ps))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcmul_(ps, torch._foreach_div(ms, denom), cols(step_size), value=-1)
 
     def keep(self, idx: list[int]) -> None:
         """Keep the members at positions `idx` (the others stopped)."""
@@ -172,7 +187,15 @@ class NotFusable(Exception):
 
 class _Heads:
     """The members of a fused group that share a method: their heads stacked, with one fused optimiser, and their
-    loss terms summed over the epoch as (K_m,) tensors. `pos`: their positions in the group."""
+    loss terms summed over the epoch as (K_m,) tensors. `pos`: their positions in the group, contiguous.
+
+    Their losses are computed in one pass where the method allows it: the method's forward under `vmap` over the
+    members, with the heads stacked and the hyperparameters that differ as (K_m,) tensors, so the kernel count
+    (and the backward's) does not grow with K_m. Allowed means: no buffers and no per-sample state (those are
+    updated in place per member), and, on the group's first step, the batched terms equal the members' own
+    within float rounding (a method whose forward reads a hyperparameter on the host fails under vmap instead).
+    Otherwise each member's loss is computed on its own, as it would be alone.
+    """
 
     def __init__(self, runs: list, pos: list[int], total_steps: int, steps_done: int):
         self.runs, self.pos = runs, pos
@@ -188,17 +211,82 @@ class _Heads:
         if self.opt is not None:
             _copy_state(self.opt, runs, lambda r: list(r.m.method.parameters()))
         self.sums = {k: torch.stack([r.sums[k] for r in runs]) for k in self.keys}
+        m = runs[0].m.method
+        # None: not tried yet (decided on the first step); False: one member at a time (`why` says why)
+        self.batched: bool | None = None if not self.needs_index and not list(m.buffers()) else False
+        self.why = "" if self.batched is None else "it keeps per-member state (buffers or per-sample memory)"
+        self.hp = self._batched_hp()
 
-    def losses(self, s_all: Outputs, t_out, y, epoch: int, index: SampleIndex) -> tuple[list, list]:
-        """Each member's loss terms on its slice of the stacked student outputs, and their sums."""
+    def _batched_hp(self) -> dict:
+        """The members' hyperparameters for one batched forward: a value all share stays as it is (a Python
+        float, as alone); one that differs becomes a (K_m,) float32 tensor: a Python float meeting a float32
+        tensor is rounded to float32, and so is this (in float64 the product of two 0-dim values would stay
+        float64, and training would drift from the member's own by rounding)."""
+        hps = [r.m.method.hp for r in self.runs]
+        out = {}
+        for k, v in hps[0].items():
+            vals = [h[k] for h in hps]
+            if all(x == v for x in vals):
+                out[k] = v
+            elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+                dev = next(iter(self.params.values()), self.runs[0].correct).device
+                out[k] = torch.tensor([float(x) for x in vals], dtype=torch.float32, device=dev)
+            else:
+                self.batched, self.why = False, f"its members' {k} differ and is not a number"
+        return out
+
+    @property
+    def span(self) -> slice:
+        return slice(self.pos[0], self.pos[-1] + 1)
+
+    def losses(self, s_all: Outputs, t_out, y, epoch: int, index: SampleIndex) -> tuple[dict, torch.Tensor]:
+        """The members' loss terms, term -> (K_m,), on their slice of the stacked student outputs, and their sums."""
+        s_mine = self._mine(s_all)
+        terms = self._batched(s_mine, t_out, y, epoch) if self.batched else self._one_by_one(s_mine, t_out, y, epoch, index)
+        return terms, sum(terms.values())
+
+    def _mine(self, s_all: Outputs) -> Outputs:
+        return Outputs(*(None if o is None else o[self.span] for o in s_all))
+
+    @torch.no_grad()
+    def choose(self, s_all: Outputs, t_out, y, epoch: int, index: SampleIndex) -> None:
+        """Batch the members' losses if the batched forward runs and gives their own terms on this batch (the
+        group's first; nothing is updated: methods with state never batch)."""
+        if self.batched is False:
+            return
+        s_mine = self._mine(s_all)
+        try:
+            batched = self._batched(s_mine, t_out, y, epoch)
+            own = self._one_by_one(s_mine, t_out, y, epoch, index)
+            for k in self.keys:
+                torch.testing.assert_close(batched[k].float(), own[k].float(), rtol=1e-4, atol=1e-6)
+        except Exception as e:  # noqa: BLE001 - any failure means: compute each member's loss on its own
+            self.batched, self.why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return
+        self.batched = True
+
+    def _one_by_one(self, s_mine: Outputs, t_out, y, epoch: int, index: SampleIndex) -> dict:
         extra = {"index": index} if self.needs_index else {}
-        terms, losses = [], []
-        for j, (i, r) in enumerate(zip(self.pos, self.runs)):
-            s_i = Outputs(*(None if o is None else o[i] for o in s_all))
-            t = functional_call(r.m.method, {n: p[j] for n, p in self.params.items()}, (s_i, t_out, y, epoch), extra)
-            terms.append(t)
-            losses.append(sum(t.values()))
-        return terms, losses
+        terms = []
+        for j, r in enumerate(self.runs):
+            s_j = Outputs(*(None if o is None else o[j] for o in s_mine))
+            terms.append(functional_call(r.m.method, {n: p[j] for n, p in self.params.items()}, (s_j, t_out, y, epoch),
+                                         extra))
+        return {k: torch.stack([t[k] for t in terms]) for k in self.keys}
+
+    def _batched(self, s_mine: Outputs, t_out, y, epoch: int) -> dict:
+        method = self.runs[0].m.method
+
+        def one(params, hp, s):
+            own, method.hp = method.hp, hp  # the hyperparameters vmap hands this member (one trace for all)
+            try:
+                return functional_call(method, params, (s, t_out, y, epoch))
+            finally:
+                method.hp = own
+
+        hp_dims = {k: 0 if isinstance(v, torch.Tensor) else None for k, v in self.hp.items()}
+        s_dims = Outputs(*(None if o is None else 0 for o in s_mine))
+        return vmap(one, in_dims=(0, hp_dims, s_dims), randomness="error")(self.params, self.hp, s_mine)
 
     def zero(self, device: torch.device) -> None:
         self.sums = {k: torch.zeros(len(self.runs), device=device) for k in self.keys}
@@ -211,6 +299,8 @@ class _Heads:
             self.params = {n: _stack([p[j] for j in mine]).requires_grad_() for n, p in self.params.items()}
             if self.opt is not None and mine:
                 self.opt.keep(mine)
+            if mine:
+                self.hp = self._batched_hp()
         self.pos = [live.index(i) for i in self.pos if i in live]
         return bool(self.runs)
 
@@ -230,24 +320,32 @@ class FusedGroup:
     """K lockstep members (train._Run) of one fusion key, stepping as one; see the module's docstring.
 
     Made after the members' first step (`steps_done` = 1), from their modules and torch.optim state;
-    `x` is that step's batch, on which the stacked forward is tried (NotFusable if vmap cannot run it).
+    `batch` is that step's (x, y, teacher outputs, epoch, index), on which the stacked forward is tried
+    (NotFusable if vmap cannot run it) and each method's members choose whether their losses batch.
     """
 
-    def __init__(self, runs: list, device: torch.device, total_steps: int, steps_done: int, x: torch.Tensor):
-        self.runs, self.device = list(runs), device
+    def __init__(self, runs: list, device: torch.device, total_steps: int, steps_done: int, batch: tuple):
+        by_method: dict[tuple, list] = {}
+        for r in runs:  # each method's members side by side: its heads read one slice of the stacked outputs
+            by_method.setdefault(head_key(r), []).append(r)
+        self.runs, self.device = [r for rs in by_method.values() for r in rs], device
         first = self.runs[0]
         self.needs = frozenset().union(*(r.needs for r in self.runs))  # every member's taps, computed once for all
         self.fmt = first.fmt
         adaptors = [_Taps(r.m.student, self.needs) for r in self.runs]
         self.base = adaptors[0]  # functional_call's module: its own tensors are swapped for the stacked ones
         self.params, self.buffers = stack_module_state(adaptors)
-        why = self._vmap_problem(x)
+        x, y, t_out, epoch, index = batch
+        outs, why = self._try_forward(x)
         if why is not None:
             raise NotFusable(f"torch.func.vmap cannot run {type(first.m.student).__name__}: {why}")
-        by_method: dict[tuple, list[int]] = {}
-        for i, r in enumerate(self.runs):
-            by_method.setdefault(head_key(r), []).append(i)
-        self.heads = [_Heads([self.runs[i] for i in pos], pos, total_steps, steps_done) for pos in by_method.values()]
+        self.heads, at = [], 0
+        for rs in by_method.values():
+            self.heads.append(_Heads(rs, list(range(at, at + len(rs))), total_steps, steps_done))
+            at += len(rs)
+        taps = dict(zip(self.base.names, outs))
+        for h in self.heads:
+            h.choose(Outputs(*(taps.get(n) for n in TAPS)), t_out, y, epoch, index)
         self.opt = FusedOptimizer(first.m.schedule.optimizer, list(self.params.values()),
                                   [r.m.schedule for r in self.runs], total_steps, steps_done)
         _copy_state(self.opt, self.runs, lambda r: list(r.m.student.parameters()))
@@ -262,15 +360,16 @@ class FusedGroup:
         """The stacked trainable tensors: the students' (as `_Taps` names them), then each method set's heads."""
         return [*self.params.values(), *(p for h in self.heads for p in h.params.values())]
 
-    def _vmap_problem(self, x: torch.Tensor) -> str | None:
-        """Why the stacked students cannot run under vmap (None: they can); tried on copies of the buffers."""
+    def _try_forward(self, x: torch.Tensor) -> tuple[tuple | None, str | None]:
+        """The stacked students' taps on `x` and None, or None and why they cannot run under vmap; tried on
+        copies of the buffers."""
         try:
             with torch.no_grad(), autocast(self.device):
-                vmap(self._forward, in_dims=(0, 0, None), randomness="error")(
+                outs = vmap(self._forward, in_dims=(0, 0, None), randomness="error")(
                     self.params, {n: b.clone() for n, b in self.buffers.items()}, x)
         except Exception as e:  # noqa: BLE001 - any failure means: train these members one by one
-            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return None
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return outs, None
 
     def _forward(self, params, buffers, x):
         return functional_call(self.base, (params, buffers), (x,))
@@ -284,7 +383,7 @@ class FusedGroup:
             s_all = Outputs(*(taps.get(n) for n in TAPS))
             per_set = [h.losses(s_all, t_out, y, epoch, index) for h in self.heads]
         heads = [list(h.params.values()) for h in self.heads]
-        total = torch.stack([loss for _, losses in per_set for loss in losses]).sum()
+        total = sum(losses.sum() for _, losses in per_set)
         grads = torch.autograd.grad(total, [*students, *(p for hs in heads for p in hs)], allow_unused=True)
         self.opt.step(students, grads[:len(students)])
         at = len(students)
@@ -296,7 +395,7 @@ class FusedGroup:
             b = len(y)
             for h, (terms, _) in zip(self.heads, per_set):
                 for k in h.keys:
-                    h.sums[k] += torch.stack([t[k].detach().float() for t in terms]) * b
+                    h.sums[k] += terms[k].detach().float() * b
             self.correct += (s_all.logits.argmax(-1) == y).sum(1)
 
     def compiled_step(self, **compile_kw):

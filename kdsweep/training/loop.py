@@ -301,6 +301,7 @@ def _copy_run(r: _Run, device: torch.device, accel: Accel, total_steps: int) -> 
     copy_ = _Run(Member(copy.deepcopy(r.m.student), copy.deepcopy(r.m.method), r.m.schedule), device, accel, total_steps)
     copy_.opt.load_state_dict(copy.deepcopy(r.opt.state_dict()))  # its own buffers: load_state_dict keeps tensors
     copy_.first_loss, copy_.stochastic = r.first_loss, False
+    copy_.sums = {k: v.clone() for k, v in r.sums.items()}  # the loss terms its method returns, as a group reads them
     return copy_
 
 
@@ -402,11 +403,17 @@ class Lockstep:
         fused = {id(r) for g in self.groups for r in g.runs}
         serial = rest = [r for r in active if id(r) not in fused]
         for g in self.groups:
+            drew = RuntimeError("a fused lockstep member drew random numbers after its first step; "
+                                "its stream cannot be replayed: run it with --no-fused or --parallel 1")
             before = _rng_state(self.device)
-            g.call(xs[g.fmt], y, t_out, epoch, index)
+            try:
+                g.call(xs[g.fmt], y, t_out, epoch, index)
+            except RuntimeError as e:
+                if "randomness" in str(e):  # vmap's refusal, in a fused forward or a batched loss
+                    raise drew from e
+                raise
             if any(a is not None and not torch.equal(a, b) for a, b in zip(before, _rng_state(self.device))):
-                raise RuntimeError("a fused lockstep member drew random numbers after its first step; "
-                                   "its stream cannot be replayed: run it with --no-fused or --parallel 1")
+                raise drew
         if self.workers > 1 and self.probed and len(rest) > 1:
             serial = [r for r in rest if r.stochastic]
             hands = _deal([r for r in rest if not r.stochastic], self.workers)
@@ -440,7 +447,7 @@ class Lockstep:
             if self.accel.fused is None and self.device.type == "cpu" and not self._fusing_pays(runs, xs, batch):
                 continue
             try:
-                g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, 1, xs[runs[0].fmt])
+                g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, 1, (xs[runs[0].fmt], *batch))
             except fused.NotFusable as e:
                 self.notes.append(f"{len(runs)} members train one after another, not fused: {e}")
                 continue
@@ -469,7 +476,7 @@ class Lockstep:
                 [r.step(x, y, t_out, epoch, index) for r in copies])
             try:
                 group = fused.FusedGroup([_copy_run(r, self.device, self.accel, self.steps * self.epochs) for r in runs],
-                                         self.device, self.steps * self.epochs, 1, x)
+                                         self.device, self.steps * self.epochs, 1, (x, *batch))
             except fused.NotFusable:
                 return True  # the real attempt says why
             stacked = _seconds_a_step(lambda: group.step(x, y, t_out, epoch, index))
