@@ -7,7 +7,7 @@ import random
 import optuna
 import pytest
 
-from kdsweep.study.pruning import Completed, in_memory, should_prune
+from kdsweep.study.pruning import Completed, Reports, in_memory, should_prune, write_reports
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -45,3 +45,37 @@ def test_other_pruners_are_asked_through_the_storage():
     assert should_prune(trial, {0: 0.5}, None) == trial.should_prune()
     with pytest.raises(ValueError):  # the view answers only what the percentile pruners ask
         Completed(study).get_trials(states=(optuna.trial.TrialState.PRUNED,))
+
+
+def _sqlite_study(tmp_path, pruner=None):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    return optuna.create_study(storage=storage, direction="maximize", pruner=pruner), storage
+
+
+def test_a_curve_is_written_in_one_transaction(tmp_path):
+    import sqlalchemy
+
+    study, storage = _sqlite_study(tmp_path)
+    trial = study.ask()
+    commits = []
+    sqlalchemy.event.listen(storage.engine, "commit", lambda conn: commits.append(1))
+    write_reports(study._storage, trial._trial_id, {e: 0.5 + e / 100 for e in range(30)})
+    assert len(commits) == 1
+    assert study.trials[0].intermediate_values == {e: 0.5 + e / 100 for e in range(30)}
+
+
+def test_reports_wait_for_the_trials_end_unless_the_pruner_reads_the_storage(tmp_path):
+    study, _ = _sqlite_study(tmp_path)
+    trial = study.ask()
+    reports = Reports(trial, at_once=False)
+    for e in range(5):
+        reports.add(e, e / 10)
+    assert study.trials[0].intermediate_values == {}  # only this process knows them yet
+    assert reports.take() == {e: e / 10 for e in range(5)} and reports.take() == {}
+
+    (tmp_path / "hyperband").mkdir()
+    study, _ = _sqlite_study(tmp_path / "hyperband", optuna.pruners.HyperbandPruner(min_resource=1, max_resource=4))
+    trial = study.ask()
+    reports = Reports(trial, at_once=not in_memory(study.pruner))
+    reports.add(0, 0.3)
+    assert study.trials[0].intermediate_values == {0: 0.3}  # Hyperband reads them from the storage

@@ -46,6 +46,9 @@ def test_study_logs_everything_and_resumes(kdsweep):
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 3
     assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in children}
+    for t in complete:  # each trial's curve reached Optuna (with its end, pruning.Reports) as MLflow has it
+        history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_acc")
+        assert t.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
     # The parent holds the best trial's params and metrics.
     best = client.get_run(parent)
     assert best.data.metrics["best_val_acc"] == pytest.approx(study.best_value)

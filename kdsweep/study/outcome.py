@@ -7,12 +7,14 @@ its parameters are tried again (workers.retry). `OUTCOMES` maps them all, one ro
 `classify(exception)` picks the row; `end_trial` writes it, and is the only code that sets a trial's
 Optuna state or ends a trial's MLflow run, always in this order:
 
-  1. Optuna user attributes: the reason, the results, and last the budget attribute (epochs trained),
-     so a trial whose results could not be recorded does not count;
+  1. the epochs' values Optuna's storage has not been sent yet (pruning.Reports), then Optuna user
+     attributes: the reason, the results, and last the budget attribute (epochs trained), so a trial
+     whose results could not be recorded does not count;
   2. Optuna state (the study's truth). If another worker already ended the trial (it failed it as
      stale), the outcome becomes STALE_WHILE_RUNNING;
-  3. the MLflow run: the epochs' metrics it had not sent yet, its tags and budget metrics, then its status, written from the outcome actually
-     recorded, so MLflow's `epochs_trained` and the report agree with the budget;
+  3. the MLflow run: the epochs' metrics it had not sent yet, its tags and budget metrics, then its status,
+     written from the outcome actually recorded, so MLflow's `epochs_trained` and the report agree with
+     the budget;
   4. the trial's progress line (progress.Reporter).
 
 A crash between two steps leaves what the next start repairs: a RUNNING trial is failed as stale
@@ -30,6 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.common import failures
+from kdsweep.study.pruning import write_reports
 from kdsweep.tracking.vocabulary import (
     EPOCHS_ATTR,
     REASON_ATTR,
@@ -116,6 +119,7 @@ class Ending:
     attrs: dict[str, Any] = field(default_factory=dict)  # more Optuna user attributes (test_acc, failed_at_epoch)
     tags: dict[str, Any] = field(default_factory=dict)  # more MLflow tags (pruned_at_epoch, failed_at_epoch)
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # epochs' metrics not yet in MLflow
+    reports: dict[int, float] = field(default_factory=dict)  # epochs' val_acc not yet in Optuna (pruning.Reports)
 
 
 @dataclass
@@ -180,7 +184,8 @@ def _set_attr(rec: Records, key: str, value: Any) -> None:
 
 
 def _write_optuna(rec: Records, outcome: Outcome, end: Ending, reason: str) -> tuple[Outcome, FrozenTrial | None]:
-    """Steps 1 and 2: the trial's attributes, then its state. The only writer of a trial's Optuna state."""
+    """Steps 1 and 2: the trial's curve and attributes, then its state. The only writer of a trial's Optuna state."""
+    write_reports(rec.storage, rec.trial._trial_id, end.reports)
     if outcome.optuna == TrialState.FAIL:
         _set_attr(rec, REASON_ATTR, reason)
     for key, value in end.attrs.items():

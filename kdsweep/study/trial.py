@@ -27,7 +27,7 @@ from kdsweep.models.zoo import Shapes, count_params
 from kdsweep.study import outcome as oc
 from kdsweep.study.config import StudyConfig
 from kdsweep.study.progress import Reporter
-from kdsweep.study.pruning import Completed, in_memory, should_prune
+from kdsweep.study.pruning import Completed, Reports, in_memory, should_prune
 from kdsweep.study.workers import Heartbeat, check_stop
 from kdsweep.tracking.tracker import Curves, Tracker
 from kdsweep.tracking.vocabulary import RUN_ID_ATTR, STATE_RUNNING, STATE_TAG
@@ -94,6 +94,7 @@ class TrialRun:
     rng: tuple  # the RNG state right after initialisation (lockstep replays it)
     completed: Completed | None = None  # the study's complete trials as its pruner compares with them (pruning.py)
     curves: Curves | None = None  # its epochs' metrics on their way to MLflow
+    reports: Reports | None = None  # its epochs' val_acc on their way to Optuna
     curve: dict[int, float] = field(default_factory=dict)  # val_acc per epoch, as reported to Optuna
     seconds: float = 0.0  # training wall time so far
 
@@ -120,7 +121,8 @@ def _open(ctx: StudyContext, trial: optuna.Trial) -> TrialRun:
                             {"kdsweep.role": "trial", "kdsweep.method": cfg.method, "kdsweep.study": cfg.full_study_name,
                              "kdsweep.label": cfg.name, "kdsweep.per_trial": cfg.budget_tag,
                              "kdsweep.trial": trial.number, STATE_TAG: STATE_RUNNING}, parent=ctx.parent_run)
-    return TrialRun(trial, hp, schedule, student, method, run, rng, completed, Curves(ctx.tracker, run))
+    return TrialRun(trial, hp, schedule, student, method, run, rng, completed, Curves(ctx.tracker, run),
+                    Reports(trial, at_once=completed is None))
 
 
 def _fill(ctx: StudyContext, tr: TrialRun) -> None:
@@ -135,7 +137,7 @@ def _epoch_callback(ctx: StudyContext, tr: TrialRun) -> Callable:
         check_stop()
         tr.curves.add(stats.epoch, stats.metrics())
         tr.seconds += stats.seconds
-        tr.trial.report(stats.val_acc, stats.epoch)
+        tr.reports.add(stats.epoch, stats.val_acc)
         tr.curve[stats.epoch] = stats.val_acc
         if should_prune(tr.trial, tr.curve, tr.completed):
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch + 1} of {ctx.cfg.epochs}")  # 1-based for people
@@ -190,9 +192,9 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _end(ctx: StudyContext, trial: optuna.Trial, tr: TrialRun | None, end: oc.Ending) -> oc.Outcome:
-    """End one trial through the outcome table; the epochs' metrics not yet in MLflow go with its end."""
+    """End one trial through the outcome table; the epochs' metrics not yet in MLflow or Optuna go with its end."""
     if tr is not None:
-        end.history = tr.curves.take()
+        end.history, end.reports = tr.curves.take(), tr.reports.take()
     return oc.end_trial(ctx.records(trial, tr.run if tr else None), oc.classify(end.error), end)
 
 
