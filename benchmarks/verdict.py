@@ -20,6 +20,7 @@ validation pass), and bookkeeping (MLflow and Optuna writes: opening a trial's r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--confirm-seeds", type=int, default=0)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--floor-epochs", type=int, default=30)
+    ap.add_argument("--keep", metavar="DIR", help="keep the stores in DIR (a new folder), for `kdsweep report` afterwards")
     args, extra = ap.parse_known_args()
     if args.child is not None:
         argv = json.loads(args.child)
@@ -152,7 +154,9 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-m", "kdsweep.cli", "teacher", "--dataset", "mnist1d"], env=env, check=True,
                    capture_output=True)  # cached after the first time: not timed
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep:
+        os.makedirs(args.keep)  # a new folder: a verdict is timed on new stores
+    with (contextlib.nullcontext(os.path.abspath(args.keep)) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         stores = ["--storage", f"sqlite:///{tmp}/optuna.db", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
         sweep = ["sweep", "--methods", args.methods, "--dataset", "mnist1d", "--epochs", str(args.epochs),
                  "--parallel", str(args.parallel), "--quiet", *stores, *extra]
@@ -165,6 +169,9 @@ def main() -> None:
                                            "--tracking-uri", stores[3]], env)))
         rows.append(("floor", child(["floor", str(args.floor_epochs)], env)))
     report(rows, args)
+    if args.keep:
+        print(f"\nstores kept: kdsweep report --dataset mnist1d --tracking-uri sqlite:///{os.path.abspath(args.keep)}/mlflow.db "
+              f"--storage sqlite:///{os.path.abspath(args.keep)}/optuna.db")
 
 
 def report(rows: list[tuple[str, dict]], args) -> None:

@@ -26,20 +26,26 @@ def _runs(uri, role):
     return c.search_runs([exp.experiment_id], f"tags.`kdsweep.role` = '{role}'", max_results=1000)
 
 
+def _make_store(root, mp, methods=("ce", "vanilla_kd"), trials=2, epochs=1) -> str:
+    """Studies of `methods` on a new store in `root`; its tracking URI."""
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    (root / "mlruns").mkdir()
+    mp.chdir(root)
+    mp.setenv("KDSWEEP_CACHE", str(root / "cache"))
+    for method in methods:
+        rc = cli.main(["study", method, *DATA, "--trials", str(trials), "--epochs", str(epochs), "--teacher-epochs", "1",
+                       "--pruner", "none", "--storage", storage, "--tracking-uri", uri])
+        assert rc == 0
+    return uri
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Two studies on one store: ce and vanilla_kd, 2 trials of 1 epoch each."""
     root = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    storage = f"sqlite:///{root / 'optuna.db'}"
-    (root / "mlruns").mkdir()
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("KDSWEEP_CACHE", str(root / "cache"))
-        for method in ("ce", "vanilla_kd"):
-            rc = cli.main(["study", method, *DATA, "--trials", "2", "--epochs", "1", "--teacher-epochs", "1",
-                           "--pruner", "none", "--storage", storage, "--tracking-uri", uri])
-            assert rc == 0
+        uri = _make_store(root, mp)
         yield root, uri, mp
 
 
@@ -153,6 +159,25 @@ def test_confirm_adds_runs_then_reuses_them(sweep, capsys):
     assert len(accs["ce"]) == 3 and ranking.loc["vanilla_kd", "n"] == 3
     assert ranking.loc["vanilla_kd", "p_vs_ce_holm"] == pytest.approx(welch_p(accs["vanilla_kd"], accs["ce"]), rel=1e-5)
     assert ranking.loc[ranking["acc"].idxmax(), "top_group"]
+
+
+def test_confirm_trains_each_seed_of_every_method_together_as_each_would_alone(tmp_path, monkeypatch, capsys):
+    """Seed k of every study trains in one lockstep group; each seed's run equals the same seed trained alone
+    (the same sweep on a second store, confirmed one study only)."""
+    curves = {}
+    for which, studies in (("together", []), ("alone", ["--studies", "vanilla_kd"])):
+        (tmp_path / which).mkdir()
+        uri = _make_store(tmp_path / which, monkeypatch, trials=1, epochs=2)
+        assert cli.main(["confirm", "--tracking-uri", uri, "--seeds", "2", "--device", "cpu", *studies]) == 0
+        runs = [r for r in _runs(uri, "confirm") if r.data.tags["kdsweep.method"] == "vanilla_kd"]
+        curves[which] = {r.data.tags["kdsweep.confirm_seed"]: (
+            [m.value for m in _client(uri).get_metric_history(r.info.run_id, "train_loss")],
+            r.data.metrics["best_val_acc"], r.data.metrics["test_acc"]) for r in runs}
+    assert capsys.readouterr().out.count("2 trained") == 3  # ce and vanilla_kd together; vanilla_kd alone
+    assert sorted(curves["together"]) == sorted(curves["alone"]) == ["1", "2"]
+    for seed, (losses, val, test) in curves["together"].items():
+        a_losses, a_val, a_test = curves["alone"][seed]
+        assert losses == pytest.approx(a_losses, rel=1e-5) and val == pytest.approx(a_val) and test == pytest.approx(a_test)
 
 
 def test_study_without_complete_trial_and_missing_teacher(sweep, capsys):

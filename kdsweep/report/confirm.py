@@ -12,11 +12,16 @@ whose config it retrains) and kdsweep.state. A COMPLETE run for the same
 (study, source trial, seed) is reused, so the command is resumable and cheap
 to repeat; if the study grows and its best trial changes, the new best config
 gets its own runs.
+
+Seed k of every method trains in one lockstep group (training/loop.py): the seeds share their split and
+teacher, and seed k's batch stream is the same for every method, as a sweep's trials share theirs; so
+their students step together (fused where it pays), each exactly as it would alone.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +49,7 @@ from kdsweep.tracking import cleanup
 from kdsweep.tracking.tracker import Curves
 from kdsweep.tracking.vocabulary import RUN_FINISHED, RUN_RUNNING, STATE_COMPLETE, STATE_RUNNING, STATE_TAG
 from kdsweep.training.devices import set_cpu_threads
-from kdsweep.training.loop import Schedule, train_student
+from kdsweep.training.loop import Member, Schedule, TrainResult, train_students
 
 
 def _existing(study: StudyRuns) -> dict[str, str]:
@@ -72,6 +77,7 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
     cleanup.close_dead_runs(sel.tracker, sel.experiment_id, ("confirm",), say,
                             close=lambda run, reason: _close_dead(sel.tracker, run, reason))
     datas: dict[tuple, object] = {}
+    plans: list[_Plan] = []
     teacher = t_where = None
     with atomic.tmp_dir("kdsweep-confirm") as tmp:
         for s in todo:
@@ -101,24 +107,61 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
                     say(f"{s.label}: teacher missing ({t_where}); skipped")
                     continue
                 t_shapes = teacher.shapes(data.in_shape)
-            say(f"{s.label}: {summary[s.label]['reused']} confirmation runs reused, training seeds {', '.join(map(str, missing))}")
-            _train_seeds(sel, s, missing, (method_cls, teacher if method_cls.uses_teacher else None, t_shapes, data),
-                         summary[s.label], say)
+            say(f"{s.label}: {summary[s.label]['reused']} confirmation runs reused, to train: seeds "
+                f"{', '.join(map(str, missing))}")
+            plans.append(_Plan(s, method_cls, teacher if method_cls.uses_teacher else None, t_shapes, data, missing,
+                               summary[s.label]))
+        _train_seeds(sel, plans, teacher, say)
     return summary
 
 
-def _train_seeds(sel: Selection, s: StudyRuns, seeds: list[int], setup: tuple, counts: dict[str, int], say: Say) -> None:
-    """Claim and train each seed of `seeds` that no other confirm has taken meanwhile; count what happened."""
-    lock = StudyLock(sel.tracker.uri, f"confirm:{s.name}")
+@dataclass
+class _Plan:
+    """One study's seeds to train, and what they train with."""
+
+    study: StudyRuns
+    method_cls: type
+    teacher: torch.nn.Module | None
+    t_shapes: object
+    data: object
+    seeds: list[int]
+    counts: dict[str, int]
+
+
+@dataclass
+class _Seed:
+    """One confirmation run being trained."""
+
+    plan: _Plan
+    seed: int
+    run: str
+    member: Member
+    curves: Curves
+    hp: dict[str, float]
+
+
+def _train_seeds(sel: Selection, plans: list[_Plan], teacher, say: Say) -> None:
+    """Seed by seed, claim each study's run of it (unless another confirm took it meanwhile) and train the claimed
+    ones together, in one lockstep group per split and schedule; count what happened."""
+    locks = {p.study.name: StudyLock(sel.tracker.uri, f"confirm:{p.study.name}") for p in plans}
     try:
-        for k in seeds:
-            run = _claim_seed(sel, s, k, lock, say)
-            if run is None:
-                counts["reused"] += 1
-                continue
-            counts["trained" if _train_one(sel, s, *setup, k, run, say) else "failed"] += 1
+        for k in sorted({k for p in plans for k in p.seeds}):
+            groups: dict[tuple, list[_Seed]] = {}
+            for p in plans:
+                if k not in p.seeds:
+                    continue
+                run = _claim_seed(sel, p.study, k, locks[p.study.name], say)
+                if run is None:
+                    p.counts["reused"] += 1
+                    continue
+                seed = _prepare(sel, p, k, run)
+                sched = seed.member.schedule
+                groups.setdefault((id(p.data), sched.epochs, sched.batch_size), []).append(seed)
+            for seeds in groups.values():
+                _train_group(sel, seeds, teacher, say)
     finally:
-        lock.close()
+        for lock in locks.values():
+            lock.close()
 
 
 def _seed_runs(sel: Selection, s: StudyRuns, seed: int | None, statuses: tuple[str, ...]) -> list:
@@ -171,43 +214,70 @@ def lost_seeds(sel: Selection, close: bool) -> list[str]:
     return lines
 
 
-def _train_one(sel: Selection, s: StudyRuns, method_cls, teacher, t_shapes, data, seed: int, run: str, say: Say) -> bool:
-    tracker, best = sel.tracker, s.best
-    p = best.data.params
-    hp = {k: float(p[k]) for k in [*method_cls.space, "lr"] if k in p}
-    schedule = Schedule(int(p["epochs"]), int(p["batch_size"]), hp["lr"], float(p["momentum"]), float(p["weight_decay"]),
-                        p.get("optimizer", "sgd"))  # runs from before the optimiser choice trained with SGD
-    run_data = copy.copy(data)
-    run_data.stream_seed = seed  # same split, fresh batch order and augmentation
+def _prepare(sel: Selection, p: _Plan, seed: int, run: str) -> _Seed:
+    """Seed `seed` of a study's best configuration: a fresh student (and heads) from that seed, its params logged."""
+    best = p.study.best
+    prm = best.data.params
+    hp = {k: float(prm[k]) for k in [*p.method_cls.space, "lr"] if k in prm}
+    schedule = Schedule(int(prm["epochs"]), int(prm["batch_size"]), hp["lr"], float(prm["momentum"]),
+                        float(prm["weight_decay"]), prm.get("optimizer", "sgd"))  # runs from before the choice: SGD
+    data = p.data
     torch.manual_seed(seed)  # fresh student (and head) initialisation
-    student = build_model(s.params["student"], data.in_shape, data.num_classes,
-                          **taps.recorded_paths(s.params, "student")).to(data.device)
-    method = method_cls({k: v for k, v in hp.items() if k != "lr"}, student.shapes(data.in_shape), t_shapes,
-                        schedule.epochs).to(data.device)
+    student = build_model(p.study.params["student"], data.in_shape, data.num_classes,
+                          **taps.recorded_paths(p.study.params, "student")).to(data.device)
+    method = p.method_cls({k: v for k, v in hp.items() if k != "lr"}, student.shapes(data.in_shape), p.t_shapes,
+                          schedule.epochs).to(data.device)
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
+    curves = Curves(sel.tracker, run)
+    params = {**prm, "device": data.device.type, "confirm_seed": seed,
+              "source_trial": best.data.tags.get("kdsweep.trial", ""), "extra_params": count_params(method)}
+    sel.tracker.log(run, params=params)
+    member = Member(student, method, schedule, lambda st: curves.add(st.epoch, st.metrics()), rng=rng)
+    return _Seed(p, seed, run, member, curves, hp)
 
-    source_trial = best.data.tags.get("kdsweep.trial", "")
-    params = {**p, "device": data.device.type, "confirm_seed": seed, "source_trial": source_trial,
-              "extra_params": count_params(method)}
-    curves = Curves(tracker, run)
+
+def _train_group(sel: Selection, seeds: list[_Seed], teacher, say: Say) -> None:
+    """Train seeds of several studies in lockstep (same split, schedule and seed: the same batches), then record
+    and end each one's run on its own, as a lone seed's would be."""
+    data = copy.copy(seeds[0].plan.data)
+    data.stream_seed = seeds[0].seed  # same split, fresh batch order and augmentation
     try:
-        tracker.log(run, params=params)
-        result = train_student(student, method, teacher, run_data, schedule,
-                               on_epoch=lambda st: curves.add(st.epoch, st.metrics()))
-        final = record_result(tracker, run, data, s.params["student"], student, method, result,
-                              {"method": s.method, "study": s.name, "confirm_seed": seed, "source_trial": source_trial,
-                               "hparams": hp})
+        results: list[TrainResult | BaseException] = list(train_students(
+            [sd.member for sd in seeds], teacher if any(sd.plan.teacher is not None for sd in seeds) else None, data))
+    except BaseException as e:  # noqa: BLE001 - it stopped the whole group: each seed ends with it
+        results = [e] * len(seeds)
+    stop = None
+    for sd, result in zip(seeds, results):
+        ok = _record(sel, sd, result, say)
+        sd.plan.counts["trained" if ok else "failed"] += 1
+        if isinstance(result, BaseException) and not outcome.classify(result).goes_on:
+            stop = result
+    if stop is not None:
+        raise stop
+
+
+def _record(sel: Selection, sd: _Seed, result: TrainResult | BaseException, say: Say) -> bool:
+    """Record one seed's result and end its run through the outcome table (MLflow side only: a seed has no
+    Optuna trial); True if it completed."""
+    s, data, final = sd.plan.study, sd.plan.data, None
+    error = result if isinstance(result, BaseException) else result.stopped_by
+    if error is None:
+        try:
+            final = record_result(sel.tracker, sd.run, data, s.params["student"], sd.member.student, sd.member.method,
+                                  result, {"method": s.method, "study": s.name, "confirm_seed": sd.seed,
+                                           "source_trial": s.best.data.tags.get("kdsweep.trial", ""), "hparams": sd.hp})
+        except BaseException as e:  # noqa: BLE001 - recorded as this seed's end below
+            error = e
+    if error is None:
         end = outcome.Ending(epochs=len(result.history), seconds=sum(st.seconds for st in result.history))
-    except BaseException as e:
-        end = outcome.Ending(error=e)
-    end.history = curves.take()
-    # A seed has no Optuna trial: it ends through the same table, MLflow side only.
-    ended = outcome.end_trial(outcome.Records(tracker, run, say=say), outcome.classify(end.error), end)
-    if not outcome.classify(end.error).goes_on:
-        raise end.error
+    else:
+        end = outcome.Ending(error=error)
+    end.history = sd.curves.take()
+    ended = outcome.end_trial(outcome.Records(sel.tracker, sd.run, say=say), outcome.classify(end.error), end)
     if ended is not outcome.COMPLETE:
-        say(f"  seed {seed}: {outcome.reason_of(ended, end.error)}; recorded as FAIL")
+        say(f"  {s.label} seed {sd.seed}: {outcome.reason_of(ended, end.error)}; recorded as FAIL")
         return False
-    say(f"  seed {seed}: val_acc={result.best_val_acc:.4f} test_acc={final['test_acc']:.4f} (run {run})")
+    say(f"  {s.label} seed {sd.seed}: val_acc={result.best_val_acc:.4f} test_acc={final['test_acc']:.4f} (run {sd.run})")
     return True
 
 
