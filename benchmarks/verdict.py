@@ -3,6 +3,8 @@
     python benchmarks/verdict.py                       # ce, vanilla_kd, pkt, cosine on MNIST-1D, 240 epochs each
     python benchmarks/verdict.py --parallel 8          # their trials in lockstep groups of 8
     python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5   # the whole MNIST-1D verdict
+    python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5 --parallel 32 --no-resume \
+        --keep DIR                                     # ... exactly the budget, stores kept for `kdsweep report`
 
 Runs, each in its own process, in this order: the floor, the sweep on new stores (start-up, migrations
 included), the same sweep resumed with one more trial's worth of epochs per method on the now existing
@@ -11,8 +13,10 @@ again. The teacher is trained first if it is not cached, outside the timings (`k
 
 The floor is plain PyTorch, no kdsweep import: 32 MNIST-1D MLPs (40-100-100-10) with stacked weights,
 trained at once with batched matmuls over the same number of samples per epoch, batch size, Adam and
-cosine schedule, with a validation pass per epoch: its seconds per trial-epoch times the epochs the
-sweep trained is what the sweep would cost with nothing but that arithmetic. The sweep's own process
+cosine schedule, with a validation pass per epoch, once on one thread and once on every core (kdsweep uses
+every core: its lockstep groups step on a worker thread per core); the faster one's seconds per
+trial-epoch times the epochs the sweep trained is what the sweep would cost with nothing but that
+arithmetic. The sweep's own process
 reports where its time went: start-up to the first trial, training (lockstep epochs with their
 validation pass), and bookkeeping (MLflow and Optuna writes: opening a trial's run, its epochs, its end).
 """
@@ -32,11 +36,11 @@ T0 = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def floor(epochs: int, k: int = 32, n_train: int = 3600, n_val: int = 400, batch: int = 100) -> dict:
+def floor(epochs: int, threads: int = 1, k: int = 32, n_train: int = 3600, n_val: int = 400, batch: int = 100) -> dict:
     """Seconds per trial-epoch of K stacked MLPs trained at once (the arithmetic, batched; no kdsweep)."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n_train, 40, generator=g), torch.randint(0, 10, (n_train,), generator=g)
     vx, vy = torch.randn(n_val, 40, generator=g), torch.randint(0, 10, (n_val,), generator=g)
@@ -71,7 +75,7 @@ def floor(epochs: int, k: int = 32, n_train: int = 3600, n_val: int = 400, batch
         with torch.no_grad():
             best = torch.maximum(best, (forward(vx).argmax(-1) == vy).float().mean(1))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "per_trial_epoch": seconds / (k * epochs), "k": k, "epochs": epochs}
+    return {"seconds": seconds, "per_trial_epoch": seconds / (k * epochs), "k": k, "epochs": epochs, "threads": threads}
 
 
 def instrumented(argv: list[str]) -> dict:
@@ -145,11 +149,12 @@ def main() -> None:
     ap.add_argument("--confirm-seeds", type=int, default=0)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--floor-epochs", type=int, default=30)
+    ap.add_argument("--no-resume", action="store_true", help="skip the resumed step (a verdict of exactly the budget)")
     ap.add_argument("--keep", metavar="DIR", help="keep the stores in DIR (a new folder), for `kdsweep report` afterwards")
     args, extra = ap.parse_known_args()
     if args.child is not None:
         argv = json.loads(args.child)
-        print(json.dumps(floor(int(argv[1])) if argv[0] == "floor" else instrumented(argv)))
+        print(json.dumps(floor(int(argv[1]), int(argv[2])) if argv[0] == "floor" else instrumented(argv)))
         return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-m", "kdsweep.cli", "teacher", "--dataset", "mnist1d"], env=env, check=True,
@@ -161,13 +166,16 @@ def main() -> None:
         sweep = ["sweep", "--methods", args.methods, "--dataset", "mnist1d", "--epochs", str(args.epochs),
                  "--parallel", str(args.parallel), "--quiet", *stores, *extra]
         print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-        rows = [("floor", child(["floor", str(args.floor_epochs)], env))]
+        # The floor on one thread and on every core: kdsweep may use every core, so the ratio is to the faster.
+        cores = str(len(os.sched_getaffinity(0)))
+        rows = [("floor", child(["floor", str(args.floor_epochs), n], env)) for n in dict.fromkeys(["1", cores])]
         rows.append(("sweep, new stores", child([*sweep, "--budget-epochs", str(args.budget_epochs)], env)))
-        rows.append(("resumed, +1 trial", child([*sweep, "--budget-epochs", str(args.budget_epochs + args.epochs)], env)))
+        if not args.no_resume:
+            rows.append(("resumed, +1 trial", child([*sweep, "--budget-epochs", str(args.budget_epochs + args.epochs)], env)))
         if args.confirm_seeds:
             rows.append(("confirm", child(["confirm", "--seeds", str(args.confirm_seeds), "--dataset", "mnist1d",
                                            "--tracking-uri", stores[3]], env)))
-        rows.append(("floor", child(["floor", str(args.floor_epochs)], env)))
+        rows += [("floor", child(["floor", str(args.floor_epochs), n], env)) for n in dict.fromkeys(["1", cores])]
     report(rows, args)
     if args.keep:
         print(f"\nstores kept: kdsweep report --dataset mnist1d --tracking-uri sqlite:///{os.path.abspath(args.keep)}/mlflow.db "
@@ -175,11 +183,18 @@ def main() -> None:
 
 
 def report(rows: list[tuple[str, dict]], args) -> None:
-    floors = [r["per_trial_epoch"] for name, r in rows if name == "floor"]
-    per = sum(floors) / len(floors)
+    by_threads: dict[int, list[float]] = {}
+    for name, r in rows:
+        if name == "floor":
+            by_threads.setdefault(r["threads"], []).append(r["per_trial_epoch"])
+    means = {n: sum(v) / len(v) for n, v in by_threads.items()}
+    best = min(means, key=means.get)
+    per = means[best]
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"floor: {per * 1e3:.2f} ms per trial-epoch (32 stacked MLPs; runs: "
-          f"{', '.join(f'{f * 1e3:.2f}' for f in floors)})\n")
+    for n, v in sorted(by_threads.items()):
+        print(f"floor on {n} thread{'s' if n > 1 else ''}: {means[n] * 1e3:.2f} ms per trial-epoch (32 stacked MLPs; runs: "
+              f"{', '.join(f'{f * 1e3:.2f}' for f in v)}){'  <- the floor' if n == best else ''}")
+    print()
     print(f"{'step':<20} {'wall s':>8} {'to 1st trial s':>15} {'trial-epochs':>13} {'training s':>11} "
           f"{'bookkeeping ms/trial-epoch':>27} {'floor s':>8} {'ratio':>6}")
     total_wall = total_floor = 0.0
@@ -192,7 +207,7 @@ def report(rows: list[tuple[str, dict]], args) -> None:
         book = r["bookkeeping"] / n * 1e3 if n else float("nan")
         print(f"{name:<20} {r['process_wall']:8.1f} {r['first_trial'] or float('nan'):15.2f} {n:13d} "
               f"{r['training']:11.1f} {book:27.2f} {fl:8.1f} {r['process_wall'] / fl if fl else float('nan'):6.1f}")
-    sweep = rows[1][1]
+    sweep = next(r for name, r in rows if name != "floor")
     print(f"\nsweep ({args.methods}, {args.budget_epochs} epochs each, --parallel {args.parallel}): "
           f"{sweep['process_wall']:.1f} s = {sweep['process_wall'] / (per * sweep['trial_epochs']):.1f} x the floor "
           f"of its {sweep['trial_epochs']} trial-epochs; all steps: {total_wall:.1f} s = {total_wall / total_floor:.1f} x")

@@ -189,12 +189,26 @@ def test_members_of_different_methods_fuse_into_one_group(data, teacher):
              dict(method="dkd", lr=0.05, epochs=3, prune_after=2), dict(method="ce", lr=0.2, seed=4)]
     specs = [{"epochs": 3, **spec} for spec in specs]
     alone = sequential(data, teacher, specs)
-    group = fused(data, teacher, specs)
+    group = fused(data, teacher, specs, cpu_workers=1)
     assert group.fused_members == 8 and len(group.groups) == 1, group.notes  # (the pruned member has left it since)
     assert {type(r.m.method).__name__ for r in group.groups[0].runs} == {"CE", "VanillaKD", "FitNet", "CRD", "PKT"}
     for spec, a, f in zip(specs, alone, group.results()):
         assert_same(a, f)
         assert len(f.history) == spec.get("prune_after", 3)
+
+
+def test_with_worker_threads_members_fuse_into_one_group_per_thread(data, teacher):
+    """On CPU with two worker threads, the members of one architecture go into two fused groups that step side by
+    side, each with its share of every method (their losses stay batched); each member trains as it would alone."""
+    specs = [dict(method=m, lr=lr, seed=i) for i, (m, lr) in
+             enumerate([("ce", 0.05), ("pkt", 0.1), ("ce", 0.1), ("pkt", 0.05), ("vanilla_kd", 0.1), ("ce", 0.02)])]
+    alone = sequential(data, teacher, specs)
+    group = fused(data, teacher, specs, cpu_workers=2)
+    assert group.fused_members == 6 and [len(g.runs) for g in group.groups] == [3, 3], group.notes
+    for g in group.groups:
+        assert {type(r.m.method).__name__ for r in g.runs} >= {"CE", "PKT"}
+    for a, f in zip(alone, group.results()):
+        assert_same(a, f)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])

@@ -452,6 +452,14 @@ class FusedGroup:
                 r.sums = {k: h.sums[k][j] for k in h.keys}
 
 
+def split(runs: list, n: int) -> list[list]:
+    """`runs` in `n` groups of near-equal size, each with its share of every method's members (its losses stay
+    batched within each group, and the groups cost about the same)."""
+    methods = list(dict.fromkeys(map(head_key, runs)))
+    by_method = sorted(runs, key=lambda r: methods.index(head_key(r)))
+    return [by_method[i::n] for i in range(n)]
+
+
 def plan(runs: Sequence, min_size: int) -> list[list]:
     """The runs to fuse, as lists of equal fusion keys with at least `min_size` members (in the group's order)."""
     by_key: dict[tuple, list] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -316,6 +317,29 @@ def _seconds_a_step(step: Callable[[], object], repeats: int = 3) -> float:
     return min(times)
 
 
+def _call(job: Callable[[], object]) -> object:
+    return job()
+
+
+def _fused_step(g, x, y, t_out, epoch: int, index: SampleIndex) -> None:
+    try:
+        g.call(x, y, t_out, epoch, index)
+    except RuntimeError as e:
+        if "randomness" in str(e):  # vmap's refusal, in a fused forward or a batched loss
+            raise _drew() from e
+        raise
+
+
+def _hand_step(hand: list, xs: dict, y, t_out, epoch: int, index: SampleIndex) -> None:
+    for r in hand:
+        r.step(xs[r.fmt], y, t_out, epoch, index)
+
+
+def _drew() -> RuntimeError:
+    return RuntimeError("a lockstep member drew random numbers after its first step; its stream cannot be replayed "
+                        "alongside the others': run it with --no-fused or --parallel 1")
+
+
 class Lockstep:
     """K students trained in lockstep over one batch stream, one epoch per call of :meth:`epoch`.
 
@@ -402,26 +426,21 @@ class Lockstep:
         shared = [(t, t._version) for t in (t_out or ()) if t is not None]
         fused = {id(r) for g in self.groups for r in g.runs}
         serial = rest = [r for r in active if id(r) not in fused]
-        for g in self.groups:
-            drew = RuntimeError("a fused lockstep member drew random numbers after its first step; "
-                                "its stream cannot be replayed: run it with --no-fused or --parallel 1")
-            before = _rng_state(self.device)
-            try:
-                g.call(xs[g.fmt], y, t_out, epoch, index)
-            except RuntimeError as e:
-                if "randomness" in str(e):  # vmap's refusal, in a fused forward or a batched loss
-                    raise drew from e
-                raise
-            if any(a is not None and not torch.equal(a, b) for a, b in zip(before, _rng_state(self.device))):
-                raise drew
+        # The jobs that draw no random numbers: each fused group, and hands of the other members on worker threads.
+        jobs = [functools.partial(_fused_step, g, xs[g.fmt], y, t_out, epoch, index) for g in self.groups]
         if self.workers > 1 and self.probed and len(rest) > 1:
             serial = [r for r in rest if r.stochastic]
-            hands = _deal([r for r in rest if not r.stochastic], self.workers)
-            before = torch.get_rng_state()
-            _in_pool(self.workers, lambda hand: [r.step(xs[r.fmt], y, t_out, epoch, index) for r in hand], hands)
-            if not torch.equal(before, torch.get_rng_state()):
-                raise RuntimeError("a lockstep member drew random numbers on a worker thread after its first step; "
-                                   "its stream cannot be replayed: run it with --parallel 1")
+            jobs += [functools.partial(_hand_step, hand, xs, y, t_out, epoch, index)
+                     for hand in _deal([r for r in rest if not r.stochastic], self.workers)]
+        if jobs:
+            before = _rng_state(self.device)
+            if self.workers > 1 and len(jobs) > 1:
+                _in_pool(self.workers, _call, jobs)
+            else:
+                for job in jobs:
+                    job()
+            if any(a is not None and not torch.equal(a, b) for a, b in zip(before, _rng_state(self.device))):
+                raise _drew()
         for r in serial:
             if self.swap_rng:
                 before = r.m.rng
@@ -440,25 +459,31 @@ class Lockstep:
 
     def _form_groups(self, active: list[_Run], xs: dict, batch: tuple) -> None:
         """Stack the members that drew no random numbers in the first step into fused groups (kdsweep/fused.py);
-        on CPU without --fused/--no-fused, only where fusing measured faster (`_fusing_pays`)."""
+        on CPU without --fused/--no-fused, only where fusing measured faster (`_fusing_pays`). With worker
+        threads (CPU), the members of a key are split into one fused group per worker, stepping side by side."""
         from kdsweep.training import fused
 
         for runs in fused.plan([r for r in active if not r.stochastic], self.fuse):
             if self.accel.fused is None and self.device.type == "cpu" and not self._fusing_pays(runs, xs, batch):
                 continue
-            try:
-                g = fused.FusedGroup(runs, self.device, self.steps * self.epochs, 1, (xs[runs[0].fmt], *batch))
-            except fused.NotFusable as e:
-                self.notes.append(f"{len(runs)} members train one after another, not fused: {e}")
-                continue
-            # On CUDA the compiled step is also captured as a CUDA graph (replayed with one launch, where
-            # torch.compile finds it safe to), the point of a step with no host sync.
-            mode = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
-            g.call = g.compiled_step(**mode) if self.accel.compile else g.step
-            for r in runs:
-                r.opt.state.clear()  # the fused optimiser holds the state now
-            self.groups.append(g)
-            self.fused_members += len(runs)
+            for part in fused.split(runs, self._fused_groups(runs)):
+                try:
+                    g = fused.FusedGroup(part, self.device, self.steps * self.epochs, 1, (xs[part[0].fmt], *batch))
+                except fused.NotFusable as e:
+                    self.notes.append(f"{len(part)} members train one after another, not fused: {e}")
+                    continue
+                # On CUDA the compiled step is also captured as a CUDA graph (replayed with one launch, where
+                # torch.compile finds it safe to), the point of a step with no host sync.
+                mode = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
+                g.call = g.compiled_step(**mode) if self.accel.compile else g.step
+                for r in part:
+                    r.opt.state.clear()  # the fused optimiser holds the state now
+                self.groups.append(g)
+                self.fused_members += len(part)
+
+    def _fused_groups(self, runs: list) -> int:
+        """Into how many fused groups members of one key go: one per worker thread, each of two members at least."""
+        return max(1, min(self.workers, len(runs) // 2))
 
     def _fusing_pays(self, runs: list[_Run], xs: dict, batch: tuple) -> bool:
         """Whether these members step faster fused than on the worker threads, measured once per process for their
@@ -469,20 +494,23 @@ class Lockstep:
         key = (fused.fusion_key(runs[0]), len(runs), self.workers)
         if key not in _FUSING_PAYS:
             x, (y, t_out, epoch, index) = xs[runs[0].fmt], batch
-            copies = [_copy_run(r, self.device, self.accel, self.steps * self.epochs) for r in runs]
+            total = self.steps * self.epochs
+            copies = [_copy_run(r, self.device, self.accel, total) for r in runs]
             hands = _deal(copies, self.workers)
             threaded = _seconds_a_step(lambda: _in_pool(self.workers, lambda hand: [
                 r.step(x, y, t_out, epoch, index) for r in hand], hands) if len(hands) > 1 else
                 [r.step(x, y, t_out, epoch, index) for r in copies])
             try:
-                group = fused.FusedGroup([_copy_run(r, self.device, self.accel, self.steps * self.epochs) for r in runs],
-                                         self.device, self.steps * self.epochs, 1, (x, *batch))
+                groups = [fused.FusedGroup(part, self.device, total, 1, (x, *batch)) for part in
+                          fused.split([_copy_run(r, self.device, self.accel, total) for r in runs], self._fused_groups(runs))]
             except fused.NotFusable:
                 return True  # the real attempt says why
-            stacked = _seconds_a_step(lambda: group.step(x, y, t_out, epoch, index))
+            steps = [functools.partial(g.step, x, y, t_out, epoch, index) for g in groups]
+            stacked = _seconds_a_step(lambda: _in_pool(self.workers, _call, steps) if len(steps) > 1 else steps[0]())
             _FUSING_PAYS[key] = stacked < threaded
-            self.notes.append(f"{len(runs)} {type(runs[0].m.student).__name__} students: fused {stacked * 1e3:.1f} ms a "
-                              f"step, worker threads {threaded * 1e3:.1f} ms: {'fused' if stacked < threaded else 'threads'}")
+            self.notes.append(f"{len(runs)} {type(runs[0].m.student).__name__} students: fused ({len(groups)} "
+                              f"group{'s' if len(groups) > 1 else ''}) {stacked * 1e3:.1f} ms a step, worker threads "
+                              f"{threaded * 1e3:.1f} ms: {'fused' if stacked < threaded else 'threads'}")
         return _FUSING_PAYS[key]
 
     def epoch(self) -> bool:
