@@ -14,6 +14,7 @@ batch for all K. `train_student` is the K=1 case.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -487,11 +488,13 @@ class Lockstep:
 
     def _fusing_pays(self, runs: list[_Run], xs: dict, batch: tuple) -> bool:
         """Whether these members step faster fused than on the worker threads, measured once per process for their
-        architecture and number, on copies of them (their next steps on this batch): no fixed rule fits every model
+        architecture and methods (how many of each), on copies of them (their next steps on this batch): no fixed
+        rule fits every model
         (on a 2-core CPU fusing wins for MNIST-1D's MLP and loses for small convolutions, docs/performance.md)."""
         from kdsweep.training import fused
 
-        key = (fused.fusion_key(runs[0]), len(runs), self.workers)
+        methods = tuple(sorted(collections.Counter(type(r.m.method).__name__ for r in runs).items()))
+        key = (fused.fusion_key(runs[0]), methods, self.workers)  # the methods too: their losses differ in cost
         if key not in _FUSING_PAYS:
             x, (y, t_out, epoch, index) = xs[runs[0].fmt], batch
             total = self.steps * self.epochs
