@@ -130,3 +130,31 @@ def test_the_checks_find_what_they_look_for(tmp_path, monkeypatch):
                   test_no_function_is_longer_than_sixty_lines):
         with pytest.raises(AssertionError):
             check()
+
+
+METHOD_MODULES = sorted(p.stem for p in (PACKAGE / "methods").glob("*.py") if p.stem != "__init__")
+
+
+def test_each_method_module_imports_first():
+    """`import kdsweep.methods.crd` in a fresh process once failed: the registry, importing every method while
+    crd was half made, reached crd_seed003, which imports crd. Each module is imported first here, in this
+    process, with the package's modules removed from sys.modules (and put back after): torch stays imported."""
+    import importlib
+    import sys
+
+    import kdsweep
+    import kdsweep.methods.registry  # noqa: F401 - what the test puts back afterwards
+
+    saved = {k: v for k, v in sys.modules.items() if k == "kdsweep.methods" or k.startswith("kdsweep.methods.")}
+    expected = len(saved["kdsweep.methods.registry"].METHODS)
+    try:
+        for name in METHOD_MODULES:
+            for k in [k for k in sys.modules if k == "kdsweep.methods" or k.startswith("kdsweep.methods.")]:
+                del sys.modules[k]
+            importlib.import_module(f"kdsweep.methods.{name}")
+            assert len(sys.modules["kdsweep.methods.registry"].METHODS) == expected, name
+    finally:
+        for k in [k for k in sys.modules if k == "kdsweep.methods" or k.startswith("kdsweep.methods.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+        kdsweep.methods = saved["kdsweep.methods"]

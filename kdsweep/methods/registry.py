@@ -1,14 +1,11 @@
 """The registry of distillation methods: every method module of this package, found at import.
 
 Every module in this package that defines a :class:`Method` subclass and
-decorates it with ``@register`` is discovered at import: adding a method is
-adding one file.
+decorates it with ``@register`` is discovered when the package is imported
+(`kdsweep/methods/__init__.py`): adding a method is adding one file.
 """
 
 from __future__ import annotations
-
-import importlib
-import pkgutil
 
 from kdsweep.common.errors import UserError
 from kdsweep.methods.base import Method
@@ -38,10 +35,5 @@ def describe(name: str) -> str:
     cls = METHODS.get(name)
     return f"{cls.summary} Reference: {cls.reference}." if cls else f"{name!r} is not a method of this kdsweep version"
 
-
-_PACKAGE = __name__.rpartition(".")[0]
-for _mod in pkgutil.iter_modules(importlib.import_module(_PACKAGE).__path__):
-    if _mod.name not in ("base", "registry", "space"):
-        importlib.import_module(f"{_PACKAGE}.{_mod.name}")
 
 __all__ = ["METHODS", "Method", "describe", "get_method", "register"]
