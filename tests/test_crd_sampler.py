@@ -111,7 +111,33 @@ def test_crd_draws_its_negatives_with_the_tested_sampler():
         cols = m.contrast_index(index)
         assert torch.equal(cols[:, 0], index.ids)  # the positive first, then K negatives from all samples
         assert torch.equal(cols[:, 1:], new_draws(SEED, step, 3, 64, 40)), step
-    assert m.draws.item() == 3 and NCE_K == 16384
+    assert m.draws.item() == m.steps == 3 and NCE_K == 16384
+
+
+def test_members_of_a_study_in_lockstep_draw_each_steps_negatives_once(monkeypatch):
+    """Three trials of one study (one seed) stepping together draw a step's negatives once and share them; a trial
+    of another seed draws its own. Each gets what it would draw alone."""
+    from kdsweep.methods import crd
+
+    calls, real = [], crd.draw_negatives
+
+    def counted(seed, step, words, total):
+        calls.append(int(step))
+        return real(seed, step, words, total)
+
+    monkeypatch.setattr(crd, "draw_negatives", counted)
+    shapes = Shapes((4, 2, 2), (8,), (10,))
+    members = []
+    for seed in (SEED, SEED, SEED, SEED + 1):
+        torch.manual_seed(seed)
+        members.append(METHODS["crd"]({"weight": 0.8}, shapes, shapes, 1))
+        members[-1].nce_k = 64
+    index = SampleIndex(torch.tensor([3, 1, 4]), 40)
+    for step in range(3):
+        for m in members:
+            cols = m.contrast_index(index)
+            assert torch.equal(cols[:, 1:], new_draws(m.seed, step, 3, 64, 40)), step
+    assert calls == [0, 0, 1, 1, 2, 2]  # per step: once for the three of SEED, once for SEED + 1
 
 
 # ---------------------------------------------------------------- a new set every step
