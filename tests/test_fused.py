@@ -197,6 +197,19 @@ def test_members_of_different_methods_fuse_into_one_group(data, teacher):
         assert len(f.history) == spec.get("prune_after", 3)
 
 
+def test_a_method_whose_members_all_stop_leaves_the_group_to_the_others(data, teacher):
+    """Both members of a method with heads (fitnet's regressor) are pruned after epoch 1: its stacked heads go,
+    and the others train on in the same group, each as alone."""
+    specs = [dict(method="ce", lr=0.05, epochs=3), dict(method="fitnet", lr=0.05, epochs=3, prune_after=1),
+             dict(method="fitnet", lr=0.1, epochs=3, seed=1, prune_after=1), dict(method="ce", lr=0.1, epochs=3, seed=2)]
+    alone = sequential(data, teacher, specs)
+    group = fused(data, teacher, specs, cpu_workers=1)
+    assert [len(g.runs) for g in group.groups] == [2] and len(group.groups[0].heads) == 1, group.notes
+    for spec, a, f in zip(specs, alone, group.results()):
+        assert_same(a, f)
+        assert len(f.history) == spec.get("prune_after", 3)
+
+
 def test_with_worker_threads_members_fuse_into_one_group_per_thread(data, teacher):
     """On CPU with two worker threads, the members of one architecture go into two fused groups that step side by
     side, each with its share of every method (their losses stay batched); each member trains as it would alone."""

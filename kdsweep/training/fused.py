@@ -294,15 +294,16 @@ class _Heads:
     def keep(self, live: list[int]) -> bool:
         """Keep the members whose group positions are in `live` (renumbered in order); False if none is left."""
         mine = [j for j, i in enumerate(self.pos) if i in live]
+        if not mine:
+            return False
         if len(mine) < len(self.runs):
             self.runs = [self.runs[j] for j in mine]
             self.params = {n: _stack([p[j] for j in mine]).requires_grad_() for n, p in self.params.items()}
-            if self.opt is not None and mine:
+            if self.opt is not None:
                 self.opt.keep(mine)
-            if mine:
-                self.hp = self._batched_hp()
+            self.hp = self._batched_hp()
         self.pos = [live.index(i) for i in self.pos if i in live]
-        return bool(self.runs)
+        return True
 
 
 def _copy_state(opt: FusedOptimizer, runs: list, tensors) -> None:
