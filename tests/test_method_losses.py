@@ -520,3 +520,23 @@ def test_bf16_autocast(name, nets):
         assert v.item() == pytest.approx(exact[key].item(), rel=rel, abs=1e-6), key
     sum(terms.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("n", [20, 300])  # a bank of at most K = 100 rows (the counted form), and a larger one
+def test_crd_counted_negatives_give_the_gathered_loss_and_gradients(n):
+    """CRD takes its loss over every bank row weighted by draw counts when the bank has at most K rows: the same
+    sum as over the drawn columns, which this test writes out with the paper's loss on gathered scores."""
+    from kdsweep.methods.crd import NCE_T, nce_loss
+
+    g = torch.Generator().manual_seed(n)
+    v, bank = torch.randn(6, 128, generator=g), torch.randn(n, 128, generator=g) / 12  # scores of a few units
+    cols = torch.cat([torch.arange(6)[:, None], torch.randint(0, n, (6, 100), generator=g)], 1)
+    m = METHODS["crd"]({"weight": 1.0}, Shapes((), (16,), (10,)), Shapes((), (16,), (10,)), EPOCHS)
+    got_v, want_v = v.clone().requires_grad_(), v.clone().requires_grad_()
+    got = m._nce(got_v, bank, cols, "z_s", n)
+    e = torch.exp(torch.gather(want_v @ bank.t(), 1, cols) / NCE_T)
+    want = nce_loss(e / (e.detach().mean() * n), n)
+    got.backward(), want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert m.z_s.item() == pytest.approx(e.mean().item() * n, rel=1e-5)
+    torch.testing.assert_close(got_v.grad, want_v.grad, rtol=1e-4, atol=1e-6)
