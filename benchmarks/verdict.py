@@ -179,7 +179,7 @@ def main() -> None:
     report(rows, args)
     if args.keep:
         print(f"\nstores kept: kdsweep report --dataset mnist1d --tracking-uri sqlite:///{os.path.abspath(args.keep)}/mlflow.db "
-              f"--storage sqlite:///{os.path.abspath(args.keep)}/optuna.db")
+              "--format md,csv,json,html --out REPORT_DIR --no-log")
 
 
 def report(rows: list[tuple[str, dict]], args) -> None:
