@@ -162,8 +162,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def cmd_methods(args) -> int:
     """The registry as a table: what each method is, what it reads, what it searches."""
+    from kdsweep.common.space import LR_RANGES
     from kdsweep.methods.registry import METHODS
-    from kdsweep.methods.space import LR_RANGES
     from kdsweep.models.zoo import TAPS
 
     lr = "lr " + ", ".join(f"{v.describe()} ({opt})" for opt, v in LR_RANGES.items())

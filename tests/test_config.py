@@ -116,7 +116,7 @@ def test_the_schema_checks_choices_and_bounds_in_one_line(tmp_path):
 
 def _restated(doc: dict) -> list[str]:
     """The [search] entries of a study file whose range is the method's own (lr: any optimiser's range)."""
-    from kdsweep.methods.space import LR_RANGES, apply_overrides
+    from kdsweep.common.space import LR_RANGES, apply_overrides
 
     space = {**METHODS[doc["method"]].space, "lr": LR_RANGES["sgd"]}
     out = []

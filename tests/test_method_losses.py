@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.dkd import dkd_terms
 from kdsweep.methods.registry import METHODS
-from kdsweep.methods.space import Float
 from kdsweep.methods.vanilla_kd import kd_kl
 from kdsweep.models.factory import build_model
 from kdsweep.models.zoo import Outputs, Shapes

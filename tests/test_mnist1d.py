@@ -14,10 +14,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.space import LR_RANGES
 from kdsweep.data import builtin
 from kdsweep.data.dispatch import get_dataset, load_data
 from kdsweep.methods.registry import get_method
-from kdsweep.methods.space import LR_RANGES
 from kdsweep.models.factory import build_model
 from kdsweep.models.zoo import count_params
 from kdsweep.study.config import StudyConfig, resolve

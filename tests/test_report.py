@@ -269,7 +269,7 @@ def test_search_ranges_are_logged_as_data_and_older_stores_still_read():
     # Issue 19: the range was logged as the text "[1, 20] log" and parsed back with a regex.
     from types import SimpleNamespace
 
-    from kdsweep.methods.space import Float
+    from kdsweep.common.space import Float
     from kdsweep.report.stored_studies import StudyRuns
 
     r = Float(0.5, 20.0, 4.0, log=True)

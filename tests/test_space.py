@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from kdsweep.common.space import Float, edge_warnings
 from kdsweep.methods.registry import get_method
-from kdsweep.methods.space import Float, edge_warnings
 
 
 def test_a_weight_at_the_end_of_its_possible_values_is_not_told_to_widen():

@@ -1,9 +1,9 @@
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.fitnet import common_hw, pool_hw
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 
 def at_map(f, p: float = 2.0, eps: float = 1e-12):

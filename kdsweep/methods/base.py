@@ -23,7 +23,7 @@ from typing import ClassVar, Mapping, NamedTuple
 import torch
 import torch.nn as nn
 
-from kdsweep.methods.space import Float
+from kdsweep.common.space import Float
 from kdsweep.models.zoo import Outputs, Shapes
 
 

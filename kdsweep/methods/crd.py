@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 DIM = 128  # the shared embedding width (the paper's feat_dim)
 NCE_K = 16384  # negatives per sample

@@ -4,10 +4,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.crd import DIM
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 
 @register

@@ -3,9 +3,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 
 def _kl(log_p, log_q):

@@ -1,10 +1,10 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.fitnet import common_hw, pool_hw
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 
 def channel_normalize(f, eps: float = 1e-6):

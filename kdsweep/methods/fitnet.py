@@ -3,9 +3,9 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 
 def common_hw(a, b) -> tuple[int, int]:

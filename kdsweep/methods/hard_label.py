@@ -1,8 +1,8 @@
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 
 @register

@@ -1,9 +1,9 @@
 import torch
 import torch.nn.functional as F
 
+from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
-from kdsweep.methods.space import Float
 
 
 def similarity_log_probs(e, sigma: float):

@@ -40,9 +40,9 @@ import torch
 
 from kdsweep.common import atomic, failures
 from kdsweep.common.errors import UserError
+from kdsweep.common.space import edge_warnings
 from kdsweep.common.uris import redact
 from kdsweep.data.device_data import DeviceData
-from kdsweep.methods.space import edge_warnings
 from kdsweep.report.confirm import confirm, lost_seeds
 from kdsweep.report.metrics import (
     ALPHA,

@@ -15,10 +15,10 @@ from typing import Any, Callable
 import torch
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.space import Float
 from kdsweep.common.uris import redact
 from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import get_dataset, load_data
-from kdsweep.methods.space import Float
 from kdsweep.study.best import best_run
 from kdsweep.study.config import shared_per_trial
 from kdsweep.tracking.tracker import Tracker

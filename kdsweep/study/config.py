@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.space import Float, apply_overrides, lr_range
 from kdsweep.data import inputs
 from kdsweep.data.dispatch import dataset_shape, get_dataset
 from kdsweep.data.sources import name_tag
 from kdsweep.methods.registry import METHODS, get_method
-from kdsweep.methods.space import Float, apply_overrides, lr_range
 from kdsweep.models.factory import check_arch
 from kdsweep.study import settings
 from kdsweep.study.budget import Budget

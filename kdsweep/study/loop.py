@@ -28,11 +28,11 @@ from kdsweep.common.bars import tqdm
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import StudyLock
 from kdsweep.common.processes import Owner
+from kdsweep.common.space import edge_warnings
 from kdsweep.common.uris import redact, scrub
 from kdsweep.data.device_data import DeviceData, check_split
 from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
-from kdsweep.methods.space import edge_warnings
 from kdsweep.models import factory
 from kdsweep.models.zoo import count_params, tap_paths
 from kdsweep.study import fixed_inputs, store_agreement

@@ -14,9 +14,9 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.space import MOMENTUM, OPTIMIZERS
 from kdsweep.data import inputs
 from kdsweep.data.catalog import DATASET_NAMES
-from kdsweep.methods.space import MOMENTUM, OPTIMIZERS
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdsweep.common.space import MOMENTUM
 from kdsweep.data.device_data import DeviceData
 from kdsweep.methods.base import Method, SampleIndex
-from kdsweep.methods.space import MOMENTUM
 from kdsweep.models.zoo import Net, Outputs
 from kdsweep.training.devices import (
     Accel,
