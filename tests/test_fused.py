@@ -246,6 +246,23 @@ def test_fused_optimizer_matches_torch_optim(kind):
         torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in ref]), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("durations, calls, seconds", [
+    ([5.0, 1.0, 1.0], 2, 5.0),   # over twice the other path's 2 s: clearly slower, no more steps spent on it
+    ([1.5, 1.0, 1.0], 2, 1.5),   # faster than the other path: clearly faster
+    ([3.0, 2.5, 2.2], 4, 2.2),   # in between: all three timed calls, the fastest counts
+])
+def test_measuring_a_path_stops_once_the_answer_is_clear(monkeypatch, durations, calls, seconds):
+    from kdsweep.training import loop
+
+    clock, made = iter([t for d in durations for t in (0.0, d)]), []  # each timed call reads the clock twice
+    with monkeypatch.context() as m:
+        m.setattr(loop.time, "perf_counter", lambda: next(clock))
+        measured = loop._seconds_a_step(lambda: made.append(1), against=2.0)
+    assert measured == seconds
+    assert len(made) == calls  # the untimed warm-up call, then the timed ones
+
+
+
 @pytest.mark.parametrize("pays", [False, True])
 def test_on_cpu_the_default_fuses_where_fusing_measured_faster(data, teacher, monkeypatch, pays):
     """No fixed rule on CPU: the group fuses its members only if fusing measured faster (which one wins is
@@ -254,7 +271,7 @@ def test_on_cpu_the_default_fuses_where_fusing_measured_faster(data, teacher, mo
 
     verdicts = iter([1.5, 1.0 if pays else 2.0])  # seconds a step: worker threads first, then fused
 
-    def seconds_a_step(step, repeats=3):
+    def seconds_a_step(step, repeats=3, against=None):
         step()  # the copies do take their step
         return next(verdicts)
 

@@ -307,14 +307,20 @@ def _copy_run(r: _Run, device: torch.device, accel: Accel, total_steps: int) -> 
     return copy_
 
 
-def _seconds_a_step(step: Callable[[], object], repeats: int = 3) -> float:
-    """The fastest of `repeats` timed calls of `step`, after one untimed (warm-up: allocations, vmap's first trace)."""
+def _seconds_a_step(step: Callable[[], object], repeats: int = 3, against: float | None = None) -> float:
+    """The fastest of `repeats` timed calls of `step`, after one untimed (warm-up: allocations, vmap's first trace).
+
+    Given `against` (the other path's time), it stops as soon as the answer is clear: a call faster than it, or
+    one over twice as slow (load can slow a call, rarely by half): measuring costs real steps, which a short
+    study feels (a fused step of eight small convolutions took 3 s on 2 cores, the threads' 1 s)."""
     step()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+        if against is not None and (times[-1] < against or times[-1] > 2 * against):
+            break
     return min(times)
 
 
@@ -509,7 +515,8 @@ class Lockstep:
             except fused.NotFusable:
                 return True  # the real attempt says why
             steps = [functools.partial(g.step, x, y, t_out, epoch, index) for g in groups]
-            stacked = _seconds_a_step(lambda: _in_pool(self.workers, _call, steps) if len(steps) > 1 else steps[0]())
+            stacked = _seconds_a_step(lambda: _in_pool(self.workers, _call, steps) if len(steps) > 1 else steps[0](),
+                                      against=threaded)
             _FUSING_PAYS[key] = stacked < threaded
             self.notes.append(f"{len(runs)} {type(runs[0].m.student).__name__} students: fused ({len(groups)} "
                               f"group{'s' if len(groups) > 1 else ''}) {stacked * 1e3:.1f} ms a step, worker threads "
