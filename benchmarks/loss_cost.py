@@ -44,7 +44,7 @@ def main() -> None:
         cls, shapes = METHODS[name], (student.shapes(in_shape), teacher.shapes(in_shape))
         why = cls.unsupported(*shapes)
         if why:
-            print(f"{name:<14}       -   ({why})")
+            print(f"{name:<18}       -   ({why})")
             continue
         method = cls({k: v.default for k, v in cls.space.items()}, *shapes, 30).train()
 
@@ -54,13 +54,13 @@ def main() -> None:
             extra = {"index": SampleIndex(torch.randperm(args.train)[:b], args.train)} if cls.needs_index else {}
             sum(method(s, t, y, 5, **extra).values()).backward()
 
-        print(f"{name:<14} {_ms(step, args.steps):7.2f}", flush=True)
+        print(f"{name:<18} {_ms(step, args.steps):7.2f}", flush=True)
     words, step_no = crd.position_words(b, crd.NCE_K, torch.device("cpu")), torch.zeros((), dtype=torch.long)
 
     def draw() -> None:
         crd.count_draws(crd.draw_negatives(0, step_no.add_(1), words, args.train), args.train)
 
-    print(f"{'(crd draw)':<14} {_ms(draw, args.steps):7.2f}   its 16,384 negatives per sample and their counts, "
+    print(f"{'(crd draw)':<18} {_ms(draw, args.steps):7.2f}   its 16,384 negatives per sample and their counts, "
           "included in crd's row")
 
 

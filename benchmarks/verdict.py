@@ -3,7 +3,7 @@
     python benchmarks/verdict.py                       # ce, vanilla_kd, pkt, cosine on MNIST-1D, 240 epochs each
     python benchmarks/verdict.py --parallel 8          # their trials in lockstep groups of 8
     python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5   # the whole MNIST-1D verdict
-    python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5 --parallel 32 --no-resume \
+    python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5 --parallel 32 --no-resume \\
         --keep DIR                                     # ... exactly the budget, stores kept for `kdsweep report`
 
 Runs, each in its own process, in this order: the floor, the sweep on new stores (start-up, migrations
