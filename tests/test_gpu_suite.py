@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow  # a pytest and a suite run in child processes: a minute on 2 cores; CI runs it in the slow tier
 def test_gpu_script_dry_run_prints_the_table():
+    # gpu.sh runs `python`: this test's, whether or not its virtual environment is activated
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
+                       timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = re.findall(r"^\s+(\d+)\s+(fused|serial)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)$", r.stdout, re.M)
     assert [(int(k), p) for k, p, *_ in rows] == [(1, "serial"), (2, "fused"), (2, "serial")], r.stdout

@@ -369,6 +369,7 @@ obj = importlib.import_module(module)
 *parents, name = path.split(".")
 for p in parents:
     obj = getattr(obj, p)
+getattr(obj, name)  # a place that no longer exists would never be reached: the kill must not silently miss
 setattr(obj, name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
 from kdsweep.cli import main
 sys.exit(main(sys.argv[2:]))
@@ -485,7 +486,7 @@ def test_killed_confirm_and_report_runs_are_closed_by_the_next_one(kdsweep, work
     # Attack: kill -9 of `kdsweep confirm` mid-seed and of `kdsweep report` while it logs: their MLflow runs
     # stayed RUNNING forever (only trial runs were reconciled); confirm's checkpoint temp dir stayed behind.
     assert kdsweep(*STUDY, "--trials", 1)[0] == 0
-    r = _kill_at("kdsweep.report.confirm:train_student", ["confirm", "--seeds", "1"], workdir, private_tmp)
+    r = _kill_at("kdsweep.report.confirm:train_students", ["confirm", "--seeds", "1"], workdir, private_tmp)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     running = {r.data.tags.get("kdsweep.role"): r for r in _runs(workdir) if r.info.status == "RUNNING"}
     assert set(running) == {"confirm"}  # what the kill left
