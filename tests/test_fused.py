@@ -210,9 +210,13 @@ def test_a_method_whose_members_all_stop_leaves_the_group_to_the_others(data, te
         assert len(f.history) == spec.get("prune_after", 3)
 
 
-def test_with_worker_threads_members_fuse_into_one_group_per_thread(data, teacher):
+def test_with_worker_threads_members_fuse_into_one_group_per_thread(data, teacher, monkeypatch):
     """On CPU with two worker threads, the members of one architecture go into two fused groups that step side by
-    side, each with its share of every method (their losses stay batched); each member trains as it would alone."""
+    side, each with its share of every method (their losses stay batched, where members cost the same: their
+    first steps' times are set equal here); each member trains as it would alone."""
+    from kdsweep.training import loop
+
+    monkeypatch.setattr(loop, "_first_step", lambda r: 1.0)
     specs = [dict(method=m, lr=lr, seed=i) for i, (m, lr) in
              enumerate([("ce", 0.05), ("pkt", 0.1), ("ce", 0.1), ("pkt", 0.05), ("vanilla_kd", 0.1), ("ce", 0.02)])]
     alone = sequential(data, teacher, specs)
@@ -222,6 +226,20 @@ def test_with_worker_threads_members_fuse_into_one_group_per_thread(data, teache
         assert {type(r.m.method).__name__ for r in g.runs} >= {"CE", "PKT"}
     for a, f in zip(alone, group.results()):
         assert_same(a, f)
+
+
+@pytest.mark.parametrize("costs, hands", [
+    ([30, 1, 1, 1, 1, 10, 8, 1, 1], [[0], [1, 2, 3, 4, 5, 6, 7, 8]]),  # crd alone; the rest (rkd's two forms too) beside it
+    ([1, 1, 1, 1, 1], [[0, 2, 4], [1, 3]]),  # equal costs: dealt in turn, as without costs
+    ([5, 4, 3, 3], [[0, 3], [1, 2]]),
+])
+def test_members_are_dealt_to_threads_and_groups_by_what_they_cost(costs, hands):
+    """Hands step side by side and each waits for the slowest: the costliest member first, each to the hand that
+    costs least so far (a confirmation group of MNIST-1D's 15 methods: crd's step costs 100x ce's)."""
+    from kdsweep.training.devices import _deal
+
+    assert _deal(list(range(len(costs))), 2, cost=lambda i: costs[i]) == hands
+    assert _deal(list(range(len(costs))), 2) == [list(range(len(costs)))[0::2], list(range(len(costs)))[1::2]]
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])

@@ -40,7 +40,7 @@ state_dicts) and callbacks see ordinary modules.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from kdsweep.methods.base import SampleIndex
 from kdsweep.models.zoo import TAPS, Outputs
-from kdsweep.training.devices import autocast
+from kdsweep.training.devices import _deal, autocast
 
 
 class _Taps(nn.Module):
@@ -453,12 +453,12 @@ class FusedGroup:
                 r.sums = {k: h.sums[k][j] for k in h.keys}
 
 
-def split(runs: list, n: int) -> list[list]:
-    """`runs` in `n` groups of near-equal size, each with its share of every method's members (its losses stay
-    batched within each group, and the groups cost about the same)."""
+def split(runs: list, n: int, cost: Callable[[Any], float]) -> list[list]:
+    """`runs` in `n` groups that cost about the same, each member weighed by `cost` (`_deal`): the groups step
+    side by side, each waiting for the slowest. Members of equal cost are dealt in turn, in method order, so
+    each group gets its share of every method (its losses stay batched)."""
     methods = list(dict.fromkeys(map(head_key, runs)))
-    by_method = sorted(runs, key=lambda r: methods.index(head_key(r)))
-    return [by_method[i::n] for i in range(n)]
+    return _deal(sorted(runs, key=lambda r: methods.index(head_key(r))), n, cost)
 
 
 def plan(runs: Sequence, min_size: int) -> list[list]:

@@ -233,6 +233,7 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
         self.result = TrainResult(-1, -1.0, {})
         self.stochastic = True  # until its first step shows it draws no random numbers
+        self.first_step_seconds = 0.0  # its first step, timed: its weight when members are split (fused.split)
         self.sums: dict[str, torch.Tensor] = {}
         self.correct = torch.zeros((), device=device)
         self.lr_now = s.lr
@@ -302,7 +303,7 @@ def _copy_run(r: _Run, device: torch.device, accel: Accel, total_steps: int) -> 
     """A scratch copy of a member's training state (student, heads, optimiser state) for timing its next steps."""
     copy_ = _Run(Member(copy.deepcopy(r.m.student), copy.deepcopy(r.m.method), r.m.schedule), device, accel, total_steps)
     copy_.opt.load_state_dict(copy.deepcopy(r.opt.state_dict()))  # its own buffers: load_state_dict keeps tensors
-    copy_.first_loss, copy_.stochastic = r.first_loss, False
+    copy_.first_loss, copy_.stochastic, copy_.first_step_seconds = r.first_loss, False, r.first_step_seconds
     copy_.sums = {k: v.clone() for k, v in r.sums.items()}  # the loss terms its method returns, as a group reads them
     return copy_
 
@@ -322,6 +323,11 @@ def _seconds_a_step(step: Callable[[], object], repeats: int = 3, against: float
         if against is not None and (times[-1] < against or times[-1] > 2 * against):
             break
     return min(times)
+
+
+def _first_step(r: _Run) -> float:
+    """What a member weighs when members are dealt to worker threads or fused groups: its first step's time."""
+    return r.first_step_seconds
 
 
 def _call(job: Callable[[], object]) -> object:
@@ -438,7 +444,7 @@ class Lockstep:
         if self.workers > 1 and self.probed and len(rest) > 1:
             serial = [r for r in rest if r.stochastic]
             jobs += [functools.partial(_hand_step, hand, xs, y, t_out, epoch, index)
-                     for hand in _deal([r for r in rest if not r.stochastic], self.workers)]
+                     for hand in _deal([r for r in rest if not r.stochastic], self.workers, cost=_first_step)]
         if jobs:
             before = _rng_state(self.device)
             if self.workers > 1 and len(jobs) > 1:
@@ -452,7 +458,10 @@ class Lockstep:
             if self.swap_rng:
                 before = r.m.rng
                 _set_rng_state(before, self.device)
+            started = time.perf_counter()
             r.step(xs[r.fmt], y, t_out, epoch, index)
+            if not self.probed:
+                r.first_step_seconds = time.perf_counter() - started
             if self.swap_rng:
                 r.m.rng = _rng_state(self.device)
                 if not self.probed:
@@ -473,7 +482,7 @@ class Lockstep:
         for runs in fused.plan([r for r in active if not r.stochastic], self.fuse):
             if self.accel.fused is None and self.device.type == "cpu" and not self._fusing_pays(runs, xs, batch):
                 continue
-            for part in fused.split(runs, self._fused_groups(runs)):
+            for part in fused.split(runs, self._fused_groups(runs), _first_step):
                 try:
                     g = fused.FusedGroup(part, self.device, self.steps * self.epochs, 1, (xs[part[0].fmt], *batch))
                 except fused.NotFusable as e:
@@ -505,13 +514,14 @@ class Lockstep:
             x, (y, t_out, epoch, index) = xs[runs[0].fmt], batch
             total = self.steps * self.epochs
             copies = [_copy_run(r, self.device, self.accel, total) for r in runs]
-            hands = _deal(copies, self.workers)
+            hands = _deal(copies, self.workers, cost=_first_step)
             threaded = _seconds_a_step(lambda: _in_pool(self.workers, lambda hand: [
                 r.step(x, y, t_out, epoch, index) for r in hand], hands) if len(hands) > 1 else
                 [r.step(x, y, t_out, epoch, index) for r in copies])
             try:
                 groups = [fused.FusedGroup(part, self.device, total, 1, (x, *batch)) for part in
-                          fused.split([_copy_run(r, self.device, self.accel, total) for r in runs], self._fused_groups(runs))]
+                          fused.split([_copy_run(r, self.device, self.accel, total) for r in runs], self._fused_groups(runs),
+                                      _first_step)]
             except fused.NotFusable:
                 return True  # the real attempt says why
             steps = [functools.partial(g.step, x, y, t_out, epoch, index) for g in groups]
