@@ -6,11 +6,11 @@ instance). Per step it scores the batch against every row of both banks, (B, N) 
 (23 MB at B = 128 on CIFAR-10), rather than gathering (B, 16385, 128) rows (1 GB), which
 gives the same numbers. Where N is at most K (small datasets: MNIST-1D's 3,600 rows), the loss is
 taken over those (B, N) scores, each weighted by how often it was drawn, rather than over the
-(B, 16,385) drawn ones: the same sum, 4.5x fewer terms on MNIST-1D. Each step also copies both banks (the rows the backward pass needs
-stay as they were while the banks move in place: 2 x 23 MB per step on CIFAR-10), and it keeps
-the negatives' mixed position counters, B x 16,384 int64 (16 MB at B = 128). The banks are
-training state, not heads: they are left out of state_dict, so checkpoints and the
-extra-parameter count hold the projection heads only.
+(B, 16,385) drawn ones: the same sum, 4.5x fewer terms on MNIST-1D. Each step also copies both
+banks (the rows the backward pass needs stay as they were while the banks move in place: 2 x 23 MB
+per step on CIFAR-10), and it keeps the negatives' mixed position counters, B x 16,384 int64
+(16 MB at B = 128). The banks are training state, not heads: they are left out of state_dict, so
+checkpoints and the extra-parameter count hold the projection heads only.
 """
 
 import math
@@ -183,8 +183,8 @@ class CRD(Method):
         """This step's negatives, with their counts per bank row where the loss takes them (total <= K).
 
         They are a pure function of (seed, step, rows, total), and the trials of a study (one seed) step
-        together in lockstep: the first to ask draws and counts them (about 20 + 10 ms at 100 x 16,384 on
-        one CPU core, most of a member's step) and the others reuse them. Counted on the host (`steps`, in
+        together in lockstep: the first to ask draws and counts them (15-20 ms at 100 x 16,384 on one CPU
+        core, most of a member's step) and the others reuse them. Counted on the host (`steps`, in
         step with the device counter `draws`), so sharing reads nothing back; not while compiling (a graph
         must draw its own, and counts them in the loss)."""
         global _LAST_DRAW
