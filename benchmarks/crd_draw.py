@@ -1,0 +1,78 @@
+"""crd's draw of negatives, as kdsweep computes it (32-bit words held in int64) against the same hash computed
+in int32 words (unsigned multiplies, masked shifts): the same ids, and which is faster on this machine.
+
+    python benchmarks/crd_draw.py [--rows 100] [--total 3600] [--threads 1]
+
+Kept because the int32 form looks as if it should be about twice as fast (half the bytes, native 32-bit
+multiplies) and, on the 2-core VM of docs/performance.md, was not: it needs masks after every shift and a
+final widening, and PyTorch's CPU kernels do not shift uint32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from kdsweep.methods import crd
+
+I32, U32 = torch.int32, torch.uint32
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of 32-bit words held in int32 (>> is arithmetic)."""
+    return (x >> k) & ((1 << (32 - k)) - 1)
+
+
+def _mix32_int32(x: torch.Tensor) -> torch.Tensor:
+    """crd._mix32_ on int32 words: the multiplies through a uint32 view, whose overflow wraps by definition."""
+    x ^= _shr(x, 16)
+    x = x.view(U32).mul_(0x21F0AAAD).view(I32)
+    x ^= _shr(x, 15)
+    x = x.view(U32).mul_(0xD35A2D97).view(I32)
+    x ^= _shr(x, 15)
+    return x
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(I32)
+
+
+def draw_int32(seed: int, step: torch.Tensor, words32: torch.Tensor, total: int) -> torch.Tensor:
+    key = crd._mix32_((step & crd._MASK32) ^ ((seed & crd._MASK32) ^ crd._GOLDEN))
+    key = crd._mix32_(key ^ ((seed >> 32) & crd._MASK32))
+    u = _mix32_int32(words32 ^ _as_int32(key))
+    return (u.to(torch.int64) & crd._MASK32).mul_(total) >> 32
+
+
+def _ms(fn, steps: int) -> float:
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=100)
+    ap.add_argument("--total", type=int, default=3600)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    words = crd.position_words(args.rows, crd.NCE_K, torch.device("cpu"))
+    words32, step = _as_int32(words), torch.zeros((), dtype=torch.long)
+    for s in range(5):
+        assert torch.equal(crd.draw_negatives(7, step + s, words, args.total), draw_int32(7, step + s, words32, args.total))
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.rows} x {crd.NCE_K} ids, the same "
+          f"from both forms; ms per draw on {args.threads} thread(s):")
+    print(f"  int64 (kdsweep): {_ms(lambda: crd.draw_negatives(0, step.add_(1), words, args.total), args.steps):6.2f}")
+    print(f"  int32:           {_ms(lambda: draw_int32(0, step.add_(1), words32, args.total), args.steps):6.2f}")
+
+
+if __name__ == "__main__":
+    main()
