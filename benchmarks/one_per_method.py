@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import torch
@@ -28,7 +29,8 @@ def one_round(data, teacher, epochs: int, by_cost: bool) -> tuple[float, list]:
     first_step = loop._first_step
     if not by_cost:
         loop._first_step = lambda r: 1.0  # equal costs: dealt in turn
-    loop._FUSING_PAYS.clear()  # each round measures fused against threads for itself
+    loop._FUSING_PAYS.clear()  # each round measures fused against threads for itself (nothing kept on disk)
+    os.environ["KDSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kdsweep-one-per-method-")
     try:
         torch.manual_seed(0)
         members = []

@@ -14,6 +14,12 @@ def teacher_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("teacher-cache")
 
 
+@pytest.fixture(autouse=True)
+def _cache_of_the_session(monkeypatch, teacher_cache):
+    """No test writes to the user's ~/.cache/kdsweep (teachers, fusing measurements); a test may set its own."""
+    monkeypatch.setenv("KDSWEEP_CACHE", str(teacher_cache))
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, teacher_cache):
     """A fresh project directory: the CLI's default mlruns/ lands here; the teacher cache is shared."""

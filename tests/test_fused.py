@@ -6,6 +6,7 @@ with Accel(fused=True) (on CPU it is off by default).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -282,7 +283,7 @@ def test_measuring_a_path_stops_once_the_answer_is_clear(monkeypatch, durations,
 
 
 @pytest.mark.parametrize("pays", [False, True])
-def test_on_cpu_the_default_fuses_where_fusing_measured_faster(data, teacher, monkeypatch, pays):
+def test_on_cpu_the_default_fuses_where_fusing_measured_faster(data, teacher, monkeypatch, tmp_path, pays):
     """No fixed rule on CPU: the group fuses its members only if fusing measured faster (which one wins is
     the machine's business, not a test's: here the measurement's verdict is given)."""
     from kdsweep.training import loop
@@ -295,6 +296,7 @@ def test_on_cpu_the_default_fuses_where_fusing_measured_faster(data, teacher, mo
 
     monkeypatch.setattr(loop, "_seconds_a_step", seconds_a_step)
     monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path))  # nothing measured on this machine yet
     timed = []
     real = loop.Lockstep._fusing_pays
 
@@ -313,6 +315,81 @@ def test_on_cpu_the_default_fuses_where_fusing_measured_faster(data, teacher, mo
     for a, f in zip(sequential(data, teacher, specs), group.results()):
         assert_same(a, f)  # the measurement trained copies: the members themselves are untouched by it
 
+
+def _fake_timings(monkeypatch, loop, threads: float, fused: float) -> list:
+    """`_seconds_a_step` gives these seconds (threads first, then fused); returns the list of calls made."""
+    calls, verdicts = [], iter([threads, fused])
+
+    def seconds_a_step(step, repeats=3, against=None):
+        step()
+        calls.append(1)
+        return next(verdicts)
+
+    monkeypatch.setattr(loop, "_seconds_a_step", seconds_a_step)
+    return calls
+
+
+def _group(data, teacher, workers=None):
+    specs = [dict(lr=0.05), dict(lr=0.1, seed=1)]
+    accel = Accel(**NCHW) if workers is None else Accel(cpu_workers=workers, **NCHW)
+    return Lockstep([member(data, teacher, **kw) for kw in specs], teacher, data, accel=accel)
+
+
+def test_the_fusing_measurement_is_kept_for_the_next_process(data, teacher, monkeypatch, tmp_path):
+    """What one process measured, the next one reads instead of measuring again (it cost ~13 s of `kdsweep
+    bench` on 2 cores), and takes the same path; another question (other worker threads) is measured anew."""
+    from kdsweep.training import fusing_memo, loop
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path))
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    calls = _fake_timings(monkeypatch, loop, threads=1.5, fused=1.0)
+    first = _group(data, teacher)
+    first.epoch()
+    assert len(calls) == 2 and first.fused_members == 2
+    kept = list(fusing_memo.folder().glob("*.json"))
+    assert len(kept) == 1
+
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})  # a new process: only the file remembers
+    calls = _fake_timings(monkeypatch, loop, threads=9.0, fused=9.0)
+    second = _group(data, teacher)
+    second.epoch()
+    assert calls == [] and second.fused_members == 2, second.notes
+    assert any("as measured on this machine" in n and "fused 1000.0 ms a step, threads 1500.0 ms" in n
+               for n in second.notes), second.notes
+
+    other = _group(data, teacher, workers=1 if first.workers != 1 else 2)
+    calls = _fake_timings(monkeypatch, loop, threads=1.0, fused=2.0)
+    other.epoch()
+    assert len(calls) == 2 and other.fused_members == 0
+    assert len(list(fusing_memo.folder().glob("*.json"))) == 2
+
+
+def test_a_corrupt_or_unwritable_fusing_memo_only_costs_a_measurement(data, teacher, monkeypatch, tmp_path):
+    from kdsweep.training import fusing_memo, loop
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path))
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    _fake_timings(monkeypatch, loop, threads=1.5, fused=1.0)
+    _group(data, teacher).epoch()
+    (kept,) = fusing_memo.folder().glob("*.json")
+    kept.write_text('{"question": ')  # half a file, as a disk-full write would leave
+
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    calls = _fake_timings(monkeypatch, loop, threads=1.0, fused=2.0)
+    group = _group(data, teacher)
+    group.epoch()
+    assert len(calls) == 2 and group.fused_members == 0
+    assert json.loads(kept.read_text())["fused"] is False  # measured again and rewritten whole
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    _fake_timings(monkeypatch, loop, threads=1.5, fused=1.0)
+    group = _group(data, teacher)
+    while group.epoch():
+        pass
+    assert group.fused_members == 2
+    assert any("could not keep the measurement" in n for n in group.notes), group.notes
 
 def batch(data, teacher, needs):
     from kdsweep.methods.base import SampleIndex

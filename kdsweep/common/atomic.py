@@ -59,12 +59,12 @@ def _sweep_dead_tmp_files(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def atomic_save(obj: Any, path: Path) -> Path:
-    """torch.save to a temporary file in the same directory, then rename: a kill never leaves half a file,
-    and a concurrent reader sees no file or the whole one. The file honours the umask.
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write `path` through `write(binary file)` into a temporary file in the same directory, then rename: a kill
+    never leaves half a file, and a concurrent reader sees no file or the whole one. The file honours the umask.
 
     The temporary file is created exclusively at an unpredictable name (mkstemp: O_EXCL, so a link planted
-    there is never written through); its name holds the pid, so the next save removes what a killed one left.
+    there is never written through); its name holds the pid, so the next write removes what a killed one left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,12 +73,22 @@ def atomic_save(obj: Any, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), file_mode())
-            torch.save(obj, f)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: Path) -> Path:
+    """torch.save, whole or not at all (`_atomic_write`)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    """A UTF-8 text file, whole or not at all (`_atomic_write`)."""
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 _TMP = re.compile(r"^(?P<prefix>.*)-(?P<pid>\d+)-[^-]+$")

@@ -18,6 +18,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from kdsweep.common.cache import cache_dir
 from kdsweep.common.errors import UserError
 
 # API keywords that may hold objects -> the StudyConfig field their name goes into.
@@ -47,7 +48,6 @@ def name_all(flags: dict[str, Any]) -> dict[str, Any]:
 def _weights_file(model: Any, name: str) -> Path:
     """The module's state_dict in the kdsweep cache, written once per name (= class + weight digest)."""
     from kdsweep.common.atomic import atomic_save
-    from kdsweep.training.teacher import cache_dir
 
     path = cache_dir() / "objects" / f"{name}.pt"
     if not path.is_file():

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import copy
 import functools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from kdsweep.common.space import MOMENTUM
 from kdsweep.data.device_data import DeviceData
 from kdsweep.methods.base import Method, SampleIndex
 from kdsweep.models.zoo import Net, Outputs
+from kdsweep.training import fusing_memo
 from kdsweep.training.devices import (
     Accel,
     _cpu_workers,
@@ -295,8 +297,8 @@ def _check_group(members: Sequence[Member]) -> tuple[int, int]:
     return first.epochs, first.batch_size
 
 
-# Whether fusing paid, per (fusion key, members, worker threads): measured by the first group of a process.
-_FUSING_PAYS: dict[tuple, bool] = {}
+# Whether fusing paid, per fusing_memo question (as JSON): this process's copy of what fusing_memo keeps on disk.
+_FUSING_PAYS: dict[str, bool] = {}
 
 
 def _copy_run(r: _Run, device: torch.device, accel: Accel, total_steps: int) -> _Run:
@@ -502,35 +504,49 @@ class Lockstep:
         return max(1, min(self.workers, len(runs) // 2))
 
     def _fusing_pays(self, runs: list[_Run], xs: dict, batch: tuple) -> bool:
-        """Whether these members step faster fused than on the worker threads, measured once per process for their
-        architecture and methods (how many of each), on copies of them (their next steps on this batch): no fixed
-        rule fits every model
-        (on a 2-core CPU fusing wins for MNIST-1D's MLP and loses for small convolutions, docs/performance.md)."""
+        """Whether these members step faster fused than on the worker threads, measured once per machine for their
+        architecture, batch and methods (how many of each), on copies of them (their next steps on this batch), and
+        kept in the cache folder (`fusing_memo`): no fixed rule fits every model (on a 2-core CPU fusing wins for
+        MNIST-1D's MLP and loses for small convolutions, docs/performance.md)."""
         from kdsweep.training import fused
 
         methods = tuple(sorted(collections.Counter(type(r.m.method).__name__ for r in runs).items()))
-        key = (fused.fusion_key(runs[0]), methods, self.workers)  # the methods too: their losses differ in cost
-        if key not in _FUSING_PAYS:
-            x, (y, t_out, epoch, index) = xs[runs[0].fmt], batch
-            total = self.steps * self.epochs
-            copies = [_copy_run(r, self.device, self.accel, total) for r in runs]
-            hands = _deal(copies, self.workers, cost=_first_step)
-            threaded = _seconds_a_step(lambda: _in_pool(self.workers, lambda hand: [
-                r.step(x, y, t_out, epoch, index) for r in hand], hands) if len(hands) > 1 else
-                [r.step(x, y, t_out, epoch, index) for r in copies])
-            try:
-                groups = [fused.FusedGroup(part, self.device, total, 1, (x, *batch)) for part in
-                          fused.split([_copy_run(r, self.device, self.accel, total) for r in runs], self._fused_groups(runs),
-                                      _first_step)]
-            except fused.NotFusable:
-                return True  # the real attempt says why
-            steps = [functools.partial(g.step, x, y, t_out, epoch, index) for g in groups]
-            stacked = _seconds_a_step(lambda: _in_pool(self.workers, _call, steps) if len(steps) > 1 else steps[0](),
-                                      against=threaded)
-            _FUSING_PAYS[key] = stacked < threaded
-            self.notes.append(f"{len(runs)} {type(runs[0].m.student).__name__} students: fused ({len(groups)} "
-                              f"group{'s' if len(groups) > 1 else ''}) {stacked * 1e3:.1f} ms a step, worker threads "
-                              f"{threaded * 1e3:.1f} ms: {'fused' if stacked < threaded else 'threads'}")
+        x, (y, t_out, epoch, index) = xs[runs[0].fmt], batch
+        # The methods too: their losses differ in cost; the batch's shape: it sets the work a step does.
+        question = fusing_memo.question(runs[0].m.student, runs[0].m.schedule.optimizer, runs[0].fmt, tuple(x.shape),
+                                        methods, self.workers)
+        key = json.dumps(question, sort_keys=True)
+        if key in _FUSING_PAYS:
+            return _FUSING_PAYS[key]
+        what = f"{len(runs)} {type(runs[0].m.student).__name__} students"
+        kept = fusing_memo.recall(question)
+        if kept is not None:
+            _FUSING_PAYS[key] = kept["fused"]
+            self.notes.append(f"{what}: {'fused' if kept['fused'] else 'worker threads'}, as measured on this machine "
+                              f"on {kept.get('measured', '?')} (fused {kept.get('fused_ms', '?')} ms a step, threads "
+                              f"{kept.get('threads_ms', '?')} ms; {fusing_memo.folder()} keeps it)")
+            return _FUSING_PAYS[key]
+        total = self.steps * self.epochs
+        copies = [_copy_run(r, self.device, self.accel, total) for r in runs]
+        hands = _deal(copies, self.workers, cost=_first_step)
+        threaded = _seconds_a_step(lambda: _in_pool(self.workers, lambda hand: [
+            r.step(x, y, t_out, epoch, index) for r in hand], hands) if len(hands) > 1 else
+            [r.step(x, y, t_out, epoch, index) for r in copies])
+        try:
+            groups = [fused.FusedGroup(part, self.device, total, 1, (x, *batch)) for part in
+                      fused.split([_copy_run(r, self.device, self.accel, total) for r in runs], self._fused_groups(runs),
+                                  _first_step)]
+        except fused.NotFusable:
+            return True  # the real attempt says why
+        steps = [functools.partial(g.step, x, y, t_out, epoch, index) for g in groups]
+        stacked = _seconds_a_step(lambda: _in_pool(self.workers, _call, steps) if len(steps) > 1 else steps[0](),
+                                  against=threaded)
+        _FUSING_PAYS[key] = stacked < threaded
+        self.notes.append(f"{what}: fused ({len(groups)} group{'s' if len(groups) > 1 else ''}) {stacked * 1e3:.1f} "
+                          f"ms a step, worker threads {threaded * 1e3:.1f} ms: {'fused' if stacked < threaded else 'threads'}")
+        unkept = fusing_memo.remember(question, stacked < threaded, stacked, threaded)
+        if unkept:
+            self.notes.append(unkept)
         return _FUSING_PAYS[key]
 
     def epoch(self) -> bool:

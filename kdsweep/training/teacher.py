@@ -29,6 +29,7 @@ import torch
 
 from kdsweep.common.atomic import path_component
 from kdsweep.common.bars import tqdm
+from kdsweep.common.cache import cache_dir
 from kdsweep.common.digests import model_digest
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import Owner, heartbeat_settings
@@ -52,12 +53,6 @@ from kdsweep.tracking.vocabulary import (
 from kdsweep.training import checkpoint, teacher_store
 from kdsweep.training.loop import EpochStats, NonFiniteLoss, Schedule, evaluate, train_student
 from kdsweep.training.teacher_store import TEACHERS_EXPERIMENT
-
-
-def cache_dir() -> Path:
-    """$KDSWEEP_CACHE, else ~/.cache/kdsweep."""
-    env = os.environ.get("KDSWEEP_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "kdsweep"
 
 
 def cache_path(dataset: str, arch: str, seed: int, epochs: int, data_size: int | None, val_fraction: float,
