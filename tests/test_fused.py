@@ -21,7 +21,6 @@ from kdsweep.training.loop import (
     Lockstep,
     Member,
     Schedule,
-    make_optimizer,
     train_students,
 )
 
@@ -251,7 +250,10 @@ def test_fused_optimizer_matches_torch_optim(kind):
     total = 7
     w = [torch.randn(4, 3) for _ in scheds]
     ref = [torch.nn.Parameter(t.clone()) for t in w]
-    opts = [make_optimizer([p], s) for p, s in zip(ref, scheds)]
+    opts = [torch.optim.SGD([p], lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay) if kind == "sgd" else
+            (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)([p], lr=s.lr, betas=(s.momentum, 0.999),
+                                                                        weight_decay=s.weight_decay)
+            for p, s in zip(ref, scheds)]
     lrs = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * i / total))) for o in opts]
     stacked = torch.stack(w).requires_grad_()
     opt = FusedOptimizer(kind, [stacked], scheds, total)

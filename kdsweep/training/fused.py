@@ -24,7 +24,7 @@ What is fused, and what is not (docs/performance.md, "Fused students"):
     compared around every fused step, so a member that starts drawing later is
     refused rather than silently desynchronised.
   * The group's first step is taken on the ordinary path (it is the probe);
-    the fused group starts from the members' state and torch.optim state after it.
+    the fused group starts from the members' state and optimiser state after it.
   * Method heads (fitnet's regressor, crd's projections, ...) are stacked per
     method and updated with a fused optimiser of their own; their buffers (batch-norm statistics, crd's
     memory banks) stay in each member's own method module, which runs eagerly.
@@ -49,6 +49,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdsweep.methods.base import SampleIndex
 from kdsweep.models.zoo import TAPS, Outputs
 from kdsweep.training.devices import _deal, autocast
+from kdsweep.training.optimizer import BETA2, EPS, KINDS
 
 
 class _Taps(nn.Module):
@@ -80,16 +81,15 @@ def _wide(device: torch.device) -> torch.dtype:
 class FusedOptimizer:
     """One update of K stacked parameter sets, each member with its own hyperparameters.
 
-    Equals torch.optim's SGD (momentum, L2 weight decay in the gradient), Adam
-    (L2 in the gradient) and AdamW (decoupled decay), betas = (momentum, 0.999),
-    eps = 1e-8, as `loop.make_optimizer` builds them, with loop.py's cosine
-    LambdaLR stepped after every update. The step count and learning rates live
-    on the device, so an update reads nothing back to the host.
+    Equals `optimizer.Optimizer` for each member (torch.optim's SGD, Adam and
+    AdamW with the per-step cosine learning rate) up to float rounding: the
+    step count and learning rates live on the device as (K,) tensors, so an
+    update reads nothing back to the host.
     """
 
     def __init__(self, kind: str, params: Sequence[torch.Tensor], schedules: Sequence, total_steps: int,
                  steps_done: int = 0):
-        if kind not in ("sgd", "adam", "adamw"):
+        if kind not in KINDS:
             raise ValueError(f"unknown optimizer {kind!r}")
         self.kind, self.total = kind, total_steps
         dev = params[0].device
@@ -102,7 +102,7 @@ class FusedOptimizer:
         self.momentum = vec(s.momentum for s in schedules)  # SGD's momentum; Adam's beta1
         self.weight_decay = vec(s.weight_decay for s in schedules)
         self.decays = any(s.weight_decay != 0 for s in schedules)  # as torch.optim, no decay term when it is 0
-        self.beta2, self.eps = 0.999, 1e-8
+        self.beta2, self.eps = BETA2, EPS
         self.t = torch.tensor(float(steps_done), dtype=wide, device=dev)  # updates taken (LambdaLR's last_epoch)
         names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
         self.state = {n: [torch.zeros_like(p) for p in params] for n in names}
@@ -307,7 +307,7 @@ class _Heads:
 
 
 def _copy_state(opt: FusedOptimizer, runs: list, tensors) -> None:
-    """The members' torch.optim state so far (after the probe step) into `opt`, tensor by tensor; `tensors(run)`:
+    """The members' optimiser state so far (after the probe step) into `opt`, tensor by tensor; `tensors(run)`:
     the member's tensors in the order of `opt`'s leaves."""
     with torch.no_grad():
         for i, r in enumerate(runs):
@@ -320,7 +320,7 @@ def _copy_state(opt: FusedOptimizer, runs: list, tensors) -> None:
 class FusedGroup:
     """K lockstep members (train._Run) of one fusion key, stepping as one; see the module's docstring.
 
-    Made after the members' first step (`steps_done` = 1), from their modules and torch.optim state;
+    Made after the members' first step (`steps_done` = 1), from their modules and optimiser state;
     `batch` is that step's (x, y, teacher outputs, epoch, index), on which the stacked forward is tried
     (NotFusable if vmap cannot run it) and each method's members choose whether their losses batch.
     """

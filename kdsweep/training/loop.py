@@ -44,6 +44,7 @@ from kdsweep.training.devices import (
     frozen_copy,
     teacher_dtype,
 )
+from kdsweep.training.optimizer import Optimizer
 from kdsweep.training.teacher_outputs import TeacherCache, TeacherFeed
 
 
@@ -59,13 +60,10 @@ class Schedule:
     optimizer: str = "sgd"  # one of space.OPTIMIZERS
 
 
-def make_optimizer(params, s: Schedule) -> torch.optim.Optimizer:
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    if s.optimizer in ("adam", "adamw"):
-        cls = torch.optim.Adam if s.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=s.lr, betas=(s.momentum, 0.999), weight_decay=s.weight_decay)
-    raise ValueError(f"unknown optimizer {s.optimizer!r}")
+def make_optimizer(params, s: Schedule, total_steps: int) -> Optimizer:
+    """The member's optimiser, its learning rate decaying along a cosine per step (not per epoch), so short
+    budgets also anneal to ~0."""
+    return Optimizer(params, s.optimizer, s.lr, s.momentum, s.weight_decay, total_steps)
 
 
 @dataclass
@@ -230,9 +228,7 @@ class _Run:
         self.taps = _taps_fn(m.student, self.needs, accel, device)
         params = list(m.student.parameters()) + list(m.method.parameters())
         s = m.schedule
-        self.opt = make_optimizer(params, s)
-        # Cosine decay per step (not per epoch), so short budgets also anneal to ~0.
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
+        self.opt = make_optimizer(params, s, total_steps)
         self.result = TrainResult(-1, -1.0, {})
         self.stochastic = True  # until its first step shows it draws no random numbers
         self.first_step_seconds = 0.0  # its first step, timed: its weight when members are split (fused.split)
@@ -246,7 +242,7 @@ class _Run:
         return self.result.stopped_by is None
 
     def begin_epoch(self) -> None:
-        self.lr_now = self.opt.param_groups[0]["lr"]
+        self.lr_now = self.opt.lr
         self.sums, self.correct = {}, torch.zeros((), device=self.device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, epoch: int, index: SampleIndex) -> None:
@@ -257,10 +253,9 @@ class _Run:
         loss = sum(terms.values())
         if self.first_loss is None:
             self.first_loss = loss.detach().float()  # the untrained model's loss: the yardstick for divergence
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        self.sched.step()
         with torch.no_grad():
             b = len(y)
             for k, v in terms.items():
