@@ -119,10 +119,11 @@ class Phase:
     process and its children, sampled every 20 ms.
     """
 
-    def __init__(self, name: str, device: torch.device, steps):
+    def __init__(self, name: str, device: torch.device, steps, notes: list[str] | None = None):
         self.name, self.device, self.steps = name, device, steps
         self.wall = self.cpu = self.peak_mb = 0.0
         self.images = 0
+        self.notes = [] if notes is None else notes  # what its lockstep groups chose (fused or threads; measured?)
 
     def run_segment(self) -> bool:
         """Run the path's next epoch; False when it has finished."""
@@ -368,8 +369,9 @@ def _student_factory(cfg: BenchConfig, data: DeviceData, device: torch.device) -
 
 
 def _kdsweep_epochs(cfg: BenchConfig, teacher, new_student, data: DeviceData, lrs: list[float],
-                    cache: TeacherCache | None, parallel: int) -> Iterator[int]:
-    """kdsweep's path, an epoch per step: lockstep groups of `parallel` vanilla-KD trials, one after the other."""
+                    cache: TeacherCache | None, parallel: int, notes: list[str]) -> Iterator[int]:
+    """kdsweep's path, an epoch per step: lockstep groups of `parallel` vanilla-KD trials, one after the other;
+    each group's notes are added to `notes`."""
     e, b = cfg.epochs, cfg.batch_size
     method_cls = get_method("vanilla_kd")
     hp = {"temperature": 4.0, "alpha": 0.7}
@@ -385,6 +387,7 @@ def _kdsweep_epochs(cfg: BenchConfig, teacher, new_student, data: DeviceData, lr
             live = sum(r.alive for r in group.runs)
             group.epoch()
             yield live * data.steps_per_epoch(b) * b
+        notes += group.notes
 
 
 def _run_phases(cfg: BenchConfig, device: torch.device, teacher, new_student, raw: RawData, data: DeviceData,
@@ -396,13 +399,15 @@ def _run_phases(cfg: BenchConfig, device: torch.device, teacher, new_student, ra
                   reference_trial(new_student(), copy.deepcopy(teacher), train_loader, val_loader, device, e, cfg.lr))
             for _ in range(cfg.ref_trials)]
     one = Phase("kdsweep trial (device data path, no cache)", device,
-                _kdsweep_epochs(cfg, teacher, new_student, data, [cfg.lr], None, 1))
+                _kdsweep_epochs(cfg, teacher, new_student, data, [cfg.lr], None, 1, []))
     budget = default_budget_bytes(device) if cfg.teacher_cache_mb is None else int(cfg.teacher_cache_mb * 2**20)
     cache = TeacherCache(budget)  # fresh: filling it is part of the study's time
     lrs = [cfg.lr * 2 ** (i / max(1, k - 1) - 0.5) for i in range(k)]  # x0.7 .. x1.4 of --lr: no trial diverges
     group = cfg.parallel or k
     how = f"lockstep x{group} + teacher cache" if group > 1 else "sequential + teacher cache"
-    study = Phase(f"kdsweep study, K={k} ({how})", device, _kdsweep_epochs(cfg, teacher, new_student, data, lrs, cache, group))
+    notes: list[str] = []
+    study = Phase(f"kdsweep study, K={k} ({how})", device,
+                  _kdsweep_epochs(cfg, teacher, new_student, data, lrs, cache, group, notes), notes)
     # Round-robin, an epoch of each path in turn: on a shared machine every path sees the same load on average.
     pending = [*refs, one, study]
     while pending:
@@ -440,6 +445,8 @@ def _say_results(cfg: BenchConfig, data: DeviceData, ref: Phase, one: Phase, stu
         f"{cs['teacher_cache_misses']} misses{note}")
     say(f"  sharing alone, on kdsweep's path: {k} x kdsweep trial / kdsweep study = {k * one.wall / study.wall:.2f} "
         f"(bound {bound:.2f})")
+    for n in study.notes:  # whether this run paid for measuring fused against threads (once per machine)
+        say(f"  kdsweep study: {n}")
     say(f"  cpu-time speedup {k * ref.cpu / study.cpu:.2f} (spin-waiting threads count here); load average after: {_load_avg()}")
     say(f"speedup={speedup:.2f} bound={bound:.2f}")
     return {"speedup": speedup, "phases": phases, "complete": full, "cache": cs}
