@@ -44,6 +44,8 @@ def test_updates_equal_torch_optim_to_the_last_bit(kind, momentum, weight_decay,
         for model, opt in ((ours_model, ours), (ref_model, ref)):
             opt.zero_grad()
             model(x).pow(2).mean().backward()
+            if step == 0:  # one parameter's first gradient comes a step after the others' (its buffer starts later)
+                model[0].bias.grad = None
             if step == 2:  # a step where one parameter got no gradient: it is left alone, its count too
                 model[2].bias.grad = None
         assert ours.lr == ref.param_groups[0]["lr"]

@@ -49,14 +49,13 @@ class Optimizer:
         if self.weight_decay != 0:
             gs = torch._foreach_add(gs, ps, alpha=self.weight_decay)
         if self.momentum != 0:
-            fresh = [p not in self.state for p in ps]
-            if all(fresh):  # the first buffer is the gradient itself
-                for p, g in zip(ps, gs):
+            kept = [(self.state[p]["momentum_buffer"], g) for p, g in zip(ps, gs) if p in self.state]
+            if kept:
+                torch._foreach_mul_([b for b, _ in kept], self.momentum)
+                torch._foreach_add_([b for b, _ in kept], [g for _, g in kept], alpha=1)
+            for p, g in zip(ps, gs):
+                if p not in self.state:  # its first step with a gradient: the buffer is the gradient itself
                     self.state[p] = {"momentum_buffer": torch.clone(g).detach()}
-            else:
-                bufs = [self.state[p]["momentum_buffer"] for p in ps]
-                torch._foreach_mul_(bufs, self.momentum)
-                torch._foreach_add_(bufs, gs, alpha=1)
             gs = [self.state[p]["momentum_buffer"] for p in ps]
         torch._foreach_add_(ps, gs, alpha=-self.lr)
 
