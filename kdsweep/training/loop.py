@@ -292,8 +292,9 @@ def _check_group(members: Sequence[Member]) -> tuple[int, int]:
     return first.epochs, first.batch_size
 
 
-# Whether fusing paid, per fusing_memo question (as JSON): this process's copy of what fusing_memo keeps on disk.
-_FUSING_PAYS: dict[str, bool] = {}
+# Whether fusing paid, and how that was found, per fusing_memo question (as JSON): this process's copy of what
+# fusing_memo keeps on disk.
+_FUSING_PAYS: dict[str, tuple[bool, str]] = {}
 
 
 def _copy_run(r: _Run, device: torch.device, accel: Accel, total_steps: int) -> _Run:
@@ -511,16 +512,19 @@ class Lockstep:
         question = fusing_memo.question(runs[0].m.student, runs[0].m.schedule.optimizer, runs[0].fmt, tuple(x.shape),
                                         methods, self.workers)
         key = json.dumps(question, sort_keys=True)
-        if key in _FUSING_PAYS:
-            return _FUSING_PAYS[key]
+        if key in _FUSING_PAYS:  # this process knows: the same choice, said again for this group
+            pays, said = _FUSING_PAYS[key]
+            self.notes.append(said)
+            return pays
         what = f"{len(runs)} {type(runs[0].m.student).__name__} students"
         kept = fusing_memo.recall(question)
         if kept is not None:
-            _FUSING_PAYS[key] = kept["fused"]
-            self.notes.append(f"{what}: {'fused' if kept['fused'] else 'worker threads'}, as measured on this machine "
-                              f"on {kept.get('measured', '?')} (fused {kept.get('fused_ms', '?')} ms a step, threads "
-                              f"{kept.get('threads_ms', '?')} ms; {fusing_memo.folder()} keeps it)")
-            return _FUSING_PAYS[key]
+            said = (f"{what}: {'fused' if kept['fused'] else 'worker threads'}, as measured on this machine on "
+                    f"{kept.get('measured', '?')} (fused {kept.get('fused_ms', '?')} ms a step, threads "
+                    f"{kept.get('threads_ms', '?')} ms; {fusing_memo.folder()} keeps it)")
+            _FUSING_PAYS[key] = kept["fused"], said
+            self.notes.append(said)
+            return kept["fused"]
         total = self.steps * self.epochs
         copies = [_copy_run(r, self.device, self.accel, total) for r in runs]
         hands = _deal(copies, self.workers, cost=_first_step)
@@ -536,13 +540,14 @@ class Lockstep:
         steps = [functools.partial(g.step, x, y, t_out, epoch, index) for g in groups]
         stacked = _seconds_a_step(lambda: _in_pool(self.workers, _call, steps) if len(steps) > 1 else steps[0](),
                                   against=threaded)
-        _FUSING_PAYS[key] = stacked < threaded
-        self.notes.append(f"{what}: fused ({len(groups)} group{'s' if len(groups) > 1 else ''}) {stacked * 1e3:.1f} "
-                          f"ms a step, worker threads {threaded * 1e3:.1f} ms: {'fused' if stacked < threaded else 'threads'}")
+        said = (f"{what}: fused ({len(groups)} group{'s' if len(groups) > 1 else ''}) {stacked * 1e3:.1f} ms a step, "
+                f"worker threads {threaded * 1e3:.1f} ms: {'fused' if stacked < threaded else 'threads'}")
+        _FUSING_PAYS[key] = stacked < threaded, said
+        self.notes.append(said)
         unkept = fusing_memo.remember(question, stacked < threaded, stacked, threaded)
         if unkept:
             self.notes.append(unkept)
-        return _FUSING_PAYS[key]
+        return stacked < threaded
 
     def epoch(self) -> bool:
         """Train every live member for one epoch, evaluate, call back; False when there was nothing left to do."""
