@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from kdsweep.common.atomic import atomic_save
 from kdsweep.common.errors import UserError
+from kdsweep.common.torchvision_import import torchvision
 from kdsweep.data.catalog import DATASET_SUMMARIES
 
 
@@ -99,9 +100,7 @@ def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tu
 
 def _torchvision(cls_name: str, label: str, mean, std, augment: Augment):
     def load(root: Path, size: int | None) -> RawData:
-        import torchvision
-
-        cls = getattr(torchvision.datasets, cls_name)
+        cls = getattr(torchvision().datasets, cls_name)
         splits = {}
         for train in (True, False):
             try:

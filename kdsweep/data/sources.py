@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.torchvision_import import torchvision
 from kdsweep.data.builtin import Augment, DatasetSpec, RawData, default_data_dir
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -363,11 +364,10 @@ def _fit(img, size: int | None):
 
 
 def _torchvision(name: str, root: Path, image_size: int | None) -> RawData:
-    import torchvision
-
+    tv = torchvision()
     cls_name = name.split(":", 1)[1]
-    cls = getattr(torchvision.datasets, cls_name, None)
-    if not isinstance(cls, type) or not issubclass(cls, torchvision.datasets.VisionDataset):
+    cls = getattr(tv.datasets, cls_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, tv.datasets.VisionDataset):
         raise UserError(f"torchvision has no dataset class {cls_name!r} (e.g. CIFAR10, MNIST, FashionMNIST, SVHN, STL10)")
     (x, y, classes), (tx, ty, _) = (_tv_split(cls, cls_name, root, train) for train in (True, False))
     raw = _arrays(name, {"train_x": x, "train_y": y, "test_x": tx, "test_y": ty, "classes": classes}, image_size)

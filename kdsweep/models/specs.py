@@ -22,6 +22,7 @@ import sys
 from typing import Any, Callable
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.torchvision_import import torchvision
 
 PREFIXES = ("torchvision", "timm")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -98,8 +99,7 @@ def construct(spec: str, in_shape: tuple[int, ...], num_classes: int):
 
     k = kind(spec)
     if k == "torchvision":
-        from torchvision import models as tvm
-
+        tvm = torchvision().models
         return _called(spec, lambda: tvm.get_model(_torchvision_name(spec), weights=None, num_classes=num_classes))
     if k == "timm":
         timm, name = _timm_name(spec)
@@ -118,8 +118,7 @@ def construct(spec: str, in_shape: tuple[int, ...], num_classes: int):
 
 
 def _torchvision_name(spec: str) -> str:
-    from torchvision import models as tvm
-
+    tvm = torchvision().models
     name = spec.partition(":")[2]
     known = tvm.list_models()
     if name not in known:

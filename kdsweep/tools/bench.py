@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.torchvision_import import torchvision
 from kdsweep.data.builtin import RawData, default_data_dir
 from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import get_dataset
@@ -238,7 +239,7 @@ class _PILImages(torch.utils.data.Dataset):
 
 
 def _loaders(raw: RawData, data: DeviceData, cfg: BenchConfig, workers: int):
-    import torchvision.transforms as T
+    T = torchvision().transforms
 
     h = data.in_shape[1]
     aug = ([T.RandomCrop(h, padding=data.augment.pad)] if data.augment.pad else []) + \
