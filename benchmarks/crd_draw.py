@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+from _timing import ms_per_call
 
 from kdsweep.methods import crd
 
@@ -47,15 +47,6 @@ def draw_int32(seed: int, step: torch.Tensor, words32: torch.Tensor, total: int)
     return (u.to(torch.int64) & crd._MASK32).mul_(total) >> 32
 
 
-def _ms(fn, steps: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=100)
@@ -70,8 +61,8 @@ def main() -> None:
         assert torch.equal(crd.draw_negatives(7, step + s, words, args.total), draw_int32(7, step + s, words32, args.total))
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.rows} x {crd.NCE_K} ids, the same "
           f"from both forms; ms per draw on {args.threads} thread(s):")
-    print(f"  int64 (kdsweep): {_ms(lambda: crd.draw_negatives(0, step.add_(1), words, args.total), args.steps):6.2f}")
-    print(f"  int32:           {_ms(lambda: draw_int32(0, step.add_(1), words32, args.total), args.steps):6.2f}")
+    print(f"  int64 (kdsweep): {ms_per_call(lambda: crd.draw_negatives(0, step.add_(1), words, args.total), args.steps):6.2f}")
+    print(f"  int32:           {ms_per_call(lambda: draw_int32(0, step.add_(1), words32, args.total), args.steps):6.2f}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+from _timing import ms_per_call
 
 from kdsweep.methods import crd
 from kdsweep.methods.base import SampleIndex
@@ -54,23 +54,14 @@ def main() -> None:
             extra = {"index": SampleIndex(torch.randperm(args.train)[:b], args.train)} if cls.needs_index else {}
             sum(method(s, t, y, 5, **extra).values()).backward()
 
-        print(f"{name:<18} {_ms(step, args.steps):7.2f}", flush=True)
+        print(f"{name:<18} {ms_per_call(step, args.steps):7.2f}", flush=True)
     words, step_no = crd.position_words(b, crd.NCE_K, torch.device("cpu")), torch.zeros((), dtype=torch.long)
 
     def draw() -> None:
         crd.count_draws(crd.draw_negatives(0, step_no.add_(1), words, args.train), args.train)
 
-    print(f"{'(crd draw)':<18} {_ms(draw, args.steps):7.2f}   its 16,384 negatives per sample and their counts, "
+    print(f"{'(crd draw)':<18} {ms_per_call(draw, args.steps):7.2f}   its 16,384 negatives per sample and their counts, "
           "included in crd's row")
-
-
-def _ms(fn, steps: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps * 1e3
 
 
 if __name__ == "__main__":
