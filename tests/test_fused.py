@@ -366,6 +366,46 @@ def test_the_fusing_measurement_is_kept_for_the_next_process(data, teacher, monk
     assert len(list(fusing_memo.folder().glob("*.json"))) == 2
 
 
+def test_a_fusing_answer_measured_on_a_busy_machine_is_measured_again_when_it_is_quiet(data, teacher, monkeypatch,
+                                                                                     tmp_path):
+    """Contention can reverse which path wins: an answer kept at load 9 on 2 cores is not final. A process that
+    finds the machine quiet measures again and keeps its answer; one that finds it still busy recalls."""
+    from kdsweep.training import fusing_memo, loop
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path))
+    monkeypatch.setattr(fusing_memo, "_cores", lambda: 2)
+    load = [9.0]
+    monkeypatch.setattr(fusing_memo.os, "getloadavg", lambda: (load[0], load[0], load[0]))
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    _fake_timings(monkeypatch, loop, threads=1.0, fused=2.0)
+    _group(data, teacher).epoch()
+    (kept,) = fusing_memo.folder().glob("*.json")
+    assert json.loads(kept.read_text())["fused"] is False
+
+    load[0] = 3.0  # still busy: the kept answer stands
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    calls = _fake_timings(monkeypatch, loop, threads=1.5, fused=1.0)
+    busy = _group(data, teacher)
+    busy.epoch()
+    assert calls == [] and busy.fused_members == 0, busy.notes
+
+    load[0] = 0.5  # quiet: measured again, and the new answer kept
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})
+    calls = _fake_timings(monkeypatch, loop, threads=1.5, fused=1.0)
+    quiet = _group(data, teacher)
+    quiet.epoch()
+    assert len(calls) == 2 and quiet.fused_members == 2, quiet.notes
+    assert any("measured again: the kept answer was measured at load 9.0 on 2 cores, the load is 0.5 now" in n
+               for n in quiet.notes), quiet.notes
+    assert json.loads(kept.read_text())["fused"] is True and json.loads(kept.read_text())["load"][0] == 0.5
+
+    monkeypatch.setattr(loop, "_FUSING_PAYS", {})  # measured quiet: recalled from now on
+    calls = _fake_timings(monkeypatch, loop, threads=9.0, fused=9.0)
+    later = _group(data, teacher)
+    later.epoch()
+    assert calls == [] and later.fused_members == 2, later.notes
+
+
 def test_a_corrupt_or_unwritable_fusing_memo_only_costs_a_measurement(data, teacher, monkeypatch, tmp_path):
     from kdsweep.training import fusing_memo, loop
 

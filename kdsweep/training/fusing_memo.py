@@ -9,6 +9,9 @@ Keyed by everything the answer depends on: CPU model and usable cores, torch ver
 architecture, parameter shapes, optimiser and memory format, the batch's shape, the methods (how many of each)
 and the worker threads. A recalled answer also makes a run's choice, and so its floating-point path, the same
 as the run that measured it. Delete `<cache>/fusing/` to measure again (after a BIOS or kernel change, say).
+An answer measured while other work held every core (1-minute load above the usable cores) is measured again by
+the first process that finds the machine quiet (load at most half the cores): the two paths use the cores
+differently, so contention can reverse which one wins, and a measurement taken then should not decide for good.
 
 Only speed depends on this file: a missing, unreadable or corrupt one is measured again, a cache folder that
 cannot be written keeps the answer for the process only. Concurrent writers each write a whole file (a
@@ -77,6 +80,15 @@ def recall(q: dict) -> dict | None:
             return kept
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return None
+
+
+def contended(kept: dict) -> str | None:
+    """Why a kept answer should be measured again now: it was measured on a busy machine and this one is quiet."""
+    then, cores = (kept.get("load") or [0.0])[0], _cores()
+    now = os.getloadavg()[0]
+    if then > cores and now <= cores / 2:
+        return f"measured again: the kept answer was measured at load {then:.1f} on {cores} cores, the load is {now:.1f} now"
     return None
 
 

@@ -518,7 +518,10 @@ class Lockstep:
             return pays
         what = f"{len(runs)} {type(runs[0].m.student).__name__} students"
         kept = fusing_memo.recall(question)
-        if kept is not None:
+        remeasure = fusing_memo.contended(kept) if kept is not None else None
+        if remeasure:
+            self.notes.append(f"{what}: {remeasure}")
+        elif kept is not None:
             said = (f"{what}: {'fused' if kept['fused'] else 'worker threads'}, as measured on this machine on "
                     f"{kept.get('measured', '?')} (fused {kept.get('fused_ms', '?')} ms a step, threads "
                     f"{kept.get('threads_ms', '?')} ms; {fusing_memo.folder()} keeps it)")
