@@ -1,34 +1,69 @@
 #!/usr/bin/env bash
-# One command for the first GPU: the CUDA tests, then per-trial seconds, GPU utilisation and the
-# fraction of the FLOP floor at K = 1, 8, 32 (45k synthetic CIFAR-shaped images, 10 epochs), then
-# kdsweep bench's ratio against a seed-style trial. Budget: under 10 minutes on a fresh machine.
+# One command for the first GPU: per-trial seconds, GPU utilisation and the fraction of the FLOP floor at
+# K = 1, 8, 32 (45k synthetic CIFAR-shaped images, 10 epochs), kdsweep bench's ratio against a seed-style
+# trial, then the CUDA tests (CUDA-graph capture of the compiled fused step among them). Budget: under 10
+# minutes on a fresh machine. Each step runs whatever the one before did; the script fails at the end if one
+# failed. With $OUT set (the device tool's folder that comes back) the whole log is also kept in $OUT/gpu.log.
 #
-#   bash benchmarks/gpu.sh            # on a machine with an NVIDIA GPU
-#   bash benchmarks/gpu.sh --dry-run  # on the CPU: the same steps at tiny sizes (CI runs this)
-set -euo pipefail
+#   bash benchmarks/gpu.sh --fetch-wheels  # where pip reaches an index: what the GPU machine lacks, into .whl/
+#   bash benchmarks/gpu.sh                 # on the machine with an NVIDIA GPU
+#   bash benchmarks/gpu.sh --dry-run       # on the CPU: the same steps at tiny sizes (CI runs this)
+#
+# The lent GPU machine reaches no package index and its image has torch, pandas, scipy and pytest but not
+# mlflow, optuna or mnist1d: benchmarks/gpu_wheels.txt lists those and what they need (CPython 3.12, x86-64,
+# about 37 MB); carry .whl/ with the working tree and this script installs them from it.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY=0
-[[ "${1:-}" == "--dry-run" ]] && DRY=1
+PY=${PYTHON:-python3}
+mode=${1:-}
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+[[ -n ${OUT:-} && -d ${OUT:-} ]] && exec > >(tee -a "$OUT/gpu.log") 2>&1
 
-if ! python -c "import kdsweep, pytest" 2>/dev/null; then
-  step "install"
-  python -m pip install -q -e '.[test]'
-fi
-
-if [[ $DRY == 1 ]]; then
-  step "CUDA tests (skipped without a GPU; their CPU halves run)"
-  python -m pytest -q -p no:cacheprovider tests/test_cuda.py
-  step "suite, dry run on the CPU"
-  python -m kdsweep.tools.gpu_suite --dry-run
+if [[ $mode == --fetch-wheels ]]; then
+  grep -v '^#' benchmarks/gpu_wheels.txt | xargs "$PY" -m pip download -q --no-deps --only-binary=:all: \
+    --python-version "${WHEELS_PYTHON:-3.12}" --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl || exit 1
+  du -sh .whl
   exit 0
 fi
 
+if ! "$PY" -c "import mlflow, optuna, mnist1d, pytest" 2>/dev/null; then
+  step "install"
+  if [[ -d .whl ]]; then  # no index there: the carried wheels, beside the image's own packages
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kdsweep-site \
+      .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/kdsweep-site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    "$PY" -m pip install -q -e '.[test]' || exit 1
+  fi
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kdsweep from this checkout, installed or not
+
+if [[ $mode == --dry-run ]]; then
+  set -e
+  step "CUDA tests (skipped without a GPU; their CPU halves run)"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  step "suite, dry run on the CPU"
+  "$PY" -m kdsweep.tools.gpu_suite --dry-run
+  exit 0
+fi
+
+failed=()
+run() {  # run NAME COMMAND...: a failed step is said and remembered, and the next one runs
+  local name=$1 code
+  shift
+  step "$name"
+  "$@"
+  code=$?
+  ((code == 0)) || { echo "!! $name failed (exit $code)"; failed+=("$name"); }
+}
+
 nvidia-smi -L
-python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
-step "CUDA tests"
-timeout 240 python -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_cuda.py tests/test_fused.py  # both tiers: the compile tests are slow on CPU
-step "K = 1, 8, 32"
-timeout 300 python -m kdsweep.tools.gpu_suite
-step "kdsweep bench: ratio against a seed-style reference trial"
-timeout 120 python -m kdsweep.cli bench --device cuda --images 8192 --epochs 3
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+"$PY" -c "import mlflow, optuna; print('mlflow', mlflow.__version__, 'optuna', optuna.__version__)"
+run "K = 1, 8, 32" timeout 300 "$PY" -m kdsweep.tools.gpu_suite
+run "kdsweep bench: ratio against a seed-style reference trial" \
+  timeout 120 "$PY" -m kdsweep.cli bench --device cuda --images 8192 --epochs 3
+# Both tiers: the compile tests are slow on CPU. -s: the CUDA-graph test prints inductor's counters.
+run "CUDA tests" timeout 240 "$PY" -m pytest -q -s -p no:cacheprovider -m 'slow or not slow' tests/test_cuda.py tests/test_fused.py
+((${#failed[@]} == 0)) || { echo "failed: ${failed[*]}"; exit 1; }

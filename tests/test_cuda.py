@@ -104,3 +104,36 @@ def test_a_short_study_runs_on_cuda(kdsweep):
                              "--teacher-epochs", "2", "--device", "cuda", "--parallel", "2")
     assert code == 0, err
     assert "(2 trained" in out, out
+
+
+def _compiled_fused_group(device):
+    """Two vanilla_kd members (resnet18 -> smallnet) fused, their step compiled as `--compile` compiles it, one epoch
+    trained."""
+    data = _data(device)
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", IN_SHAPE, CLASSES).to(device).eval().requires_grad_(False)
+    cls = METHODS["vanilla_kd"]
+    members = []
+    for lr in (0.05, 0.1):
+        student = build_model("smallnet", IN_SHAPE, CLASSES)
+        method = cls({k: v.default for k, v in cls.space.items()}, student.shapes(IN_SHAPE), teacher.shapes(IN_SHAPE), 1)
+        members.append(Member(student, method, Schedule(1, 64, lr)))
+    group = Lockstep(members, teacher, data, accel=Accel(fused=True, compile=True))
+    group.epoch()
+    return group
+
+
+@cuda
+def test_the_compiled_fused_step_is_captured_as_a_cuda_graph():
+    """On CUDA `--compile` compiles the fused step with mode reduce-overhead, which captures it as a CUDA graph
+    unless inductor finds a reason not to (a host sync, a CPU tensor among the inputs, a dynamic shape); each
+    capture it skips is counted in counters["inductor"]["cudagraph_skips"] and its reason logged. The counters
+    are printed, so benchmarks/gpu.sh's log says what happened."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    group = _compiled_fused_group(torch.device("cuda"))
+    print("inductor counters:", dict(counters["inductor"]))
+    assert len(group.groups) == 1 and group.fused_members == 2, group.notes
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
