@@ -17,7 +17,8 @@ cosine schedule, with a validation pass per epoch, once on one thread and once o
 every core: its lockstep groups step on a worker thread per core); the faster one's seconds per
 trial-epoch times the epochs the sweep trained is what the sweep would cost with nothing but that
 arithmetic. The sweep's own process
-reports where its time went: start-up to the first trial, training (lockstep epochs with their
+reports where its time went: start-up to the first trial (and how much of it is importing torch, optuna, mlflow
+and kdsweep), training (lockstep epochs with their
 validation pass), and bookkeeping (MLflow and Optuna writes: opening a trial's run, its epochs, its end).
 """
 
@@ -80,10 +81,19 @@ def floor(epochs: int, threads: int = 1, k: int = 32, n_train: int = 3600, n_val
 
 def instrumented(argv: list[str]) -> dict:
     """Run the kdsweep command `argv` in this process and say where its time went."""
+    # What the command imports on its way to the first trial, first and timed apart: the rest of the start-up is
+    # kdsweep's own (opening the stores and studies, data, teacher).
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+    import optuna  # noqa: F401
+    import torch  # noqa: F401
+
+    import kdsweep.cli  # noqa: F401
+    imports = time.perf_counter() - T0
     from kdsweep.study import outcome, trial
     from kdsweep.training import loop as training
 
-    took = {"first_trial": None, "training": 0.0, "bookkeeping": 0.0, "trial_epochs": 0}
+    took = {"imports": imports, "first_trial": None, "training": 0.0, "bookkeeping": 0.0, "trial_epochs": 0}
 
     def timed(fn, key):
         def call(*a, **k):
@@ -195,7 +205,7 @@ def report(rows: list[tuple[str, dict]], args) -> None:
         print(f"floor on {n} thread{'s' if n > 1 else ''}: {means[n] * 1e3:.2f} ms per trial-epoch (32 stacked MLPs; runs: "
               f"{', '.join(f'{f * 1e3:.2f}' for f in v)}){'  <- the floor' if n == best else ''}")
     print()
-    print(f"{'step':<20} {'wall s':>8} {'to 1st trial s':>15} {'trial-epochs':>13} {'training s':>11} "
+    print(f"{'step':<20} {'wall s':>8} {'to 1st trial s':>15} {'of it imports':>14} {'trial-epochs':>13} {'training s':>11} "
           f"{'bookkeeping ms/trial-epoch':>27} {'floor s':>8} {'ratio':>6}")
     total_wall = total_floor = 0.0
     for name, r in rows:
@@ -205,7 +215,7 @@ def report(rows: list[tuple[str, dict]], args) -> None:
         fl = per * n
         total_wall, total_floor = total_wall + r["process_wall"], total_floor + fl
         book = r["bookkeeping"] / n * 1e3 if n else float("nan")
-        print(f"{name:<20} {r['process_wall']:8.1f} {r['first_trial'] or float('nan'):15.2f} {n:13d} "
+        print(f"{name:<20} {r['process_wall']:8.1f} {r['first_trial'] or float('nan'):15.2f} {r['imports']:14.2f} {n:13d} "
               f"{r['training']:11.1f} {book:27.2f} {fl:8.1f} {r['process_wall'] / fl if fl else float('nan'):6.1f}")
     sweep = next(r for name, r in rows if name != "floor")
     print(f"\nsweep ({args.methods}, {args.budget_epochs} epochs each, --parallel {args.parallel}): "
