@@ -290,3 +290,16 @@ def test_teacher_command_on_a_spec_asks_for_arch(kdsweep, workdir):
     make_folder(workdir / "f")
     code, out, err = kdsweep("teacher", "--dataset", "imagefolder:f")
     assert code == 2 and "pass --arch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_datasets_live_in_the_cache_folder_unless_kdsweep_data_says_otherwise(tmp_path, monkeypatch):
+    """Seen by a new user: with $KDSWEEP_CACHE set, datasets still went to ~/.cache/kdsweep/data (the README
+    says the variable moves the whole cache). $KDSWEEP_DATA moves the datasets alone."""
+    from kdsweep.data.builtin import default_data_dir
+
+    monkeypatch.delenv("KDSWEEP_DATA")
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "data"
+    assert sources.cache_file("imagefolder:x", "0" * 16).parent == tmp_path / "cache" / "data" / "cache"
+    monkeypatch.setenv("KDSWEEP_DATA", str(tmp_path / "data"))
+    assert default_data_dir() == tmp_path / "data"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kdsweep.common.atomic import atomic_save
+from kdsweep.common.cache import cache_dir
 from kdsweep.common.errors import UserError
 from kdsweep.common.torchvision_import import torchvision
 from kdsweep.data.catalog import DATASET_SUMMARIES
@@ -86,9 +87,10 @@ class DatasetSpec:
 
 
 def default_data_dir() -> Path:
-    """Where real datasets are looked for (and downloaded to): $KDSWEEP_DATA or ~/.cache/kdsweep/data."""
+    """Where real datasets are looked for (and downloaded to): $KDSWEEP_DATA, else data/ in the cache folder
+    (~/.cache/kdsweep/data, moved with $KDSWEEP_CACHE as everything else kdsweep caches)."""
     env = os.environ.get("KDSWEEP_DATA")
-    return Path(env) if env else Path.home() / ".cache" / "kdsweep" / "data"
+    return Path(env) if env else cache_dir() / "data"
 
 
 def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ class StudySettings:
         "PATH/test/ or PATH/val/), torchvision:NAME (read from --data-dir, never downloaded), package.module:function "
         "(returns train_x, train_y, test_x, test_y); these need --teacher and --student", DATA)
     data_dir: str | None = setting(None, "where real datasets live / are downloaded", DATA,
-                                   default_text="$KDSWEEP_DATA or ~/.cache/kdsweep/data")
+                                   default_text="$KDSWEEP_DATA, else data/ in $KDSWEEP_CACHE (~/.cache/kdsweep/data)")
     image_size: int | None = setting(None, "resize your dataset's images to NxN (shorter side, then centre crop); needed "
                                      "when its images differ in size", DATA, default_text="as they are", at_least=1,
                                      metavar="N")
