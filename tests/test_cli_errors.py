@@ -61,10 +61,13 @@ def test_bad_input_is_one_line_exit_2(kdsweep, workdir, args, expect):
     _nothing_written(workdir)
 
 
-def test_device_cuda_without_cuda(kdsweep, workdir, monkeypatch):
+@pytest.mark.parametrize("command", [("study", "ce"), ("sweep", "--methods", "ce,vanilla_kd")])
+def test_device_cuda_without_cuda(kdsweep, workdir, monkeypatch, command):
+    """A sweep says so before it announces its studies (seen: 20 `[k/20] ...` lines, then the error)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, _, err = kdsweep("study", "ce", *STUDY, "--device", "cuda")
+    code, out, err = kdsweep(*command, *STUDY, "--device", "cuda")
     assert code == 2 and "no CUDA device is available" in _one_line(err)
+    assert "[1/2]" not in out, out
     _nothing_written(workdir)
 
 
