@@ -145,7 +145,14 @@ def cmd_sweep(args) -> int:
               + ", best val_acc per method (the objective; test_acc in each summary above): " + ", ".join(
             f"{s['study'].split('-')[0]}={s['best']['val_acc']:.4f}" if s["best"] else f"{s['study']}=no complete trial"
             for s in (r.summary for r in result.studies.values())))
-    print("next: kdsweep report" if args.teacher_seeds is None else "next: kdsweep confirm --across; kdsweep report --across")
+    if args.teacher_seeds is not None:
+        print("next: kdsweep confirm --across; kdsweep report --across")
+        return 0
+    # The pair named: a store holding another pair (the README's quick start on mnist1d) refuses a bare `report`.
+    pair = results[None].pair
+    where = [f"--{k} {pair[k]}" for k in ("dataset",) if pair.get(k)] + [
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("teacher", "student", "tracking_uri") if getattr(args, k)]
+    print("next: kdsweep report " + " ".join(where))
     return 0
 
 

@@ -53,7 +53,7 @@ def test_every_method_in_one_sweep_on_digits_logs_every_loss_term(kdsweep):
     # The default tier's end-to-end run of every method: one process, one teacher, every study through the CLI.
     code, out, err = kdsweep("sweep", "--methods", "all", "--trials", 1, *DIGITS)
     assert code == 0, err
-    assert "skipping" not in out + err and "next: kdsweep report" in out, out
+    assert "skipping" not in out + err and "next: kdsweep report --dataset digits" in out, out
     client = MlflowClient(f"sqlite:///{os.getcwd()}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("kdsweep/digits/digitnet_l->digitnet_s")
     parents = client.search_runs([exp.experiment_id], "tags.`kdsweep.role` = 'study'")
