@@ -226,12 +226,7 @@ def cmd_teacher(args) -> int:
             print(f"teacher already cached at {path} (--force to retrain)")
             return 0
         train_teacher(cfg.dataset, cfg.teacher, cfg.resolved_teacher_seed, cfg.teacher_epochs, data, tracker, path,
-                      batch_size=cfg.batch_size)
-    from kdsweep.training import checkpoint
-
-    meta = checkpoint.load(path)["meta"]
-    print(f"teacher {cfg.teacher} on {cfg.dataset}: best epoch {meta['best_epoch'] + 1}, val_acc={meta['val_acc']:.4f}, "
-          f"test_acc={meta['test_acc']:.4f} -> {path}")
+                      batch_size=cfg.batch_size)  # it says which epoch it kept, and where
     return 0
 
 

@@ -136,6 +136,9 @@ def train_teacher(dataset: str, arch: str, seed: int, epochs: int, data: DeviceD
                           "best_epoch": result.best_epoch}, tags={"kdsweep.checkpoint": str(path)})
         teacher_store.upload(tracker, run, path, digest, {**meta, "arch": arch})
         tracker.end(run)
+        # Its last epoch's line is not what it keeps: the epoch kept, whose val_acc the cache names from now on.
+        say(f"teacher {arch} on {dataset}: best epoch {result.best_epoch + 1} of {epochs} (the one kept), "
+            f"val_acc={result.best_val_acc:.4f}, test_acc={test_acc:.4f} -> {path}")
     except BaseException as e:
         with contextlib.suppress(Exception):  # best effort: never mask why training stopped
             if isinstance(e, KeyboardInterrupt):
