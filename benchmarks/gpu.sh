@@ -27,14 +27,21 @@ if [[ $mode == --fetch-wheels ]]; then
   exit 0
 fi
 
+if [[ $mode != --dry-run ]] && ! command -v nvidia-smi >/dev/null; then
+  echo "gpu.sh: no nvidia-smi here: on a machine without an NVIDIA GPU run bash benchmarks/gpu.sh --dry-run"
+  exit 2
+fi
 if ! "$PY" -c "import mlflow, optuna, mnist1d, pytest" 2>/dev/null; then
   step "install"
   if [[ -d .whl ]]; then  # no index there: the carried wheels, beside the image's own packages
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kdsweep-site \
       .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/kdsweep-site${PYTHONPATH:+:$PYTHONPATH}
-  else
+  elif "$PY" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)"; then
     "$PY" -m pip install -q -e '.[test]' || exit 1
+  else  # never into the system's Python
+    echo "gpu.sh: $PY lacks kdsweep's dependencies and is not a virtual environment: activate one (or carry .whl/)"
+    exit 2
   fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kdsweep from this checkout, installed or not
