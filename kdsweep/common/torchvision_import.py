@@ -23,6 +23,7 @@ def torchvision() -> ModuleType:
         import torch
 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"torchvision does not load with torch {torch.__version__} ({first}): install the two "
-                        f"built for each other, from one index (README: 'On a machine without a GPU')") from e
+        raise UserError(f"torchvision does not load with torch {torch.__version__} ({first}): install the two built "
+                        f"for each other, from one index: `pip uninstall -y torch torchvision`, then install both "
+                        f"again (README: 'On a machine without a GPU')") from e
     return tv
