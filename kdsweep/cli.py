@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -149,10 +150,12 @@ def cmd_sweep(args) -> int:
         print("next: kdsweep confirm --across; kdsweep report --across")
         return 0
     # The pair named: a store holding another pair (the README's quick start on mnist1d) refuses a bare `report`.
-    pair = results[None].pair
-    where = [f"--{k} {pair[k]}" for k in ("dataset",) if pair.get(k)] + [
-        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("teacher", "student", "tracking_uri") if getattr(args, k)]
-    print("next: kdsweep report " + " ".join(where))
+    dataset = results[None].pair.get("dataset")
+    words = ["--dataset", dataset] if dataset else []
+    for flag, value in (("--teacher", args.teacher), ("--student", args.student)):
+        words += [flag, value] if value else []
+    # The tracking URI is not repeated: it may hold a password.
+    print("next: kdsweep report " + shlex.join(words) + (" (with the same --tracking-uri)" if args.tracking_uri else ""))
     return 0
 
 
