@@ -353,11 +353,11 @@ def untrained_teacher(dataset: str, arch: str, seed: int, data: DeviceData, trac
 
 
 def _provenance(path: Path, meta: dict) -> str:
-    """Where a cached teacher came from, in one line: the cache is shared by every project of this user."""
+    """Where a cached teacher came from, in one line: the cache folder is shared by every project that uses it."""
     when = meta.get("trained") or time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
     score = f", val_acc {meta['val_acc']:.4f}" if isinstance(meta.get("val_acc"), (int, float)) else ""
     return (f"teacher: the cached {path} (trained by kdsweep {when}, {meta.get('epochs', '?')} epochs{score}; the cache "
-            f"serves every project of this user: $KDSWEEP_CACHE or --teacher-checkpoint chooses another)")
+            f"serves every project that uses {path.parent.parent}: $KDSWEEP_CACHE or --teacher-checkpoint chooses another)")
 
 
 def get_teacher(cfg, data: DeviceData, tracker: Tracker, say=print, storage_url: str | None = None,
