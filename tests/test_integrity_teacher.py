@@ -388,7 +388,8 @@ def test_a_frozen_teacher_lock_holder_is_named_and_the_waiter_stops(tmp_path, mo
     path = tmp_path / "teacher.pt"
     script = ("import sys, time; from pathlib import Path; from kdsweep.training.teacher import cache_lock\n"
               "with cache_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
     holder = subprocess.Popen([sys.executable, "-c", script, str(path)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
