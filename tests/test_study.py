@@ -26,6 +26,7 @@ def test_study_logs_everything_and_resumes(kdsweep):
     code, out, err = kdsweep("study", "vanilla_kd", "--trials", 3, "--epochs", 2, "--dataset", "digits")
     assert code == 0, err
     assert "best trial" in out and "kdsweep ui" in out
+    assert "new MLflow store" in out and "its tables made in" in out  # the first study in a folder pays for them
 
     client, parents = _runs("study")
     _, children = _runs("trial")
@@ -58,6 +59,7 @@ def test_study_logs_everything_and_resumes(kdsweep):
     # Same command, more trials: exactly two more, same study, same parent run.
     code, out, err = kdsweep("study", "vanilla_kd", "--trials", 5, "--epochs", 2, "--dataset", "digits")
     assert code == 0, err
+    assert "new MLflow store" not in out + err  # once per store
     _, parents = _runs("study")
     _, children = _runs("trial")
     assert [p.info.run_id for p in parents] == [parent]

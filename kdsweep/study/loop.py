@@ -395,7 +395,7 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
     storage = resources.storage(cfg.storage)
     if cfg.full_study_name != cfg.requested_study_name and cfg.full_study_name not in optuna.get_all_study_names(storage):
         say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")  # once: when it is new
-    tracker = resources.tracker(cfg.tracking_uri)
+    tracker = resources.tracker(cfg.tracking_uri, say)
     data = resources.data(cfg, device)
     check_split(data, cfg.batch_size, cfg.val_fraction, say)  # before a teacher is trained on it
     split = fixed_inputs.split_record(data)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import optuna
 import torch
 
+from kdsweep.common.uris import redact
 from kdsweep.data.device_data import DeviceData
 from kdsweep.data.dispatch import load_data
 from kdsweep.study.config import StudyConfig
@@ -37,9 +38,11 @@ class Resources:
             self.storages[url] = open_storage(url)
         return self.storages[url]
 
-    def tracker(self, uri: str | None) -> Tracker:
+    def tracker(self, uri: str | None, say: Callable[[str], None]) -> Tracker:
         if uri not in self.trackers:
-            self.trackers[uri] = Tracker(uri)
+            self.trackers[uri] = tracker = Tracker(uri)
+            if tracker.made_in is not None:
+                say(f"new MLflow store {redact(tracker.uri)}: its tables made in {tracker.made_in:.1f} s (once per store)")
         return self.trackers[uri]
 
     def data(self, cfg: StudyConfig, device: torch.device) -> DeviceData:
@@ -58,7 +61,7 @@ class Resources:
                cfg.teacher_feature, cfg.teacher_embedding)
         held = self.teachers.get(key)
         if held is None or (wanted is not None and held[1].get("sha256") != wanted):
-            self.teachers[key] = get_teacher(cfg, data, self.tracker(cfg.tracking_uri), say, storage_url, wanted)
+            self.teachers[key] = get_teacher(cfg, data, self.tracker(cfg.tracking_uri, say), say, storage_url, wanted)
         return self.teachers[key]
 
 

@@ -108,8 +108,11 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = absolute_sqlite(uri or default_tracking_uri())
+        started, new = time.perf_counter(), False
         if self.uri.startswith("sqlite:///"):
-            make_store_dir(Path(self.uri[len("sqlite:///"):]).parent, "--tracking-uri")
+            db = Path(self.uri[len("sqlite:///"):])
+            make_store_dir(db.parent, "--tracking-uri")
+            new = not db.exists()
             use_write_ahead_log()
         elif "://" not in self.uri and not self.uri.startswith("databricks"):
             raise UserError(f"tracking URI {self.uri!r} is not a URL (expected e.g. sqlite:///mlruns/mlflow.db or http://127.0.0.1:5000)")
@@ -139,6 +142,8 @@ class Tracker:
             if lock is not None:
                 lock.close()
         quiet()
+        # A new SQLite store runs MLflow's schema migrations: the first study in a folder pays for them once.
+        self.made_in = time.perf_counter() - started if new else None
 
     def _artifact_root(self, name: str) -> str | None:
         # For a SQLite store keep artifacts next to the database, not in whatever the cwd is.
