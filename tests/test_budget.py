@@ -87,7 +87,10 @@ def test_budget_epochs_sums_all_trials_and_resumes(kdsweep):
 @pytest.mark.parametrize("rule", [["--trials", "8"], ["--budget-epochs", "16"]])
 def test_two_workers_share_one_budget_exactly(tmp_path, rule):
     env = cli_env(tmp_path)
-    args = ["study", "ce", "--epochs", "2", "--study-name", "shared", *PRUNING, *rule]
+    # Trials long enough that the workers overlap: with 300 images a trial took 0.1 s, and in a CI run one worker
+    # trained all 8 before the other, held up opening the stores, claimed any (both started together).
+    slower = ["--data-size", "1400", "--batch-size", "4"]
+    args = ["study", "ce", "--epochs", "2", "--study-name", "shared", *PRUNING, *slower, *rule]
     procs = [start_cli(args, tmp_path, env, log=tmp_path / f"w{i}.log") for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, (tmp_path / "w0.log").read_text() + (tmp_path / "w1.log").read_text()
