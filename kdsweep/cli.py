@@ -13,6 +13,7 @@ from typing import Callable
 from kdsweep.common import failures
 from kdsweep.common.errors import UserError
 from kdsweep.data.catalog import DATASET_NAMES
+from kdsweep.study import local_workers
 from kdsweep.study import settings as schema  # torch-free: the settings' flags come from it
 
 EPILOG_STUDY = """\
@@ -80,6 +81,11 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         groups[schema.MODELS].add_argument(
             "--teacher-seeds", metavar="S,S,...", help="one sweep per teacher seed (as --teacher-seed), each its own "
             "block for `kdsweep report --across`; teacher-free methods (ce) run once and serve every block")
+    groups[schema.SPEED].add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="run this command as N worker processes on this machine, sharing the budget exactly (each with its own "
+        "--parallel K; on a CPU each gets cores/N worker threads): on a CPU, processes do not wait for each other's "
+        "GIL as threads do (default: 1)")
     _output_args(p)
 
 
@@ -96,7 +102,18 @@ def _settings(args, *skip: str) -> dict:
     return {k: getattr(args, k, None) for k in settings() if k not in skip}
 
 
+def _as_workers(args) -> int | None:
+    """--processes N > 1: this command as N worker processes (study/local_workers.py); their exit status."""
+    if args.processes < 1:
+        raise UserError(f"--processes must be at least 1, not {args.processes}")
+    if args.processes == 1:
+        return None
+    return local_workers.run(args.argv, args.processes, args.cpu_workers, args.quiet)
+
+
 def cmd_study(args) -> int:
+    if (code := _as_workers(args)) is not None:
+        return code
     from kdsweep import api
 
     result = api.study(args.name, quiet=args.quiet, **_settings(args))
@@ -122,6 +139,8 @@ def print_summary(s: dict) -> None:
 
 def cmd_sweep(args) -> int:
     """One study per method, run together, with the same split, stream, epochs and budget."""
+    if (code := _as_workers(args)) is not None:
+        return code
     from kdsweep import api
 
     def starting(i: int, n: int, cfg) -> None:
@@ -396,6 +415,7 @@ examples:
   kdsweep sweep --methods all --dataset digits --epochs 5       # 100 epochs per method
   kdsweep sweep --methods ce,vanilla_kd,dkd --budget-epochs 60 --epochs 5 --dataset digits
   kdsweep sweep --methods ce,vanilla_kd --trials 10 --epochs 3 --dataset digits --study-suffix try2
+  kdsweep sweep --methods all --dataset mnist1d --parallel 16 --processes 2   # 2 worker processes (a CPU)
 
 Every method gets the same budget: by default {schema.DEFAULT_TRIALS} trials' worth of epochs
 (--budget-epochs {schema.DEFAULT_TRIALS} x --epochs), counted over all its trials, pruned ones
@@ -594,6 +614,7 @@ def _install_signal_handlers() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # what --processes hands its workers
     func: Callable = args.func
     previous = _install_signal_handlers()
     failures.forget()

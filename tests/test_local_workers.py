@@ -1,0 +1,85 @@
+"""--processes N: one command as N worker processes on this machine (kdsweep/study/local_workers.py)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from reliability_helpers import cli_env, load_trials, run_cli, start_cli
+
+from kdsweep.study import local_workers
+from kdsweep.study.budget import Spent
+
+TINY = ["--dataset", "digits", "--device", "cpu", "--epochs", "2", "--sampler", "random", "--pruner", "none"]
+
+
+def test_each_worker_runs_the_users_command_with_flags_that_override_it(monkeypatch):
+    monkeypatch.setattr(local_workers, "cores", lambda: 8)
+    argv = ["sweep", "--methods", "ce,pkt", "--parallel", "16"]
+    assert local_workers.worker_argv(argv, 2, None, 0) == [*argv, "--processes", "1", "--cpu-workers", "4"]
+    assert local_workers.worker_argv(argv, 2, None, 1) == [*argv, "--processes", "1", "--cpu-workers", "4", "--quiet"]
+    assert local_workers.worker_argv(argv, 3, 2, 2) == [*argv, "--processes", "1", "--quiet"]  # the user's own count
+    assert local_workers.worker_argv(argv, 16, None, 0)[-1] == "1"  # at least one thread each
+
+
+def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_path):
+    # ce needs no teacher (none trained here); trials long enough (1,400 images, batch 4: about 0.4 s) that both
+    # workers train some, as in test_budget.
+    args = ["sweep", "--methods", "ce", "--trials", "8", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
+            *TINY]
+    out = run_cli(args, tmp_path, cli_env(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("2 worker processes on this machine (--cpu-workers 1 each on a CPU)")
+    summaries = [line for line in out.stdout.splitlines() if line.startswith("study ce-") and " complete, " in line]
+    assert len(summaries) == 1, out.stdout  # the first worker's; the others ran --quiet
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    (name,) = _names(storage)
+    trials = load_trials(storage, name)
+    spent = Spent.of(trials)
+    assert spent.running == 0 and spent.trials == len(trials) == 8
+    assert len({t.user_attrs["kdsweep.owner"]["pid"] for t in trials}) == 2, "both workers trained trials"
+
+
+def test_bad_input_is_said_once_with_exit_2(tmp_path):
+    out = run_cli(["study", "no_such_method", "--processes", "2", *TINY], tmp_path, cli_env(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.count("kdsweep: error: unknown method 'no_such_method'") == 1, out.stderr
+    out = run_cli(["study", "ce", "--processes", "0", *TINY], tmp_path, cli_env(tmp_path))
+    assert out.returncode == 2 and out.stderr.strip() == "kdsweep: error: --processes must be at least 1, not 0"
+
+
+@pytest.mark.slow  # two workers started, interrupted mid-study, then resumed
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_command_stops_every_worker_and_the_study_resumes(tmp_path, signum, code):
+    env = cli_env(tmp_path)
+    args = ["study", "ce", "--trials", "30", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
+            "--study-name", "shared", *TINY]
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    parent = start_cli(args, tmp_path, env, log=tmp_path / "run.log")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(_owners(storage)) < 2:  # until both workers have claimed a trial
+        assert parent.poll() is None, (tmp_path / "run.log").read_text()
+        time.sleep(0.5)
+    parent.send_signal(signum)
+    assert parent.wait(timeout=120) == code, (tmp_path / "run.log").read_text()
+    trials = load_trials(storage, "shared")
+    assert not [t for t in trials if t.state.name == "RUNNING"], "every worker ended its trial"
+    assert Spent.of(trials).trials < 30
+    out = run_cli(args, tmp_path, env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert Spent.of(load_trials(storage, "shared")).trials == 30
+
+
+def _names(storage: str) -> list[str]:
+    import optuna
+
+    return optuna.get_all_study_names(storage)
+
+
+def _owners(storage: str) -> set[int]:
+    try:
+        trials = load_trials(storage, "shared")
+    except Exception:  # noqa: BLE001 - the study is not made yet
+        return set()
+    return {t.user_attrs["kdsweep.owner"]["pid"] for t in trials if "kdsweep.owner" in t.user_attrs}
