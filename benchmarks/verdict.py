@@ -2,6 +2,7 @@
 
     python benchmarks/verdict.py                       # ce, vanilla_kd, pkt, cosine on MNIST-1D, 240 epochs each
     python benchmarks/verdict.py --parallel 8          # their trials in lockstep groups of 8
+    python benchmarks/verdict.py --parallel 16 --processes 2   # two worker processes, 16 trials each at once
     python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5   # the whole MNIST-1D verdict
     python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5 --parallel 32 --no-resume \\
         --keep DIR                                     # ... exactly the budget, stores kept for `kdsweep report`
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,6 +83,8 @@ def floor(epochs: int, threads: int = 1, k: int = 32, n_train: int = 3600, n_val
 
 def instrumented(argv: list[str]) -> dict:
     """Run the kdsweep command `argv` in this process and say where its time went."""
+    if "--processes" in argv:  # the command only starts its workers: it imports nothing heavy, as a user's does
+        return {**_run(argv), "imports": math.nan, "first_trial": None}
     # What the command imports on its way to the first trial, first and timed apart: the rest of the start-up is
     # kdsweep's own (opening the stores and studies, data, teacher).
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
@@ -127,6 +131,13 @@ def instrumented(argv: list[str]) -> dict:
     from kdsweep.study import loop
 
     loop.execute, loop.execute_group = first(loop.execute), first(loop.execute_group)
+    took.update(_run(argv))
+    return took
+
+
+def _run(argv: list[str]) -> dict:
+    """Run `kdsweep ARGV` here: its wall time since this process started; with --processes, whose workers trained in
+    processes of their own, also the epochs the store holds afterwards (read after the timing)."""
     from kdsweep.cli import main
 
     sys.argv = ["kdsweep", *argv]
@@ -135,8 +146,20 @@ def instrumented(argv: list[str]) -> dict:
     except SystemExit as e:
         if e.code:
             raise
-    took["wall"] = time.perf_counter() - T0
-    return took
+    out = {"wall": time.perf_counter() - T0}
+    if "--processes" in argv:
+        out.update(stored_epochs=_epochs_in(argv[argv.index("--storage") + 1]), training=math.nan, bookkeeping=math.nan)
+    return out
+
+
+def _epochs_in(storage: str) -> int:
+    """Epochs trained by every study in the Optuna store."""
+    import optuna
+
+    from kdsweep.study.budget import Spent
+
+    return sum(Spent.of(optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)).epochs
+               for n in optuna.get_all_study_names(storage))
 
 
 def child(argv: list[str], env: dict) -> dict:
@@ -186,6 +209,10 @@ def main() -> None:
             rows.append(("confirm", child(["confirm", "--seeds", str(args.confirm_seeds), "--dataset", "mnist1d",
                                            "--tracking-uri", stores[3]], env)))
         rows += [("floor", child(["floor", str(args.floor_epochs), n], env)) for n in dict.fromkeys(["1", cores])]
+    stored = 0
+    for _, r in rows:  # --processes: each sweep step trained what the store gained
+        if "stored_epochs" in r:
+            r["trial_epochs"], stored = r["stored_epochs"] - stored, r["stored_epochs"]
     report(rows, args)
     if args.keep:
         print(f"\nstores kept: kdsweep report --dataset mnist1d --tracking-uri sqlite:///{os.path.abspath(args.keep)}/mlflow.db "
