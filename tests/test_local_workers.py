@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -49,26 +50,41 @@ def test_bad_input_is_said_once_with_exit_2(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == "kdsweep: error: --processes must be at least 1, not 0"
 
 
-@pytest.mark.slow  # two workers started, interrupted mid-study, then resumed
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow  # two workers started, stopped mid-study, then resumed
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_a_signal_to_the_command_stops_every_worker_and_the_study_resumes(tmp_path, signum, code):
     env = cli_env(tmp_path)
     args = ["study", "ce", "--trials", "30", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
             "--study-name", "shared", *TINY]
-    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    db = tmp_path / "mlruns" / "optuna.db"
     parent = start_cli(args, tmp_path, env, log=tmp_path / "run.log")
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(_owners(storage)) < 2:  # until both workers have claimed a trial
+    while time.monotonic() < deadline and len(_owners(db)) < 2:  # until both workers have claimed a trial
         assert parent.poll() is None, (tmp_path / "run.log").read_text()
         time.sleep(0.5)
+    workers = _owners(db)
     parent.send_signal(signum)
     assert parent.wait(timeout=120) == code, (tmp_path / "run.log").read_text()
-    trials = load_trials(storage, "shared")
+    # Killed outright, the parent cannot pass anything on: the kernel sends the workers SIGTERM (PR_SET_PDEATHSIG).
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.5)
+    assert not any(_alive(pid) for pid in workers), "no worker outlives the command"
+    trials = load_trials(f"sqlite:///{db}", "shared")
     assert not [t for t in trials if t.state.name == "RUNNING"], "every worker ended its trial"
     assert Spent.of(trials).trials < 30
     out = run_cli(args, tmp_path, env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert Spent.of(load_trials(storage, "shared")).trials == 30
+    assert Spent.of(load_trials(f"sqlite:///{db}", "shared")).trials == 30
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
+    except (ProcessLookupError, FileNotFoundError):
+        return False
 
 
 def _names(storage: str) -> list[str]:
@@ -77,9 +93,11 @@ def _names(storage: str) -> list[str]:
     return optuna.get_all_study_names(storage)
 
 
-def _owners(storage: str) -> set[int]:
+def _owners(db) -> set[int]:
+    if not db.exists():  # not made here: the workers make their stores
+        return set()
     try:
-        trials = load_trials(storage, "shared")
+        trials = load_trials(f"sqlite:///{db}", "shared")
     except Exception:  # noqa: BLE001 - the study is not made yet
         return set()
     return {t.user_attrs["kdsweep.owner"]["pid"] for t in trials if "kdsweep.owner" in t.user_attrs}

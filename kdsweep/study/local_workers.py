@@ -5,8 +5,9 @@ small operations (vmap, the methods' losses) holds the GIL, so threads wait for 
 processes do not (benchmarks/gil_threads.py; docs/performance.md, "Worker processes"). The
 workers are the many-workers path of docs/multi-worker.md, started for the user: each runs the
 same command and claims trials from the same studies under the study lock, so every budget stays
-exact and a killed worker's trial is retried. Each worker is the user's command with its own --parallel K (N x K trials train at once);
-on a CPU each gets its share of the cores unless --cpu-workers says otherwise.
+exact and a killed worker's trial is retried. Each worker is the user's command with its own
+--parallel K (N x K trials train at once); on a CPU each gets its share of the cores unless
+--cpu-workers says otherwise.
 
 The first worker reports as the command would alone (its bars, its summary, which waits for the
 others' last trials); the others run --quiet and their output is shown only if they fail. Ctrl-C
