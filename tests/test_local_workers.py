@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from reliability_helpers import cli_env, load_trials, run_cli, start_cli
+from reliability_helpers import cli_env, load_trials, mlflow_runs, run_cli, start_cli
 
 from kdsweep.study import local_workers
 from kdsweep.study.budget import Spent
@@ -40,6 +40,8 @@ def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_
     spent = Spent.of(trials)
     assert spent.running == 0 and spent.trials == len(trials) == 8
     assert len({t.user_attrs["kdsweep.owner"]["pid"] for t in trials}) == 2, "both workers trained trials"
+    runs, _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", name)
+    assert len(runs) == 8 and {r.data.params["processes"] for r in runs} == {"2"}  # recorded with the threads
 
 
 def test_bad_input_is_said_once_with_exit_2(tmp_path):

@@ -229,6 +229,7 @@ def test_parallel_study_matches_sequential(tmp_path, monkeypatch):
     assert len(runs) == 3
     assert {r.data.tags["kdsweep.state"] for r in runs} == {"COMPLETE"}
     assert {r.data.params["parallel"] for r in runs} == {"2"}
+    assert {r.data.params["processes"] for r in runs} == {"1"}  # started alone (--processes: tests/test_local_workers.py)
 
 
 def test_bench_smoke_prints_the_table_and_last_line(capsys):

@@ -28,6 +28,14 @@ from pathlib import Path
 from typing import IO
 
 ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this kdsweep: the workers import the same one
+PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many workers its command started
+
+
+def processes_here() -> int:
+    """How many worker processes of one command this process is one of (1 when started alone); recorded with
+    every run, as the threads are, so costs are compared like with like."""
+    value = os.environ.get(PROCESSES_ENV, "")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
 def cores() -> int:
@@ -51,8 +59,9 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _start(args: list[str], log: IO | None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+def _start(args: list[str], processes: int, log: IO | None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+           PROCESSES_ENV: str(processes)}
     out = {} if log is None else {"stdout": subprocess.DEVNULL, "stderr": log}
     return subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *args], env=env, start_new_session=True,
                             preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None, **out)
@@ -65,7 +74,7 @@ def run(argv: list[str], processes: int, cpu_workers: int | None, quiet: bool) -
     print(f"{processes} worker processes on this machine ({what}); the first reports here, the others' output is "
         "shown if they fail", file=sys.stderr if quiet else sys.stdout, flush=True)
     logs = [None] + [tempfile.TemporaryFile("w+") for _ in range(processes - 1)]
-    procs = [_start(worker_argv(argv, processes, cpu_workers, i), log) for i, log in enumerate(logs)]
+    procs = [_start(worker_argv(argv, processes, cpu_workers, i), processes, log) for i, log in enumerate(logs)]
 
     def pass_on(signum, frame):
         for p in procs:

@@ -35,7 +35,7 @@ from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
 from kdsweep.models import factory
 from kdsweep.models.zoo import count_params, tap_paths
-from kdsweep.study import fixed_inputs, store_agreement
+from kdsweep.study import fixed_inputs, local_workers, store_agreement
 from kdsweep.study import outcome as oc
 from kdsweep.study.best import best_trial
 from kdsweep.study.budget import Spent
@@ -102,7 +102,7 @@ def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_outputs
     params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,
               "compile": cfg.compile, "cpu_threads": threads or "", "threads_per_student": (1 if cfg.cpu_workers != 0 else threads) if device.type == "cpu" else "",
               "cpu_workers": "" if device.type != "cpu" else cfg.cpu_workers if cfg.cpu_workers is not None else "auto",
-              "fused": "auto" if cfg.fused is None else cfg.fused}
+              "fused": "auto" if cfg.fused is None else cfg.fused, "processes": local_workers.processes_here()}
     return cache, accel, params
 
 
