@@ -80,6 +80,27 @@ def test_a_signal_to_the_command_stops_every_worker_and_the_study_resumes(tmp_pa
     assert Spent.of(load_trials(f"sqlite:///{db}", "shared")).trials == 30
 
 
+@pytest.mark.slow  # two workers, one killed mid-study
+def test_a_worker_killed_mid_study_is_said_and_the_other_finishes_the_budget_exactly(tmp_path):
+    env = cli_env(tmp_path)
+    args = ["study", "ce", "--trials", "30", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
+            "--study-name", "shared", *TINY]
+    db = tmp_path / "mlruns" / "optuna.db"
+    parent = start_cli(args, tmp_path, env, log=tmp_path / "run.log")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(_owners(db)) < 2:
+        assert parent.poll() is None, (tmp_path / "run.log").read_text()
+        time.sleep(0.5)
+    (second,) = [pid for pid in _owners(db) if "--quiet" in open(f"/proc/{pid}/cmdline").read().split("\0")]
+    os.kill(second, signal.SIGKILL)  # the OOM killer's way
+    assert parent.wait(timeout=600) == 137
+    log = (tmp_path / "run.log").read_text()
+    assert "worker 2 of 2 failed (killed by signal 9)" in log, log
+    trials = load_trials(f"sqlite:///{db}", "shared")
+    spent = Spent.of(trials)
+    assert spent.running == 0 and spent.trials == 30, "the first worker retried the lost trial and spent the rest"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

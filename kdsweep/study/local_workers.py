@@ -95,7 +95,8 @@ def run(argv: list[str], processes: int, cpu_workers: int | None, quiet: bool) -
         if code and log is not None and not codes[0] and code not in (130, 143):
             log.seek(0)
             text = log.read().strip()
-            print(f"worker {i + 1} of {processes} failed (exit {code}):\n" + "\n".join(
+            how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+            print(f"worker {i + 1} of {processes} failed ({how}):\n" + "\n".join(
                 f"  [worker {i + 1}] {line}" for line in text.splitlines()[-20:]), file=sys.stderr)
     code = next((c for c in codes if c), 0)
     return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says it
