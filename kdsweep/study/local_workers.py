@@ -42,11 +42,16 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cpu_share(processes: int) -> int:
+    """Each worker's worker threads on a CPU when the user gave no --cpu-workers: the cores shared out."""
+    return max(1, cores() // processes)
+
+
 def worker_argv(argv: list[str], processes: int, cpu_workers: int | None, index: int) -> list[str]:
     """Worker `index`'s arguments: the user's own, then flags that override them (argparse keeps the last)."""
     extra = ["--processes", "1"]
-    if cpu_workers is None:  # the cores shared out; ignored on CUDA
-        extra += ["--cpu-workers", str(max(1, cores() // processes))]
+    if cpu_workers is None:  # ignored on CUDA
+        extra += ["--cpu-workers", str(cpu_share(processes))]
     if index > 0:
         extra.append("--quiet")
     return [*argv, *extra]
@@ -69,7 +74,7 @@ def _start(args: list[str], processes: int, log: IO | None) -> subprocess.Popen:
 
 def run(argv: list[str], processes: int, cpu_workers: int | None, quiet: bool) -> int:
     """Start the workers, pass signals on, wait; the first failing worker's exit status, else 0."""
-    what = f"--cpu-workers {max(1, cores() // processes)} each on a CPU" if cpu_workers is None else \
+    what = f"--cpu-workers {cpu_share(processes)} each on a CPU" if cpu_workers is None else \
         f"--cpu-workers {cpu_workers} each"
     print(f"{processes} worker processes on this machine ({what}); the first reports here, the others' output is "
         "shown if they fail", file=sys.stderr if quiet else sys.stdout, flush=True)
