@@ -52,18 +52,26 @@ def test_bad_input_is_said_once_with_exit_2(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == "kdsweep: error: --processes must be at least 1, not 0"
 
 
+# A 30-trial study as two workers: trials of about 0.4 s, so there is time to stop it mid-study.
+STUDY = ["study", "ce", "--trials", "30", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
+         "--study-name", "shared", *TINY]
+
+
+def _started_with_two_workers(tmp_path):
+    """The command started, once both of its workers have claimed a trial: (the command, its Optuna store file)."""
+    db = tmp_path / "mlruns" / "optuna.db"
+    parent = start_cli(STUDY, tmp_path, cli_env(tmp_path), log=tmp_path / "run.log")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(_owners(db)) < 2:
+        assert parent.poll() is None, (tmp_path / "run.log").read_text()
+        time.sleep(0.5)
+    return parent, db
+
+
 @pytest.mark.slow  # two workers started, stopped mid-study, then resumed
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_a_signal_to_the_command_stops_every_worker_and_the_study_resumes(tmp_path, signum, code):
-    env = cli_env(tmp_path)
-    args = ["study", "ce", "--trials", "30", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
-            "--study-name", "shared", *TINY]
-    db = tmp_path / "mlruns" / "optuna.db"
-    parent = start_cli(args, tmp_path, env, log=tmp_path / "run.log")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(_owners(db)) < 2:  # until both workers have claimed a trial
-        assert parent.poll() is None, (tmp_path / "run.log").read_text()
-        time.sleep(0.5)
+    parent, db = _started_with_two_workers(tmp_path)
     workers = _owners(db)
     parent.send_signal(signum)
     assert parent.wait(timeout=120) == code, (tmp_path / "run.log").read_text()
@@ -75,22 +83,14 @@ def test_a_signal_to_the_command_stops_every_worker_and_the_study_resumes(tmp_pa
     trials = load_trials(f"sqlite:///{db}", "shared")
     assert not [t for t in trials if t.state.name == "RUNNING"], "every worker ended its trial"
     assert Spent.of(trials).trials < 30
-    out = run_cli(args, tmp_path, env, timeout=600)
+    out = run_cli(STUDY, tmp_path, cli_env(tmp_path), timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert Spent.of(load_trials(f"sqlite:///{db}", "shared")).trials == 30
 
 
 @pytest.mark.slow  # two workers, one killed mid-study
 def test_a_worker_killed_mid_study_is_said_and_the_other_finishes_the_budget_exactly(tmp_path):
-    env = cli_env(tmp_path)
-    args = ["study", "ce", "--trials", "30", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
-            "--study-name", "shared", *TINY]
-    db = tmp_path / "mlruns" / "optuna.db"
-    parent = start_cli(args, tmp_path, env, log=tmp_path / "run.log")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(_owners(db)) < 2:
-        assert parent.poll() is None, (tmp_path / "run.log").read_text()
-        time.sleep(0.5)
+    parent, db = _started_with_two_workers(tmp_path)
     (second,) = [pid for pid in _owners(db) if "--quiet" in open(f"/proc/{pid}/cmdline").read().split("\0")]
     os.kill(second, signal.SIGKILL)  # the OOM killer's way
     assert parent.wait(timeout=600) == 137
