@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import sqlite3
 import time
 
 import pytest
@@ -117,10 +120,14 @@ def _names(storage: str) -> list[str]:
 
 
 def _owners(db) -> set[int]:
-    if not db.exists():  # not made here: the workers make their stores
+    """The pids that own the study's trials, read from the SQLite file read-only: opening it through Optuna while
+    the workers start would create Optuna's tables beside them, outside their lock (a worker then failed with
+    `UNIQUE constraint failed: alembic_version.version_num`)."""
+    if not db.exists():
         return set()
     try:
-        trials = load_trials(f"sqlite:///{db}", "shared")
-    except Exception:  # noqa: BLE001 - the study is not made yet
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            rows = conn.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'kdsweep.owner'").fetchall()
+    except sqlite3.OperationalError:  # no tables yet
         return set()
-    return {t.user_attrs["kdsweep.owner"]["pid"] for t in trials if "kdsweep.owner" in t.user_attrs}
+    return {json.loads(v)["pid"] for (v,) in rows}
