@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import MISSING, Field, dataclass, field, fields
+from functools import cache
 from typing import Any, get_args, get_type_hints
 
 from kdsweep.common.errors import UserError
@@ -183,9 +184,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+@cache
+def _hints() -> dict[str, Any]:
+    # resolved once: get_type_hints evaluates every annotation of the class on each call, and the parser asks
+    # once per flag (about 100 ms of every command's start)
+    return get_type_hints(StudySettings)
+
+
 def kind(name: str) -> type | None:
     """The setting's type without its None (int, float, str or bool), from its annotation."""
-    hint = get_type_hints(StudySettings)[name]
+    hint = _hints()[name]
     kinds = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
     return kinds[0] if len(kinds) == 1 else None
 
