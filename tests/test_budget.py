@@ -45,6 +45,19 @@ def test_what_counts_and_when_a_trial_may_be_claimed():
     assert Budget(4, 100, 5).done(s) and Budget(100, 11, 5).done(s)
 
 
+def test_claimable_is_how_many_times_room_says_yes():
+    for budget in (Budget(7, None, 5), Budget(None, 23, 5), Budget(None, 25, 5), Budget(6, 40, 5), Budget(3, 11, 5)):
+        for done in range(0, 9):
+            for running in range(0, 4):
+                trials = [_trial(TrialState.COMPLETE, 1 if i % 2 else 5) for i in range(done)]
+                trials += [_trial(TrialState.RUNNING, None)] * running
+                s, k = Spent.of(trials), 0
+                while budget.room(Spent(s.trials, s.epochs, s.running + k, s.by_state)):
+                    k += 1
+                assert budget.claimable(s) == k, (budget, done, running)
+    assert Budget(None, None, 5).claimable(Spent(0, 0, 0, {})) is None
+
+
 def _study(name_part: str):
     storage = f"sqlite:///{os.getcwd()}/mlruns/optuna.db"
     (name,) = [n for n in optuna.get_all_study_names(storage) if name_part in n]

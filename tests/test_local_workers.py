@@ -8,12 +8,16 @@ import os
 import signal
 import sqlite3
 import time
+from types import SimpleNamespace
 
 import pytest
+from optuna.trial import TrialState, create_trial
 from reliability_helpers import cli_env, load_trials, mlflow_runs, run_cli, start_cli
 
 from kdsweep.study import local_workers
-from kdsweep.study.budget import Spent
+from kdsweep.study import loop as study_loop
+from kdsweep.study.budget import Budget, Spent
+from kdsweep.tracking.vocabulary import EPOCHS_ATTR
 
 TINY = ["--dataset", "digits", "--device", "cpu", "--epochs", "2", "--sampler", "random", "--pruner", "none"]
 
@@ -27,11 +31,30 @@ def test_each_worker_runs_the_users_command_with_flags_that_override_it(monkeypa
     assert local_workers.worker_argv(argv, 16, None, 0)[-1] == "1"  # at least one thread each
 
 
+def test_a_worker_of_several_claims_its_share_of_what_can_run_now(monkeypatch):
+    def ctx(budget, done, running):
+        trials = [create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={EPOCHS_ATTR: 5})] * done
+        trials += [create_trial(state=TrialState.RUNNING)] * running
+        return SimpleNamespace(cfg=SimpleNamespace(budget=budget), study=SimpleNamespace(get_trials=lambda **kw: trials))
+
+    resume = [ctx(Budget(10, None, 5), 8, 0), ctx(Budget(None, 50, 5), 8, 0)]  # 2 + 2 trials left
+    assert study_loop._share(resume, 16) == 16  # alone (no --processes): --parallel, as before
+    monkeypatch.setenv(local_workers.PROCESSES_ENV, "2")
+    assert study_loop._share(resume, 16) == 2  # the first to ask takes half, not all four
+    after = [ctx(Budget(10, None, 5), 8, 1), ctx(Budget(None, 50, 5), 8, 1)]  # the first took them: 2 + 2 running
+    assert study_loop._share(after, 16) == 2  # the second takes the other half
+    fresh = [ctx(Budget(None, 240, 30), 0, 0) for _ in range(4)]  # a 4-method sweep of 8 trials each
+    assert study_loop._share(fresh, 16) == 16 and study_loop._share(fresh, 8) == 8  # never above --parallel
+    monkeypatch.setenv(local_workers.PROCESSES_ENV, "3")
+    assert study_loop._share([ctx(Budget(10, None, 5), 9, 0)], 16) == 1  # at least one
+    assert study_loop._share([ctx(Budget(None, None, 5), 0, 0)], 16) == 16  # no limit: nothing to share out
+
+
 def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_path):
     # ce needs no teacher (none trained here); trials long enough (1,400 images, batch 4: about 0.4 s) that both
-    # workers train some, as in test_budget.
+    # workers train some, as in test_budget. --parallel 8 could take all 8 trials at once: each worker takes its half.
     args = ["sweep", "--methods", "ce", "--trials", "8", "--data-size", "1400", "--batch-size", "4", "--processes", "2",
-            *TINY]
+            "--parallel", "8", *TINY]
     out = run_cli(args, tmp_path, cli_env(tmp_path), timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("2 worker processes on this machine (--cpu-workers 1 each on a CPU)")
@@ -42,7 +65,8 @@ def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_
     trials = load_trials(storage, name)
     spent = Spent.of(trials)
     assert spent.running == 0 and spent.trials == len(trials) == 8
-    assert len({t.user_attrs["kdsweep.owner"]["pid"] for t in trials}) == 2, "both workers trained trials"
+    owners = [t.user_attrs["kdsweep.owner"]["pid"] for t in trials]
+    assert len(set(owners)) == 2, "each worker trained some: the first to ask did not take all 8"  # 4 + 4 unless one was slow to start
     runs, _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", name)
     assert len(runs) == 8 and {r.data.params["processes"] for r in runs} == {"2"}  # recorded with the threads
 

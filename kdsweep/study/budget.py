@@ -70,6 +70,15 @@ class Budget:
             return False
         return self.epochs is None or s.epochs + s.running * self.per_trial < self.epochs
 
+    def claimable(self, s: Spent) -> int | None:
+        """How many more trials may be claimed now (room() would say yes that many times); None: no limit."""
+        left = []
+        if self.trials is not None:
+            left.append(self.trials - s.trials - s.running)
+        if self.epochs is not None:
+            left.append(-(-(self.epochs - s.epochs - s.running * self.per_trial) // self.per_trial))
+        return max(0, min(left)) if left else None
+
     def progress(self, s: Spent) -> tuple[int, int]:
         """(done, total) in the budget's own unit, for a progress bar."""
         if self.epochs is not None and (self.trials is None or s.epochs / self.epochs >= s.trials / self.trials):

@@ -305,6 +305,21 @@ def _claim_next(ctx: StudyContext) -> optuna.Trial | None:
     return trial
 
 
+def _share(ctxs: list[StudyContext], size: int) -> int:
+    """How many trials this worker claims at once: --parallel, or, when its command runs as N worker processes
+    (--processes), at most its 1/N of the trials that can run now (those left to claim and those the others run).
+    Otherwise the first worker to ask takes every trial of a short resume and trains them on its one core while
+    the others wait."""
+    n = local_workers.processes_here()
+    if n == 1:
+        return size
+    now = [(c.cfg.budget, spent(c.study)) for c in ctxs]
+    left = [b.claimable(s) for b, s in now]
+    if None in left:
+        return size
+    return max(1, min(size, -(-(sum(left) + sum(s.running for _, s in now)) // n)))
+
+
 def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], turn: int = 0) -> list[Entry]:
     """Up to `size` trials, dealt round-robin over the studies whose budget has room, from study number `turn`
     on (a sweep's methods take turns); [] once every study is done. While the rest of every open study's
@@ -457,7 +472,7 @@ def _run_trials(ctxs: list[StudyContext]) -> None:
                 ctxs[0].say(f"--timeout {timeout:g}s reached; run the same command again to continue.")
                 break
             check_stop()
-            group = _claim_group(ctxs, first.parallel, said_waiting, turn)
+            group = _claim_group(ctxs, _share(ctxs, first.parallel), said_waiting, turn)
             if not group:
                 break
             outcomes = [execute(*group[0])] if len(group) == 1 else execute_group(group)
