@@ -1,11 +1,13 @@
-"""crd's draw of negatives, as kdsweep computes it (32-bit words held in int64) against the same hash computed
-in int32 words (unsigned multiplies, masked shifts): the same ids, and which is faster on this machine.
+"""crd's draw of negatives, as kdsweep computes it (32-bit words held in int64, on a CPU a block of rows at a time)
+against one pass over all rows and the same hash computed in int32 words (unsigned multiplies, masked shifts):
+the same ids, and which is faster on this machine.
 
     python benchmarks/crd_draw.py [--rows 100] [--total 3600] [--threads 1]
 
 Kept because the int32 form looks as if it should be about twice as fast (half the bytes, native 32-bit
 multiplies) and, on the 2-core VM of docs/performance.md, was not: it needs masks after every shift and a
-final widening, and PyTorch's CPU kernels do not shift uint32.
+final widening, and PyTorch's CPU kernels do not shift uint32. What pays is fewer trips to memory: the hash
+makes a dozen passes over its words, and a block of them stays in the core's cache between passes.
 """
 
 from __future__ import annotations
@@ -41,9 +43,7 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def draw_int32(seed: int, step: torch.Tensor, words32: torch.Tensor, total: int) -> torch.Tensor:
-    key = crd._mix32_((step & crd._MASK32) ^ ((seed & crd._MASK32) ^ crd._GOLDEN))
-    key = crd._mix32_(key ^ ((seed >> 32) & crd._MASK32))
-    u = _mix32_int32(words32 ^ _as_int32(key))
+    u = _mix32_int32(words32 ^ _as_int32(crd._key(seed, step)))
     return (u.to(torch.int64) & crd._MASK32).mul_(total) >> 32
 
 
@@ -58,11 +58,17 @@ def main() -> None:
     words = crd.position_words(args.rows, crd.NCE_K, torch.device("cpu"))
     words32, step = _as_int32(words), torch.zeros((), dtype=torch.long)
     for s in range(5):
-        assert torch.equal(crd.draw_negatives(7, step + s, words, args.total), draw_int32(7, step + s, words32, args.total))
+        ids = crd.draw_negatives(7, step + s, words, args.total)
+        assert torch.equal(ids, draw_int32(7, step + s, words32, args.total))
+        assert torch.equal(ids, crd._ids(words, crd._key(7, step + s), args.total))
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.rows} x {crd.NCE_K} ids, the same "
-          f"from both forms; ms per draw on {args.threads} thread(s):")
-    print(f"  int64 (kdsweep): {ms_per_call(lambda: crd.draw_negatives(0, step.add_(1), words, args.total), args.steps):6.2f}")
-    print(f"  int32:           {ms_per_call(lambda: draw_int32(0, step.add_(1), words32, args.total), args.steps):6.2f}")
+          f"from every form; ms per draw on {args.threads} thread(s):")
+    print(f"  int64 (kdsweep, {crd._CPU_BLOCK:,} words a block): "
+          f"{ms_per_call(lambda: crd.draw_negatives(0, step.add_(1), words, args.total), args.steps):6.2f}")
+    print(f"  int64, one pass over all:        "
+          f"{ms_per_call(lambda: crd._ids(words, crd._key(0, step.add_(1)), args.total), args.steps):6.2f}")
+    print(f"  int32, one pass over all:        "
+          f"{ms_per_call(lambda: draw_int32(0, step.add_(1), words32, args.total), args.steps):6.2f}")
 
 
 if __name__ == "__main__":

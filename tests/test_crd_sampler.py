@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kdsweep.methods.registry  # noqa: F401 - first: crd imported before the registry meets crd_seed003 half-made
+from kdsweep.methods import crd
 from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.crd import NCE_K, draw_negatives, position_words
 from kdsweep.methods.registry import METHODS
@@ -114,10 +115,17 @@ def test_crd_draws_its_negatives_with_the_tested_sampler():
     assert m.draws.item() == m.steps == 3 and NCE_K == 16384
 
 
+def test_a_cpu_draws_in_blocks_of_rows_the_ids_of_one_pass(monkeypatch):
+    words = position_words(37, 64, torch.device("cpu"))
+    monkeypatch.setattr(crd, "_CPU_BLOCK", 5 * 64)  # blocks of 5 rows: seven full ones and a last of 2
+    for step in (0, 1, 2**32 + 5):
+        one_pass = crd._ids(words, crd._key(SEED, torch.tensor(step)), 3600)
+        assert torch.equal(draw_negatives(SEED, torch.tensor(step), words, 3600), one_pass), step
+
+
 def test_members_of_a_study_in_lockstep_draw_each_steps_negatives_once(monkeypatch):
     """Three trials of one study (one seed) stepping together draw a step's negatives once and share them; a trial
     of another seed draws its own. Each gets what it would draw alone."""
-    from kdsweep.methods import crd
 
     calls, real = [], crd.draw_negatives
 

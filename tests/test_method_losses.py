@@ -349,8 +349,14 @@ def test_value_matches_independent_reference(name, pair, nets):
     if m.needs_index:  # crd: the banks before the step, and the columns it draws, for the reference
         m.init_memory(N_TRAIN, torch.device("cpu"))
         m.pre = {"memory_s": npy(m.memory_s), "memory_t": npy(m.memory_t)}
-        draw = m.contrast_index
-        m.contrast_index = lambda index: m.pre.setdefault("cols", draw(index))
+        draw = m.draw
+
+        def recorded(index):
+            neg, counts = draw(index)
+            m.pre["cols"] = torch.cat([index.ids[:, None], neg], 1)
+            return neg, counts
+
+        m.draw = recorded
     got = call(m, s, t, y, 0)
     ref = REFERENCES[name](m, Outputs(*map(npy, s)), Outputs(*map(npy, t)), y.numpy(), 0, m.hp)
     assert set(got) == set(ref)
@@ -526,14 +532,15 @@ def test_bf16_autocast(name, nets):
 def test_crd_counted_negatives_give_the_gathered_loss_and_gradients(n):
     """CRD takes its loss over every bank row weighted by draw counts when the bank has at most K rows: the same
     sum as over the drawn columns, which this test writes out with the paper's loss on gathered scores."""
-    from kdsweep.methods.crd import NCE_T, nce_loss
+    from kdsweep.methods.crd import NCE_T, count_draws, nce_loss
 
     g = torch.Generator().manual_seed(n)
     v, bank = torch.randn(6, 128, generator=g), torch.randn(n, 128, generator=g) / 12  # scores of a few units
     cols = torch.cat([torch.arange(6)[:, None], torch.randint(0, n, (6, 100), generator=g)], 1)
     m = METHODS["crd"]({"weight": 1.0}, Shapes((), (16,), (10,)), Shapes((), (16,), (10,)), EPOCHS)
     got_v, want_v = v.clone().requires_grad_(), v.clone().requires_grad_()
-    got = m._nce(got_v, bank, cols, "z_s", n)
+    neg = cols[:, 1:]
+    got = m._nce(got_v, bank, cols[:, 0], neg, count_draws(neg, n) if n <= neg.shape[1] else None, "z_s", n)
     e = torch.exp(torch.gather(want_v @ bank.t(), 1, cols) / NCE_T)
     want = nce_loss(e / (e.detach().mean() * n), n)
     got.backward(), want.backward()

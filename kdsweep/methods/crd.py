@@ -73,8 +73,29 @@ def draw_negatives(seed: int, step: torch.Tensor, words: torch.Tensor, total: in
     counts by rows x k / 2^32 (0.05% at 128 x 16,384): sampling without replacement from 2^32, not from
     the training split. Steps wrap at 2^32 (over 4 billion steps).
     """
+    key = _key(seed, step)
+    if words.device.type != "cpu" or torch.compiler.is_compiling():
+        return _ids(words, key, total)
+    # On a CPU, a block of rows at a time: the hash's dozen passes over 8-byte words are bound by memory, and a
+    # block stays in the core's cache between them (3x faster at 100 x 16,384: benchmarks/crd_draw.py). On a
+    # GPU one pass over all of them is fewest kernels.
+    out = torch.empty_like(words)
+    block = max(1, _CPU_BLOCK // max(1, words.shape[1]))
+    for r in range(0, words.shape[0], block):
+        out[r:r + block] = _ids(words[r:r + block], key, total)
+    return out
+
+
+_CPU_BLOCK = 1 << 18  # words per block of `draw_negatives` on a CPU: 2 MB, about a core's cache here
+
+
+def _key(seed: int, step: torch.Tensor) -> torch.Tensor:
+    """The step's 32-bit key: seed and step mixed."""
     key = _mix32_((step & _MASK32) ^ ((seed & _MASK32) ^ _GOLDEN))
-    key = _mix32_(key ^ ((seed >> 32) & _MASK32))
+    return _mix32_(key ^ ((seed >> 32) & _MASK32))
+
+
+def _ids(words: torch.Tensor, key: torch.Tensor, total: int) -> torch.Tensor:
     u = _mix32_(words ^ key)  # uniform 32-bit words
     return u.mul_(total).bitwise_right_shift_(32)  # into [0, total) by multiply-shift: total < 2^31, so no overflow
 
@@ -143,8 +164,7 @@ class CRD(Method):
         for name in ("memory_s", "memory_t", "z_s", "z_t", "draws", "words"):  # made on first use; not in state_dict
             self.register_buffer(name, None, persistent=False)
         self.seed = torch.initial_seed()
-        self.steps = 0  # contrast_index calls: `draws` as the host counts it
-        self._step_counts: tuple | None = None  # (cols, their counts) of the last contrast_index: see _counts
+        self.steps = 0  # draws so far: `draws` as the host counts it
         self._gen: torch.Generator | None = None
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -160,7 +180,12 @@ class CRD(Method):
         self.z_s = self.z_t = None
 
     def contrast_index(self, index) -> torch.Tensor:
-        """(B, 1 + K) bank rows: each sample's own id, then K ids drawn uniformly with replacement.
+        """(B, 1 + K) bank rows: each sample's own id, then the step's K negatives (`draw`), as the paper lists them."""
+        return torch.cat([index.ids[:, None], self.draw(index)[0]], 1)
+
+    def draw(self, index) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's negatives, (B, K) ids drawn uniformly with replacement, and, where the loss takes them as
+        counts (a bank of at most K rows), how often each bank row was drawn per sample (B, n), else None.
 
         Drawn by `draw_negatives` from (seed, step, position) on the device: a torch.Generator cannot
         be traced into a captured graph, and the global stream must stay the trial's own.
@@ -172,19 +197,17 @@ class CRD(Method):
         rows, w = len(ids), self.words
         if w is None or w.shape[0] < rows or w.shape[1] != self.nce_k or w.device != ids.device:
             self.words = position_words(rows, self.nce_k, ids.device)  # made on the first (full) batch
-        neg, counts = self._negatives(rows, index.total)
+        drawn = self._negatives(rows, index.total)
         self.draws.add_(1)
         self.steps += 1
-        cols = torch.cat([ids[:, None], neg], 1)
-        self._step_counts = None if counts is None else (cols, counts)
-        return cols
+        return drawn
 
     def _negatives(self, rows: int, total: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's negatives, with their counts per bank row where the loss takes them (total <= K).
 
         They are a pure function of (seed, step, rows, total), and the trials of a study (one seed) step
         together in lockstep: the first to ask draws and counts them (15-20 ms at 100 x 16,384 on one CPU
-        core, most of a member's step) and the others reuse them. Counted on the host (`steps`, in
+        core before it was drawn in blocks, still a third of a member's step) and the others reuse them. Counted on the host (`steps`, in
         step with the device counter `draws`), so sharing reads nothing back; not while compiling (a graph
         must draw its own, and counts them in the loss)."""
         global _LAST_DRAW
@@ -198,27 +221,21 @@ class CRD(Method):
             _LAST_DRAW = (key, drawn)
         return drawn
 
-    def _nce(self, v, bank, cols, z_name: str, n: int):
-        """One direction's NCE loss of embeddings v against `bank`, with the (B, 1 + K) columns `cols`."""
-        k = cols.shape[1] - 1
+    def _nce(self, v, bank, ids, neg, counts, z_name: str, n: int):
+        """One direction's NCE loss of embeddings v against `bank`: positives `ids` (B,), negatives `neg` (B, K),
+        taken as `counts` (B, n) where the bank has at most K rows."""
+        k = neg.shape[1]
         e_all = torch.exp(v @ bank.t() / NCE_T)  # scores against every bank row: the same numbers as gathering rows
         if n > k:  # a big bank: the K drawn columns are fewer terms than the n rows
-            e = torch.gather(e_all, 1, cols)
+            e = torch.gather(e_all, 1, torch.cat([ids[:, None], neg], 1))
             if getattr(self, z_name) is None:  # the normalisation constant, fixed on first use
                 setattr(self, z_name, e.detach().mean() * n)
             return nce_loss(e / getattr(self, z_name), n)
-        pos, counts = torch.gather(e_all, 1, cols[:, :1]), self._counts(cols, n)
+        pos = torch.gather(e_all, 1, ids[:, None])
         if getattr(self, z_name) is None:  # the mean over the (B, 1 + K) drawn scores, from the counts
-            setattr(self, z_name, (pos.sum() + (counts * e_all).sum()).detach() / cols.numel() * n)
+            setattr(self, z_name, (pos.sum() + (counts * e_all).sum()).detach() / (len(ids) * (1 + k)) * n)
         z = getattr(self, z_name)
         return nce_loss_counted(pos / z, e_all / z, counts, k, n)
-
-    def _counts(self, cols, n: int) -> torch.Tensor:
-        """How often each bank row was drawn this step, per sample: the step's own draw's counts (made once for
-        a study's members in lockstep, with the draw, and for both directions), else counted from `cols`."""
-        if not torch.compiler.is_compiling() and self._step_counts is not None and self._step_counts[0] is cols:
-            return self._step_counts[1]
-        return count_draws(cols[:, 1:], n)
 
     def forward(self, s, t, y, epoch, index):
         h_s = self.proj_s(s.embedding.flatten(1))
@@ -228,12 +245,15 @@ class CRD(Method):
             n = index.total
             if self.memory_s is None or self.memory_s.shape[0] != n or self.memory_s.device != v_s.device:
                 self.init_memory(n, v_s.device)
-            cols = self.contrast_index(index)
+            neg, counts = self.draw(index)
+            if counts is None and n <= neg.shape[1]:  # not counted with the draw (while compiling): counted here
+                counts = count_draws(neg, n)
             # Scored against copies, so the banks themselves can move in place below (the backward pass needs
             # the rows as they were). In place, not reassigned: torch.compile keeps in-place updates of a
             # module's buffers inside functional_call (the fused path), but drops reassigned attributes.
             old_s, old_t = self.memory_s.clone(), self.memory_t.clone()
-            nce = self._nce(v_s, old_t, cols, "z_s", n) + self._nce(v_t, old_s, cols, "z_t", n)
+            nce = self._nce(v_s, old_t, index.ids, neg, counts, "z_s", n) + \
+                self._nce(v_t, old_s, index.ids, neg, counts, "z_t", n)
             with torch.no_grad():
                 ids = index.ids
                 for bank, old, v in ((self.memory_s, old_s, v_s), (self.memory_t, old_t, v_t)):
