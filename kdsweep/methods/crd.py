@@ -206,8 +206,8 @@ class CRD(Method):
         """This step's negatives, with their counts per bank row where the loss takes them (total <= K).
 
         They are a pure function of (seed, step, rows, total), and the trials of a study (one seed) step
-        together in lockstep: the first to ask draws and counts them (15-20 ms at 100 x 16,384 on one CPU
-        core before it was drawn in blocks, still a third of a member's step) and the others reuse them. Counted on the host (`steps`, in
+        together in lockstep: the first to ask draws and counts them (about 10 ms at 100 x 16,384 on one CPU
+        core, nearly half of a member's step) and the others reuse them. Counted on the host (`steps`, in
         step with the device counter `draws`), so sharing reads nothing back; not while compiling (a graph
         must draw its own, and counts them in the loss)."""
         global _LAST_DRAW
