@@ -192,6 +192,9 @@ def test_members_of_different_methods_fuse_into_one_group(data, teacher):
     group = fused(data, teacher, specs, cpu_workers=1)
     assert group.fused_members == 8 and len(group.groups) == 1, group.notes  # (the pruned member has left it since)
     assert {type(r.m.method).__name__ for r in group.groups[0].runs} == {"CE", "VanillaKD", "FitNet", "CRD", "PKT"}
+    # A method with one member computes its loss as alone (nothing to batch); ce's two members share one pass.
+    assert {h.runs[0].m.method.name: (len(h.runs), h.batched) for h in group.groups[0].heads} == {
+        "ce": (2, True), "vanilla_kd": (1, False), "fitnet": (2, False), "crd": (1, False), "pkt": (1, False)}
     for spec, a, f in zip(specs, alone, group.results()):
         assert_same(a, f)
         assert len(f.history) == spec.get("prune_after", 3)

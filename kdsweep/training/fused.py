@@ -215,7 +215,15 @@ class _Heads:
         # None: not tried yet (decided on the first step); False: one member at a time (`why` says why)
         self.batched: bool | None = None if not self.needs_index and not list(m.buffers()) else False
         self.why = "" if self.batched is None else "it keeps per-member state (buffers or per-sample memory)"
+        self._unless_alone()
         self.hp = self._batched_hp()
+
+    def _unless_alone(self) -> None:
+        # One member has nothing to batch: its own call costs half what a vmap over one member does on a CPU
+        # (benchmarks/one_per_method.py), and on a GPU it launches the same kernels. A sweep's small groups and
+        # every confirmation group (one member per method) have many such methods.
+        if len(self.runs) == 1 and self.batched is not False:
+            self.batched, self.why = False, "one member: its loss computed as alone"
 
     def _batched_hp(self) -> dict:
         """The members' hyperparameters for one batched forward: a value all share stays as it is (a Python
@@ -302,6 +310,7 @@ class _Heads:
             if self.opt is not None:
                 self.opt.keep(mine)
             self.hp = self._batched_hp()
+            self._unless_alone()
         self.pos = [live.index(i) for i in self.pos if i in live]
         return True
 
