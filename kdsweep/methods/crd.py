@@ -77,7 +77,7 @@ def draw_negatives(seed: int, step: torch.Tensor, words: torch.Tensor, total: in
     if words.device.type != "cpu" or torch.compiler.is_compiling():
         return _ids(words, key, total)
     # On a CPU, a block of rows at a time: the hash's dozen passes over 8-byte words are bound by memory, and a
-    # block stays in the core's cache between them (3x faster at 100 x 16,384: benchmarks/crd_draw.py). On a
+    # block stays in the core's cache between them (1.4-2.8x faster at 100 x 16,384: benchmarks/crd_draw.py). On a
     # GPU one pass over all of them is fewest kernels.
     out = torch.empty_like(words)
     block = max(1, _CPU_BLOCK // max(1, words.shape[1]))
