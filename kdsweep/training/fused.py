@@ -219,9 +219,9 @@ class _Heads:
         self.hp = self._batched_hp()
 
     def _unless_alone(self) -> None:
-        # One member has nothing to batch: its own call costs half what a vmap over one member does on a CPU
-        # (benchmarks/one_per_method.py), and on a GPU it launches the same kernels. A sweep's small groups and
-        # every confirmation group (one member per method) have many such methods.
+        # One member has nothing to batch, and a vmap over one member costs about twice its own call on a CPU (on
+        # a GPU both launch the same kernels). A sweep of many methods makes fused groups of about one member per
+        # method (benchmarks/lone_members.py).
         if len(self.runs) == 1 and self.batched is not False:
             self.batched, self.why = False, "one member: its loss computed as alone"
 
