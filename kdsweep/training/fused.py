@@ -191,9 +191,10 @@ class _Heads:
 
     Their losses are computed in one pass where the method allows it: the method's forward under `vmap` over the
     members, with the heads stacked and the hyperparameters that differ as (K_m,) tensors, so the kernel count
-    (and the backward's) does not grow with K_m. Allowed means: no buffers and no per-sample state (those are
-    updated in place per member), and, on the group's first step, the batched terms equal the members' own
-    within float rounding (a method whose forward reads a hyperparameter on the host fails under vmap instead).
+    (and the backward's) does not grow with K_m. Allowed means: two members or more, no buffers and no
+    per-sample state (those are updated in place per member), and, on the group's first step, the batched terms
+    equal the members' own within float rounding (a method whose forward reads a hyperparameter on the host
+    fails under vmap instead).
     Otherwise each member's loss is computed on its own, as it would be alone.
     """
 
