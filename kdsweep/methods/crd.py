@@ -123,7 +123,8 @@ def nce_loss(p, n: int):
 
 def nce_loss_counted(pos, p_all, counts, k: int, n: int):
     """`nce_loss` with the negatives given as counts: p_all (B, n) scores every bank row, counts (B, n) how
-    often each was drawn (k in all per row). sum_k f(p[i, draw_k]) = sum_j counts[i, j] f(p_all[i, j])."""
+    often each was drawn (k in all per row). sum_k f(p[i, draw_k]) = sum_j counts[i, j] f(p_all[i, j]).
+    With p_all the (B, k) drawn scores and counts 1, it is `nce_loss` of the positives beside them."""
     k_pn = k / n
     log_d1 = (pos / (pos + k_pn + EPS)).log()
     log_d0 = (k_pn / (p_all + k_pn + EPS)).log()
@@ -223,19 +224,17 @@ class CRD(Method):
 
     def _nce(self, v, bank, ids, neg, counts, z_name: str, n: int):
         """One direction's NCE loss of embeddings v against `bank`: positives `ids` (B,), negatives `neg` (B, K),
-        taken as `counts` (B, n) where the bank has at most K rows."""
+        taken as `counts` (B, n) where the bank has at most K rows (`nce_loss` over the drawn scores)."""
         k = neg.shape[1]
         e_all = torch.exp(v @ bank.t() / NCE_T)  # scores against every bank row: the same numbers as gathering rows
-        if n > k:  # a big bank: the K drawn columns are fewer terms than the n rows
-            e = torch.gather(e_all, 1, torch.cat([ids[:, None], neg], 1))
-            if getattr(self, z_name) is None:  # the normalisation constant, fixed on first use
-                setattr(self, z_name, e.detach().mean() * n)
-            return nce_loss(e / getattr(self, z_name), n)
         pos = torch.gather(e_all, 1, ids[:, None])
-        if getattr(self, z_name) is None:  # the mean over the (B, 1 + K) drawn scores, from the counts
-            setattr(self, z_name, (pos.sum() + (counts * e_all).sum()).detach() / (len(ids) * (1 + k)) * n)
+        scores = e_all
+        if n > k:  # a big bank: the K drawn scores are fewer terms than the n rows, each counted once
+            scores, counts = torch.gather(e_all, 1, neg), 1
+        if getattr(self, z_name) is None:  # the normalisation constant, fixed on first use: the mean drawn score * n
+            setattr(self, z_name, (pos.sum() + (counts * scores).sum()).detach() / (len(ids) * (1 + k)) * n)
         z = getattr(self, z_name)
-        return nce_loss_counted(pos / z, e_all / z, counts, k, n)
+        return nce_loss_counted(pos / z, scores / z, counts, k, n)
 
     def forward(self, s, t, y, epoch, index):
         h_s = self.proj_s(s.embedding.flatten(1))
