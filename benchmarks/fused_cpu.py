@@ -27,7 +27,7 @@ import torch
 from kdsweep.data.dispatch import load_data
 from kdsweep.methods.registry import get_method
 from kdsweep.models.factory import build_model
-from kdsweep.training.devices import Accel, set_cpu_threads
+from kdsweep.training.devices import Accel, prepare_cpu
 from kdsweep.training.loop import Lockstep, Member, Schedule
 from kdsweep.training.teacher_outputs import TeacherCache
 
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    threads = set_cpu_threads()
+    threads = prepare_cpu()
     cpu = torch.device("cpu")
     data = load_data("synthetic", None, int(args.images / 0.9) + 1, 0, 0.1, cpu)
     torch.manual_seed(0)

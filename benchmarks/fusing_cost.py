@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = bench.BenchConfig(epochs=args.epochs, device="cpu")
     cfg.check()
-    bench.set_cpu_threads(None)
+    bench.prepare_cpu(None)
     _, data = bench._load(cfg, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
     teacher = build_model(cfg.teacher, data.in_shape, data.num_classes).eval().requires_grad_(False)

@@ -24,7 +24,7 @@ from kdsweep.tools.bench import (
     _loaders,
     reference_trial,
 )
-from kdsweep.training.devices import set_cpu_threads
+from kdsweep.training.devices import prepare_cpu
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = BenchConfig(images=args.images, epochs=args.epochs)
     device = torch.device("cpu")
-    threads = set_cpu_threads()
+    threads = prepare_cpu()
     raw, data = _load(cfg, device)
     torch.manual_seed(cfg.seed)
     teacher = build_model(SEED_PAIR[0], data.in_shape, data.num_classes).eval().requires_grad_(False)

@@ -222,7 +222,7 @@ def cmd_teacher(args) -> int:
     from kdsweep.data.dispatch import get_dataset, load_data
     from kdsweep.study.config import StudyConfig
     from kdsweep.tracking.tracker import Tracker
-    from kdsweep.training.devices import resolve_device, set_cpu_threads
+    from kdsweep.training.devices import prepare_cpu, resolve_device
     from kdsweep.training.teacher import cache_lock, cache_path, train_teacher
 
     if args.arch is None and args.dataset and ":" in args.dataset:
@@ -234,7 +234,7 @@ def cmd_teacher(args) -> int:
                       teacher=args.arch, student=args.arch, teacher_epochs=args.epochs)  # no student is trained
     device = resolve_device(cfg.device)
     if device.type == "cpu":  # as a study's teacher trains
-        set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads)
+        prepare_cpu(default=get_dataset(cfg.dataset).cpu_threads)
     tracker = Tracker(cfg.tracking_uri)
     data = load_data(cfg.dataset, cfg.data_dir, cfg.data_size, cfg.seed, cfg.val_fraction, device, image_size=cfg.image_size,
                      preprocess=cfg.preprocess)

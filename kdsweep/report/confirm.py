@@ -48,7 +48,7 @@ from kdsweep.study.trial import record_result
 from kdsweep.tracking import cleanup
 from kdsweep.tracking.tracker import Curves
 from kdsweep.tracking.vocabulary import RUN_FINISHED, RUN_RUNNING, STATE_COMPLETE, STATE_RUNNING, STATE_TAG
-from kdsweep.training.devices import set_cpu_threads
+from kdsweep.training.devices import prepare_cpu
 from kdsweep.training.loop import Member, Schedule, TrainResult, train_students
 
 
@@ -64,7 +64,7 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     device = torch.device(device)
     if device.type == "cpu":  # as the study's trials trained
-        set_cpu_threads(default=get_dataset(sel.dataset).cpu_threads)
+        prepare_cpu(default=get_dataset(sel.dataset).cpu_threads)
     wanted = confirm_seeds(sel.seed, seeds)
     summary: dict[str, dict[str, int]] = {}
     todo = [s for s in sel.studies if s.best is not None]

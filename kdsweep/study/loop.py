@@ -63,7 +63,7 @@ from kdsweep.tracking.vocabulary import (
     TEACHER_ACCEPTED_TAG,
 )
 from kdsweep.training import teacher_outputs
-from kdsweep.training.devices import Accel, resolve_device, set_cpu_threads
+from kdsweep.training.devices import Accel, prepare_cpu, resolve_device
 from kdsweep.training.teacher import check_teacher
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -96,7 +96,7 @@ def _model_params(cfg: StudyConfig, data: DeviceData, teacher: torch.nn.Module |
 
 def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_outputs.TeacherCache, Accel, dict[str, Any]]:
     """The device path of a study: CPU threads, the shared teacher cache, memory format, compile; and their params."""
-    threads = set_cpu_threads(default=get_dataset(cfg.dataset).cpu_threads) if device.type == "cpu" else None
+    threads = prepare_cpu(default=get_dataset(cfg.dataset).cpu_threads) if device.type == "cpu" else None
     cache = teacher_outputs.shared(cfg.teacher_cache_mb, device)
     accel = Accel(channels_last=cfg.channels_last, compile=cfg.compile, cpu_workers=cfg.cpu_workers, fused=cfg.fused)
     params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,

@@ -47,7 +47,7 @@ from kdsweep.training.devices import (
     Accel,
     autocast,
     frozen_copy,
-    set_cpu_threads,
+    prepare_cpu,
     teacher_dtype,
 )
 from kdsweep.training.loop import Lockstep, Member, Schedule
@@ -337,7 +337,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
 
     cfg.check()
     device = resolve_device(cfg.device)
-    threads = set_cpu_threads(cfg.threads) if device.type == "cpu" else None
+    threads = prepare_cpu(cfg.threads) if device.type == "cpu" else None
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     raw, data = _load(cfg, device)
     k, e, b = cfg.trials, cfg.epochs, cfg.batch_size

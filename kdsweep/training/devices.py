@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import os
+import platform
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -59,14 +61,46 @@ def teacher_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def set_cpu_threads(threads: int | None = None, default: int | None = None) -> int:
-    """Intra-op threads for CPU runs: `threads`, else $OMP_NUM_THREADS, else `default` (a dataset's
-    DatasetSpec.cpu_threads), else the cores this process may use."""
+def prepare_cpu(threads: int | None = None, default: int | None = None) -> int:
+    """Set up this process for a CPU run and return its intra-op threads: `threads`, else $OMP_NUM_THREADS,
+    else `default` (a dataset's DatasetSpec.cpu_threads), else the cores this process may use. Also tells
+    glibc's allocator to keep freed memory (`keep_freed_memory`)."""
+    keep_freed_memory()
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
         threads = int(env) if env.isdigit() and int(env) > 0 else default or len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+# mallopt(param, value) for glibc's malloc (param numbers from malloc.h)
+_KEEP = (
+    (-8, 1),  # M_ARENA_MAX: worker threads share the main heap (a thread's own heaps are unmapped when emptied)
+    (-3, 32 << 20),  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap, not from an mmap of their own
+    (-1, 1 << 30),  # M_TRIM_THRESHOLD: up to 1 GB of freed heap kept for the next step
+    (-2, 64 << 20),  # M_TOP_PAD: the heap grows by 64 MB at a time
+)
+_kept: bool | None = None  # None: not tried in this process
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to reuse the memory a step frees instead of handing it back to the kernel; True if set.
+
+    A CPU step allocates and frees the same large tensors every step (rkd's (B, B, B) angles: 4 MB each at
+    B = 100). By default glibc serves such a block from an mmap of its own, or from a worker thread's heap that
+    it unmaps once empty, so steps keep touching new pages: a sweep of every MNIST-1D method, 60 epochs each,
+    took 3-5 million page faults and 6-10 s of kernel time, and ran 5-10% slower than with these settings
+    (docs/performance.md, "The allocator"). The cost: a process holds its peak memory until it exits. Left
+    alone where the user chose (any MALLOC_* or GLIBC_TUNABLES variable, or an LD_PRELOADed allocator) and off
+    glibc. Once per process, before the worker threads start."""
+    global _kept
+    if _kept is None:
+        _kept = False
+        chosen = any(k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD") for k in os.environ)
+        if not chosen and platform.libc_ver()[0] == "glibc":
+            mallopt = ctypes.CDLL(None).mallopt
+            _kept = all(mallopt(param, value) == 1 for param, value in _KEEP)
+    return _kept
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
