@@ -30,8 +30,10 @@ def run(args: list[str], defaults: bool) -> dict:
         env["MALLOC_CHECK_"] = "0"
     with tempfile.TemporaryDirectory(prefix="kdsweep-allocator-") as d:
         before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        subprocess.run([sys.executable, "-m", "kdsweep.cli", "sweep", *args], cwd=d, env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        out = subprocess.run([sys.executable, "-m", "kdsweep.cli", "sweep", *args], cwd=d, env=env, capture_output=True,
+                             text=True)
+        if out.returncode:
+            sys.exit(f"the sweep failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"wall": wall, "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
             "faults": after.ru_minflt - before.ru_minflt}

@@ -89,7 +89,7 @@ def keep_freed_memory() -> bool:
     A CPU step allocates and frees the same large tensors every step (rkd's (B, B, B) angles: 4 MB each at
     B = 100). By default glibc serves such a block from an mmap of its own, or from a worker thread's heap that
     it unmaps once empty, so steps keep touching new pages: a sweep of every MNIST-1D method, 60 epochs each,
-    took 3-5 million page faults and 6-10 s of kernel time, and ran 5-10% slower than with these settings
+    took 3-7 million page faults and 6-14 s of kernel time, and ran 6-13% slower than with these settings
     (docs/performance.md, "The allocator"). The cost: a process holds its peak memory until it exits. Left
     alone where the user chose (any MALLOC_* or GLIBC_TUNABLES variable, or an LD_PRELOADed allocator) and off
     glibc. Once per process, before the worker threads start."""
