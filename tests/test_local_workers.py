@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -60,6 +62,8 @@ def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_
     assert out.stdout.startswith("2 worker processes on this machine (--cpu-workers 1 each on a CPU)")
     summaries = [line for line in out.stdout.splitlines() if line.startswith("study ce-") and " complete, " in line]
     assert len(summaries) == 1, out.stdout  # the first worker's; the others ran --quiet
+    # the other worker's trials are this command's own: not said as running elsewhere, nor waited for per study
+    assert "running elsewhere" not in out.stdout and "would complete study" not in out.stdout, out.stdout
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     (name,) = _names(storage)
     trials = load_trials(storage, name)
@@ -155,3 +159,19 @@ def _owners(db) -> set[int]:
     except sqlite3.OperationalError:  # no tables yet
         return set()
     return {json.loads(v)["pid"] for (v,) in rows}
+
+
+def test_a_worker_knows_the_other_workers_of_its_command(tmp_path):
+    # Two children of this process stand for two workers of one command: each is the other's sibling; this
+    # process (their parent) and an unrelated process are not.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        code = ("import os, sys; from kdsweep.common.processes import Owner, _node_id, _start_time\n"
+                "def owner(pid): return Owner(_node_id(), 'h', pid, _start_time(pid))\n"
+                "print(owner(int(sys.argv[1])).same_parent(), owner(os.getppid()).same_parent(), owner(1).same_parent(),"
+                " Owner.me().same_parent())")
+        out = subprocess.run([sys.executable, "-c", code, str(other.pid)], capture_output=True, text=True, timeout=120)
+        assert out.stdout.split() == ["True", "False", "False", "False"], out.stdout + out.stderr
+    finally:
+        other.kill()
+        other.wait()

@@ -53,6 +53,12 @@ def _start_time(pid: int) -> str:
     return fields[19]
 
 
+def _parent_pid(pid: int) -> int | None:
+    """The process's parent pid; None if it is gone or /proc is missing."""
+    fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
 @dataclass(frozen=True)
 class Owner:
     node: str
@@ -89,6 +95,12 @@ class Owner:
         except PermissionError:
             return True
         return True
+
+    def same_parent(self) -> bool:
+        """Whether the owner is another live process on this node started by this process's parent (with
+        --processes: another worker of the same command)."""
+        return self.node == _node_id() and self.pid != os.getpid() and _parent_pid(self.pid) == os.getppid() \
+            and self.alive() is True
 
     def __str__(self) -> str:
         return f"{self.host}:{self.pid}"

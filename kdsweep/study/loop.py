@@ -320,6 +320,17 @@ def _share(ctxs: list[StudyContext], size: int) -> int:
     return max(1, min(size, -(-(sum(left) + sum(s.running for _, s in now)) // n)))
 
 
+_SIBLINGS = ""  # in `said_waiting`: the wait for this command's other workers has been said
+
+
+def _running_in_siblings(ctx: StudyContext) -> int:
+    """How many of the study's running trials this command's other worker processes own (--processes)."""
+    if local_workers.processes_here() == 1:
+        return 0
+    owners = (Owner.from_attr(t.user_attrs.get(OWNER_ATTR)) for t in ctx.study.get_trials(deepcopy=False, states=(RUNNING,)))
+    return sum(1 for o in owners if o is not None and o.same_parent())
+
+
 def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], turn: int = 0) -> list[Entry]:
     """Up to `size` trials, dealt round-robin over the studies whose budget has room, from study number `turn`
     on (a sweep's methods take turns); [] once every study is done. While the rest of every open study's
@@ -343,10 +354,15 @@ def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], tu
         if not unfinished:
             return []
         for ctx, now in unfinished:
-            if ctx.cfg.full_study_name not in said_waiting:
-                ctx.say(f"{now.running} trial(s) running in other workers would complete study "
-                        f"{ctx.cfg.full_study_name!r}; waiting for them.")
-                said_waiting.add(ctx.cfg.full_study_name)
+            name = ctx.cfg.full_study_name
+            if name in said_waiting:
+                continue
+            said_waiting.add(name)
+            if now.running > _running_in_siblings(ctx):
+                ctx.say(f"{now.running} trial(s) running in other workers would complete study {name!r}; waiting for them.")
+            elif _SIBLINGS not in said_waiting:  # this command's own workers: said once, not per study
+                said_waiting.add(_SIBLINGS)
+                ctx.say("Waiting for the last trials of this command's other worker process(es).")
         time.sleep(unfinished[0][0].poll)
         check_stop()
 
@@ -446,12 +462,13 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
 def _say_where(ctx: StudyContext) -> None:
     """Say what the study has spent so far, and open its line in a log."""
     cfg, name, budget, now = ctx.cfg, ctx.cfg.full_study_name, ctx.cfg.budget, spent(ctx.study)
+    siblings = 0 if budget.done(now) or not now.running else _running_in_siblings(ctx)  # not news to this command
     if budget.done(now):
         ctx.say(f"Study {name!r} has spent its budget of {budget.describe()} ({budget.spent_text(now)}); nothing to run.")
-    elif now.running:
-        ctx.say(f"Joining study {name!r}: {budget.spent_text(now)} of {budget.describe()}, {now.running} running elsewhere "
-                f"(or left by a dead worker: recovered when claiming).")
-    elif ctx.study.trials:
+    elif now.running > siblings:
+        ctx.say(f"Joining study {name!r}: {budget.spent_text(now)} of {budget.describe()}, {now.running - siblings} running "
+                f"elsewhere (or left by a dead worker: recovered when claiming).")
+    elif len(ctx.study.trials) > siblings:
         ctx.say(f"Resuming study {name!r}: {budget.spent_text(now)} of {budget.describe()}.")
     ctx.reporter.study_start(name, f"{cfg.method}, {cfg.epochs}-epoch trials, budget {budget.describe()}; "
                                    f"spent so far: {budget.spent_text(now)}")
