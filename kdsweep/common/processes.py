@@ -41,13 +41,16 @@ def _node_id() -> str:
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name, from the state on; [] if the process is gone or /proc is
+    missing. The command name (field 2) may hold spaces and parentheses: split after the last ')'."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[-1].split() if stat else []
+
+
 def _start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot; '' if it is gone, a zombie, or /proc is missing."""
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
-        return ""
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat.rsplit(")", 1)[-1].split()
+    fields = _stat(pid)
     if len(fields) <= 19 or fields[0] in ("Z", "X"):  # fields[0] is the state: a zombie is dead, only not yet reaped
         return ""
     return fields[19]
@@ -55,7 +58,7 @@ def _start_time(pid: int) -> str:
 
 def _parent_pid(pid: int) -> int | None:
     """The process's parent pid; None if it is gone or /proc is missing."""
-    fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    fields = _stat(pid)
     return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
