@@ -140,8 +140,8 @@ class StudySettings:
     teacher_cache_mb: float | None = setting(
         None, "memory for teacher outputs shared by all trials; logits are always kept, feature maps while they fit; "
         "0 disables", SPEED, default_text="a quarter of the device's free memory", at_least=0, metavar="MB")
-    compile: bool = setting(False, "torch.compile each architecture once per process (pays off on long GPU studies)",
-                            SPEED)
+    compile: bool = setting(False, "torch.compile each architecture once per process (pays off on long GPU studies; "
+                            "on a CPU, torch 2.14's compiler gets rkd's gradients wrong: docs/performance.md)", SPEED)
     channels_last: bool = setting(True, "NHWC memory format for conv models", SPEED)
     cpu_workers: int | None = setting(
         None, "CPU only: worker threads (one intra-op thread each) that split the teacher's batch and share out the "

@@ -1,0 +1,64 @@
+"""rkd's angle term, forward and backward, in eager mode against torch.compile of the same function, in turn in one run.
+
+    PYTHONPATH=. python benchmarks/rkd_angle.py [--batch 100] [--rounds 3] [--steps 30]
+
+The (B, B, B) angle term is most of rkd's cost a step on a CPU (benchmarks/loss_cost.py). A compiled kernel would fuse
+its passes; this prints what compiling costs once (the first call) and then per call, with the process set up as a
+CPU run is (devices.prepare_cpu: one thread, malloc keeping freed memory), and how far the compiled gradients are
+from the eager ones: at --batch in float32, then, in float64, for both of rkd's terms at batches 16 and 64, twice
+each (|compiled - eager| / |eager|, norms of the gradient with respect to the student's embeddings). Single numbers
+per round: run it on a quiet machine (the load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from _timing import ms_per_call
+
+from kdsweep.methods.rkd import rkd_angle, rkd_distance
+from kdsweep.training.devices import prepare_cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    prepare_cpu(1)
+    torch.manual_seed(0)
+    z_s, z_t = torch.randn(args.batch, 100), torch.randn(args.batch, 64)  # mlp100's and cnn1d's embedding widths
+
+    def grad(fn) -> torch.Tensor:
+        z = z_s.clone().requires_grad_()
+        fn(z, z_t).backward()
+        return z.grad
+
+    compiled = torch.compile(rkd_angle)
+    start = time.perf_counter()
+    got = grad(compiled)
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; batch {args.batch}; the first compiled call "
+          f"(compiling) took {time.perf_counter() - start:.1f} s; compiled gradients against eager: max abs difference "
+          f"{(got - grad(rkd_angle)).abs().max():.2e} (largest entry {got.abs().max():.2e})")
+    for r in range(args.rounds):
+        ways = [("eager", rkd_angle), ("compiled", compiled)]
+        took = {name: ms_per_call(lambda fn=fn: grad(fn), args.steps) for name, fn in (ways if r % 2 == 0 else ways[::-1])}
+        print(f"round {r + 1}: eager {took['eager']:.2f} ms, compiled {took['compiled']:.2f} ms a step "
+              f"({took['eager'] / took['compiled']:.2f}x)", flush=True)
+    for fn in (rkd_distance, rkd_angle):
+        for batch in (16, 64):
+            torch._dynamo.reset()
+            one = torch.compile(fn, dynamic=False)
+            z_s, z_t = torch.randn(batch, 100, dtype=torch.float64), torch.randn(batch, 64, dtype=torch.float64)
+            eager = grad(fn)
+            far = [f"{((grad(one) - eager).norm() / eager.norm()).item():.1e}" for _ in range(2)]
+            print(f"{fn.__name__} in float64, batch {batch}: compiled gradients off by {' and '.join(far)} of eager's norm")
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
