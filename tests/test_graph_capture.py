@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdsweep.methods import rkd
 from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.registry import METHODS
 from kdsweep.models.factory import build_model
@@ -65,12 +66,10 @@ def test_loss_and_backward_compile_without_graph_breaks(name, pair):
 
 
 @pytest.mark.xfail(strict=True, reason="torch 2.14's inductor on a CPU: rkd's gradients at a batch of 64 are far from "
-                   "eager's and change from call to call (docs/performance.md, 'torch.compile and rkd'); a pass means "
-                   "a torch that fixed it: drop this mark and the warning in --compile's help")
+                   "eager's (docs/performance.md, 'torch.compile and rkd'); a pass means a torch that fixed it: drop "
+                   "this mark and the warning in --compile's help")
 @pytest.mark.parametrize("term", ["rkd_distance", "rkd_angle"])
 def test_rkd_terms_compiled_by_inductor_give_eager_gradients(term):
-    from kdsweep.methods import rkd
-
     fn = getattr(rkd, term)
     g = torch.Generator().manual_seed(0)
     z_s, z_t = torch.randn(64, 100, dtype=torch.float64, generator=g), torch.randn(64, 64, dtype=torch.float64, generator=g)
