@@ -20,12 +20,14 @@ import sys
 import tempfile
 import time
 
+from kdsweep.training.devices import sets_allocator
+
 SWEEP = ["--methods", "all", "--dataset", "mnist1d", "--epochs", "30", "--budget-epochs", "60", "--parallel", "16",
          "--processes", "2", "--quiet"]
 
 
 def run(args: list[str], defaults: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not sets_allocator(k)}  # neither run inherits a choice of yours
     if defaults:
         env["MALLOC_CHECK_"] = "0"
     with tempfile.TemporaryDirectory(prefix="kdsweep-allocator-") as d:

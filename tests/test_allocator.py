@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from kdsweep.training.devices import sets_allocator
+
 # Steps as a lockstep group's worker thread takes them: rkd's angle term, forward and backward, at B = 100.
 STEPS = """
 import resource, sys, torch
@@ -36,7 +38,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 
 
 def _faults_a_step(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    env = {k: v for k, v in os.environ.items() if not sets_allocator(k)}
     out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     return float(out.stdout.split()[-1])

@@ -83,6 +83,11 @@ _KEEP = (
 _kept: bool | None = None  # None: not tried in this process
 
 
+def sets_allocator(name: str) -> bool:
+    """Whether the environment variable `name` is a user's choice of allocator, which kdsweep then leaves alone."""
+    return name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD")
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to reuse the memory a step frees instead of handing it back to the kernel; True if set.
 
@@ -96,8 +101,7 @@ def keep_freed_memory() -> bool:
     global _kept
     if _kept is None:
         _kept = False
-        chosen = any(k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD") for k in os.environ)
-        if not chosen and platform.libc_ver()[0] == "glibc":
+        if not any(map(sets_allocator, os.environ)) and platform.libc_ver()[0] == "glibc":
             mallopt = ctypes.CDLL(None).mallopt
             _kept = all(mallopt(param, value) == 1 for param, value in _KEEP)
     return _kept
