@@ -5,9 +5,9 @@
 The (B, B, B) angle term is most of rkd's cost a step on a CPU (benchmarks/loss_cost.py). A compiled kernel would fuse
 its passes; this prints what compiling costs once (the first call) and then per call, with the process set up as a
 CPU run is (devices.prepare_cpu: one thread, malloc keeping freed memory), and how far the compiled gradients are
-from the eager ones: at --batch in float32, then, in float64, for both of rkd's terms at batches 16 and 64, twice
-each (|compiled - eager| / |eager|, norms of the gradient with respect to the student's embeddings). Single numbers
-per round: run it on a quiet machine (the load average is printed).
+from the eager ones: at --batch in float32, then, in float64, for both of rkd's terms at batches 16 and 64 on one and
+on two intra-op threads, twice each (|compiled - eager| / |eager|, norms of the gradient with respect to the student's
+embeddings), and whether eager's gradients pass torch.autograd.gradcheck. Single numbers per round: run it on a quiet machine (the load average is printed).
 """
 
 from __future__ import annotations
@@ -41,22 +41,31 @@ def main() -> None:
     compiled = torch.compile(rkd_angle)
     start = time.perf_counter()
     got = grad(compiled)
+    took, eager = time.perf_counter() - start, grad(rkd_angle)
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; batch {args.batch}; the first compiled call "
-          f"(compiling) took {time.perf_counter() - start:.1f} s; compiled gradients against eager: max abs difference "
-          f"{(got - grad(rkd_angle)).abs().max():.2e} (largest entry {got.abs().max():.2e})")
+          f"(compiling) took {took:.1f} s; compiled gradients against eager: max abs difference "
+          f"{(got - eager).abs().max():.2e} (eager's largest entry {eager.abs().max():.2e})")
     for r in range(args.rounds):
         ways = [("eager", rkd_angle), ("compiled", compiled)]
         took = {name: ms_per_call(lambda fn=fn: grad(fn), args.steps) for name, fn in (ways if r % 2 == 0 else ways[::-1])}
         print(f"round {r + 1}: eager {took['eager']:.2f} ms, compiled {took['compiled']:.2f} ms a step "
               f"({took['eager'] / took['compiled']:.2f}x)", flush=True)
-    for fn in (rkd_distance, rkd_angle):
-        for batch in (16, 64):
-            torch._dynamo.reset()
-            one = torch.compile(fn, dynamic=False)
-            z_s, z_t = torch.randn(batch, 100, dtype=torch.float64), torch.randn(batch, 64, dtype=torch.float64)
-            eager = grad(fn)
-            far = [f"{((grad(one) - eager).norm() / eager.norm()).item():.1e}" for _ in range(2)]
-            print(f"{fn.__name__} in float64, batch {batch}: compiled gradients off by {' and '.join(far)} of eager's norm")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for fn in (rkd_distance, rkd_angle):
+            for batch in (16, 64):
+                torch._dynamo.reset()
+                one = torch.compile(fn, dynamic=False)
+                z_s, z_t = torch.randn(batch, 100, dtype=torch.float64), torch.randn(batch, 64, dtype=torch.float64)
+                eager = grad(fn)
+                far = [f"{((grad(one) - eager).norm() / eager.norm()).item():.1e}" for _ in range(2)]
+                print(f"{fn.__name__} in float64, batch {batch}, {threads} thread(s): compiled gradients off by "
+                      f"{' and '.join(far)} of eager's norm", flush=True)
+    for fn in (rkd_distance, rkd_angle):  # eager is the right one: its gradients against finite differences
+        z = torch.randn(16, 100, dtype=torch.float64, requires_grad=True)
+        z_t = torch.randn(16, 64, dtype=torch.float64)
+        print(f"{fn.__name__} eager, batch 16: torch.autograd.gradcheck passes: "
+              f"{torch.autograd.gradcheck(lambda a, fn=fn: fn(a, z_t), (z,), raise_exception=False)}")
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

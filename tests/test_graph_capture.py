@@ -80,7 +80,7 @@ def test_rkd_terms_compiled_by_inductor_give_eager_gradients(term):
         return z.grad
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a CPU trial's worker thread runs (with 2, rkd_distance's came out right once)
+    torch.set_num_threads(1)  # as a CPU trial's worker thread runs; the error depends on the count (rkd_angle.py)
     try:
         compiled, eager = torch.compile(fn, dynamic=False), grad(fn)
         for _ in range(2):
