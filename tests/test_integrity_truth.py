@@ -98,6 +98,61 @@ def test_mlflow_store_deleted_then_repair_restores_runs_and_the_report_names_opt
     assert code == 0 and "has spent its budget of 3 trials" in out, out + err
 
 
+# --------------------------------------------------------------------------- Ctrl-C while a trial's end is written
+
+
+def test_an_interrupt_while_a_group_records_its_trials_leaves_both_stores_agreeing_and_the_study_resumes(
+        kdsweep, workdir, monkeypatch):
+    """The CI failure of 2026-12-05: a Ctrl-C inside Optuna's tell, after it stored a trial COMPLETE, closed the
+    trial's run KILLED as interrupted; the resume refused the study ('complete Optuna trial(s) without a FINISHED
+    MLflow run'). Here the interrupt lands in the first member's tell, and the group's second member is still open."""
+    import optuna
+
+    storage, tracking = _stores(workdir)
+    real = optuna.Study.tell
+
+    def tell(self, trial, *args, **kwargs):
+        frozen = real(self, trial, *args, **kwargs)
+        if frozen.state.name == "COMPLETE":
+            monkeypatch.setattr(optuna.Study, "tell", real)  # once
+            raise KeyboardInterrupt
+        return frozen
+
+    monkeypatch.setattr(optuna.Study, "tell", tell)
+    args = [*STUDY, "--trials", "4", "--study-name", "g", "--parallel", "2", "--cpu-workers", "1", "--sampler", "random"]
+    code, out, err = kdsweep(*args)
+    assert code == 130, out + err
+    trials = load_trials(storage, "g")
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"], "nothing is left RUNNING"
+    (done,) = [t for t in trials if t.state.name == "COMPLETE"]
+    runs, _ = mlflow_runs(tracking, "g")
+    by_id = {r.info.run_id: r for r in runs}
+    run = by_id[done.user_attrs["mlflow_run_id"]]
+    assert (run.info.status, run.data.tags["kdsweep.state"]) == ("FINISHED", "COMPLETE")
+    assert run.data.metrics["epochs_trained"] == 2
+    code, out, err = kdsweep(*args)
+    assert code == 0, out + err
+    assert sum(t.state.name == "COMPLETE" for t in load_trials(storage, "g")) == 4
+
+
+def test_a_complete_trials_run_closed_as_interrupted_is_closed_again_from_optunas_record(kdsweep, two_trials):
+    """What the bug above left in a store before it was fixed: the resume ends the run as Optuna recorded its trial."""
+    from mlflow.tracking import MlflowClient
+
+    storage, tracking = _stores(two_trials)
+    (trial, _) = load_trials(storage, "t")
+    client = MlflowClient(tracking)
+    run = trial.user_attrs["mlflow_run_id"]
+    client.set_tag(run, "kdsweep.state", "FAIL")
+    client.set_tag(run, "kdsweep.reason", "interrupted")
+    client.set_terminated(run, "KILLED")
+    code, out, err = kdsweep(*STUDY, "--trials", "3", "--study-name", "t")
+    assert code == 0, out + err
+    closed = client.get_run(run)
+    assert (closed.info.status, closed.data.tags["kdsweep.state"]) == ("FINISHED", "COMPLETE")
+    assert "kdsweep.reason" not in closed.data.tags  # a complete trial has no reason
+
+
 # --------------------------------------------------------------------------- the Optuna store deleted
 
 

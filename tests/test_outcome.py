@@ -181,6 +181,30 @@ def test_an_optuna_write_that_fails_ends_the_trial_as_that_failure_and_raises():
     assert [c[0] for c in tracker.calls] == ["log", "end"] and tracker.calls[1][2] == "FAILED"
 
 
+def test_an_interrupt_after_optuna_recorded_the_trial_closes_its_run_as_optuna_recorded_it(monkeypatch):
+    """Ctrl-C inside Optuna's tell, after it stored the state (its log line, the sampler's after_trial): the
+    trial is COMPLETE, so its run must end FINISHED with its curve, not KILLED as interrupted (a resume then
+    found a complete trial without its run and refused the study)."""
+    study, trial = _trial()
+    tracker = FakeTracker(study._storage, trial)
+    tracker.log_steps = lambda run, history: tracker.calls.append(("steps", run, list(history)))
+    real = study.tell
+
+    def tell(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "tell", tell)
+    with pytest.raises(KeyboardInterrupt):
+        oc.end_trial(oc.Records(tracker, "r1", trial), oc.COMPLETE,
+                     oc.Ending(epochs=3, value=0.9, history=[(2, {"val_acc": 0.9})]))
+    stored = study._storage.get_trial(trial._trial_id)
+    assert stored.state == TrialState.COMPLETE and stored.user_attrs[EPOCHS_ATTR] == 3
+    assert tracker.calls[0] == ("steps", "r1", [(2, {"val_acc": 0.9})])
+    (_, _, metrics, tags, _), (_, _, status, _) = tracker.calls[1:]
+    assert (status, tags[STATE_TAG], metrics["epochs_trained"]) == ("FINISHED", "COMPLETE", 3)
+
+
 # --------------------------------------------------------------------------- out of memory in a --parallel group
 
 

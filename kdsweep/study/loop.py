@@ -55,6 +55,7 @@ from kdsweep.tracking.vocabulary import (
     OWNER_ATTR,
     PARENT_ATTR,
     REASON_ATTR,
+    REASON_TAG,
     RUN_FAILED,
     RUN_FINISHED,
     RUN_ID_ATTR,
@@ -242,12 +243,16 @@ def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = Non
     Optuna now holds as FAIL. Both become KILLED, with the reason as a tag.
     FINISHED runs are checked for the trials just `recovered`, and for all
     trials with `finished_too` (at start: a worker may have died between
-    recovering a trial and closing its run).
+    recovering a trial and closing its run), as are runs closed as interrupted
+    of trials Optuna completed (oc.closed_as_interrupted).
     """
     recovered = recovered or {}
     tags = {"kdsweep.role": "trial", "kdsweep.study": ctx.cfg.full_study_name}
     statuses = (RUN_RUNNING, RUN_FINISHED) if finished_too else (RUN_RUNNING,)
     runs = ctx.tracker.find_runs(ctx.experiment_id, tags, statuses=statuses)
+    if finished_too:
+        runs += ctx.tracker.find_runs(ctx.experiment_id, {**tags, REASON_TAG: oc.INTERRUPTED.reason},
+                                      statuses=(oc.INTERRUPTED.status,))
     for number in () if finished_too else recovered:
         runs += ctx.tracker.find_runs(ctx.experiment_id, {**tags, "kdsweep.trial": number}, statuses=(RUN_FINISHED,))
     trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
@@ -261,7 +266,11 @@ def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = Non
         if trial is None or not trial.state.is_finished():
             continue  # a live worker's trial
         row = oc.recorded_outcome(trial)
-        if row is oc.COMPLETE and run.info.status != RUN_RUNNING:
+        if oc.closed_as_interrupted(run):
+            if row is not oc.COMPLETE or trial.user_attrs.get(RUN_ID_ATTR) != run.info.run_id:
+                continue  # closed as it should be, or not this trial's run
+            ctx.tracker.client.delete_tag(run.info.run_id, REASON_TAG)  # a complete trial has no reason
+        elif row is oc.COMPLETE and run.info.status != RUN_RUNNING:
             continue  # closed as it should be
         reason = recovered.get(number) or trial.user_attrs.get(REASON_ATTR) or "its worker stopped without closing this run"
         # Its MLflow end written from Optuna's record (the trial's end was, and is not written again).

@@ -19,7 +19,8 @@ Optuna state or ends a trial's MLflow run, always in this order:
 
 A crash between two steps leaves what the next start repairs: a RUNNING trial is failed as stale
 (WORKER_LOST: its budget attribute cleared), and a run whose trial has ended is closed from Optuna's
-record (loop._close_orphan_runs, through `end_trial` as well).
+record (loop._close_orphan_runs, through `end_trial` as well). An interrupt after step 2 stored the
+state does not change the outcome: the run is closed as that state, then the interrupt goes on.
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ def end_trial(rec: Records, outcome: Outcome, end: Ending | None = None) -> Outc
                 pass  # the run is still closed below; the trial is failed as stale when the study resumes
             elif isinstance(err, optuna.exceptions.UpdateFinishedTrialError):
                 outcome, stored = STALE_WHILE_RUNNING, None
+            elif _landed(rec, outcome):
+                # Stopped after the state was stored (a Ctrl-C in tell's log line or the sampler's after_trial):
+                # Optuna holds this outcome, so the run ends as this outcome too, then the stop goes on.
+                if rec.run is not None:
+                    _close_run(rec, outcome, end, reason, strict=False, error=err)
+                raise
             else:
                 end_trial(rec, classify(err), Ending(error=err))
                 raise
@@ -199,6 +206,14 @@ def _write_optuna(rec: Records, outcome: Outcome, end: Ending, reason: str) -> t
         return STALE_WHILE_RUNNING, None
     stored = rec.storage.get_trial(trial_id)
     return (outcome if stored.state == outcome.optuna else STALE_WHILE_RUNNING), stored
+
+
+def _landed(rec: Records, outcome: Outcome) -> bool:
+    """Whether Optuna holds the trial in `outcome`'s state although writing it raised (False if it cannot be read)."""
+    try:
+        return rec.storage.get_trial(rec.trial._trial_id).state == outcome.optuna
+    except Exception:  # noqa: BLE001 - unreadable: ended as the failure, as if the state had not landed
+        return False
 
 
 def _stale_while_running(rec: Records, stored: FrozenTrial | None, strict: bool) -> str:
@@ -268,6 +283,15 @@ def _tell_people(rec: Records, outcome: Outcome, reason: str) -> None:
             pass
     if outcome in (DIVERGED, OUT_OF_MEMORY) and rec.run is not None:
         rec.say(f"trial {rec.trial.number} failed: {reason}; the study goes on")
+
+
+def closed_as_interrupted(run: Any) -> bool:
+    """Whether an MLflow run was ended by the INTERRUPTED row.
+
+    The run of a trial Optuna holds COMPLETE can be so only if written before 2026-12-05: a Ctrl-C landed
+    after tell stored the state and the run was closed as the interrupt. A resume closes it from Optuna's record.
+    """
+    return run.info.status == INTERRUPTED.status and run.data.tags.get(REASON_TAG) == INTERRUPTED.reason
 
 
 def recorded_outcome(trial: FrozenTrial) -> Outcome:

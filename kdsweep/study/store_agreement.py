@@ -170,8 +170,8 @@ def check(tracker: Tracker, exp: str, study: optuna.Study, name: str, parent: st
             d.foreign = f"parent run {parent} was made for another Optuna study"
     # Runs of this study's trials that cannot stay where they are: under a parent of another study, or none.
     d.misfiled = [r for r in owned if d.foreign or r.data.tags.get(PARENT_TAG) != parent]
-    # A RUNNING run of a COMPLETE trial is ended FINISHED by the reconciliation that follows.
-    has_run = {_trial_number(r) for r in owned if r.info.status in (RUN_FINISHED, RUN_RUNNING)}
+    # A RUNNING run of a COMPLETE trial, or one closed as interrupted, is ended FINISHED by the reconciliation that follows.
+    has_run = {_trial_number(r) for r in owned if r.info.status in (RUN_FINISHED, RUN_RUNNING) or outcome.closed_as_interrupted(r)}
     d.missing = sorted((t for t in trials.values() if t.state == COMPLETE and t.number not in has_run), key=lambda t: t.number)
     return d
 

@@ -276,7 +276,10 @@ def execute_group(entries: list[Entry]) -> list[oc.Outcome]:
             end = ending(tr, result.stopped_by) if result.stopped_by is not None else _complete(ctx, tr, result)
         except BaseException as e:
             end = ending(tr, e)
-        outcomes.append(_end(ctx, tr.trial, tr, end))
+        try:
+            outcomes.append(_end(ctx, tr.trial, tr, end))
+        except KeyboardInterrupt as e:  # landed while this one was being recorded (end_trial recorded what it could)
+            end = oc.Ending(error=e)
         if not oc.classify(end.error).goes_on:  # interrupted while closing: no trial may be left RUNNING
             for (later_ctx, _), later in zip(entries[i + 1:], started[i + 1:]):
                 _end(later_ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
