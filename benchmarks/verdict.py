@@ -3,6 +3,7 @@
     python benchmarks/verdict.py                       # ce, vanilla_kd, pkt, cosine on MNIST-1D, 240 epochs each
     python benchmarks/verdict.py --parallel 8          # their trials in lockstep groups of 8
     python benchmarks/verdict.py --parallel 16 --processes 2   # two worker processes, 16 trials each at once
+                                                       # (and confirmation as two worker processes)
     python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5   # the whole MNIST-1D verdict
     python benchmarks/verdict.py --methods all --budget-epochs 300 --confirm-seeds 5 --parallel 32 --no-resume \\
         --keep DIR                                     # ... exactly the budget, stores kept for `kdsweep report`
@@ -147,7 +148,7 @@ def _run(argv: list[str]) -> dict:
         if e.code:
             raise
     out = {"wall": time.perf_counter() - T0}
-    if "--processes" in argv:
+    if "--processes" in argv and "--storage" in argv:  # a sweep's workers (confirmation: its wall time only)
         out.update(stored_epochs=_epochs_in(argv[argv.index("--storage") + 1]), training=math.nan, bookkeeping=math.nan)
     return out
 
@@ -180,6 +181,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--confirm-seeds", type=int, default=0)
+    ap.add_argument("--processes", type=int, default=1, help="worker processes of the sweep and of confirmation")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--floor-epochs", type=int, default=30)
     ap.add_argument("--no-resume", action="store_true", help="skip the resumed step (a verdict of exactly the budget)")
@@ -196,8 +198,9 @@ def main() -> None:
         os.makedirs(args.keep)  # a new folder: a verdict is timed on new stores
     with (contextlib.nullcontext(os.path.abspath(args.keep)) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         stores = ["--storage", f"sqlite:///{tmp}/optuna.db", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+        processes = ["--processes", str(args.processes)] if args.processes > 1 else []
         sweep = ["sweep", "--methods", args.methods, "--dataset", "mnist1d", "--epochs", str(args.epochs),
-                 "--parallel", str(args.parallel), "--quiet", *stores, *extra]
+                 "--parallel", str(args.parallel), "--quiet", *stores, *processes, *extra]
         print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
         # The floor on one thread and on every core: kdsweep may use every core, so the ratio is to the faster.
         cores = str(len(os.sched_getaffinity(0)))
@@ -207,7 +210,7 @@ def main() -> None:
             rows.append(("resumed, +1 trial", child([*sweep, "--budget-epochs", str(args.budget_epochs + args.epochs)], env)))
         if args.confirm_seeds:
             rows.append(("confirm", child(["confirm", "--seeds", str(args.confirm_seeds), "--dataset", "mnist1d",
-                                           "--tracking-uri", stores[3]], env)))
+                                           "--tracking-uri", stores[3], *processes], env)))
         rows += [("floor", child(["floor", str(args.floor_epochs), n], env)) for n in dict.fromkeys(["1", cores])]
     stored = 0
     for _, r in rows:  # --processes: each sweep step trained what the store gained

@@ -223,10 +223,11 @@ def sweep_teacher_seeds(methods: Sequence[str] | str = "all", teacher_seeds: Seq
 def confirm(seeds: int = 3, *, dataset: str | None = None, teacher: str | None = None, student: str | None = None,
             seed: int | None = None, studies: Sequence[str] | None = None, per_trial: str | None = None,
             device: str = "auto", data_dir: str | None = None, tracking_uri: str | None = None,
-            say: Callable[[str], None] = print) -> pd.DataFrame:
+            say: Callable[[str], None] = print, cpu_workers: int | None = None, quiet: bool = False) -> pd.DataFrame:
     """Retrain each method's best configuration with `seeds` fresh seeds (resumable), as `kdsweep confirm`.
 
-    Returns one row per method: runs reused, trained and failed.
+    Returns one row per method: runs reused, trained and failed. `cpu_workers` as a study's; `quiet`: say only
+    notes, warnings and failures.
     """
     from kdsweep.report.confirm import confirm as run_confirm
     from kdsweep.report.stored_studies import open_tracker, select
@@ -237,7 +238,7 @@ def confirm(seeds: int = 3, *, dataset: str | None = None, teacher: str | None =
                  per_trial)
     for note in sel.notes:
         say(f"note: {note}")
-    summary = run_confirm(sel, seeds, dev, data_dir, say=say)
+    summary = run_confirm(sel, seeds, dev, data_dir, say=say, cpu_workers=cpu_workers, quiet=quiet)
     import pandas as pd
 
     return pd.DataFrame([{"method": k, **v} for k, v in summary.items()])
@@ -271,11 +272,12 @@ def report(*, dataset: str | None = None, teacher: str | None = None, student: s
 
 
 def confirm_across(seeds: int = 3, *, device: str = "auto", data_dir: str | None = None,
-                   tracking_uri: str | None = None, say: Callable[[str], None] = print) -> dict[str, dict]:
+                   tracking_uri: str | None = None, say: Callable[[str], None] = print, cpu_workers: int | None = None,
+                   quiet: bool = False) -> dict[str, dict]:
     """`kdsweep confirm --across`: every block of the store confirmed with `seeds` fresh seeds; {block: {label: counts}}."""
     from kdsweep.report.across import confirm_across as run
 
-    return run(tracking_uri, seeds, device, data_dir, say)
+    return run(tracking_uri, seeds, device, data_dir, say, cpu_workers=cpu_workers, quiet=quiet)
 
 
 def _label(model: Any) -> str | None:

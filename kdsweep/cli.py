@@ -81,16 +81,19 @@ def _study_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         groups[schema.MODELS].add_argument(
             "--teacher-seeds", metavar="S,S,...", help="one sweep per teacher seed (as --teacher-seed), each its own "
             "block for `kdsweep report --across`; teacher-free methods (ce) run once and serve every block")
-    groups[schema.SPEED].add_argument(
-        "--processes", type=int, default=1, metavar="N",
-        help="run this command as N worker processes on this machine, sharing the budget exactly (each with its own "
-        "--parallel K; on a CPU each gets cores/N worker threads): on a CPU, processes do not wait for each other's "
-        "GIL as threads do (default: 1)")
+    _processes_arg(groups[schema.SPEED], "sharing the budget exactly (each with its own --parallel K; ")
     _output_args(p)
 
 
-def _output_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output (in a terminal: progress bars; otherwise one line per finished trial and study)")
+def _processes_arg(g, sharing: str) -> None:
+    g.add_argument("--processes", type=int, default=1, metavar="N",
+                   help=f"run this command as N worker processes on this machine, {sharing}on a CPU each gets cores/N "
+                   "worker threads): on a CPU, processes do not wait for each other's GIL as threads do (default: 1)")
+
+
+def _output_args(p: argparse.ArgumentParser,
+                 title: str = "output (in a terminal: progress bars; otherwise one line per finished trial and study)") -> None:
+    g = p.add_argument_group(title)
     g.add_argument("--quiet", "-q", action="store_true",
                    help="print only the summary at the end (notes and warnings still go to stderr)")
 
@@ -283,6 +286,7 @@ examples:
   kdsweep confirm --dataset digits --seeds 5        # extends the 3 above by 2 more
   kdsweep confirm --dataset digits --studies ce,vanilla_kd --device cuda
   kdsweep confirm --across --seeds 5                # every block of the store, for report --across
+  kdsweep confirm --dataset mnist1d --seeds 5 --processes 2   # 2 worker processes (a CPU)
 
 For each study it retrains the best trial's hyperparameters with seeds
 SEED+1 .. SEED+K: a fresh student initialisation and augmentation stream, the
@@ -346,17 +350,20 @@ def _across_refusals(args) -> dict:
 def cmd_confirm(args) -> int:
     from kdsweep import api
 
+    if (code := _as_workers(args)) is not None:
+        return code
+    speed = {"cpu_workers": args.cpu_workers, "quiet": args.quiet}
     if args.across:
         _across_refusals(args)
         for block, table in api.confirm_across(args.seeds, device=args.device, data_dir=args.data_dir,
-                                               tracking_uri=args.tracking_uri, say=_stderr).items():
+                                               tracking_uri=args.tracking_uri, say=_stderr, **speed).items():
             for method, counts in table.items():
                 print(f"{block}: {method}: {counts['reused']} reused, {counts['trained']} trained, {counts['failed']} failed")
         return 0
 
     table = api.confirm(args.seeds, dataset=args.dataset, teacher=args.teacher, student=args.student, seed=args.seed,
                         studies=_studies(args), per_trial=args.per_trial, device=args.device, data_dir=args.data_dir,
-                        tracking_uri=args.tracking_uri, say=_stderr)
+                        tracking_uri=args.tracking_uri, say=_stderr, **speed)
     for row in table.itertuples():
         print(f"{row.method}: {row.reused} reused, {row.trained} trained, {row.failed} failed")
     return 0
@@ -505,6 +512,10 @@ def _add_confirm(sub: Sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per method (default: 3)")
     p.add_argument("--across", action="store_true",
                    help="confirm every block of the store (each pair, seed and teacher seed), as `report --across` reads them")
+    g = p.add_argument_group("speed")
+    g.add_argument("--cpu-workers", type=int, metavar="N", help=_help("cpu_workers"))
+    _processes_arg(g, "sharing out every seed's runs (")
+    _output_args(p, "output (on stderr: a line per study and per seed trained; on stdout: the table)")
     p.set_defaults(func=cmd_confirm)
 
 

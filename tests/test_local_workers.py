@@ -75,6 +75,31 @@ def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_
     assert len(runs) == 8 and {r.data.params["processes"] for r in runs} == {"2"}  # recorded with the threads
 
 
+@pytest.mark.slow  # a two-method sweep, then its confirmation as two worker processes
+def test_confirm_as_two_worker_processes_shares_out_each_seed_and_counts_every_seed_as_its_own(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    env = cli_env(tmp_path)
+    sweep = ["sweep", "--methods", "ce,vanilla_kd", "--trials", "1", "--teacher-epochs", "1", "--data-size", "1400",
+             "--batch-size", "4", *TINY]
+    out = run_cli(sweep, tmp_path, env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_cli(["confirm", "--dataset", "digits", "--device", "cpu", "--seeds", "2", "--processes", "2"], tmp_path, env,
+                  timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # The first worker's table: the seeds its fellow trained are the command's own, not "reused".
+    assert out.stdout.splitlines()[-2:] == ["ce: 0 reused, 2 trained, 0 failed", "vanilla_kd: 0 reused, 2 trained, 0 failed"]
+    assert "left to it" not in out.stderr and "meanwhile" not in out.stderr, out.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], "tags.`kdsweep.role` = 'confirm'")]
+    assert sorted((r.data.tags["kdsweep.method"], r.data.tags["kdsweep.confirm_seed"]) for r in runs) == \
+        [("ce", "1"), ("ce", "2"), ("vanilla_kd", "1"), ("vanilla_kd", "2")]
+    assert {(r.info.status, r.data.tags["kdsweep.state"], r.data.params["processes"]) for r in runs} == {("FINISHED", "COMPLETE", "2")}
+    owners = {json.loads(r.data.tags["kdsweep.owner"])["pid"] for r in runs}
+    assert len(owners) == 2, "each worker took its share of each seed"  # unless one was slow to start
+    assert len({r.data.tags["kdsweep.command"] for r in runs}) == 1
+
+
 def test_bad_input_is_said_once_with_exit_2(tmp_path):
     out = run_cli(["study", "no_such_method", "--processes", "2", *TINY], tmp_path, cli_env(tmp_path))
     assert out.returncode == 2

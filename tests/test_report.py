@@ -126,10 +126,11 @@ def test_confirm_adds_runs_then_reuses_them(sweep, capsys):
     assert kd[0].data.metrics["test_acc"] != kd[1].data.metrics["test_acc"] or \
         kd[0].data.metrics["best_val_acc"] != kd[1].data.metrics["best_val_acc"]  # fresh seeds differ
 
-    # Twice: everything reused, nothing trained.
-    assert cli.main(["confirm", "--tracking-uri", uri, "--seeds", "2", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["ce: 2 reused, 0 trained, 0 failed",
-                                                    "vanilla_kd: 2 reused, 0 trained, 0 failed"]
+    # Twice: everything reused, nothing trained; --quiet: the table only.
+    assert cli.main(["confirm", "--tracking-uri", uri, "--seeds", "2", "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == ["ce: 2 reused, 0 trained, 0 failed", "vanilla_kd: 2 reused, 0 trained, 0 failed"]
+    assert "already there" not in printed.err, printed.err
     assert len(_runs(uri, "confirm")) == 4
 
     out = root / "R2"

@@ -368,8 +368,9 @@ def run_across(tracking_uri: str | None = None, formats: list[str] | None = None
 
 
 def confirm_across(tracking_uri: str | None, seeds: int, device: str = "auto", data_dir: str | None = None,
-                   say: Say = print) -> dict[str, dict[str, dict[str, int]]]:
-    """`kdsweep confirm --across`: every block's studies confirmed with `seeds` seeds (a shared ce study once)."""
+                   say: Say = print, **speed) -> dict[str, dict[str, dict[str, int]]]:
+    """`kdsweep confirm --across`: every block's studies confirmed with `seeds` seeds (a shared ce study once);
+    `speed`: confirm's cpu_workers and quiet."""
     from kdsweep.report.confirm import confirm
     from kdsweep.training.devices import resolve_device
 
@@ -381,5 +382,5 @@ def confirm_across(tracking_uri: str | None, seeds: int, device: str = "auto", d
             per_trial = next((s.per_trial for s in sel.studies if s.uses_teacher), sel.studies[0].per_trial)
             block = f"{sel.dataset} {sel.teacher}->{sel.student} s{sel.seed} {per_trial}"
             say(f"block {block}: {', '.join(s.label for s in sel.studies)}")
-            out[block] = confirm(sel, seeds, dev, data_dir, say)
+            out[block] = confirm(sel, seeds, dev, data_dir, say, **speed)
     return out

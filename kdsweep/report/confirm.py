@@ -16,11 +16,18 @@ gets its own runs.
 Seed k of every method trains in one lockstep group (training/loop.py): the seeds share their split and
 teacher, and seed k's batch stream is the same for every method, as a sweep's trials share theirs; so
 their students step together (fused where it pays), each exactly as it would alone.
+
+With `--processes N` (study/local_workers.py) the command runs as N worker processes: each claims its
+share of every seed's studies (the rest it leaves to the others), then whatever no worker took, then
+waits for the seeds its fellow workers train and counts them as the command's own. Seed k trains
+the same split across processes as within one, so nothing but the wall time changes.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +51,20 @@ from kdsweep.report.stored_studies import (
     split_data,
 )
 from kdsweep.study import outcome
+from kdsweep.study.local_workers import command_here, processes_here
 from kdsweep.study.trial import record_result
 from kdsweep.tracking import cleanup
 from kdsweep.tracking.tracker import Curves
-from kdsweep.tracking.vocabulary import RUN_FINISHED, RUN_RUNNING, STATE_COMPLETE, STATE_RUNNING, STATE_TAG
-from kdsweep.training.devices import prepare_cpu
+from kdsweep.tracking.vocabulary import (
+    COMMAND_TAG,
+    REASON_TAG,
+    RUN_FINISHED,
+    RUN_RUNNING,
+    STATE_COMPLETE,
+    STATE_RUNNING,
+    STATE_TAG,
+)
+from kdsweep.training.devices import Accel, prepare_cpu
 from kdsweep.training.loop import Member, Schedule, TrainResult, train_students
 
 
@@ -58,8 +74,12 @@ def _existing(study: StudyRuns) -> dict[str, str]:
 
 
 def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", data_dir: str | None = None,
-            say: Say = print) -> dict[str, dict[str, int]]:
-    """Bring every selected study to `seeds` COMPLETE confirmation runs; return {label: {reused, trained, failed}}."""
+            say: Say = print, *, cpu_workers: int | None = None, quiet: bool = False) -> dict[str, dict[str, int]]:
+    """Bring every selected study to `seeds` COMPLETE confirmation runs; return {label: {reused, trained, failed}}.
+
+    `cpu_workers`: as a study's --cpu-workers; `quiet`: no progress lines (what was reused, each seed's result),
+    only notes, warnings and failures."""
+    progress: Say = (lambda msg: None) if quiet else say
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     device = torch.device(device)
@@ -85,7 +105,7 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
             missing = [k for k in wanted if str(k) not in have]
             summary[s.label] = {"reused": len(wanted) - len(missing), "trained": 0, "failed": 0}
             if not missing:
-                say(f"{s.label}: {len(wanted)} confirmation runs already there (seeds {', '.join(map(str, wanted))}); reused")
+                progress(f"{s.label}: {len(wanted)} confirmation runs already there (seeds {', '.join(map(str, wanted))}); reused")
                 continue
             try:
                 method_cls = get_method(s.method)
@@ -107,11 +127,11 @@ def confirm(sel: Selection, seeds: int = 3, device: torch.device | str = "cpu", 
                     say(f"{s.label}: teacher missing ({t_where}); skipped")
                     continue
                 t_shapes = teacher.shapes(data.in_shape)
-            say(f"{s.label}: {summary[s.label]['reused']} confirmation runs reused, to train: seeds "
-                f"{', '.join(map(str, missing))}")
+            progress(f"{s.label}: {summary[s.label]['reused']} confirmation runs reused, to train: seeds "
+                     f"{', '.join(map(str, missing))}")
             plans.append(_Plan(s, method_cls, teacher if method_cls.uses_teacher else None, t_shapes, data, missing,
                                summary[s.label]))
-        _train_seeds(sel, plans, teacher, say)
+        _train_seeds(sel, plans, teacher, _Says(say, progress), Accel(cpu_workers=cpu_workers))
     return summary
 
 
@@ -140,28 +160,81 @@ class _Seed:
     hp: dict[str, float]
 
 
-def _train_seeds(sel: Selection, plans: list[_Plan], teacher, say: Say) -> None:
-    """Seed by seed, claim each study's run of it (unless another confirm took it meanwhile) and train the claimed
-    ones together, in one lockstep group per split and schedule; count what happened."""
+@dataclass
+class _Says:
+    """Where confirm's lines go: notes, warnings and failures (`say`), and progress (`progress`: nowhere with --quiet)."""
+
+    say: Say
+    progress: Say
+
+
+def _train_seeds(sel: Selection, plans: list[_Plan], teacher, says: _Says, accel: Accel) -> None:
+    """Seed by seed, claim the studies' runs of it (unless another confirm took one meanwhile) and train the claimed
+    ones together, in one lockstep group per split and schedule; count what happened.
+
+    One of N worker processes (--processes N) first claims only its share of each seed's studies, so that the
+    workers split every seed, the last one included; then, in a second pass, whatever is still unclaimed (a
+    worker that never came, or died before claiming); then it waits for the seeds its fellow workers claimed."""
     locks = {p.study.name: StudyLock(sel.tracker.uri, f"confirm:{p.study.name}") for p in plans}
+    workers = processes_here()
+    todo = [(k, p) for k in sorted({k for p in plans for k in p.seeds}) for p in plans if k in p.seeds]
+    taken: set[int] = set()  # positions in todo: trained here, reused, or left to a fellow worker
+    fellows: list[tuple[_Plan, int, str]] = []  # seeds a fellow worker claimed: (plan, seed, run)
     try:
-        for k in sorted({k for p in plans for k in p.seeds}):
-            groups: dict[tuple, list[_Seed]] = {}
-            for p in plans:
-                if k not in p.seeds:
-                    continue
-                run = _claim_seed(sel, p.study, k, locks[p.study.name], say)
-                if run is None:
-                    p.counts["reused"] += 1
-                    continue
-                seed = _prepare(sel, p, k, run)
-                sched = seed.member.schedule
-                groups.setdefault((id(p.data), sched.epochs, sched.batch_size), []).append(seed)
-            for seeds in groups.values():
-                _train_group(sel, seeds, teacher, say)
+        for shared_out in ([True, False] if workers > 1 else [False]):
+            for k in sorted({k for k, _ in todo}):
+                of_k = [i for i, (kk, _) in enumerate(todo) if kk == k]
+                quota = math.ceil(len(of_k) / workers) if shared_out else len(of_k)
+                groups: dict[tuple, list[_Seed]] = {}
+                for i in of_k:
+                    if i in taken or sum(len(g) for g in groups.values()) >= quota:
+                        continue
+                    p = todo[i][1]
+                    taken.add(i)
+                    whose, run = _claim_seed(sel, p.study, k, locks[p.study.name], says.progress)
+                    if whose == _FELLOW:
+                        fellows.append((p, k, run))
+                    elif whose == _ELSEWHERE:
+                        p.counts["reused"] += 1
+                    else:
+                        seed = _prepare(sel, p, k, run, accel)
+                        sched = seed.member.schedule
+                        groups.setdefault((id(p.data), sched.epochs, sched.batch_size), []).append(seed)
+                for seeds in groups.values():
+                    _train_group(sel, seeds, teacher, says, accel)
     finally:
         for lock in locks.values():
             lock.close()
+    _await_fellows(sel, fellows, says)
+
+
+def _await_fellows(sel: Selection, fellows: list[tuple[_Plan, int, str]], says: _Says) -> None:
+    """Wait for the seeds this command's other worker processes claimed; count each as this command's own."""
+    if fellows:
+        says.progress(f"  waiting for {len(fellows)} seed(s) that this command's other worker process(es) train")
+    while fellows:
+        left = []
+        for p, k, run_id in fellows:
+            run = sel.tracker.client.get_run(run_id)
+            owner = cleanup.run_owner(run)
+            if run.info.status == RUN_RUNNING and owner is not None and owner.alive() is not False:
+                left.append((p, k, run_id))
+                continue
+            done = run.info.status == RUN_FINISHED and run.data.tags.get(STATE_TAG) == STATE_COMPLETE
+            p.counts["trained" if done else "failed"] += 1
+            if done:
+                m = run.data.metrics
+                says.progress(_result_line(p.study.label, k, m.get("best_val_acc"), m.get("test_acc"), run_id))
+            else:
+                says.say(f"  {p.study.label} seed {k}: not completed by this command's other worker process "
+                         f"({run.data.tags.get(REASON_TAG) or run.info.status}); run `kdsweep confirm` again")
+        fellows = left
+        if fellows:
+            time.sleep(1.0)
+
+
+def _result_line(label: str, seed: int, val_acc: float | None, test_acc: float | None, run: str) -> str:
+    return f"  {label} seed {seed}: val_acc={val_acc:.4f} test_acc={test_acc:.4f} (run {run})"
 
 
 def _seed_runs(sel: Selection, s: StudyRuns, seed: int | None, statuses: tuple[str, ...]) -> list:
@@ -172,26 +245,38 @@ def _seed_runs(sel: Selection, s: StudyRuns, seed: int | None, statuses: tuple[s
     return sel.tracker.find_runs(sel.experiment_id, tags, statuses=statuses)
 
 
-def _claim_seed(sel: Selection, s: StudyRuns, seed: int, lock: StudyLock, say: Say) -> str | None:
-    """Start seed `seed`'s run (its claim), unless another confirm trains or trained it since this one looked.
+_MINE, _FELLOW, _ELSEWHERE = "mine", "fellow", "elsewhere"  # who trains a seed: this process, another worker
+# of this command (--processes), or another command (reused)
+
+
+def _claim_seed(sel: Selection, s: StudyRuns, seed: int, lock: StudyLock, say: Say) -> tuple[str, str]:
+    """Start seed `seed`'s run (its claim), unless another confirm trains or trained it since this one looked:
+    (_MINE, the new run), or (_FELLOW or _ELSEWHERE, the other's run).
 
     Under the lock, so two `confirm`s at once share the seeds instead of both training each (the lock is
     released while a seed trains; on a store without one, claims can race, as a study's trials can)."""
+    command = command_here()
     with lock:
         for run in _seed_runs(sel, s, seed, (RUN_RUNNING, RUN_FINISHED)):
+            fellow = command is not None and run.data.tags.get(COMMAND_TAG) == command
             if run.info.status == RUN_FINISHED and run.data.tags.get(STATE_TAG) == STATE_COMPLETE:
+                if fellow:
+                    return _FELLOW, run.info.run_id  # this command's own: counted as trained
                 say(f"  seed {seed}: trained meanwhile by another confirm (run {run.info.run_id}); reused")
-                return None
+                return _ELSEWHERE, run.info.run_id
             owner = cleanup.run_owner(run)
             if run.info.status == RUN_RUNNING and owner is not None and owner.alive() is not False:
+                if fellow:
+                    return _FELLOW, run.info.run_id  # not news: this command's own, waited for at the end
                 say(f"  seed {seed}: being trained by {owner} (run {run.info.run_id}); left to it")
-                return None
+                return _ELSEWHERE, run.info.run_id
         best = s.best
-        return sel.tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
+        return _MINE, sel.tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
                                  {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
                                   "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
                                   "kdsweep.source_trial": best.data.tags.get("kdsweep.trial", ""),
-                                  STATE_TAG: STATE_RUNNING, **cleanup.owner_tags()},
+                                  STATE_TAG: STATE_RUNNING, **cleanup.owner_tags(),
+                                  **({COMMAND_TAG: command} if command else {})},
                                  parent=s.run.info.run_id)
 
 
@@ -214,7 +299,7 @@ def lost_seeds(sel: Selection, close: bool) -> list[str]:
     return lines
 
 
-def _prepare(sel: Selection, p: _Plan, seed: int, run: str) -> _Seed:
+def _prepare(sel: Selection, p: _Plan, seed: int, run: str, accel: Accel) -> _Seed:
     """Seed `seed` of a study's best configuration: a fresh student (and heads) from that seed, its params logged."""
     best = p.study.best
     prm = best.data.params
@@ -229,26 +314,28 @@ def _prepare(sel: Selection, p: _Plan, seed: int, run: str) -> _Seed:
                           schedule.epochs).to(data.device)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
     curves = Curves(sel.tracker, run)
-    params = {**prm, "device": data.device.type, "confirm_seed": seed,
+    cpu_workers = ("auto" if accel.cpu_workers is None else accel.cpu_workers) if data.device.type == "cpu" else ""
+    params = {**prm, "device": data.device.type, "confirm_seed": seed, "processes": processes_here(), "cpu_workers": cpu_workers,
               "source_trial": best.data.tags.get("kdsweep.trial", ""), "extra_params": count_params(method)}
     sel.tracker.log(run, params=params)
     member = Member(student, method, schedule, lambda st: curves.add(st.epoch, st.metrics()), rng=rng)
     return _Seed(p, seed, run, member, curves, hp)
 
 
-def _train_group(sel: Selection, seeds: list[_Seed], teacher, say: Say) -> None:
+def _train_group(sel: Selection, seeds: list[_Seed], teacher, says: _Says, accel: Accel) -> None:
     """Train seeds of several studies in lockstep (same split, schedule and seed: the same batches), then record
     and end each one's run on its own, as a lone seed's would be."""
     data = copy.copy(seeds[0].plan.data)
     data.stream_seed = seeds[0].seed  # same split, fresh batch order and augmentation
     try:
         results: list[TrainResult | BaseException] = list(train_students(
-            [sd.member for sd in seeds], teacher if any(sd.plan.teacher is not None for sd in seeds) else None, data))
+            [sd.member for sd in seeds], teacher if any(sd.plan.teacher is not None for sd in seeds) else None, data,
+            accel=accel))
     except BaseException as e:  # noqa: BLE001 - it stopped the whole group: each seed ends with it
         results = [e] * len(seeds)
     stop = None
     for sd, result in zip(seeds, results):
-        ok = _record(sel, sd, result, say)
+        ok = _record(sel, sd, result, says)
         sd.plan.counts["trained" if ok else "failed"] += 1
         if isinstance(result, BaseException) and not outcome.classify(result).goes_on:
             stop = result
@@ -256,7 +343,7 @@ def _train_group(sel: Selection, seeds: list[_Seed], teacher, say: Say) -> None:
         raise stop
 
 
-def _record(sel: Selection, sd: _Seed, result: TrainResult | BaseException, say: Say) -> bool:
+def _record(sel: Selection, sd: _Seed, result: TrainResult | BaseException, says: _Says) -> bool:
     """Record one seed's result and end its run through the outcome table (MLflow side only: a seed has no
     Optuna trial); True if it completed."""
     s, data, final = sd.plan.study, sd.plan.data, None
@@ -273,11 +360,11 @@ def _record(sel: Selection, sd: _Seed, result: TrainResult | BaseException, say:
     else:
         end = outcome.Ending(error=error)
     end.history = sd.curves.take()
-    ended = outcome.end_trial(outcome.Records(sel.tracker, sd.run, say=say), outcome.classify(end.error), end)
+    ended = outcome.end_trial(outcome.Records(sel.tracker, sd.run, say=says.say), outcome.classify(end.error), end)
     if ended is not outcome.COMPLETE:
-        say(f"  {s.label} seed {sd.seed}: {outcome.reason_of(ended, end.error)}; recorded as FAIL")
+        says.say(f"  {s.label} seed {sd.seed}: {outcome.reason_of(ended, end.error)}; recorded as FAIL")
         return False
-    say(f"  {s.label} seed {sd.seed}: val_acc={result.best_val_acc:.4f} test_acc={final['test_acc']:.4f} (run {sd.run})")
+    says.progress(_result_line(s.label, sd.seed, result.best_val_acc, final["test_acc"], sd.run))
     return True
 
 

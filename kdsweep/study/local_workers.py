@@ -1,11 +1,12 @@
-"""`--processes N`: a `kdsweep study` or `sweep` command run as N worker processes on this machine.
+"""`--processes N`: a `kdsweep study`, `sweep` or `confirm` command run as N worker processes on this machine.
 
 Why processes: on a CPU a lockstep group steps on worker threads, and the Python between a step's
 small operations (vmap, the methods' losses) holds the GIL, so threads wait for each other where
 processes do not (benchmarks/gil_threads.py; docs/performance.md, "Worker processes"). The
 workers are the many-workers path of docs/multi-worker.md, started for the user: each runs the
 same command and claims trials from the same studies under the study lock, so every budget stays
-exact and a killed worker's trial is retried. Each worker is the user's command with its own
+exact and a killed worker's trial is retried (confirm's workers share out each seed's runs:
+report/confirm.py). Each worker is the user's command with its own
 --parallel K (N x K trials train at once); on a CPU each gets its share of the cores unless
 --cpu-workers says otherwise.
 
@@ -24,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import IO
 
 ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this kdsweep: the workers import the same one
 PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many workers its command started
+COMMAND_ENV = "KDSWEEP_WORKER_COMMAND"  # set for each worker: an id its command's workers share, and no one else
 
 
 def processes_here() -> int:
@@ -36,6 +39,12 @@ def processes_here() -> int:
     every run, as the threads are, so costs are compared like with like."""
     value = os.environ.get(PROCESSES_ENV, "")
     return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
+def command_here() -> str | None:
+    """The id shared by the worker processes of this process's command (None when started alone): what marks a
+    run as trained by a fellow worker, even one that has exited since."""
+    return os.environ.get(COMMAND_ENV) or None
 
 
 def cores() -> int:
@@ -64,9 +73,9 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _start(args: list[str], processes: int, log: IO | None) -> subprocess.Popen:
+def _start(args: list[str], processes: int, command: str, log: IO | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-           PROCESSES_ENV: str(processes)}
+           PROCESSES_ENV: str(processes), COMMAND_ENV: command}
     out = {} if log is None else {"stdout": subprocess.DEVNULL, "stderr": log}
     return subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *args], env=env, start_new_session=True,
                             preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None, **out)
@@ -79,7 +88,8 @@ def run(argv: list[str], processes: int, cpu_workers: int | None, quiet: bool) -
     print(f"{processes} worker processes on this machine ({what}); the first reports here, the others' output is "
         "shown if they fail", file=sys.stderr if quiet else sys.stdout, flush=True)
     logs = [None] + [tempfile.TemporaryFile("w+") for _ in range(processes - 1)]
-    procs = [_start(worker_argv(argv, processes, cpu_workers, i), processes, log) for i, log in enumerate(logs)]
+    command = uuid.uuid4().hex
+    procs = [_start(worker_argv(argv, processes, cpu_workers, i), processes, command, log) for i, log in enumerate(logs)]
 
     def pass_on(signum, frame):
         for p in procs:
