@@ -148,8 +148,12 @@ def _run(argv: list[str]) -> dict:
         if e.code:
             raise
     out = {"wall": time.perf_counter() - T0}
-    if "--processes" in argv and "--storage" in argv:  # a sweep's workers (confirmation: its wall time only)
-        out.update(stored_epochs=_epochs_in(argv[argv.index("--storage") + 1]), training=math.nan, bookkeeping=math.nan)
+    if "--processes" in argv:
+        out.update(training=math.nan, bookkeeping=math.nan)
+        if argv[0] == "confirm":  # a new store: every confirmation run in it is this step's
+            out["trial_epochs"] = _confirm_epochs_in(argv[argv.index("--tracking-uri") + 1])
+        else:
+            out["stored_epochs"] = _epochs_in(argv[argv.index("--storage") + 1])
     return out
 
 
@@ -161,6 +165,16 @@ def _epochs_in(storage: str) -> int:
 
     return sum(Spent.of(optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)).epochs
                for n in optuna.get_all_study_names(storage))
+
+
+def _confirm_epochs_in(tracking_uri: str) -> int:
+    """Epochs trained by the confirmation runs in the MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = [r for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], "tags.`kdsweep.role` = 'confirm'", max_results=10000)]
+    return int(sum(r.data.metrics.get("epochs_trained", 0) for r in runs))
 
 
 def child(argv: list[str], env: dict) -> dict:

@@ -225,16 +225,20 @@ def _await_fellows(sel: Selection, fellows: list[tuple[_Plan, int, str]], says: 
             if done:
                 m = run.data.metrics
                 says.progress(_result_line(p.study.label, k, m.get("best_val_acc"), m.get("test_acc"), run_id))
+            elif run.info.status == RUN_RUNNING:
+                says.say(f"  {p.study.label} seed {k}: its process {owner} is gone (killed or crashed); "
+                         f"run `kdsweep confirm` again")
             else:
-                says.say(f"  {p.study.label} seed {k}: not completed by this command's other worker process "
-                         f"({run.data.tags.get(REASON_TAG) or run.info.status}); run `kdsweep confirm` again")
+                says.say(f"  {p.study.label} seed {k}: {run.data.tags.get(REASON_TAG) or run.info.status}; recorded as FAIL")
         fellows = left
         if fellows:
             time.sleep(1.0)
 
 
 def _result_line(label: str, seed: int, val_acc: float | None, test_acc: float | None, run: str) -> str:
-    return f"  {label} seed {seed}: val_acc={val_acc:.4f} test_acc={test_acc:.4f} (run {run})"
+    def acc(v: float | None) -> str:
+        return "?" if v is None else f"{v:.4f}"
+    return f"  {label} seed {seed}: val_acc={acc(val_acc)} test_acc={acc(test_acc)} (run {run})"
 
 
 def _seed_runs(sel: Selection, s: StudyRuns, seed: int | None, statuses: tuple[str, ...]) -> list:
@@ -271,13 +275,12 @@ def _claim_seed(sel: Selection, s: StudyRuns, seed: int, lock: StudyLock, say: S
                 say(f"  seed {seed}: being trained by {owner} (run {run.info.run_id}); left to it")
                 return _ELSEWHERE, run.info.run_id
         best = s.best
-        return _MINE, sel.tracker.start(sel.experiment_id, f"confirm-s{seed}",  # under the study's parent run, which names it
-                                 {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
-                                  "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
-                                  "kdsweep.source_trial": best.data.tags.get("kdsweep.trial", ""),
-                                  STATE_TAG: STATE_RUNNING, **cleanup.owner_tags(),
-                                  **({COMMAND_TAG: command} if command else {})},
-                                 parent=s.run.info.run_id)
+        tags = {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
+                "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
+                "kdsweep.source_trial": best.data.tags.get("kdsweep.trial", ""), STATE_TAG: STATE_RUNNING,
+                **cleanup.owner_tags(), **({COMMAND_TAG: command} if command else {})}
+        # under the study's parent run, which names it
+        return _MINE, sel.tracker.start(sel.experiment_id, f"confirm-s{seed}", tags, parent=s.run.info.run_id)
 
 
 def lost_seeds(sel: Selection, close: bool) -> list[str]:
@@ -315,8 +318,9 @@ def _prepare(sel: Selection, p: _Plan, seed: int, run: str, accel: Accel) -> _Se
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None)
     curves = Curves(sel.tracker, run)
     cpu_workers = ("auto" if accel.cpu_workers is None else accel.cpu_workers) if data.device.type == "cpu" else ""
-    params = {**prm, "device": data.device.type, "confirm_seed": seed, "processes": processes_here(), "cpu_workers": cpu_workers,
-              "source_trial": best.data.tags.get("kdsweep.trial", ""), "extra_params": count_params(method)}
+    params = {**prm, "device": data.device.type, "confirm_seed": seed, "processes": processes_here(),
+              "cpu_workers": cpu_workers, "source_trial": best.data.tags.get("kdsweep.trial", ""),
+              "extra_params": count_params(method)}
     sel.tracker.log(run, params=params)
     member = Member(student, method, schedule, lambda st: curves.add(st.epoch, st.metrics()), rng=rng)
     return _Seed(p, seed, run, member, curves, hp)
