@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from reliability_helpers import cli_env, load_trials, mlflow_runs, run_cli, start_cli
 
+from kdsweep.common.processes import COMMAND_ENV
 from kdsweep.study import local_workers
 from kdsweep.study import loop as study_loop
 from kdsweep.study.budget import Budget, Spent
@@ -97,7 +98,7 @@ def test_confirm_as_two_worker_processes_shares_out_each_seed_and_counts_every_s
     assert {(r.info.status, r.data.tags["kdsweep.state"], r.data.params["processes"]) for r in runs} == {("FINISHED", "COMPLETE", "2")}
     owners = {json.loads(r.data.tags["kdsweep.owner"])["pid"] for r in runs}
     assert len(owners) == 2, "each worker took its share of each seed"  # unless one was slow to start
-    assert len({r.data.tags["kdsweep.command"] for r in runs}) == 1
+    assert len({json.loads(r.data.tags["kdsweep.owner"])["command"] for r in runs}) == 1, "the workers of one command"
 
 
 def test_bad_input_is_said_once_with_exit_2(tmp_path):
@@ -186,17 +187,26 @@ def _owners(db) -> set[int]:
     return {json.loads(v)["pid"] for (v,) in rows}
 
 
-def test_a_worker_knows_the_other_workers_of_its_command(tmp_path):
-    # Two children of this process stand for two workers of one command: each is the other's sibling; this
-    # process (their parent) and an unrelated process are not.
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        code = ("import os, sys; from kdsweep.common.processes import Owner, _node_id, _start_time\n"
-                "def owner(pid): return Owner(_node_id(), 'h', pid, _start_time(pid))\n"
-                "print(owner(int(sys.argv[1])).same_parent(), owner(os.getppid()).same_parent(), owner(1).same_parent(),"
-                " Owner.me().same_parent())")
-        out = subprocess.run([sys.executable, "-c", code, str(other.pid)], capture_output=True, text=True, timeout=120)
-        assert out.stdout.split() == ["True", "False", "False", "False"], out.stdout + out.stderr
-    finally:
-        other.kill()
-        other.wait()
+def test_a_worker_knows_the_other_workers_of_its_command():
+    # Owners as recorded by processes started with a command's id, or alone: a worker's fellows are the other
+    # workers of its command, live or exited; not itself, not another command's workers, not a lone process.
+    code = ("import json, os, sys; from kdsweep.common.processes import COMMAND_ENV, Owner\n"
+            "me = Owner.me(); print(json.dumps(me.as_attr()))\n"
+            "others = [Owner.from_attr(json.loads(a)) for a in sys.argv[1:]]\n"
+            "print(*[o.is_fellow() for o in others], me.is_fellow())")
+
+    def owner(command, *others):
+        env = {**os.environ, COMMAND_ENV: command} if command else {k: v for k, v in os.environ.items() if k != COMMAND_ENV}
+        out = subprocess.run([sys.executable, "-c", code, *others], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        attr, fellows = out.stdout.splitlines()
+        return attr, fellows.split()
+
+    first, _ = owner("c1")
+    other_command, _ = owner("c2")
+    alone, _ = owner("")
+    assert "command" not in json.loads(alone), "a command started alone records what it always did"
+    _, fellows = owner("c1", first, other_command, alone)  # a second worker of c1, after the first has exited
+    assert fellows == ["True", "False", "False", "False"]
+    _, fellows = owner("", first, alone)
+    assert fellows == ["False", "False", "False"]

@@ -1,5 +1,5 @@
 """Process identity: which node, pid and start time a worker or run owner is, so a dead owner can be
-told from a live one (pids are reused).
+told from a live one (pids are reused), and which command it is a worker of (`--processes N`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdsweep.common.errors import UserError
+
+COMMAND_ENV = "KDSWEEP_WORKER_COMMAND"  # set for each worker of a --processes command: an id they share, and no one else
 
 
 def _pid_alive(pid: int) -> bool:
@@ -56,34 +58,34 @@ def _start_time(pid: int) -> str:
     return fields[19]
 
 
-def _parent_pid(pid: int) -> int | None:
-    """The process's parent pid; None if it is gone or /proc is missing."""
-    fields = _stat(pid)
-    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
-
-
 @dataclass(frozen=True)
 class Owner:
     node: str
     host: str
     pid: int
     started: str
+    command: str = ""  # the id of the --processes command it is a worker of; "" when started alone
 
     @classmethod
     def me(cls) -> "Owner":
-        return cls(_node_id(), socket.gethostname(), os.getpid(), _start_time(os.getpid()))
+        return cls(_node_id(), socket.gethostname(), os.getpid(), _start_time(os.getpid()),
+                   os.environ.get(COMMAND_ENV, ""))
 
     @classmethod
     def from_attr(cls, value) -> "Owner | None":
         if not isinstance(value, dict):
             return None
         try:
-            return cls(str(value["node"]), str(value["host"]), int(value["pid"]), str(value.get("started", "")))
+            return cls(str(value["node"]), str(value["host"]), int(value["pid"]), str(value.get("started", "")),
+                       str(value.get("command", "")))
         except (KeyError, TypeError, ValueError):
             return None
 
     def as_attr(self) -> dict:
-        return asdict(self)
+        attr = asdict(self)
+        if not self.command:
+            del attr["command"]  # a command started alone records what it always did
+        return attr
 
     def alive(self) -> bool | None:
         """Whether the owner process still runs; None when it ran on another node (ask the heartbeat)."""
@@ -99,11 +101,11 @@ class Owner:
             return True
         return True
 
-    def same_parent(self) -> bool:
-        """Whether the owner is another live process on this node started by this process's parent (with
-        --processes: another worker of the same command)."""
-        return self.node == _node_id() and self.pid != os.getpid() and _parent_pid(self.pid) == os.getppid() \
-            and self.alive() is True
+    def is_fellow(self) -> bool:
+        """Whether the owner is another worker of this process's --processes command, live or exited since:
+        its trials and runs are the command's own."""
+        mine = os.environ.get(COMMAND_ENV, "")
+        return bool(mine) and self.command == mine and self.pid != os.getpid()  # one command's workers share a node
 
     def __str__(self) -> str:
         return f"{self.host}:{self.pid}"

@@ -51,12 +51,11 @@ from kdsweep.report.stored_studies import (
     split_data,
 )
 from kdsweep.study import outcome
-from kdsweep.study.local_workers import command_here, processes_here
+from kdsweep.study.local_workers import processes_here
 from kdsweep.study.trial import record_result
 from kdsweep.tracking import cleanup
 from kdsweep.tracking.tracker import Curves
 from kdsweep.tracking.vocabulary import (
-    COMMAND_TAG,
     REASON_TAG,
     RUN_FINISHED,
     RUN_RUNNING,
@@ -259,16 +258,15 @@ def _claim_seed(sel: Selection, s: StudyRuns, seed: int, lock: StudyLock, say: S
 
     Under the lock, so two `confirm`s at once share the seeds instead of both training each (the lock is
     released while a seed trains; on a store without one, claims can race, as a study's trials can)."""
-    command = command_here()
     with lock:
         for run in _seed_runs(sel, s, seed, (RUN_RUNNING, RUN_FINISHED)):
-            fellow = command is not None and run.data.tags.get(COMMAND_TAG) == command
+            owner = cleanup.run_owner(run)
+            fellow = owner is not None and owner.is_fellow()
             if run.info.status == RUN_FINISHED and run.data.tags.get(STATE_TAG) == STATE_COMPLETE:
                 if fellow:
                     return _FELLOW, run.info.run_id  # this command's own: counted as trained
                 say(f"  seed {seed}: trained meanwhile by another confirm (run {run.info.run_id}); reused")
                 return _ELSEWHERE, run.info.run_id
-            owner = cleanup.run_owner(run)
             if run.info.status == RUN_RUNNING and owner is not None and owner.alive() is not False:
                 if fellow:
                     return _FELLOW, run.info.run_id  # not news: this command's own, waited for at the end
@@ -278,7 +276,7 @@ def _claim_seed(sel: Selection, s: StudyRuns, seed: int, lock: StudyLock, say: S
         tags = {"kdsweep.role": "confirm", "kdsweep.study": s.name, "kdsweep.method": s.method,
                 "kdsweep.confirm_seed": seed, "kdsweep.source_run": best.info.run_id,
                 "kdsweep.source_trial": best.data.tags.get("kdsweep.trial", ""), STATE_TAG: STATE_RUNNING,
-                **cleanup.owner_tags(), **({COMMAND_TAG: command} if command else {})}
+                **cleanup.owner_tags()}
         # under the study's parent run, which names it
         return _MINE, sel.tracker.start(sel.experiment_id, f"confirm-s{seed}", tags, parent=s.run.info.run_id)
 

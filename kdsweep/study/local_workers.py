@@ -29,9 +29,10 @@ import uuid
 from pathlib import Path
 from typing import IO
 
+from kdsweep.common.processes import COMMAND_ENV
+
 ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this kdsweep: the workers import the same one
 PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many workers its command started
-COMMAND_ENV = "KDSWEEP_WORKER_COMMAND"  # set for each worker: an id its command's workers share, and no one else
 
 
 def processes_here() -> int:
@@ -39,12 +40,6 @@ def processes_here() -> int:
     every run, as the threads are, so costs are compared like with like."""
     value = os.environ.get(PROCESSES_ENV, "")
     return int(value) if value.isdigit() and int(value) >= 1 else 1
-
-
-def command_here() -> str | None:
-    """The id shared by the worker processes of this process's command (None when started alone): what marks a
-    run as trained by a fellow worker, even one that has exited since."""
-    return os.environ.get(COMMAND_ENV) or None
 
 
 def cores() -> int:

@@ -337,7 +337,7 @@ def _running_in_siblings(ctx: StudyContext) -> int:
     if local_workers.processes_here() == 1:
         return 0
     owners = (Owner.from_attr(t.user_attrs.get(OWNER_ATTR)) for t in ctx.study.get_trials(deepcopy=False, states=(RUNNING,)))
-    return sum(1 for o in owners if o is not None and o.same_parent())
+    return sum(1 for o in owners if o is not None and o.is_fellow() and o.alive() is True)
 
 
 def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], turn: int = 0) -> list[Entry]:

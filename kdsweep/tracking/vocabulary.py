@@ -12,7 +12,6 @@ OWNER_TAG = "kdsweep.owner"
 OWNER_ATTR = "kdsweep.owner"
 
 
-COMMAND_TAG = "kdsweep.command"  # a confirmation run trained by one of a command's --processes workers: its command
 
 
 REASON_ATTR = "fail_reason"
