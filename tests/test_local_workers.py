@@ -53,6 +53,34 @@ def test_a_worker_of_several_claims_its_share_of_what_can_run_now(monkeypatch):
     assert study_loop._share([ctx(Budget(None, None, 5), 0, 0)], 16) == 16  # no limit: nothing to share out
 
 
+def test_each_worker_of_several_deals_from_its_own_slice_of_a_sweeps_studies_first(monkeypatch):
+    class Study(SimpleNamespace):  # a study with `left` trials to claim
+        def take(self):
+            if not self.left:
+                return None
+            self.left -= 1
+            return self.name
+
+    monkeypatch.setattr(study_loop, "_claim_next", Study.take)
+
+    def group(left, size, turn=0):
+        studies = [Study(name=name, left=n) for name, n in zip("ABCD", left)]
+        return "".join(sorted(t for _, t in study_loop._claim_group(studies, size, set(), turn)))
+
+    assert group([8, 8, 8, 8], 16) == "AAAABBBBCCCCDDDD"  # alone: round-robin over every study
+    monkeypatch.setenv(local_workers.PROCESSES_ENV, "2")
+    monkeypatch.setenv(local_workers.INDEX_ENV, "0")
+    assert group([8, 8, 8, 8], 16) == "AAAAAAAABBBBBBBB"  # the first worker's slice: A and B
+    assert group([8, 8, 8, 8], 5, turn=1) == "AABBB"  # taking turns within it (turn 0: AAABB)
+    assert group([8, 3, 8, 8], 16) == "AAAAAAAABBBCCCDD"  # its slice short: the others' studies fill the group
+    monkeypatch.setenv(local_workers.INDEX_ENV, "1")
+    assert group([8, 8, 8, 8], 16) == "CCCCCCCCDDDDDDDD"
+    assert group([8, 8, 0, 0], 4) == "AABB"  # its slice done: helps with the rest
+    monkeypatch.setenv(local_workers.PROCESSES_ENV, "3")
+    monkeypatch.setenv(local_workers.INDEX_ENV, "2")
+    assert group([2, 2, 2, 2], 2) == "CD"  # slices of 4 studies among 3 workers: A | B | C D
+
+
 def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_path):
     # ce needs no teacher (none trained here); trials long enough (1,400 images, batch 4: about 0.4 s) that both
     # workers train some, as in test_budget. --parallel 8 could take all 8 trials at once: each worker takes its half.

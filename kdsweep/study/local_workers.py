@@ -33,6 +33,7 @@ from kdsweep.common.processes import COMMAND_ENV
 
 ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this kdsweep: the workers import the same one
 PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many workers its command started
+INDEX_ENV = "KDSWEEP_WORKER_INDEX"  # set for each worker: which of them it is, from 0
 
 
 def processes_here() -> int:
@@ -40,6 +41,12 @@ def processes_here() -> int:
     every run, as the threads are, so costs are compared like with like."""
     value = os.environ.get(PROCESSES_ENV, "")
     return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
+def index_here() -> int:
+    """Which of its command's worker processes this one is, from 0 (0 when started alone)."""
+    value = os.environ.get(INDEX_ENV, "")
+    return int(value) if value.isdigit() and int(value) < processes_here() else 0
 
 
 def cores() -> int:
@@ -68,9 +75,9 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _start(args: list[str], processes: int, command: str, log: IO | None) -> subprocess.Popen:
+def _start(args: list[str], processes: int, index: int, command: str, log: IO | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-           PROCESSES_ENV: str(processes), COMMAND_ENV: command}
+           PROCESSES_ENV: str(processes), INDEX_ENV: str(index), COMMAND_ENV: command}
     out = {} if log is None else {"stdout": subprocess.DEVNULL, "stderr": log}
     return subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *args], env=env, start_new_session=True,
                             preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None, **out)
@@ -84,7 +91,8 @@ def run(argv: list[str], processes: int, cpu_workers: int | None, quiet: bool) -
         "shown if they fail", file=sys.stderr if quiet else sys.stdout, flush=True)
     logs = [None] + [tempfile.TemporaryFile("w+") for _ in range(processes - 1)]
     command = uuid.uuid4().hex
-    procs = [_start(worker_argv(argv, processes, cpu_workers, i), processes, command, log) for i, log in enumerate(logs)]
+    procs = [_start(worker_argv(argv, processes, cpu_workers, i), processes, i, command, log)
+             for i, log in enumerate(logs)]
 
     def pass_on(signum, frame):
         for p in procs:

