@@ -345,10 +345,9 @@ def _dealing_order(ctxs: list[StudyContext], turn: int) -> tuple[list[StudyConte
     on (a sweep's methods take turns).
 
     Alone, its slice is every study. Worker i of a --processes N command owns the i-th of N contiguous slices, so
-    each worker's group holds fewer methods with more members each, whose losses are batched (a 4-method sweep as
-    two processes: 10-20% less time than each group dealt over all four methods), and a study's trials that
-    share work (crd's negatives) share a process. The others' slices follow, so no worker idles while any
-    study has room."""
+    each worker's group holds fewer methods with more members each, whose losses are batched (docs/performance.md,
+    "Worker processes"), and a study's trials that share work (crd's negatives) share a process. The others'
+    slices follow, so no worker idles while any study has room."""
     n, i = local_workers.processes_here(), local_workers.index_here()
     lo, hi = len(ctxs) * i // n, len(ctxs) * (i + 1) // n
 
