@@ -12,8 +12,6 @@ OWNER_TAG = "kdsweep.owner"
 OWNER_ATTR = "kdsweep.owner"
 
 
-
-
 REASON_ATTR = "fail_reason"
 
 

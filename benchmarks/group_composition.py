@@ -1,0 +1,67 @@
+"""One fused group of 16 MNIST-1D MLP students on one thread, timed per epoch, by how many methods it holds:
+why each worker of `--processes N` deals from its own slice of a sweep's studies (study/loop.py, `_dealing_order`).
+
+    python benchmarks/group_composition.py [--epochs 4] [--rounds 2]
+
+The methods are those that serve the pair, without crd and rkd (whose losses dwarf the rest); each member
+takes its method's default hyperparameters. The teacher is cnn1d with its random initial weights (a speed
+test: the losses cost the same); Adam, batch 100. Prints each composition's seconds per epoch after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from kdsweep.data.dispatch import load_data
+from kdsweep.methods.registry import METHODS
+from kdsweep.models.factory import build_model
+from kdsweep.training.loop import Accel, Lockstep, Member, Schedule
+
+
+def per_epoch(names: list[str], data, teacher, epochs: int) -> float:
+    torch.manual_seed(0)
+    members = []
+    for name in names:
+        cls, student = METHODS[name], build_model("mlp100", data.in_shape, data.num_classes)
+        shapes = (student.shapes(data.in_shape), teacher.shapes(data.in_shape))
+        method = cls({k: v.default for k, v in cls.space.items()}, *shapes, epochs)
+        members.append(Member(student, method, Schedule(epochs, 100, 0.01, optimizer="adam")))
+    group = Lockstep(members, teacher, data, accel=Accel(cpu_workers=1, fused=True))
+    group.epoch()  # the first holds the one-off set-up
+    start = time.perf_counter()
+    while group.epoch():
+        pass
+    return (time.perf_counter() - start) / (epochs - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    os.environ["KDSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kdsweep-group-composition-")
+    torch.set_num_threads(1)
+    data = load_data("mnist1d", None, None, 0, 0.1, torch.device("cpu"))
+    teacher = build_model("cnn1d", data.in_shape, data.num_classes).eval().requires_grad_(False)
+    probe = build_model("mlp100", data.in_shape, data.num_classes)
+    cheap = [n for n in sorted(METHODS) if not n.startswith(("crd", "rkd"))
+             and not METHODS[n].unsupported(probe.shapes(data.in_shape), teacher.shapes(data.in_shape))]
+    compositions = {f"{len(cheap)} methods, round-robin": [cheap[i % len(cheap)] for i in range(16)],
+                    "8 methods x 2": [cheap[i % 8] for i in range(16)],
+                    "4 methods x 4": [cheap[i % 4] for i in range(16)],
+                    "2 methods x 8": [cheap[i % 2] for i in range(16)]}
+    print(f"methods: {', '.join(cheap)}")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    for r in range(args.rounds):
+        for label, names in compositions.items():
+            print(f"round {r + 1}, {label:<26} {per_epoch(names, data, teacher, args.epochs):.3f} s an epoch", flush=True)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
