@@ -167,6 +167,18 @@ def test_exit_status_is_130_even_after_an_interrupt_passed_through_c_code(tmp_pa
     assert "interrupted; run the same command again to resume" in out.stderr
 
 
+def test_a_finished_command_closes_its_stores(tmp_path):
+    # entry() skips the interpreter's walk over every object at exit (gc.freeze), which would otherwise close
+    # the stores' idle connections; it closes them itself, so each store's log is folded into it and removed.
+    storage, tracking = _stores(tmp_path)
+    out = run_cli([*STUDY, "--trials", "1", "--study-name", "closed", "--storage", storage, "--tracking-uri", tracking],
+                  tmp_path, cli_env(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.name for p in (tmp_path / "mlruns").glob("*.db*") if not p.name.endswith("-lock")) == \
+        ["mlflow.db", "optuna.db"]
+    assert [t.state.name for t in load_trials(storage, "closed")] == ["COMPLETE"]
+
+
 # --------------------------------------------------------------------------- bad trials (in-process)
 
 

@@ -13,9 +13,10 @@ a study). The journal mode is stored in the database file, so every later reader
 from __future__ import annotations
 
 import sqlite3
+import weakref
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 # The log is folded into the database every 100 pages (SQLite's default is 1000: 4 MB of log per store,
 # more than the stores themselves early on) and cut back to 512 KB after: a nearly full disk must not be
@@ -37,7 +38,24 @@ def _on_connect(dbapi_connection, _record) -> None:
         cursor.close()
 
 
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine that opened a connection since
+
+
+def _remember(connection: Connection) -> None:
+    _ENGINES.add(connection.engine)
+
+
 def use_write_ahead_log() -> None:
-    """Every SQLite connection SQLAlchemy opens in this process from now on: WAL, synced at checkpoints."""
+    """Every SQLite connection SQLAlchemy opens in this process from now on: WAL, synced at checkpoints (and
+    its engine remembered for `close_all`)."""
     if not event.contains(Engine, "connect", _on_connect):
         event.listen(Engine, "connect", _on_connect)
+        event.listen(Engine, "engine_connect", _remember)
+
+
+def close_all() -> None:
+    """Close the connections the engines above hold idle, as the interpreter's exit would: the last connection
+    to a SQLite store folds its log into the database and removes the -wal and -shm files. For a command that
+    ends without the interpreter's own clean-up (cli.entry)."""
+    for engine in list(_ENGINES):
+        engine.dispose()
