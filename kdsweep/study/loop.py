@@ -483,7 +483,15 @@ def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter
         tracker.log(parent, tags={TEACHER_ACCEPTED_TAG: f"--accept-teacher: it {accepted}"})
     return StudyContext(cfg, data, teacher, teacher_info, tracker, exp, parent, say, base_params,
                         study=study, storage=storage, lock=lock, owner=Owner.me(), heartbeat=storage.heartbeat_interval,
-                        grace=storage.grace_period, cache=cache, accel=accel, reporter=reporter)
+                        grace=storage.grace_period, poll=_poll(), cache=cache, accel=accel, reporter=reporter)
+
+
+def _poll() -> float:
+    """How often a worker with nothing to claim looks again. The workers of one --processes command wait on each
+    other's trials (a study's last budget, freed when a trial is pruned, goes to whichever worker is free) and
+    end together: at 2 s the free core idled a second on average each time, and every command ended up to 2 s
+    after its last trial. A look costs about a millisecond a study on SQLite."""
+    return 0.25 if local_workers.processes_here() > 1 else StudyContext.poll
 
 
 def _say_where(ctx: StudyContext) -> None:

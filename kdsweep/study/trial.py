@@ -56,7 +56,7 @@ class StudyContext:
     owner: Owner | None = None
     heartbeat: int = 10
     grace: int = 60
-    poll: float = 2.0
+    poll: float = 2.0  # seconds between looks at the store while every open study's budget is reserved elsewhere
     # The device path (see training/loop.py, teacher_outputs.py); set by loop.run_studies.
     cache: teacher_outputs.TeacherCache | None = None  # teacher outputs shared by the study's trials
     accel: Accel | None = None
