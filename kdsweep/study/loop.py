@@ -490,7 +490,8 @@ def _poll() -> float:
     """How often a worker with nothing to claim looks again. The workers of one --processes command wait on each
     other's trials (a study's last budget, freed when a trial is pruned, goes to whichever worker is free) and
     end together: at 2 s the free core idled a second on average each time, and every command ended up to 2 s
-    after its last trial. A look costs about a millisecond a study on SQLite."""
+    after its last trial. A look reads every open study's trials: 10 ms for the MNIST-1D verdict's 15 studies on
+    SQLite."""
     return 0.25 if local_workers.processes_here() > 1 else StudyContext.poll
 
 
