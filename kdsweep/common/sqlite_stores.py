@@ -38,19 +38,23 @@ def _on_connect(dbapi_connection, _record) -> None:
         cursor.close()
 
 
-_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine that opened a connection since
+def use_write_ahead_log() -> None:
+    """Every SQLite connection SQLAlchemy opens in this process from now on: WAL, synced at checkpoints."""
+    if not event.contains(Engine, "connect", _on_connect):
+        event.listen(Engine, "connect", _on_connect)
+
+
+# Every engine that opened a connection in this process since this module was imported, whoever made it
+# (Optuna's storage, MLflow's store, a lock, `kdsweep status` reading a store as it is). kdsweep opens
+# stores through study/optuna_storage.py and tracking/tracker.py, which import this module first.
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _remember(connection: Connection) -> None:
     _ENGINES.add(connection.engine)
 
 
-def use_write_ahead_log() -> None:
-    """Every SQLite connection SQLAlchemy opens in this process from now on: WAL, synced at checkpoints (and
-    its engine remembered for `close_all`)."""
-    if not event.contains(Engine, "connect", _on_connect):
-        event.listen(Engine, "connect", _on_connect)
-        event.listen(Engine, "engine_connect", _remember)
+event.listen(Engine, "engine_connect", _remember)
 
 
 def close_all() -> None:
