@@ -206,8 +206,9 @@ def main() -> None:
         print(json.dumps(floor(int(argv[1]), int(argv[2])) if argv[0] == "floor" else instrumented(argv)))
         return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-m", "kdsweep.cli", "teacher", "--dataset", "mnist1d"], env=env, check=True,
-                   capture_output=True)  # cached after the first time: not timed
+    with tempfile.TemporaryDirectory() as scratch:  # its MLflow store is not the benchmark's, nor the caller's
+        subprocess.run([sys.executable, "-m", "kdsweep.cli", "teacher", "--dataset", "mnist1d"], env=env, check=True,
+                       capture_output=True, cwd=scratch)  # cached after the first time: not timed
     if args.keep:
         os.makedirs(args.keep)  # a new folder: a verdict is timed on new stores
     with (contextlib.nullcontext(os.path.abspath(args.keep)) if args.keep else tempfile.TemporaryDirectory()) as tmp:
