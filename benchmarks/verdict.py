@@ -22,6 +22,8 @@ arithmetic. The sweep's own process
 reports where its time went: start-up to the first trial (and how much of it is importing torch, optuna, mlflow
 and kdsweep), training (lockstep epochs with their
 validation pass), and bookkeeping (MLflow and Optuna writes: opening a trial's run, its epochs, its end).
+With --processes the workers train in processes of their own, so only what the stores say is shown: when the
+first trial started. Every step shows how long its process ran after its last trial (or confirmation run) ended.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import tempfile
 import time
 
 T0 = time.perf_counter()
+STARTED = time.time()  # T0 on the clock the stores' timestamps use
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -85,7 +88,7 @@ def floor(epochs: int, threads: int = 1, k: int = 32, n_train: int = 3600, n_val
 def instrumented(argv: list[str]) -> dict:
     """Run the kdsweep command `argv` in this process and say where its time went."""
     if "--processes" in argv:  # the command only starts its workers: it imports nothing heavy, as a user's does
-        return {**_run(argv), "imports": math.nan, "first_trial": None}
+        return {**_run(argv), "imports": math.nan}
     # What the command imports on its way to the first trial, first and timed apart: the rest of the start-up is
     # kdsweep's own (opening the stores and studies, data, teacher).
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
@@ -137,8 +140,9 @@ def instrumented(argv: list[str]) -> dict:
 
 
 def _run(argv: list[str]) -> dict:
-    """Run `kdsweep ARGV` here: its wall time since this process started; with --processes, whose workers trained in
-    processes of their own, also the epochs the store holds afterwards (read after the timing)."""
+    """Run `kdsweep ARGV` here: its wall time since this process started, and from the stores (read after the
+    timing) how long after its last trial's end it ended; with --processes, whose workers trained in processes
+    of their own, also when its first trial started and the epochs the store holds afterwards."""
     from kdsweep.cli import main
 
     sys.argv = ["kdsweep", *argv]
@@ -148,13 +152,43 @@ def _run(argv: list[str]) -> dict:
         if e.code:
             raise
     out = {"wall": time.perf_counter() - T0}
+    ended, reading = time.time(), time.perf_counter()
+    confirm = argv[0] == "confirm"
+    first, last = (_confirm_times if confirm else _trial_times)(argv[argv.index("--tracking-uri" if confirm else "--storage") + 1])
+    out["after_last_trial"] = ended - last
     if "--processes" in argv:
-        out.update(training=math.nan, bookkeeping=math.nan)
-        if argv[0] == "confirm":  # a new store: every confirmation run in it is this step's
+        out.update(training=math.nan, bookkeeping=math.nan, first_trial=first - STARTED)
+        if confirm:  # a new store: every confirmation run in it is this step's
             out["trial_epochs"] = _confirm_epochs_in(argv[argv.index("--tracking-uri") + 1])
         else:
             out["stored_epochs"] = _epochs_in(argv[argv.index("--storage") + 1])
+    out["reading"] = time.perf_counter() - reading  # not the command's: child() takes it off the process's time
     return out
+
+
+def _trial_times(storage: str) -> tuple[float, float]:
+    """When the first trial this step started began and when its last trial ended (seconds since the epoch)."""
+    import optuna
+
+    trials = [t for n in optuna.get_all_study_names(storage)
+              for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)
+              if t.datetime_start is not None and t.datetime_start.timestamp() >= STARTED]
+    return (min(t.datetime_start.timestamp() for t in trials),
+            max(t.datetime_complete.timestamp() for t in trials if t.datetime_complete is not None))
+
+
+def _confirm_times(tracking_uri: str) -> tuple[float, float]:
+    """When this step's first confirmation run started and its last ended (seconds since the epoch)."""
+    runs = [r for r in _confirm_runs(tracking_uri) if r.info.start_time / 1e3 >= STARTED]
+    return min(r.info.start_time for r in runs) / 1e3, max(r.info.end_time or 0 for r in runs) / 1e3
+
+
+def _confirm_runs(tracking_uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return [r for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], "tags.`kdsweep.role` = 'confirm'", max_results=10000)]
 
 
 def _epochs_in(storage: str) -> int:
@@ -169,22 +203,18 @@ def _epochs_in(storage: str) -> int:
 
 def _confirm_epochs_in(tracking_uri: str) -> int:
     """Epochs trained by the confirmation runs in the MLflow store."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    runs = [r for e in client.search_experiments()
-            for r in client.search_runs([e.experiment_id], "tags.`kdsweep.role` = 'confirm'", max_results=10000)]
-    return int(sum(r.data.metrics.get("epochs_trained", 0) for r in runs))
+    return int(sum(r.data.metrics.get("epochs_trained", 0) for r in _confirm_runs(tracking_uri)))
 
 
 def child(argv: list[str], env: dict) -> dict:
-    """One measured step in a fresh process (its wall time includes Python's and the imports' start-up)."""
+    """One measured step in a fresh process (its wall time includes Python's and the imports' start-up, and its
+    exit; not the benchmark's own reading of the stores afterwards)."""
     t = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(argv)], env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{' '.join(argv[:2])} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["process_wall"] = time.perf_counter() - t
+    result["process_wall"] = time.perf_counter() - t - result.get("reading", 0.0)
     return result
 
 
@@ -203,7 +233,11 @@ def main() -> None:
     args, extra = ap.parse_known_args()
     if args.child is not None:
         argv = json.loads(args.child)
-        print(json.dumps(floor(int(argv[1]), int(argv[2])) if argv[0] == "floor" else instrumented(argv)))
+        print(json.dumps(floor(int(argv[1]), int(argv[2])) if argv[0] == "floor" else instrumented(argv)), flush=True)
+        if argv[0] != "floor":  # the step's process ends as the `kdsweep` command's does (cli.entry)
+            from kdsweep.cli import release
+
+            release()
         return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory() as scratch:  # its MLflow store is not the benchmark's, nor the caller's
@@ -251,7 +285,7 @@ def report(rows: list[tuple[str, dict]], args) -> None:
               f"{', '.join(f'{f * 1e3:.2f}' for f in v)}){'  <- the floor' if n == best else ''}")
     print()
     print(f"{'step':<20} {'wall s':>8} {'to 1st trial s':>15} {'of it imports':>14} {'trial-epochs':>13} {'training s':>11} "
-          f"{'bookkeeping ms/trial-epoch':>27} {'floor s':>8} {'ratio':>6}")
+          f"{'bookkeeping ms/trial-epoch':>27} {'after last trial s':>19} {'floor s':>8} {'ratio':>6}")
     total_wall = total_floor = 0.0
     for name, r in rows:
         if name == "floor":
@@ -261,7 +295,8 @@ def report(rows: list[tuple[str, dict]], args) -> None:
         total_wall, total_floor = total_wall + r["process_wall"], total_floor + fl
         book = r["bookkeeping"] / n * 1e3 if n else float("nan")
         print(f"{name:<20} {r['process_wall']:8.1f} {r['first_trial'] or float('nan'):15.2f} {r['imports']:14.2f} {n:13d} "
-              f"{r['training']:11.1f} {book:27.2f} {fl:8.1f} {r['process_wall'] / fl if fl else float('nan'):6.1f}")
+              f"{r['training']:11.1f} {book:27.2f} {r['after_last_trial'] + r['process_wall'] - r['wall']:19.2f} {fl:8.1f} "
+              f"{r['process_wall'] / fl if fl else float('nan'):6.1f}")
     sweep = next(r for name, r in rows if name != "floor")
     print(f"\nsweep ({args.methods}, {args.budget_epochs} epochs each, --parallel {args.parallel}): "
           f"{sweep['process_wall']:.1f} s = {sweep['process_wall'] / (per * sweep['trial_epochs']):.1f} x the floor "

@@ -652,16 +652,22 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
-def entry() -> None:
-    """The `kdsweep` command: main(), and its status as the process's exit status."""
-    code = main()
-    # Everything is closed and flushed by now but the stores' idle connections. Python's exit would then walk
-    # every object torch, mlflow and sqlalchemy made, several times: about 1 s a process on 2 cores (each of
-    # --processes N workers pays it). Frozen, they are freed without the walk (atexit handlers still run).
+def release() -> None:
+    """Ready this process to exit quickly once a command is done (entry; benchmarks that run main() do the same).
+
+    Everything is closed and flushed by then but the stores' idle connections. Python's exit would then walk every
+    object torch, mlflow and sqlalchemy made, several times: about 1 s a process on 2 cores (each of --processes
+    N workers pays it). Frozen, they are freed without the walk (atexit handlers still run)."""
     stores = sys.modules.get("kdsweep.common.sqlite_stores")  # loaded only by a command that opened a store
     if stores is not None:
         stores.close_all()
     gc.freeze()
+
+
+def entry() -> None:
+    """The `kdsweep` command: main(), and its status as the process's exit status."""
+    code = main()
+    release()
     if code in (130, 143):
         # CPython remembers a KeyboardInterrupt that once passed through code run by PyRun_* (as pybind11's
         # exec does), even one handled since, and at exit kills itself with SIGINT instead of returning our
