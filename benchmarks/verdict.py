@@ -173,14 +173,15 @@ def _trial_times(storage: str) -> tuple[float, float]:
     trials = [t for n in optuna.get_all_study_names(storage)
               for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)
               if t.datetime_start is not None and t.datetime_start.timestamp() >= STARTED]
-    return (min(t.datetime_start.timestamp() for t in trials),
-            max(t.datetime_complete.timestamp() for t in trials if t.datetime_complete is not None))
+    return (min((t.datetime_start.timestamp() for t in trials), default=math.nan),
+            max((t.datetime_complete.timestamp() for t in trials if t.datetime_complete is not None), default=math.nan))
 
 
 def _confirm_times(tracking_uri: str) -> tuple[float, float]:
     """When this step's first confirmation run started and its last ended (seconds since the epoch)."""
     runs = [r for r in _confirm_runs(tracking_uri) if r.info.start_time / 1e3 >= STARTED]
-    return min(r.info.start_time for r in runs) / 1e3, max(r.info.end_time or 0 for r in runs) / 1e3
+    return (min((r.info.start_time / 1e3 for r in runs), default=math.nan),
+            max((r.info.end_time / 1e3 for r in runs if r.info.end_time), default=math.nan))
 
 
 def _confirm_runs(tracking_uri: str) -> list:

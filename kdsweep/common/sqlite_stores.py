@@ -60,6 +60,6 @@ event.listen(Engine, "engine_connect", _remember)
 def close_all() -> None:
     """Close the connections the engines above hold idle, as the interpreter's exit would: the last connection
     to a SQLite store folds its log into the database and removes the -wal and -shm files. For a command that
-    ends without the interpreter's own clean-up (cli.entry)."""
+    ends without the interpreter's own clean-up (cli.release)."""
     for engine in list(_ENGINES):
         engine.dispose()
