@@ -5,7 +5,7 @@ why each worker of `--processes N` deals from its own slice of a sweep's studies
 
 The methods are those that serve the pair, without crd and rkd (whose losses dwarf the rest); each member
 takes its method's default hyperparameters. The teacher is cnn1d with its random initial weights (a speed
-test: the losses cost the same); Adam, batch 100. Prints each composition's seconds per epoch after the first.
+test: the losses cost the same); Adam, batch 100, kdsweep's malloc settings. Prints each composition's seconds per epoch after the first.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from kdsweep.data.dispatch import load_data
 from kdsweep.methods.registry import METHODS
 from kdsweep.models.factory import build_model
+from kdsweep.training.devices import keep_freed_memory
 from kdsweep.training.loop import Accel, Lockstep, Member, Schedule
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["KDSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kdsweep-group-composition-")
     torch.set_num_threads(1)
+    keep_freed_memory()  # as a kdsweep run on a CPU does (training/devices.py)
     data = load_data("mnist1d", None, None, 0, 0.1, torch.device("cpu"))
     teacher = build_model("cnn1d", data.in_shape, data.num_classes).eval().requires_grad_(False)
     probe = build_model("mlp100", data.in_shape, data.num_classes)
