@@ -14,6 +14,7 @@ The command line is a thin layer over these functions.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -46,12 +47,17 @@ def _specs(flags: dict[str, Any]) -> dict[str, Any]:
     return naming.name_all(flags)
 
 
-@dataclass
 class StudyResult:
     """A finished (or resumed) study: its summary, as the CLI prints it, and every trial as a DataFrame."""
 
-    summary: dict[str, Any]
-    trials: pd.DataFrame
+    def __init__(self, summary: dict[str, Any], cfg: Any):
+        self.summary, self._cfg = summary, cfg
+
+    @functools.cached_property
+    def trials(self) -> pd.DataFrame:
+        """Every trial of the study, read from its Optuna store when first asked for: the command line never asks,
+        and making the frame (pandas, the store opened again) was most of a finished command's last second."""
+        return _trials_frame(self._cfg)
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -95,7 +101,7 @@ def study(method: str, *, quiet: bool = True, reporter=None, **settings_: Any) -
 
     cfg = resolve(method, _specs(_flags(settings_)))
     summary = run_study(cfg, reporter=reporter or Reporter.auto(quiet))
-    return StudyResult(summary, _trials_frame(cfg))
+    return StudyResult(summary, cfg)
 
 
 @dataclass
@@ -208,7 +214,7 @@ def sweep(methods: Sequence[str] | str = "all", *, study_suffix: str | None = No
     for cfg, summary in zip(runnable, summaries):
         if on_done:
             on_done(summary)
-        results[cfg.name] = StudyResult(summary, _trials_frame(cfg))
+        results[cfg.name] = StudyResult(summary, cfg)
     return SweepResult(results, skipped, pair)
 
 
