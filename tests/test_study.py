@@ -26,7 +26,7 @@ def test_study_logs_everything_and_resumes(kdsweep):
     code, out, err = kdsweep("study", "vanilla_kd", "--trials", 3, "--epochs", 2, "--dataset", "digits")
     assert code == 0, err
     assert "best trial" in out and "kdsweep ui" in out
-    assert "new MLflow store" in out and "its tables made in" in out  # the first study in a folder pays for them
+    assert "new MLflow store" in out  # said by the first study in a folder
 
     client, parents = _runs("study")
     _, children = _runs("trial")

@@ -25,6 +25,7 @@ from kdsweep.common import failures
 from kdsweep.common.errors import UserError
 from kdsweep.common.sqlite_stores import use_write_ahead_log
 from kdsweep.common.uris import absolute_sqlite, redact, scrub
+from kdsweep.tracking import new_store
 from kdsweep.tracking.notes import ui_tags
 from kdsweep.tracking.vocabulary import PARENT_TAG, RUN_FINISHED
 
@@ -109,6 +110,7 @@ class Tracker:
 
         self.uri = absolute_sqlite(uri or default_tracking_uri())
         started, new = time.perf_counter(), False
+        self.seeded: str | None = None  # a new SQLite store: "copied" or "made" (new_store.seed)
         if self.uri.startswith("sqlite:///"):
             db = Path(self.uri[len("sqlite:///"):])
             make_store_dir(db.parent, "--tracking-uri")
@@ -126,6 +128,7 @@ class Tracker:
                 # Workers starting together on one fresh SQLite store would race through its migrations.
                 lock = StudyLock(self.uri, "tracking-init")
             with lock or contextlib.nullcontext(), quick_http():
+                self.seeded = new_store.seed(db) if new else None
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.client.search_experiments(max_results=1)
         except Exception as e:
@@ -142,7 +145,8 @@ class Tracker:
             if lock is not None:
                 lock.close()
         quiet()
-        # A new SQLite store runs MLflow's schema migrations: the first study in a folder pays for them once.
+        # A new SQLite store: copied from kdsweep's cache of MLflow's empty schema (new_store.py), or, the first time
+        # for this MLflow version, made by its schema migrations.
         self.made_in = time.perf_counter() - started if new else None
 
     def _artifact_root(self, name: str) -> str | None:
