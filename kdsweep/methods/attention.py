@@ -4,6 +4,7 @@ from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.fitnet import common_hw, pool_hw
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def at_map(f, p: float = 2.0, eps: float = 1e-12):
@@ -32,6 +33,6 @@ class Attention(Method):
         hw = common_hw(f_s, f_t)
         a_s, a_t = at_map(pool_hw(f_s.float(), hw)), at_map(pool_hw(f_t.float(), hw))
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "at": self.hp["beta"] * F.mse_loss(a_s, a_t),
         }

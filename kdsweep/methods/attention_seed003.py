@@ -4,6 +4,7 @@ from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.fitnet import common_hw, pool_hw
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def attention_map(f, hw, eps: float = 1e-6):
@@ -29,6 +30,6 @@ class AttentionSeed003(Method):
         f_s, f_t = s.feature, t.feature.detach()
         hw = common_hw(f_s, f_t)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "at": self.hp["beta"] * F.mse_loss(attention_map(f_s, hw), attention_map(f_t, hw)),
         }

@@ -1,7 +1,7 @@
-import torch.nn.functional as F
 
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 @register
@@ -12,4 +12,4 @@ class CE(Method):
     uses_teacher = False
 
     def forward(self, s, t, y, epoch):
-        return {"ce": F.cross_entropy(s.logits, y)}
+        return {"ce": cross_entropy(s.logits, y)}

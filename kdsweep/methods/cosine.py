@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def pool_to(v, n: int):
@@ -30,6 +31,6 @@ class Cosine(Method):
         n = min(e_s.shape[1], e_t.shape[1])
         cos = F.cosine_similarity(pool_to(e_s, n), pool_to(e_t, n), dim=1, eps=1e-8)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "cos": self.hp["weight"] * (1 - cos).mean(),
         }

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 DIM = 128  # the shared embedding width (the paper's feat_dim)
 NCE_K = 16384  # negatives per sample
@@ -258,6 +259,6 @@ class CRD(Method):
                 for bank, old, v in ((self.memory_s, old_s, v_s), (self.memory_t, old_t, v_t)):
                     bank.index_copy_(0, ids, F.normalize(old[ids] * NCE_M + v * (1 - NCE_M), dim=1))
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "nce": self.hp["weight"] * nce,
         }

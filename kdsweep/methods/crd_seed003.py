@@ -8,6 +8,7 @@ from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.crd import DIM
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 @register
@@ -42,8 +43,8 @@ class CRDSeed003(Method):
             z_s = F.normalize(h_s.float(), dim=1, eps=1e-6)
             z_t = F.normalize(h_t.float(), dim=1, eps=1e-6)
             sim = z_s @ z_t.t() / self.hp["tau"]
-            nce = F.cross_entropy(sim, torch.arange(sim.shape[0], device=sim.device))
+            nce = cross_entropy(sim, torch.arange(sim.shape[0], device=sim.device))
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "nce": self.hp["weight"] * nce,
         }

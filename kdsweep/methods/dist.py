@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def pearson_rows(a, b, eps: float = 1e-8):
@@ -46,7 +47,7 @@ class DIST(Method):
     def forward(self, s, t, y, epoch):
         inter, intra = dist_terms(s.logits, t.logits, self.hp["temperature"])
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "inter": self.hp["beta"] * inter,
             "intra": self.hp["gamma"] * intra,
         }

@@ -1,11 +1,11 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy, log_softmax
 
 
 def _kl(log_p, log_q):
@@ -26,7 +26,7 @@ def dkd_terms(s_logits, t_logits, y, T: float):
     gt = y[:, None] == torch.arange(c, device=y.device)
 
     def binary(z):
-        lp = F.log_softmax(z, 1)
+        lp = log_softmax(z)
         return torch.stack([lp.gather(1, y[:, None]).squeeze(1), torch.logsumexp(lp.masked_fill(gt, float("-inf")), 1)], 1)
 
     # The non-target columns of each row, in order, by gather: boolean indexing (z[~gt]) would give a
@@ -35,7 +35,7 @@ def dkd_terms(s_logits, t_logits, y, T: float):
     others = cols + (cols >= y[:, None]).long()  # (n, c-1): skip each row's target column
 
     def non_target(z):
-        return F.log_softmax(z.gather(1, others), 1)
+        return log_softmax(z.gather(1, others))
 
     return _kl(binary(z_t), binary(z_s)) * T * T, _kl(non_target(z_t), non_target(z_s)) * T * T
 
@@ -78,7 +78,7 @@ class DKD(Method):
         tckd, nckd = dkd_terms(s.logits, t.logits, y, self.hp["temperature"])
         w = self.ramp(epoch)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "tckd": w * self.hp["alpha"] * tckd,
             "nckd": w * self.hp["beta"] * nckd,
         }

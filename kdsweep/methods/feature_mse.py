@@ -5,6 +5,7 @@ from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.fitnet import common_hw, pool_hw
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def channel_normalize(f, eps: float = 1e-6):
@@ -40,6 +41,6 @@ class FeatureMSE(Method):
         hw = common_hw(p, f_t)
         mse = F.mse_loss(channel_normalize(pool_hw(p, hw).float()), channel_normalize(pool_hw(f_t, hw).float()))
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "feat": self.hp["weight"] * self.ramp(epoch) * mse,
         }

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def common_hw(a, b) -> tuple[int, int]:
@@ -70,6 +71,6 @@ class FitNet(Method):
     def forward(self, s, t, y, epoch):
         r = self.regressor(s.feature)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "hint": self.hp["weight"] * F.mse_loss(r.float(), t.feature.detach().float()),
         }

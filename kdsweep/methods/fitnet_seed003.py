@@ -5,6 +5,7 @@ from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.fitnet import common_hw, pool_hw
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 @register
@@ -30,6 +31,6 @@ class FitNetSeed003(Method):
         r, f_t = self.regressor(s.feature), t.feature.detach()
         hw = common_hw(r, f_t)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "hint": self.hp["weight"] * F.mse_loss(pool_hw(r, hw).float(), pool_hw(f_t, hw).float()),
         }

@@ -1,8 +1,8 @@
-import torch.nn.functional as F
 
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy, log_softmax
 
 
 def focal_kl(s_logits, t_logits, T: float, gamma: float):
@@ -13,8 +13,8 @@ def focal_kl(s_logits, t_logits, T: float, gamma: float):
     is clamped away from 0 so that gamma < 1 cannot produce an infinite gradient
     when the student is certain of a class.
     """
-    log_ps = F.log_softmax(s_logits.float() / T, 1)
-    log_pt = F.log_softmax(t_logits.detach().float() / T, 1)
+    log_ps = log_softmax(s_logits.float() / T)
+    log_pt = log_softmax(t_logits.detach().float() / T)
     focus = (1 - log_ps.exp()).clamp(1e-6, 1.0) ** gamma
     kl = log_pt.exp() * (log_pt - log_ps)
     return (focus * kl).sum(1).mean() * T * T
@@ -35,6 +35,6 @@ class FocalKD(Method):
 
     def forward(self, s, t, y, epoch):
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "fkd": self.hp["weight"] * focal_kl(s.logits, t.logits, self.hp["temperature"], self.hp["gamma"]),
         }

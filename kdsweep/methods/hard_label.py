@@ -1,8 +1,8 @@
-import torch.nn.functional as F
 
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 @register
@@ -21,6 +21,6 @@ class HardLabel(Method):
         b = self.hp["beta"]
         logits = s.logits.float()
         return {
-            "hard": b * F.cross_entropy(logits, t.logits.detach().argmax(1)),
-            "ce": (1 - b) * F.cross_entropy(logits, y),
+            "hard": b * cross_entropy(logits, t.logits.detach().argmax(1)),
+            "ce": (1 - b) * cross_entropy(logits, y),
         }

@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 @register
@@ -21,6 +22,6 @@ class LogitL2(Method):
     def forward(self, s, t, y, epoch):
         logits = s.logits.float()
         return {
-            "ce": F.cross_entropy(logits, y),
+            "ce": cross_entropy(logits, y),
             "l2": self.hp["weight"] * F.mse_loss(logits, t.logits.detach().float()),
         }

@@ -1,9 +1,9 @@
 import torch
-import torch.nn.functional as F
 
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 EPS = 1e-7  # the authors' guard against log(0) and 0 / 0
 
@@ -42,6 +42,6 @@ class PKT(Method):
         with torch.autocast(s.embedding.device.type, enabled=False):
             kl = pkt_loss(s.embedding, t.embedding)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "pkt": self.hp["weight"] * kl,
         }

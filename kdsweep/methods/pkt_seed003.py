@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def similarity_log_probs(e, sigma: float):
@@ -48,6 +49,6 @@ class PKTSeed003(Method):
         with torch.autocast(s.embedding.device.type, enabled=False):
             kl = pkt_kl(s.embedding, t.embedding, self.hp["sigma"])
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "pkt": self.hp["weight"] * kl,
         }

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def _geometry(z, eps: float):
@@ -75,7 +76,7 @@ class RKD(Method):
             z_s, z_t = self.embed(s.embedding), self.embed(t.embedding.detach())
             dist, angle = rkd_distance(z_s, z_t), rkd_angle(z_s, z_t)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "dist": self.hp["w_dist"] * dist,
             "angle": self.hp["w_angle"] * angle,
         }

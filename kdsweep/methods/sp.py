@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy
 
 
 def sp_loss(f_s, f_t):
@@ -41,6 +42,6 @@ class SP(Method):
         with torch.autocast(s.feature.device.type, enabled=False):
             loss = sp_loss(s.feature, t.feature)
         return {
-            "ce": F.cross_entropy(s.logits.float(), y),
+            "ce": cross_entropy(s.logits, y),
             "sp": self.hp["gamma"] * loss,
         }

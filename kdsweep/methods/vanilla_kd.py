@@ -1,8 +1,8 @@
-import torch.nn.functional as F
 
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
+from kdsweep.methods.softmax import cross_entropy, log_softmax
 
 
 def kd_kl(s_logits, t_logits, T: float):
@@ -12,8 +12,8 @@ def kd_kl(s_logits, t_logits, T: float):
     Computed in float32: under bf16 autocast the KL of near-equal distributions
     otherwise rounds to negative values.
     """
-    s_log = F.log_softmax(s_logits.float() / T, 1)
-    t_log = F.log_softmax(t_logits.detach().float() / T, 1)
+    s_log = log_softmax(s_logits.float() / T)
+    t_log = log_softmax(t_logits.detach().float() / T)
     # F.kl_div(s_log, t_log, reduction="batchmean", log_target=True), written out: vmap (a fused group's
     # batched losses) has no batching rule for kl_div and would loop over the members.
     return (t_log.exp() * (t_log - s_log)).sum() / s_log.shape[0] * T * T
@@ -35,5 +35,5 @@ class VanillaKD(Method):
         a = self.hp["alpha"]
         return {
             "kd": a * kd_kl(s.logits, t.logits, self.hp["temperature"]),
-            "ce": (1 - a) * F.cross_entropy(s.logits, y),
+            "ce": (1 - a) * cross_entropy(s.logits, y),
         }
