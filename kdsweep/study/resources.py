@@ -42,8 +42,9 @@ class Resources:
         if uri not in self.trackers:
             self.trackers[uri] = tracker = Tracker(uri)
             if tracker.made_in is not None:
-                how = ("copied from kdsweep's cache" if tracker.seeded == "copied" else
-                       "made by MLflow's migrations (once per MLflow version: later stores copy them)")
+                how = {"copied": "copied from kdsweep's cache",
+                       "made": "made by MLflow's migrations (once per MLflow version: later stores copy them)",
+                       }.get(tracker.seeded, "made by MLflow's migrations")
                 say(f"new MLflow store {redact(tracker.uri)}: its tables {how} in {tracker.made_in:.1f} s")
         return self.trackers[uri]
 
