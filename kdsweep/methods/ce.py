@@ -1,4 +1,3 @@
-
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
 from kdsweep.methods.softmax import cross_entropy

@@ -44,9 +44,8 @@ def _make_template(path: Path) -> None:
             engine.dispose()
         # One self-contained file: kdsweep's connections open it in WAL mode (sqlite_stores.py), which is stored
         # in the file and would leave a log beside it; a copy must not depend on one.
-        with sqlite3.connect(made) as db:
+        with contextlib.closing(sqlite3.connect(made)) as db:
             db.execute("PRAGMA journal_mode=DELETE")
-        db.close()
         os.replace(made, path)
 
 
@@ -87,4 +86,3 @@ def seed(db: Path) -> str | None:
         return how
     except Exception:  # noqa: BLE001 - a cache folder we may not write, a private MLflow function gone: MLflow migrates
         return None
-
