@@ -623,6 +623,9 @@ def _install_signal_handlers() -> dict:
     return previous
 
 
+RESUMABLE = ("study", "sweep", "confirm")  # the commands that go on where they stopped; `bench` or `teacher` start again
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -644,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"\nkdsweep: {what}; run the same command again to resume.", file=sys.stderr)
+        then = "; run the same command again to resume" if args.command in RESUMABLE else ""
+        print(f"\nkdsweep: {what}{then}.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
         sys.unraisablehook = previous.pop("unraisablehook", sys.unraisablehook)

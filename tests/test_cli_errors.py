@@ -134,3 +134,17 @@ def test_ui_binds_loopback_on_the_study_store(kdsweep, workdir, monkeypatch):
     assert cmd[1:4] == ["-m", "mlflow", "ui"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert seen["env"]["MLFLOW_BACKEND_STORE_URI"] == f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("command, resumes", [("methods", False), ("status", False), ("study", True)])
+def test_an_interrupted_command_promises_a_resume_only_if_it_resumes(kdsweep, monkeypatch, command, resumes):
+    """`kdsweep bench` stopped by SIGTERM once said "run the same command again to resume": it starts again."""
+    from kdsweep import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"cmd_{command}", interrupted)
+    code, out, err = kdsweep(command, *(["ce"] if command == "study" else []))
+    assert code == 130
+    assert err.strip() == "kdsweep: interrupted" + ("; run the same command again to resume." if resumes else ".")
