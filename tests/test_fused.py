@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -542,3 +544,29 @@ def test_a_fused_member_that_starts_drawing_random_numbers_is_refused(data, teac
     assert group.fused_members == 2
     with pytest.raises(RuntimeError, match="drew random numbers after its first step"):
         group.epoch()
+
+
+def test_a_fused_group_imports_no_sympy():
+    """F.cross_entropy under vmap, and torch.testing.assert_close in the group's loss check, imported sympy on a
+    fused group's first step: 0.35 s a process (issue 20, start-up). methods/softmax.py and _Heads.choose do not."""
+    code = ("import sys, torch\n"
+            "from kdsweep.data.dispatch import load_data\n"
+            "from kdsweep.methods.registry import METHODS\n"
+            "from kdsweep.models.factory import build_model\n"
+            "from kdsweep.training.devices import Accel\n"
+            "from kdsweep.training.loop import Lockstep, Member, Schedule\n"
+            "d = load_data('digits', None, 200, 0, 0.2, torch.device('cpu'))\n"
+            "t = build_model('digitnet_l', d.in_shape, d.num_classes).eval().requires_grad_(False)\n"
+            "members = []\n"
+            "for name in ['ce', 'vanilla_kd', 'ce', 'vanilla_kd']:\n"
+            "    s = build_model('digitnet_s', d.in_shape, d.num_classes)\n"
+            "    cls = METHODS[name]\n"
+            "    m = cls({k: v.default for k, v in cls.space.items()}, s.shapes(d.in_shape), t.shapes(d.in_shape), 1)\n"
+            "    members.append(Member(s, m, Schedule(1, 64, 0.05)))\n"
+            "group = Lockstep(members, t, d, accel=Accel(cpu_workers=1, fused=True, channels_last=False))\n"
+            "while group.epoch():\n"
+            "    pass\n"
+            "print(group.fused_members, all(h.batched for g in group.groups for h in g.heads), 'sympy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["4", "True", "False"]  # fused, each method's losses batched under vmap, no sympy
