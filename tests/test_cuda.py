@@ -62,7 +62,7 @@ def _one_member(name, device):
     group = Lockstep([Member(student, method, Schedule(2, 64, 0.05))], teacher, data, accel=Accel())
     (run,) = group.runs
     batches = [(x, y, ids) for x, y, ids in data.epoch(0, 64, index=True)][:4]
-    feeds = [group.feed(i, x) if group.feed is not None else None for i, (x, *_) in enumerate(batches)]
+    feeds = [group.feed(i, x, ids) if group.feed is not None else None for i, (x, _, ids) in enumerate(batches)]
     run.begin_epoch()
     run.step(batches[0][0], batches[0][1], feeds[0], 1, SampleIndex(batches[0][2], data.n_train))  # first use: lazy state
     return run, [(x, y, t_out, SampleIndex(ids, data.n_train)) for (x, y, ids), t_out in zip(batches[1:], feeds[1:])]
@@ -92,8 +92,8 @@ def test_the_teacher_runs_in_bf16_weights():
     cls = METHODS["vanilla_kd"]
     method = cls({k: v.default for k, v in cls.space.items()}, student.shapes(IN_SHAPE), teacher.shapes(IN_SHAPE), 1)
     group = Lockstep([Member(student, method, Schedule(1, 64, 0.05))], teacher, data, accel=Accel())
-    x = next(iter(data.epoch(0, 64)))[0]
-    out = group.feed(0, x)
+    x, _, ids = next(iter(data.epoch(0, 64, index=True)))
+    out = group.feed(0, x, ids)
     assert out.logits.dtype == torch.bfloat16
     assert {p.dtype for p in teacher.parameters()} == {torch.float32}  # the study's teacher itself is untouched
 

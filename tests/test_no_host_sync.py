@@ -121,7 +121,7 @@ def _group(names, fused: bool):
         members.append(Member(student, _method(name, teacher, student, 2), Schedule(2, 16, 0.05)))
     group = Lockstep(members, teacher, data, accel=Accel(fused=fused, cpu_workers=0))
     batches = list(data.epoch(0, 16, index=True))[:2]
-    feeds = [group.feed(i, x) if group.feed is not None else None for i, (x, *_) in enumerate(batches)]
+    feeds = [group.feed(i, x, ids) if group.feed is not None else None for i, (x, _, ids) in enumerate(batches)]
     for r in group.runs:
         r.begin_epoch()
     x, y, ids = batches[0]

@@ -5,6 +5,7 @@ Everything runs on CPU on the bundled digits data (seconds); timings are never a
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdsweep.common.digests import model_digest
+from kdsweep.data.builtin import Augment
 from kdsweep.data.dispatch import load_data
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import get_method
@@ -155,6 +157,55 @@ def test_an_output_edited_in_place_is_recomputed(data):
     assert_same(plain, got)
     with pytest.raises(RuntimeError, match="modified the teacher's outputs in place"):
         train_students([member(), member()], teacher, data)  # lockstep members share `t`: refused, not silently wrong
+
+
+def _unaugmented(data):
+    """The same splits with augmentation off, as MNIST-1D's: a step's inputs are rows of the training split."""
+    flat = copy.copy(data)
+    flat.augment = Augment()
+    return flat
+
+
+def test_without_augmentation_the_teacher_runs_once_over_the_split(data):
+    flat, teacher = _unaugmented(data), make_teacher(data)
+    plain = curve(train(flat, teacher, make_member(flat, teacher, method="embed")))
+    cache = TeacherCache(64 * 2**20)
+    first = curve(train(flat, teacher, make_member(flat, teacher, method="embed"), cache))
+    steps = flat.steps_per_epoch(32) * EPOCHS
+    assert (cache.misses, cache.hits) == (1, steps)  # one pass over the split, then every step gathered its rows
+    other = copy.copy(flat)
+    other.stream_seed = 7  # another batch stream over the same split (a confirmation seed): the same table
+    train(other, teacher, make_member(other, teacher, method="embed"), cache)
+    assert (cache.misses, cache.hits) == (1, 2 * steps)
+    shapes = teacher.shapes(flat.in_shape)
+    row = math.prod(shapes.logits) + math.prod(shapes.feature) + math.prod(shapes.embedding)
+    assert cache.used == flat.n_train * row * 4  # the split's logits, feature maps and embeddings, once
+    assert_same(plain, first)  # the same rows through the same teacher: float rounding at most
+
+
+def test_a_gathered_step_equals_the_teacher_on_that_batch(data):
+    from kdsweep.training.teacher_outputs import TeacherFeed
+
+    flat, teacher = _unaugmented(data), make_teacher(data)
+    feed = TeacherFeed(TeacherCache(64 * 2**20), teacher, flat, 32, frozenset({"feature", "embedding"}),
+                       teacher.taps, "cpu")
+    assert feed.whole
+    with torch.no_grad():
+        for step, (x, _, rows) in enumerate(flat.epoch(3, 32, index=True)):
+            for got, want in zip(feed(step, x, rows), teacher.taps(x)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not TeacherFeed(TeacherCache(64 * 2**20), teacher, data, 32, frozenset(), teacher.taps, "cpu").whole
+    assert not TeacherFeed(TeacherCache(64 * 2**20), teacher.train(), flat, 32, frozenset(), teacher.taps, "cpu").whole
+
+
+def test_a_split_over_budget_is_computed_per_step(data):
+    flat, teacher = _unaugmented(data), make_teacher(data)
+    plain = curve(train(flat, teacher, make_member(flat, teacher, method="embed")))
+    cache = TeacherCache(1)  # one byte: no table fits, so every step is computed and only its logits are kept
+    got = curve(train(flat, teacher, make_member(flat, teacher, method="embed"), cache))
+    assert cache.hits == 0 and cache.misses == flat.steps_per_epoch(32) * EPOCHS
+    assert cache.used == cache.misses * 32 * flat.num_classes * 4
+    assert_same(plain, got)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

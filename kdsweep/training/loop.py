@@ -589,7 +589,7 @@ class Lockstep:
         n = 0
         for step, (x, y, ids) in enumerate(self.data.epoch(epoch, self.batch_size, index=True)):
             xs = {fmt: _as(x, fmt) for fmt in self.fmts}
-            t_out = self.feed(step, x) if self.feed is not None else None
+            t_out = self.feed(step, x, ids) if self.feed is not None else None
             self._steps(active, xs, y, t_out, epoch, SampleIndex(ids, self.data.n_train))
             n += len(y)
         for g in self.groups:

@@ -20,10 +20,19 @@ modified in place is treated as a miss and recomputed.
 Logits are always kept (45k x 10 x 4 B per CIFAR epoch); feature maps and
 embeddings are kept while the store is within its byte budget, else
 recomputed for each trial. Budget 0 disables the cache.
+
+Without augmentation (MNIST-1D, MNIST) a step's inputs are rows of the
+training split as they are, so the teacher (in eval mode, where a row's
+output does not depend on the rest of its batch) runs once over the whole
+split, in batches of the training batch size, and each step gathers its rows
+from that table: one teacher pass per process serves every epoch, stream seed
+and trial, where a sweep's first group otherwise pays one per step. The table
+is kept only if all of it fits the budget; otherwise the feed works per step.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,6 +45,7 @@ from kdsweep.models.zoo import TAPS, Outputs
 
 # Share of the device's free memory the cache may take when no budget is given.
 DEFAULT_SHARE = 0.25
+SPLIT = ("split",)  # the slot of a table of outputs for every row of the training split
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,32 @@ class TeacherCache:
         self._store.move_to_end(key)
         self.hits += 1
         return Outputs(*(entry[k][0] if k in entry else None for k in TAPS))
+
+    def table(self, key: CacheKey, needs: frozenset[str]) -> dict[str, torch.Tensor] | None:
+        """The teacher's outputs for every row of the training split, if kept (they are never handed out, only
+        gathered from, so no method can edit them in place)."""
+        entry = self._store.get(key, {}).get(SPLIT) if self.enabled else None
+        if entry is None or not needs <= entry.keys():
+            return None
+        self._store.move_to_end(key)
+        return {tap: t for tap, (t, _) in entry.items()}
+
+    def fits(self, key: CacheKey, nbytes: int) -> bool:
+        """Whether `nbytes` more would fit the budget once other keys' entries were evicted."""
+        others = sum(_nbytes(t) for k, entries in self._store.items() if k != key
+                     for entry in entries.values() for t, _ in entry.values())
+        return self.used - others + nbytes <= self.budget
+
+    def keep_table(self, key: CacheKey, table: dict[str, torch.Tensor]) -> None:
+        """Keep a whole split's outputs (the caller checked `fits`), evicting other keys' entries first."""
+        size = sum(_nbytes(t) for t in table.values())
+        while self.used + size > self.budget and self._evict_oldest(keep=key):
+            pass
+        entries = self._store.setdefault(key, {})
+        self._store.move_to_end(key)
+        self.used -= sum(_nbytes(t) for t, _ in entries.pop(SPLIT, {}).values())
+        entries[SPLIT] = {tap: (t, t._version) for tap, t in table.items()}
+        self.used += size
 
     def store(self, key: CacheKey, slot: tuple, out: Outputs) -> None:
         """Keep the logits always, other taps while within budget (evicting other keys' entries first)."""
@@ -163,18 +199,46 @@ class TeacherFeed:
             mode = "train" if teacher.training else "eval"
             taps = "|".join(str(getattr(teacher, a, "")) for a in ("feature_path", "embedding_path"))  # hooked: its layers
             self.key = CacheKey(model_digest(teacher), data_digest(data), batch_size, f"{compute_tag}|{mode}|{taps}")
+        # One pass over the split serves every step (module docstring) when a step's inputs are plain rows and no
+        # row's output depends on its batch (batch norm in train mode would).
+        self.whole = self.cache is not None and not teacher.training and not (data.augment.pad or data.augment.flip)
         self._epoch: tuple = ()
 
     def begin_epoch(self, epoch: int) -> None:
         if self.cache is not None:
             self._epoch = (epoch, plan_digest(self.data.epoch_plan(epoch, self.batch_size)))
 
-    def __call__(self, step: int, x: torch.Tensor) -> Outputs:
+    def __call__(self, step: int, x: torch.Tensor, rows: torch.Tensor) -> Outputs:
+        """The outputs for step `step`, whose inputs `x` are the training split's rows `rows`."""
         if self.cache is None:
             return self.compute(x)
+        if self.whole:
+            table = self._table()
+            if table is not None:
+                self.cache.hits += 1
+                return Outputs(*(table[tap].index_select(0, rows) if tap in table else None for tap in TAPS))
         slot = (*self._epoch, step)
         out = self.cache.lookup(self.key, slot, self.needs)
         if out is None:
             out = self.compute(x)
             self.cache.store(self.key, slot, out)
         return out
+
+    def _table(self) -> dict[str, torch.Tensor] | None:
+        """The whole split's outputs: kept, or computed now (one miss) if they fit the budget, judged from the
+        first batch's; else None, and the feed works per step from then on."""
+        table = self.cache.table(self.key, self.needs)
+        if table is not None:
+            return table
+        data, n, b = self.data, self.data.n_train, self.batch_size
+        rows = lambda i: self.compute(data.normalize(data.train_x[i : i + b]))  # noqa: E731
+        first = rows(0)
+        row_bytes = sum(_nbytes(t) for t in first if t is not None) / min(b, n)
+        if not self.cache.fits(self.key, math.ceil(row_bytes * n)):
+            self.whole = False
+            return None
+        self.cache.misses += 1
+        parts = [first, *(rows(i) for i in range(b, n, b))]
+        table = {tap: torch.cat([getattr(p, tap) for p in parts]) for tap in TAPS if getattr(first, tap) is not None}
+        self.cache.keep_table(self.key, table)
+        return table
