@@ -70,15 +70,17 @@ def test_each_worker_of_several_deals_from_its_own_slice_of_a_sweeps_studies_fir
     assert group([8, 8, 8, 8], 16) == "AAAABBBBCCCCDDDD"  # alone: round-robin over every study
     monkeypatch.setenv(local_workers.PROCESSES_ENV, "2")
     monkeypatch.setenv(local_workers.INDEX_ENV, "0")
-    assert group([8, 8, 8, 8], 16) == "AAAAAAAABBBBBBBB"  # the first worker's slice: A and B
-    assert group([8, 8, 8, 8], 5, turn=1) == "AABBB"  # taking turns within it (turn 0: AAABB)
-    assert group([8, 3, 8, 8], 16) == "AAAAAAAABBBCCCDD"  # its slice short: the others' studies fill the group
+    assert group([8, 8, 8, 8], 16) == "AAAAAAAACCCCCCCC"  # the first worker's slice: A and C, dealt in turn
+    assert group([8, 8, 8, 8], 5, turn=1) == "AACCC"  # taking turns within it (turn 0: AAACC)
+    assert group([8, 8, 3, 8], 16) == "AAAAAAAABBBCCCDD"  # its slice short: the others' studies fill the group
     monkeypatch.setenv(local_workers.INDEX_ENV, "1")
-    assert group([8, 8, 8, 8], 16) == "CCCCCCCCDDDDDDDD"
-    assert group([8, 8, 0, 0], 4) == "AABB"  # its slice done: helps with the rest
+    assert group([8, 8, 8, 8], 16) == "BBBBBBBBDDDDDDDD"
+    assert group([8, 0, 8, 0], 4) == "AACC"  # its slice done: helps with the rest
     monkeypatch.setenv(local_workers.PROCESSES_ENV, "3")
+    monkeypatch.setenv(local_workers.INDEX_ENV, "0")
+    assert group([2, 2, 2, 2], 4) == "AADD"  # slices of 4 studies among 3 workers: A D | B | C
     monkeypatch.setenv(local_workers.INDEX_ENV, "2")
-    assert group([2, 2, 2, 2], 2) == "CD"  # slices of 4 studies among 3 workers: A | B | C D
+    assert group([2, 2, 2, 2], 2) == "CC"
 
 
 def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_path):

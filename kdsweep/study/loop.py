@@ -344,17 +344,19 @@ def _dealing_order(ctxs: list[StudyContext], turn: int) -> tuple[list[StudyConte
     """The studies this worker deals from: its own slice first, then the others', each from study number `turn`
     on (a sweep's methods take turns).
 
-    Alone, its slice is every study. Worker i of a --processes N command owns the i-th of N contiguous slices, so
+    Alone, its slice is every study. Worker i of a --processes N command owns studies i, i + N, i + 2N, ..., so
     each worker's group holds fewer methods with more members each, whose losses are batched (docs/performance.md,
-    "Worker processes"), and a study's trials that share work (crd's negatives) share a process. The others'
-    slices follow, so no worker idles while any study has room."""
+    "Worker processes"), and a study's trials that share work (crd's negatives) share a process. Dealt in turn,
+    not in halves: methods are listed with their like (logit methods, then feature methods; a paper form beside
+    its seed-003 form), so halves put the cheap ones in one worker, which then idles while the other ends (the
+    4-method sweep's workers ended 2.3-2.7 s apart). The others' slices follow, so no worker idles while any
+    study has room."""
     n, i = local_workers.processes_here(), local_workers.index_here()
-    lo, hi = len(ctxs) * i // n, len(ctxs) * (i + 1) // n
 
     def turned(studies: list[StudyContext]) -> list[StudyContext]:
         return studies[turn % len(studies):] + studies[:turn % len(studies)] if studies else []
 
-    return turned(ctxs[lo:hi]), turned(ctxs[hi:] + ctxs[:lo])
+    return turned(ctxs[i::n]), turned([c for k, c in enumerate(ctxs) if k % n != i])
 
 
 def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], turn: int = 0) -> list[Entry]:

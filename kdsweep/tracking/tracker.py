@@ -123,6 +123,9 @@ class Tracker:
         lock = None
         try:
             if self.uri.startswith("sqlite:///"):
+                # MLflow's SQL store takes 0.2-0.6 s to import: outside the lock, or a command's workers import it in turn.
+                import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
                 from kdsweep.common.locks import StudyLock
 
                 # Workers starting together on one fresh SQLite store would race through its migrations.
@@ -262,4 +265,3 @@ class Curves:
         rows, self.rows = self.rows, []
         self.sent_at = time.monotonic()
         return rows
-
