@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import optuna
@@ -62,6 +63,23 @@ def test_a_curve_is_written_in_one_transaction(tmp_path):
     write_reports(study._storage, trial._trial_id, {e: 0.5 + e / 100 for e in range(30)})
     assert len(commits) == 1
     assert study.trials[0].intermediate_values == {e: 0.5 + e / 100 for e in range(30)}
+
+
+def test_a_curve_written_again_replaces_its_steps_and_a_finished_trial_refuses(tmp_path):
+    study, _ = _sqlite_study(tmp_path)
+    trial = study.ask()
+    write_reports(study._storage, trial._trial_id, {0: 0.5, 1: 0.6})
+    write_reports(study._storage, trial._trial_id, {1: float("nan"), 2: float("inf"), 3: float("-inf")})
+    got = study.trials[0].intermediate_values
+    assert got[0] == 0.5 and math.isnan(got[1]) and got[2] == math.inf and got[3] == -math.inf and len(got) == 4
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # as another worker failing it as stale
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        write_reports(study._storage, trial._trial_id, {4: 0.7})
+    assert len(study.trials[0].intermediate_values) == 4
+    plain = optuna.create_study()  # not an RDB storage: Optuna's own write, value by value
+    other = plain.ask()
+    write_reports(plain._storage, other._trial_id, {0: 0.25, 1: 0.5})
+    assert plain.trials[0].intermediate_values == {0: 0.25, 1: 0.5}
 
 
 def test_reports_wait_for_the_trials_end_unless_the_pruner_reads_the_storage(tmp_path):
