@@ -24,15 +24,30 @@ from kdsweep.training.devices import keep_freed_memory
 from kdsweep.training.loop import Accel, Lockstep, Member, Schedule
 
 
-def per_epoch(names: list[str], data, teacher, epochs: int) -> float:
+def setup(prefix: str):
+    """MNIST-1D and a cnn1d teacher with its random initial weights, on one thread with kdsweep's malloc settings
+    (as a run on a CPU sets them: training/devices.py) and a cache folder of its own."""
+    os.environ["KDSWEEP_CACHE"] = tempfile.mkdtemp(prefix=prefix)
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    data = load_data("mnist1d", None, None, 0, 0.1, torch.device("cpu"))
+    return data, build_model("cnn1d", data.in_shape, data.num_classes).eval().requires_grad_(False)
+
+
+def members(names: list[str], data, teacher, epochs: int) -> list[Member]:
+    """An mlp100 student per name, with its method's default hyperparameters; Adam, batch 100."""
     torch.manual_seed(0)
-    members = []
+    out = []
     for name in names:
         cls, student = METHODS[name], build_model("mlp100", data.in_shape, data.num_classes)
         shapes = (student.shapes(data.in_shape), teacher.shapes(data.in_shape))
         method = cls({k: v.default for k, v in cls.space.items()}, *shapes, epochs)
-        members.append(Member(student, method, Schedule(epochs, 100, 0.01, optimizer="adam")))
-    group = Lockstep(members, teacher, data, accel=Accel(cpu_workers=1, fused=True))
+        out.append(Member(student, method, Schedule(epochs, 100, 0.01, optimizer="adam")))
+    return out
+
+
+def per_epoch(names: list[str], data, teacher, epochs: int) -> float:
+    group = Lockstep(members(names, data, teacher, epochs), teacher, data, accel=Accel(cpu_workers=1, fused=True))
     group.epoch()  # the first holds the one-off set-up
     start = time.perf_counter()
     while group.epoch():
@@ -45,11 +60,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    os.environ["KDSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kdsweep-group-composition-")
-    torch.set_num_threads(1)
-    keep_freed_memory()  # as a kdsweep run on a CPU does (training/devices.py)
-    data = load_data("mnist1d", None, None, 0, 0.1, torch.device("cpu"))
-    teacher = build_model("cnn1d", data.in_shape, data.num_classes).eval().requires_grad_(False)
+    data, teacher = setup("kdsweep-group-composition-")
     probe = build_model("mlp100", data.in_shape, data.num_classes)
     cheap = [n for n in sorted(METHODS) if not n.startswith(("crd", "rkd"))
              and not METHODS[n].unsupported(probe.shapes(data.in_shape), teacher.shapes(data.in_shape))]

@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from group_composition import per_epoch  # noqa: E402
+from group_composition import per_epoch, setup  # noqa: E402
 
-from kdsweep.data.dispatch import load_data  # noqa: E402
-from kdsweep.models.factory import build_model  # noqa: E402
 from kdsweep.training import fused  # noqa: E402
-from kdsweep.training.devices import keep_freed_memory  # noqa: E402
 
 EPS = 1e-7  # pkt's guard, as methods/pkt.py
 
@@ -72,11 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    os.environ["KDSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kdsweep-member-losses-")
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    data = load_data("mnist1d", None, None, 0, 0.1, torch.device("cpu"))
-    teacher = build_model("cnn1d", data.in_shape, data.num_classes).eval().requires_grad_(False)
+    data, teacher = setup("kdsweep-member-losses-")
     under_vmap = fused._Heads._batched
 
     def direct(self, s_mine, t_out, y, epoch):  # methods with heads keep vmap (none of these four has any)

@@ -14,28 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from group_composition import members, setup  # noqa: E402
 
-from kdsweep.data.dispatch import load_data
-from kdsweep.methods.registry import METHODS
-from kdsweep.models.factory import build_model
-from kdsweep.training.devices import keep_freed_memory
-from kdsweep.training.loop import Accel, Lockstep, Member, Schedule
-from kdsweep.training.teacher_outputs import TeacherCache
+from kdsweep.training.loop import Accel, Lockstep  # noqa: E402
+from kdsweep.training.teacher_outputs import TeacherCache  # noqa: E402
 
 
 def train(names: list[str], data, teacher, epochs: int, table: bool) -> float:
-    torch.manual_seed(0)
-    members = []
-    for name in names:
-        cls, student = METHODS[name], build_model("mlp100", data.in_shape, data.num_classes)
-        method = cls({k: v.default for k, v in cls.space.items()}, student.shapes(data.in_shape),
-                     teacher.shapes(data.in_shape), epochs)
-        members.append(Member(student, method, Schedule(epochs, 100, 0.01, optimizer="adam")))
-    group = Lockstep(members, teacher, data, accel=Accel(cpu_workers=1, fused=True), cache=TeacherCache(1 << 28))
+    group = Lockstep(members(names, data, teacher, epochs), teacher, data, accel=Accel(cpu_workers=1, fused=True),
+                     cache=TeacherCache(1 << 28))
     group.feed.whole = table
     start = time.perf_counter()
     while group.epoch():
@@ -48,11 +39,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    os.environ["KDSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kdsweep-teacher-table-")
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    data = load_data("mnist1d", None, None, 0, 0.1, torch.device("cpu"))
-    teacher = build_model("cnn1d", data.in_shape, data.num_classes).eval().requires_grad_(False)
+    data, teacher = setup("kdsweep-teacher-table-")
     compositions = {"ce, vanilla_kd x 8": ["ce", "vanilla_kd"] * 8, "pkt, cosine x 8": ["pkt", "cosine"] * 8}
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     for r in range(args.rounds):
