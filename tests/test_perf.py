@@ -311,6 +311,9 @@ def test_bench_rejects_bad_flags(capsys):
 
     assert main(["bench", "--device", "cpu", "--trials", "0"]) == 2
     assert "--trials must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--dataset", "mnist1d", "--images", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "kdsweep bench times image pipelines; mnist1d's samples are 1x40 signals" in err and "Traceback" not in err
 
 
 def test_pruning_in_lockstep_and_sequential_trials(tmp_path, monkeypatch):

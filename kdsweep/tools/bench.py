@@ -213,6 +213,10 @@ def _load(cfg: BenchConfig, device: torch.device) -> tuple[RawData, DeviceData]:
     while n - max(1, int(round(VAL_FRACTION * n))) < cfg.images:
         n += 1
     raw = spec.load(Path(cfg.data_dir) if cfg.data_dir else default_data_dir(), n)
+    if raw.train_x.dim() != 4:  # the reference hands each sample to torchvision's transforms as a PIL image
+        shape = "x".join(map(str, raw.train_x.shape[1:]))
+        raise UserError(f"kdsweep bench times image pipelines; {cfg.dataset}'s samples are {shape} signals, not images "
+                        f"(use --dataset synthetic, digits or an image dataset)")
     data = DeviceData(raw, cfg.seed, VAL_FRACTION, device)
     if data.n_train < cfg.images:
         raise UserError(f"{cfg.dataset} has only {data.n_train} training images after the val split; lower --images")
@@ -441,7 +445,10 @@ def _say_results(cfg: BenchConfig, data: DeviceData, ref: Phase, one: Phase, stu
     data_mb = sum(t.numel() * t.element_size() for t in (data.train_x, data.val_x, data.test_x)) / 2**20
     say(f"  kdsweep keeps the images on the device as uint8: {data_mb:.1f} MB; peak memory on CPU is the shared process's "
         f"resident set while the path ran (+ DataLoader workers' private memory)")
-    note = " (one lockstep group: the teacher ran once per batch without needing the cache)" if group >= k else ""
+    if not (data.augment.pad or data.augment.flip):  # teacher_outputs.py: one pass over the split serves every step
+        note = " (no augmentation: the teacher ran once over the training split, each step gathered its rows)"
+    else:
+        note = " (one lockstep group: the teacher ran once per batch without needing the cache)" if group >= k else ""
     say(f"  teacher cache: {cs['teacher_cache_mb'] * 1024:.0f} KB held, {cs['teacher_cache_hits']} hits, "
         f"{cs['teacher_cache_misses']} misses{note}")
     say(f"  sharing alone, on kdsweep's path: {k} x kdsweep trial / kdsweep study = {k * one.wall / study.wall:.2f} "
