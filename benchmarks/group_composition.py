@@ -1,11 +1,13 @@
 """One fused group of 16 MNIST-1D MLP students on one thread, timed per epoch, by how many methods it holds:
 why each worker of `--processes N` deals from its own slice of a sweep's studies (study/loop.py, `_dealing_order`).
 
-    python benchmarks/group_composition.py [--epochs 4] [--rounds 2]
+    python benchmarks/group_composition.py [--epochs 4] [--rounds 2] [--pairs]
 
 The methods are those that serve the pair, without crd and rkd (whose losses dwarf the rest); each member
-takes its method's default hyperparameters. The teacher is cnn1d with its random initial weights (a speed
-test: the losses cost the same); Adam, batch 100, kdsweep's malloc settings. Prints each composition's seconds per epoch after the first.
+takes its method's default hyperparameters. With --pairs, the groups the two workers of the 4-method sweep
+(ce, vanilla_kd, pkt, cosine) hold: the studies in halves, as they were dealt until 2026-12-06, or in turn.
+The teacher is cnn1d with its random initial weights (a speed test: the losses cost the same); Adam, batch 100,
+kdsweep's malloc settings. Prints each composition's seconds per epoch after the first.
 """
 
 from __future__ import annotations
@@ -59,20 +61,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pairs", action="store_true", help="the 4-method sweep's worker groups, halves or in turn")
     args = ap.parse_args()
     data, teacher = setup("kdsweep-group-composition-")
-    probe = build_model("mlp100", data.in_shape, data.num_classes)
-    cheap = [n for n in sorted(METHODS) if not n.startswith(("crd", "rkd"))
-             and not METHODS[n].unsupported(probe.shapes(data.in_shape), teacher.shapes(data.in_shape))]
-    compositions = {f"{len(cheap)} methods, round-robin": [cheap[i % len(cheap)] for i in range(16)],
-                    "8 methods x 2": [cheap[i % 8] for i in range(16)],
-                    "4 methods x 4": [cheap[i % 4] for i in range(16)],
-                    "2 methods x 8": [cheap[i % 2] for i in range(16)]}
-    print(f"methods: {', '.join(cheap)}")
+    if args.pairs:
+        compositions = {"halves: ce, vanilla_kd x 8": ["ce", "vanilla_kd"] * 8,
+                        "halves: pkt, cosine x 8": ["pkt", "cosine"] * 8,
+                        "in turn: ce, pkt x 8": ["ce", "pkt"] * 8,
+                        "in turn: vanilla_kd, cosine x 8": ["vanilla_kd", "cosine"] * 8}
+    else:
+        probe = build_model("mlp100", data.in_shape, data.num_classes)
+        cheap = [n for n in sorted(METHODS) if not n.startswith(("crd", "rkd"))
+                 and not METHODS[n].unsupported(probe.shapes(data.in_shape), teacher.shapes(data.in_shape))]
+        compositions = {f"{len(cheap)} methods, round-robin": [cheap[i % len(cheap)] for i in range(16)],
+                        "8 methods x 2": [cheap[i % 8] for i in range(16)],
+                        "4 methods x 4": [cheap[i % 4] for i in range(16)],
+                        "2 methods x 8": [cheap[i % 2] for i in range(16)]}
+        print(f"methods: {', '.join(cheap)}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     for r in range(args.rounds):
         for label, names in compositions.items():
-            print(f"round {r + 1}, {label:<26} {per_epoch(names, data, teacher, args.epochs):.3f} s an epoch", flush=True)
+            seconds = per_epoch(names, data, teacher, args.epochs)
+            print(f"round {r + 1}, {label:<32} {seconds:.3f} s an epoch", flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -349,7 +349,7 @@ def _dealing_order(ctxs: list[StudyContext], turn: int) -> tuple[list[StudyConte
     "Worker processes"), and a study's trials that share work (crd's negatives) share a process. Dealt in turn,
     not in halves: methods are listed with their like (logit methods, then feature methods; a paper form beside
     its seed-003 form), so halves put the cheap ones in one worker, which then idles while the other ends (the
-    4-method sweep's workers ended 2.3-2.7 s apart). The others' slices follow, so no worker idles while any
+    4-method sweep's workers ended 1.2-3.6 s apart). The others' slices follow, so no worker idles while any
     study has room."""
     n, i = local_workers.processes_here(), local_workers.index_here()
 

@@ -231,14 +231,14 @@ class TeacherFeed:
         if table is not None:
             return table
         data, n, b = self.data, self.data.n_train, self.batch_size
-        rows = lambda i: self.compute(data.normalize(data.train_x[i : i + b]))  # noqa: E731
-        first = rows(0)
+        chunk = lambda i: self.compute(data.normalize(data.train_x[i : i + b]))  # noqa: E731 - rows i to i + b
+        first = chunk(0)
         row_bytes = sum(_nbytes(t) for t in first if t is not None) / min(b, n)
         if not self.cache.fits(self.key, math.ceil(row_bytes * n)):
             self.whole = False
             return None
         self.cache.misses += 1
-        parts = [first, *(rows(i) for i in range(b, n, b))]
+        parts = [first, *(chunk(i) for i in range(b, n, b))]
         table = {tap: torch.cat([getattr(p, tap) for p in parts]) for tap in TAPS if getattr(first, tap) is not None}
         self.cache.keep_table(self.key, table)
         return table
