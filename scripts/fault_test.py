@@ -143,6 +143,7 @@ class Child:
                     from kdsweep import cli
 
                     code = cli.main(argv)
+                    cli.release()  # the stores closed, as the `kdsweep` command closes them: no -wal files left
                     sys.stdout.flush()
                     sys.stderr.flush()
                 finally:
@@ -697,7 +698,12 @@ def main(argv=None) -> int:
     print(" ".join(r.summary for r in results))
     for r in results:
         print(f"  {r.detail}")
-    return 0 if all(r.ok for r in results) else 1
+    ok = all(r.ok for r in results)
+    if ok and not args.workdir:  # a folder of its own that passed: nothing to look at
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"  stores and logs kept in {workdir}")
+    return 0 if ok else 1
 
 if __name__ == "__main__":
     sys.exit(main())
