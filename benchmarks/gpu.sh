@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/gpu.sh --fetch-wheels  # where pip reaches an index: what the GPU machine lacks, into .whl/
 #   bash benchmarks/gpu.sh                 # on the machine with an NVIDIA GPU
-#   bash benchmarks/gpu.sh --dry-run       # on the CPU: the same steps at tiny sizes (CI runs this)
+#   bash benchmarks/gpu.sh --dry-run       # on the CPU: the suite at tiny sizes and test_cuda.py's CPU halves (CI runs this)
 #
 # The lent GPU machine reaches no package index and its image has torch, pandas, scipy and pytest but not
 # mlflow, optuna or mnist1d: benchmarks/gpu_wheels.txt lists those and what they need (CPython 3.12, x86-64,
