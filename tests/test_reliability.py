@@ -322,6 +322,7 @@ def test_owner_liveness_tells_dead_reused_and_remote_pids_apart():
         z.wait()
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # asks as a worker does; its claims filter it
 def test_recover_stale_fails_dead_unclaimed_and_silent_trials_only(tmp_path, monkeypatch):
     import optuna
 
@@ -367,6 +368,7 @@ def test_recover_stale_fails_dead_unclaimed_and_silent_trials_only(tmp_path, mon
     assert "before claiming" in seen[fresh.number]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # asks as a worker does; its claims filter it
 def test_a_stale_trial_is_retried_with_its_parameters(tmp_path):
     import optuna
 
@@ -390,6 +392,7 @@ def test_a_stale_trial_is_retried_with_its_parameters(tmp_path):
     assert not retry(study, study.get_trials()[chain[-1]], "test")  # a chain ends after MAX_RETRIES
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # asks as a worker does; its claims filter it
 def test_claims_never_overshoot_and_wait_for_trials_running_elsewhere(tmp_path):
     import threading
 
