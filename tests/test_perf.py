@@ -180,6 +180,7 @@ def test_without_augmentation_the_teacher_runs_once_over_the_split(data):
     shapes = teacher.shapes(flat.in_shape)
     row = math.prod(shapes.logits) + math.prod(shapes.feature) + math.prod(shapes.embedding)
     assert cache.used == flat.n_train * row * 4  # the split's logits, feature maps and embeddings, once
+    assert cache.stats()["teacher_cache_tables"] == 1
     assert_same(plain, first)  # the same rows through the same teacher: float rounding at most
 
 
@@ -205,6 +206,7 @@ def test_a_split_over_budget_is_computed_per_step(data):
     got = curve(train(flat, teacher, make_member(flat, teacher, method="embed"), cache))
     assert cache.hits == 0 and cache.misses == flat.steps_per_epoch(32) * EPOCHS
     assert cache.used == cache.misses * 32 * flat.num_classes * 4
+    assert cache.stats()["teacher_cache_tables"] == 0
     assert_same(plain, got)
 
 

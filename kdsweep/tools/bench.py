@@ -445,7 +445,7 @@ def _say_results(cfg: BenchConfig, data: DeviceData, ref: Phase, one: Phase, stu
     data_mb = sum(t.numel() * t.element_size() for t in (data.train_x, data.val_x, data.test_x)) / 2**20
     say(f"  kdsweep keeps the images on the device as uint8: {data_mb:.1f} MB; peak memory on CPU is the shared process's "
         f"resident set while the path ran (+ DataLoader workers' private memory)")
-    if not (data.augment.pad or data.augment.flip):  # teacher_outputs.py: one pass over the split serves every step
+    if cs["teacher_cache_tables"]:  # unaugmented data: teacher_outputs.py keeps the whole split's outputs
         note = " (no augmentation: the teacher ran once over the training split, each step gathered its rows)"
     else:
         note = " (one lockstep group: the teacher ran once per batch without needing the cache)" if group >= k else ""

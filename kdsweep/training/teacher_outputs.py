@@ -153,6 +153,7 @@ class TeacherCache:
 
     def stats(self) -> dict[str, float]:
         return {"teacher_cache_hits": self.hits, "teacher_cache_misses": self.misses,
+                "teacher_cache_tables": sum(SPLIT in entries for entries in self._store.values()),
                 "teacher_cache_mb": self.used / 2**20, "teacher_cache_budget_mb": self.budget / 2**20}
 
 
