@@ -1,9 +1,14 @@
-"""rkd's angle term, forward and backward, in eager mode against torch.compile of the same function, in turn in one run.
+"""rkd's angle term, forward and backward: its gradient by hand in blocks against autograd's over the whole tensor,
+and eager against torch.compile, in turn in one run.
 
     PYTHONPATH=. python benchmarks/rkd_angle.py [--batch 100] [--rounds 3] [--steps 30]
 
-The (B, B, B) angle term is most of rkd's cost a step on a CPU (benchmarks/loss_cost.py). A compiled kernel would fuse
-its passes; this prints what compiling costs once (the first call) and then per call, with the process set up as a
+First, per member and step: `rkd_angle` (rkd._AngleLoss: a block of anchors at a time, its gradient computed in
+the same pass) against the same term as autograd differentiates it over the whole (B, B, B) tensor (the form
+kdsweep used before), alone and under vmap over 2 and 4 members, as a fused group's rkd members compute it.
+
+Then torch.compile. The (B, B, B) angle term is most of rkd's cost a step on a CPU (benchmarks/loss_cost.py). A
+compiled kernel would fuse its passes; this prints what compiling costs once (the first call) and then per call, with the process set up as a
 CPU run is (devices.prepare_cpu: one thread, malloc keeping freed memory), and how far the compiled gradients are
 from the eager ones: at --batch in float32, then, in float64, for both of rkd's terms at batches 16 and 64 on one and
 on two intra-op threads, twice each (|compiled - eager| / |eager|, norms of the gradient with respect to the student's
@@ -19,8 +24,36 @@ import time
 import torch
 from _timing import ms_per_call
 
-from kdsweep.methods.rkd import rkd_angle, rkd_distance
+from kdsweep.methods.rkd import _parts, rkd_angle, rkd_distance
 from kdsweep.training.devices import prepare_cpu
+
+
+def by_autograd(z_s, z_t, eps: float = 1e-12):
+    """The angle term over the whole (B, B, B) tensor, differentiated by autograd."""
+    def angles(z):
+        g, h, u = _parts(z, eps)
+        return ((g[None] - h[:, :, None] - h[:, None, :]) * u[:, :, None] * u[:, None, :]).clamp(-1, 1)
+
+    return torch.nn.functional.smooth_l1_loss(angles(z_s), angles(z_t))
+
+
+def hand_against_autograd(batch: int, rounds: int, steps: int) -> None:
+    z_t = torch.randn(batch, 64)
+    for members in (1, 2, 4):
+        z0 = torch.randn(members, batch, 100)
+
+        def step(fn):
+            z = z0.clone().requires_grad_()
+            loss = torch.func.vmap(lambda a: fn(a, z_t))(z) if members > 1 else fn(z[0], z_t)
+            loss.sum().backward()
+
+        ways = [("by hand", rkd_angle), ("autograd", by_autograd)]
+        for r in range(rounds):
+            took = {name: ms_per_call(lambda fn=fn: step(fn), steps) / members
+                    for name, fn in (ways if r % 2 == 0 else ways[::-1])}
+            print(f"{members} member(s){' under vmap' if members > 1 else ''}, round {r + 1}: by hand "
+                  f"{took['by hand']:.2f} ms, autograd {took['autograd']:.2f} ms a member-step "
+                  f"({took['autograd'] / took['by hand']:.2f}x)", flush=True)
 
 
 def main() -> None:
@@ -31,6 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     prepare_cpu(1)
     torch.manual_seed(0)
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; batch {args.batch}")
+    hand_against_autograd(args.batch, args.rounds, args.steps)
     z_s, z_t = torch.randn(args.batch, 100), torch.randn(args.batch, 64)  # mlp100's and cnn1d's embedding widths
 
     def grad(fn) -> torch.Tensor:

@@ -547,3 +547,42 @@ def test_crd_counted_negatives_give_the_gathered_loss_and_gradients(n):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert m.z_s.item() == pytest.approx(e.mean().item() * n, rel=1e-5)
     torch.testing.assert_close(got_v.grad, want_v.grad, rtol=1e-4, atol=1e-6)
+
+
+def _angle_term_by_autograd(z_s, z_t):
+    """rkd's angle term written out as the paper defines it: unit difference vectors at each anchor, the cosines
+    between them, smooth L1; its gradient is autograd's."""
+    import torch.nn.functional as F
+
+    def cosines(e):
+        unit = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # unit[i, j] = (e_j - e_i) / |e_j - e_i|
+        return unit @ unit.transpose(1, 2)
+
+    return F.smooth_l1_loss(cosines(z_s), cosines(z_t))
+
+
+@pytest.mark.parametrize("n, rows", [(1, 1), (2, 1), (7, 3), (33, 5), (33, 33)])
+def test_rkd_angle_gradient_computed_by_hand_is_autograds(n, rows, monkeypatch):
+    """rkd's angle term computes its gradient itself, a block of `rows` anchors at a time (rkd._AngleLoss): loss and
+    gradient equal autograd's on the term as the paper writes it, alone, under vmap over members, and under no_grad."""
+    from torch.func import vmap
+
+    from kdsweep.methods import rkd
+
+    monkeypatch.setattr(rkd, "_CPU_BLOCK", rows * n * n)
+    g = torch.Generator().manual_seed(n)
+    z_s, z_t = torch.randn(3, n, 12, dtype=torch.float64, generator=g), torch.randn(n, 5, dtype=torch.float64, generator=g)
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    got_z, want_z = z_s.clone().requires_grad_(), z_s.clone().requires_grad_()
+    got = torch.stack([rkd.rkd_angle(z, z_t) for z in got_z])
+    want = torch.stack([_angle_term_by_autograd(z, z_t) for z in want_z])
+    (got * weights).sum().backward(), (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got_z.grad, want_z.grad, rtol=1e-8, atol=1e-12)
+    batched_z = z_s.clone().requires_grad_()
+    batched = vmap(lambda z: rkd.rkd_angle(z, z_t))(batched_z)
+    (batched * weights).sum().backward()
+    torch.testing.assert_close(batched, want, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(batched_z.grad, want_z.grad, rtol=1e-8, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(rkd.rkd_angle(z_s[0], z_t), want[0].detach(), rtol=1e-10, atol=1e-14)

@@ -31,21 +31,89 @@ def rkd_distance(z_s, z_t, eps: float = 1e-12):
     return F.smooth_l1_loss(d_s / (d_s.sum() / pairs).clamp_min(1e-6), d_t / (d_t.sum() / pairs).clamp_min(1e-6))
 
 
-def _angles(z, eps: float):
-    """A[i, j, k] = cos of the angle at z_i between z_j - z_i and z_k - z_i (0 when j or k is i).
-
-    (z_j - z_i) . (z_k - z_i) = g_jk - h_ij - h_ik with h_ij = g_ij - g_ii / 2, times 1 / d_ij and 1 / d_ik:
-    four passes over the (N, N, N) tensor, not nine (2.4x faster forward and backward at N = 100 on a CPU).
-    1 / d is 0 on the diagonal, which zeroes the terms with j or k equal to i.
-    """
+def _parts(z, eps: float):
+    """g, h and 1/d: the (N, N) pieces the angles at each z_i are made of (`_block_angles`)."""
     g, d, off = _geometry(z, eps)
     h = g - g.diagonal()[:, None] / 2
     inv_d = off / d.clamp_min(eps ** 0.5)  # off the diagonal d >= sqrt(eps) already
-    return ((g[None, :, :] - h[:, :, None] - h[:, None, :]) * inv_d[:, :, None] * inv_d[:, None, :]).clamp(-1, 1)
+    return g, h, inv_d
+
+
+def _block_angles(g, h, inv_d, rows: slice):
+    """A[i, j, k] for the anchors i in `rows`, before clamping, and the factor 1 / (d_ij d_ik) (its backward needs it).
+
+    (z_j - z_i) . (z_k - z_i) = g_jk - h_ij - h_ik with h_ij = g_ij - g_ii / 2, times 1 / d_ij and 1 / d_ik:
+    four passes over the (rows, N, N) block, not nine. 1 / d is 0 on the diagonal, which zeroes the terms
+    with j or k equal to i.
+    """
+    u = inv_d[rows]
+    uu = u[:, :, None] * u[:, None, :]
+    return (g[None] - h[rows, :, None] - h[rows, None, :]) * uu, uu
+
+
+class _AngleLoss(torch.autograd.Function):
+    """sum over (i, j, k) of smooth_l1(A_s - A_t), with its gradient with respect to the student's g, h and 1/d
+    computed in the same pass, a block of anchors i at a time.
+
+    Through autograd the (N, N, N) tensors of the forward are saved and read again by a backward of about
+    twenty passes, several of them over masks of bools, slow on a CPU (6 of rkd's 8 ms a step at N = 100
+    on one core). Here each block's forward and backward run while the block is in the core's cache, in 22
+    passes in all, and nothing of size N^3 is kept: the gradient is three (N, N) tensors. The teacher's
+    side takes no gradient.
+    """
+
+    generate_vmap_rule = True  # a fused group's rkd members compute it under vmap
+
+    @staticmethod
+    def forward(g, h, inv_d, g_t, h_t, inv_d_t, block: int, want_grad: bool):
+        n = g.shape[0]
+        total = g.new_zeros(())
+        # under no_grad three empty tensors stand for the gradient
+        dg, dh, du = (torch.zeros_like(t) if want_grad else t.new_zeros(0) for t in (g, h, inv_d))
+        # A = raw * u_ij u_ik, so dA/du_ij = raw / u_ij: d_ij off the diagonal (where u_ii = 0 takes no gradient)
+        d = torch.where(inv_d == 0, 0, 1 / inv_d)
+        # the clamp's gradient passes where -1 <= raw <= 1, as torch's clamp does: hardtanh's backward (one fast pass,
+        # not masks of bools) with its open bounds the next floats beyond -1 and 1
+        edge = 1 + torch.finfo(g.dtype).eps
+        for start in range(0, n, block):
+            rows = slice(start, start + block)
+            raw, uu = _block_angles(g, h, inv_d, rows)
+            a_s, a_t = raw.clamp(-1, 1), _block_angles(g_t, h_t, inv_d_t, rows)[0].clamp_(-1, 1)
+            total = total + F.smooth_l1_loss(a_s, a_t, reduction="sum")
+            if not want_grad:
+                continue
+            # dL/d(raw): smooth L1's derivative (beta 1: the difference clamped to [-1, 1]), through the clamp
+            grad_raw = torch.ops.aten.hardtanh_backward((a_s - a_t).clamp(-1, 1), raw, -edge, edge)
+            grad_e = grad_raw * uu  # dL/d(g_jk - h_ij - h_ik)
+            dg = dg + grad_e.sum(0)
+            # A is symmetric in j and k, so the terms where h_ij (or u_ij) stands second sum as those where it stands first
+            dh[rows] = -2 * grad_e.sum(2)
+            du[rows] = 2 * grad_raw.mul_(raw).sum(2) * d[rows]
+        return total, dg, dh, du
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        dg, dh, du = ctx.saved_tensors
+        return grad_total * dg, grad_total * dh, grad_total * du, None, None, None, None, None
+
+
+# Anchors per block on a CPU: a (block, N, N) float32 block of about 256 KB, so the dozen tensors of one block's
+# forward and backward stay in a core's cache (benchmarks/rkd_angle.py).
+_CPU_BLOCK = 1 << 17
 
 
 def rkd_angle(z_s, z_t, eps: float = 1e-12):
-    return F.smooth_l1_loss(_angles(z_s, eps), _angles(z_t, eps))
+    """Smooth-L1 between the angle tensors of z_s and z_t (a target: no gradient flows to it), mean over N^3."""
+    n = z_s.shape[0]
+    parts, target = _parts(z_s, eps), [p.detach() for p in _parts(z_t.detach(), eps)]
+    block = max(1, _CPU_BLOCK // (n * n)) if z_s.device.type == "cpu" else n  # on a GPU: fewest kernels
+    want_grad = torch.is_grad_enabled()  # not z_s.requires_grad: under vmap it reads False
+    return _AngleLoss.apply(*parts, *target, block, want_grad)[0] / max(n, 1) ** 3
 
 
 @register
