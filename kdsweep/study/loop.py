@@ -294,10 +294,11 @@ def _claim_next(ctx: StudyContext) -> optuna.Trial | None:
     with ctx.lock:
         found = _recover(ctx)
         trial = None
-        if ctx.cfg.budget.room(spent(ctx.study)):
+        trials = ctx.study.get_trials(deepcopy=False)  # one read for the budget and the count
+        if ctx.cfg.budget.room(Spent.of(trials)):
             # A fresh sampler per trial, seeded by the trial count: workers claiming in turn
             # never draw the same parameters, and a resumed study does not replay old draws.
-            ctx.study.sampler = make_sampler(ctx.cfg, len(ctx.study.get_trials(deepcopy=False)))
+            ctx.study.sampler = make_sampler(ctx.cfg, len(trials))
             with warnings.catch_warnings():
                 # "Heartbeat of storage is supposed to be used with Study.optimize": we beat ourselves.
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
