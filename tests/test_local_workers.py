@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -81,6 +82,18 @@ def test_each_worker_of_several_deals_from_its_own_slice_of_a_sweeps_studies_fir
     assert group([2, 2, 2, 2], 4) == "AADD"  # slices of 4 studies among 3 workers: A D | B | C
     monkeypatch.setenv(local_workers.INDEX_ENV, "2")
     assert group([2, 2, 2, 2], 2) == "CC"
+
+
+def test_a_worker_imports_its_commands_kdsweep_whatever_the_working_directory_holds(tmp_path, monkeypatch):
+    # Run from another clone, `python -m kdsweep.cli` would import the clone's kdsweep: the working directory comes first.
+    (tmp_path / "kdsweep").mkdir()
+    (tmp_path / "kdsweep" / "__init__.py").write_text("raise SystemExit('the working directory kdsweep')\n")
+    monkeypatch.chdir(tmp_path)
+    with tempfile.TemporaryFile("w+") as log:
+        worker = local_workers._start(["methods"], 2, 1, "test", log)
+        assert worker.wait(timeout=300) == 0
+        log.seek(0)
+        assert "working directory" not in log.read()
 
 
 def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_path):

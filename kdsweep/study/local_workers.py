@@ -32,6 +32,9 @@ from typing import IO
 from kdsweep.common.processes import COMMAND_ENV
 
 ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this kdsweep: the workers import the same one
+# Not `python -m kdsweep.cli`: -m puts the working directory first on sys.path, so run from another clone a worker
+# would import that clone's kdsweep and train with other code than its command's.
+WORKER = f"import sys; sys.path.insert(0, {ROOT!r}); from kdsweep.cli import entry; entry()"
 PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many workers its command started
 INDEX_ENV = "KDSWEEP_WORKER_INDEX"  # set for each worker: which of them it is, from 0
 
@@ -79,7 +82,7 @@ def _start(args: list[str], processes: int, index: int, command: str, log: IO | 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
            PROCESSES_ENV: str(processes), INDEX_ENV: str(index), COMMAND_ENV: command}
     out = {} if log is None else {"stdout": subprocess.DEVNULL, "stderr": log}
-    return subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *args], env=env, start_new_session=True,
+    return subprocess.Popen([sys.executable, "-c", WORKER, *args], env=env, start_new_session=True,
                             preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None, **out)
 
 
