@@ -11,8 +11,11 @@ import make_method_fixture as fx
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import vmap
 
 from kdsweep.common.space import Float
+from kdsweep.methods import rkd
 from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.dkd import dkd_terms
 from kdsweep.methods.registry import METHODS
@@ -552,7 +555,6 @@ def test_crd_counted_negatives_give_the_gathered_loss_and_gradients(n):
 def _angle_term_by_autograd(z_s, z_t):
     """rkd's angle term written out as the paper defines it: unit difference vectors at each anchor, the cosines
     between them, smooth L1; its gradient is autograd's."""
-    import torch.nn.functional as F
 
     def cosines(e):
         unit = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # unit[i, j] = (e_j - e_i) / |e_j - e_i|
@@ -565,10 +567,6 @@ def _angle_term_by_autograd(z_s, z_t):
 def test_rkd_angle_gradient_computed_by_hand_is_autograds(n, rows, monkeypatch):
     """rkd's angle term computes its gradient itself, a block of `rows` anchors at a time (rkd._AngleLoss): loss and
     gradient equal autograd's on the term as the paper writes it, alone, under vmap over members, and under no_grad."""
-    from torch.func import vmap
-
-    from kdsweep.methods import rkd
-
     monkeypatch.setattr(rkd, "_CPU_BLOCK", rows * n * n)
     g = torch.Generator().manual_seed(n)
     z_s, z_t = torch.randn(3, n, 12, dtype=torch.float64, generator=g), torch.randn(n, 5, dtype=torch.float64, generator=g)
