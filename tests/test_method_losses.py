@@ -545,11 +545,63 @@ def test_crd_counted_negatives_give_the_gathered_loss_and_gradients(n):
     neg = cols[:, 1:]
     got = m._nce(got_v, bank, cols[:, 0], neg, count_draws(neg, n) if n <= neg.shape[1] else None, "z_s", n)
     e = torch.exp(torch.gather(want_v @ bank.t(), 1, cols) / NCE_T)
-    want = nce_loss(e / (e.detach().mean() * n), n)
+    p = e / (e.detach().mean() * n)
+    want = nce_loss(p[:, 0], p[:, 1:], n)
     got.backward(), want.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert m.z_s.item() == pytest.approx(e.mean().item() * n, rel=1e-5)
     torch.testing.assert_close(got_v.grad, want_v.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, b", [(1, 1), (20, 6), (700, 33)])
+def test_crd_counted_nce_gradient_computed_by_hand_is_autograds(n, b):
+    """crd's counted NCE loss computes its gradient itself (crd._CountedNCE): loss and gradient equal autograd's on
+    the loss as the paper writes it over the drawn columns, in float64, and the loss under no_grad is the same."""
+    from kdsweep.methods.crd import NCE_T, _CountedNCE, count_draws, nce_loss
+
+    g = torch.Generator().manual_seed(n)
+    v = F.normalize(torch.randn(b, 128, dtype=torch.float64, generator=g), dim=1)
+    bank = F.normalize(torch.randn(n, 128, dtype=torch.float64, generator=g), dim=1)
+    ids, neg = torch.randint(0, n, (b,), generator=g), torch.randint(0, n, (b, 1000), generator=g)
+    z = torch.exp(v @ bank.t() / NCE_T).mean() * n * 1.3  # any positive constant
+    got_v, want_v = v.clone().requires_grad_(), v.clone().requires_grad_()
+    got = _CountedNCE.apply(got_v, bank, ids, count_draws(neg, n), z, 1000 / n, True)[0]
+    e = torch.exp(want_v @ bank.t() / NCE_T)
+    want = nce_loss(e.gather(1, ids[:, None])[:, 0] / z, e.gather(1, neg) / z, n)
+    (3 * got).backward(), (3 * want).backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_v.grad, want_v.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(_CountedNCE.apply(v, bank, ids, count_draws(neg, n), z, 1000 / n, False)[0], want.detach(),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_crd_step_moves_its_banks_in_place_after_taking_its_gradient(nets):
+    """The counted loss keeps no bank rows for its backward pass, so crd moves its banks in place without copies:
+    a step's gradients equal those of the paper's loss over the drawn columns of the banks as they were."""
+    from kdsweep.methods.crd import NCE_T, nce_loss
+
+    m, s, t, y, *_ = setup(nets, "crd", "conv")
+    index = SampleIndex(torch.tensor([5, 0, 39, 7, 12, 3]), N_TRAIN)
+    m(s, t, y, 0, index=index)  # the first step makes the banks and fixes Z
+    ref = copy.deepcopy(m)
+    emb_s = s.embedding.detach().clone().requires_grad_()
+    got = m(s._replace(embedding=emb_s), t, y, 0, index=index)["nce"]
+    got.backward()
+    assert not torch.equal(m.memory_s, ref.memory_s)  # the step moved the banks
+    neg = ref.draw(index)[0]
+    want_emb = s.embedding.detach().clone().requires_grad_()
+    v_s = F.normalize(ref.proj_s(want_emb.flatten(1)), dim=1)
+    v_t = F.normalize(ref.proj_t(t.embedding.detach().flatten(1)), dim=1)
+    want = 0
+    for v, bank, z in ((v_s, ref.memory_t, ref.z_s), (v_t, ref.memory_s, ref.z_t)):
+        e = torch.exp(v @ bank.t() / NCE_T)
+        want = want + nce_loss(e.gather(1, index.ids[:, None])[:, 0] / z, e.gather(1, neg) / z, N_TRAIN)
+    (ref.hp["weight"] * want).backward()
+    assert got.item() == pytest.approx((ref.hp["weight"] * want).item(), rel=1e-5)
+    torch.testing.assert_close(emb_s.grad, want_emb.grad, rtol=1e-4, atol=1e-7)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, rtol=1e-4, atol=1e-7)
 
 
 def _angle_term_by_autograd(z_s, z_t):
