@@ -117,6 +117,11 @@ def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_
     assert len(set(owners)) == 2, "each worker trained some: the first to ask did not take all 8"  # 4 + 4 unless one was slow to start
     runs, _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", name)
     assert len(runs) == 8 and {r.data.params["processes"] for r in runs} == {"2"}  # recorded with the threads
+    # trained in lockstep groups: the report's cost column says its seconds are the groups'
+    out = run_cli(["report", "--dataset", "digits", "--device", "cpu", "--no-log"], tmp_path,
+                  cli_env(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "is charged its whole group's time" in out.stdout, out.stdout
 
 
 @pytest.mark.slow  # a two-method sweep, then its confirmation as two worker processes

@@ -58,6 +58,7 @@ def test_report_writes_four_tables_per_format(sweep, capsys):
     assert "## Ranking by test accuracy" in printed and "## Ranks per metric" in printed
     assert "| vanilla_kd" in printed and "| teacher" in printed
     assert "no CI and no p-values" in printed  # one run per method: nothing to test yet, and it says so
+    assert "charged its whole group's time" not in printed  # each trial trained alone: its seconds are its own
     for table in ("best", "metrics", "ranking", "ranks"):
         for ext in ("md", "csv", "json", "tex", "html"):
             assert (out / f"{table}.{ext}").stat().st_size > 0
@@ -305,3 +306,16 @@ def test_the_best_trial_is_decided_in_one_place():
     others = [str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "best.py"
               and re.search(r"\.best_(trial|value)\b|best_val_acc.\]\s*,\s*-", p.read_text())]
     assert not others, f"these decide the best trial themselves: {others}"
+
+
+def test_the_cost_column_says_when_trials_were_charged_their_groups_time():
+    """In a lockstep group a trial's seconds are its group's: the best table's caption says so, and only then."""
+    from types import SimpleNamespace
+
+    from kdsweep.report.build import trained_in_groups
+
+    def study(parallel):
+        return SimpleNamespace(params={} if parallel is None else {"parallel": parallel})
+
+    assert not trained_in_groups([study(None), study("1")])  # older stores logged no `parallel`
+    assert trained_in_groups([study("1"), study("16")])

@@ -403,8 +403,20 @@ def build(sel: Selection, data_dir: str | None = None, device: torch.device | st
     tables = {"best": best, "metrics": met, "ranking": ranking, "ranks": _ranks_table(students)}
     display = {"best": _display_best(best), "metrics": _display_metrics(met), "ranking": _display_ranking(ranking),
                "ranks": _display_ranks(tables["ranks"])}
+    captions = {"ranking": rule, **({"best": GROUPED_COST} if trained_in_groups(sel.studies) else {})}
     return Report(sel, tables, display, _budget_warnings(sel), notes, curves, met[["label", "acc", "acc_std", "n"]].copy(), tmp,
-                  {"ranking": rule})
+                  captions)
+
+
+GROUPED_COST = ("train s (all): the trials' training wall time, summed. A trial trained in a lockstep group (--parallel "
+                "above 1) is charged its whole group's time, so where methods shared groups this column follows the "
+                "grouping, not each method's own cost; epochs (all) compares what the studies trained")
+
+
+def trained_in_groups(studies) -> bool:
+    """Whether any study trained its trials in lockstep groups (its parent run's `parallel` above 1)."""
+    sizes = (str(s.params.get("parallel", "1")) for s in studies)  # older stores logged none: trained alone
+    return any(k.isdigit() and int(k) > 1 for k in sizes)
 
 
 # ---------------------------------------------------------------- formatting
