@@ -130,7 +130,7 @@ class _CountedNCE(torch.autograd.Function):
     Written by hand because autograd's form makes about twenty passes over the (B, n) scores, forward and backward;
     this one makes seven besides its two matmuls, and keeps only the (B, 128) gradient, not the bank, so crd's
     banks move in place without copies: 1.2-1.3x faster a direction on MNIST-1D's 100 x 3,600 on one CPU core
-    (benchmarks/crd_nce.py), where the matmuls are now more than half of it.
+    (benchmarks/crd_nce.py), of which its two matmuls are now about half.
     The scores are p = e / z, e = exp(v . bank_j / T). With a = K P_n + EPS, P_n = 1 / n:
       loss = -1/B [sum_i log(p_i+ / (p_i+ + a)) + sum_ij counts_ij log(K P_n / (p_ij + a))]
       dloss/dv_i = 1/(B T) [sum_j counts_ij e_ij / (e_ij + z a) bank_j - a / (p_i+ + a) bank_i+]
