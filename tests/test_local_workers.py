@@ -10,17 +10,21 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from types import SimpleNamespace
 
+import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 from reliability_helpers import cli_env, load_trials, mlflow_runs, run_cli, start_cli
 
-from kdsweep.common.processes import COMMAND_ENV
+from kdsweep.common.locks import StudyLock
+from kdsweep.common.processes import COMMAND_ENV, Owner, _start_time
 from kdsweep.study import local_workers
 from kdsweep.study import loop as study_loop
 from kdsweep.study.budget import Budget, Spent
+from kdsweep.study.workers import claim
 from kdsweep.tracking.vocabulary import EPOCHS_ATTR
 
 TINY = ["--dataset", "digits", "--device", "cpu", "--epochs", "2", "--sampler", "random", "--pruner", "none"]
@@ -94,6 +98,42 @@ def test_a_worker_imports_its_commands_kdsweep_whatever_the_working_directory_ho
         assert worker.wait(timeout=300) == 0
         log.seek(0)
         assert "working directory" not in log.read()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # asks as a worker does
+def test_a_fellows_claim_is_read_whole_never_as_a_trial_running_elsewhere(tmp_path, monkeypatch):
+    """A worker claims a trial and then writes its owner, under the study lock. A fellow worker of the same command
+    opening the study meanwhile waits for the lock, so it never counts the half-made claim as running elsewhere
+    (as the two-worker sweep below once said when its workers started a moment apart)."""
+    monkeypatch.setenv(COMMAND_ENV, "the-command")
+    monkeypatch.setenv(local_workers.PROCESSES_ENV, "2")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    me = Owner.me()
+    fellow = Owner(me.node, me.host, os.getppid(), _start_time(os.getppid()), "the-command")  # alive, not this process
+    asked, release, seen = threading.Event(), threading.Event(), []
+
+    def fellow_claims():
+        with StudyLock(url, "s"):
+            trial = optuna.load_study(study_name="s", storage=url).ask()  # RUNNING, no owner yet
+            asked.set()
+            release.wait(10)
+            claim(trial, fellow)
+
+    def opens_the_study():
+        seen.append(study_loop._seen_whole(SimpleNamespace(lock=StudyLock(url, "s"), study=study)))
+
+    claimer = threading.Thread(target=fellow_claims)
+    claimer.start()
+    assert asked.wait(10)
+    reader = threading.Thread(target=opens_the_study)
+    reader.start()
+    reader.join(0.5)
+    assert reader.is_alive(), "read the study while a claim was half made"
+    release.set()
+    claimer.join(10), reader.join(10)
+    (trials, now, fellows), = seen
+    assert len(trials) == now.running == fellows == 1
 
 
 def test_two_worker_processes_share_a_sweeps_budget_exactly_and_report_once(tmp_path):

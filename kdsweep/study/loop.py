@@ -333,12 +333,17 @@ def _share(ctxs: list[StudyContext], size: int) -> int:
 _SIBLINGS = ""  # in `said_waiting`: the wait for this command's other workers has been said
 
 
-def _running_in_siblings(ctx: StudyContext) -> int:
-    """How many of the study's running trials this command's other worker processes own (--processes)."""
-    if local_workers.processes_here() == 1:
-        return 0
-    owners = (Owner.from_attr(t.user_attrs.get(OWNER_ATTR)) for t in ctx.study.get_trials(deepcopy=False, states=(RUNNING,)))
-    return sum(1 for o in owners if o is not None and o.is_fellow() and o.alive() is True)
+def _seen_whole(ctx: StudyContext) -> tuple[list[optuna.trial.FrozenTrial], Spent, int]:
+    """The study's trials, what they spent, and how many of its running trials this command's other worker
+    processes own (--processes). Read under the study lock: a fellow claims a trial and then writes its owner
+    under it, and a claim read between the two would count as a trial running elsewhere."""
+    with ctx.lock:
+        trials = ctx.study.get_trials(deepcopy=False)
+    now, fellows = Spent.of(trials), 0
+    if local_workers.processes_here() > 1 and now.running:
+        owners = (Owner.from_attr(t.user_attrs.get(OWNER_ATTR)) for t in trials if t.state == RUNNING)
+        fellows = sum(1 for o in owners if o is not None and o.is_fellow() and o.alive() is True)
+    return trials, now, fellows
 
 
 def _dealing_order(ctxs: list[StudyContext], turn: int) -> tuple[list[StudyContext], list[StudyContext]]:
@@ -383,12 +388,13 @@ def _claim_group(ctxs: list[StudyContext], size: int, said_waiting: set[str], tu
         unfinished = [(c, now) for c, now in unfinished if not c.cfg.budget.done(now)]
         if not unfinished:
             return []
-        for ctx, now in unfinished:
+        for ctx, _ in unfinished:
             name = ctx.cfg.full_study_name
             if name in said_waiting:
                 continue
             said_waiting.add(name)
-            if now.running > _running_in_siblings(ctx):
+            _, now, fellows = _seen_whole(ctx)
+            if now.running > fellows:
                 ctx.say(f"{now.running} trial(s) running in other workers would complete study {name!r}; waiting for them.")
             elif _SIBLINGS not in said_waiting:  # this command's own workers: said once, not per study
                 said_waiting.add(_SIBLINGS)
@@ -500,14 +506,14 @@ def _poll() -> float:
 
 def _say_where(ctx: StudyContext) -> None:
     """Say what the study has spent so far, and open its line in a log."""
-    cfg, name, budget, now = ctx.cfg, ctx.cfg.full_study_name, ctx.cfg.budget, spent(ctx.study)
-    siblings = 0 if budget.done(now) or not now.running else _running_in_siblings(ctx)  # not news to this command
+    cfg, name, budget = ctx.cfg, ctx.cfg.full_study_name, ctx.cfg.budget
+    trials, now, fellows = _seen_whole(ctx)  # the fellows' trials are not news to this command
     if budget.done(now):
         ctx.say(f"Study {name!r} has spent its budget of {budget.describe()} ({budget.spent_text(now)}); nothing to run.")
-    elif now.running > siblings:
-        ctx.say(f"Joining study {name!r}: {budget.spent_text(now)} of {budget.describe()}, {now.running - siblings} running "
+    elif now.running > fellows:
+        ctx.say(f"Joining study {name!r}: {budget.spent_text(now)} of {budget.describe()}, {now.running - fellows} running "
                 f"elsewhere (or left by a dead worker: recovered when claiming).")
-    elif len(ctx.study.trials) > siblings:
+    elif len(trials) > fellows:
         ctx.say(f"Resuming study {name!r}: {budget.spent_text(now)} of {budget.describe()}.")
     ctx.reporter.study_start(name, f"{cfg.method}, {cfg.epochs}-epoch trials, budget {budget.describe()}; "
                                    f"spent so far: {budget.spent_text(now)}")
