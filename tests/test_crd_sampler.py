@@ -54,6 +54,22 @@ def new_draws(seed: int, step: int, rows: int, k: int, total: int) -> torch.Tens
 SAMPLERS = {"new": new_draws, "old": old_draws}
 
 
+def lowbias32(x: int) -> int:
+    """C. Wellons' lowbias32 of one 32-bit word, in Python's unbounded integers: what crd._mix32_ computes."""
+    x ^= x >> 16
+    x = x * 0x21F0AAAD & 0xFFFFFFFF
+    x ^= x >> 15
+    x = x * 0xD35A2D97 & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def test_the_hash_is_lowbias32_word_for_word():
+    """crd's hash in int64 tensor ops (its multiplies kept below 2^63) is the published one, to the bit."""
+    g = torch.Generator().manual_seed(0)
+    words = [0, 1, 2**31 - 1, 2**31, 2**32 - 1] + torch.randint(0, 2**32, (4096,), generator=g).tolist()
+    assert crd._mix32_(torch.tensor(words)).tolist() == [lowbias32(w) for w in words]
+
+
 def chi2(counts: torch.Tensor, expected) -> float:
     """The chi-square statistic of `counts` against `expected` counts (a number: the same in every cell)."""
     return ((counts.double() - expected) ** 2 / expected).sum().item()

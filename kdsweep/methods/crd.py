@@ -38,12 +38,13 @@ _GOLDEN = 0x9E3779B9  # a salt, so that zeros (seed 0, step 0) are not fixed poi
 
 
 def _mul32_(x: torch.Tensor, m: int) -> torch.Tensor:
-    """x = (x * m) mod 2^32, in place, for x in [0, 2^32), never leaving int64: m's halves are multiplied
-    separately, because a full 32 x 32-bit product can pass 2^63 (int64 overflow is undefined behaviour)."""
-    if m < 1 << 31:
-        return x.mul_(m).bitwise_and_(_MASK32)
-    high = (x * (m >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return x.mul_(m & 0xFFFF).add_(high).bitwise_and_(_MASK32)
+    """x = (x * m) mod 2^32, in place, for x in [0, 2^32), never overflowing int64 (undefined behaviour): a
+    multiplier of 2^31 or more is taken as m - 2^32, the same residue, so |x * m| < 2^32 * 2^31 = 2^63, and
+    the mask keeps the low 32 bits of the two's-complement product. Two passes, where multiplying m's halves
+    apart took six."""
+    if m >= 1 << 31:
+        m -= 1 << 32
+    return x.mul_(m).bitwise_and_(_MASK32)
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def draw_negatives(seed: int, step: torch.Tensor, words: torch.Tensor, total: in
     out = torch.empty_like(words)
     block = max(1, _CPU_BLOCK // max(1, words.shape[1]))
     for r in range(0, words.shape[0], block):
-        out[r:r + block] = _ids(words[r:r + block], key, total)
+        _ids(words[r:r + block], key, total, out=out[r:r + block])
     return out
 
 
@@ -98,8 +99,9 @@ def _key(seed: int, step: torch.Tensor) -> torch.Tensor:
     return _mix32_(key ^ ((seed >> 32) & _MASK32))
 
 
-def _ids(words: torch.Tensor, key: torch.Tensor, total: int) -> torch.Tensor:
-    u = _mix32_(words ^ key)  # uniform 32-bit words
+def _ids(words: torch.Tensor, key: torch.Tensor, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The ids of `words` under `key`, computed in `out` where given (a new tensor otherwise)."""
+    u = _mix32_(torch.bitwise_xor(words, key, out=out))  # uniform 32-bit words
     return u.mul_(total).bitwise_right_shift_(32)  # into [0, total) by multiply-shift: total < 2^31, so no overflow
 
 
