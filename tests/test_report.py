@@ -182,6 +182,37 @@ def test_confirm_trains_each_seed_of_every_method_together_as_each_would_alone(t
         assert losses == pytest.approx(a_losses, rel=1e-5) and val == pytest.approx(a_val) and test == pytest.approx(a_test)
 
 
+def test_confirm_workers_split_each_seed_into_the_same_blocks_whoever_claims_first(monkeypatch):
+    """With --processes 2 each seed's studies are cut into two fixed blocks, and a worker claims a block by its first
+    study: when a fellow has claimed only that first study so far, this worker takes the other block whole, never
+    the rest of the fellow's (claimed one by one, the two workers' groups mixed, and with them a seed's rounding)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from kdsweep.report import confirm as cf
+
+    monkeypatch.setattr(cf, "processes_here", lambda: 2)
+    monkeypatch.setattr(cf, "StudyLock", lambda *a, **k: SimpleNamespace(close=lambda: None))
+    fellows_so_far = {("m0", 1)}  # the fellow has claimed seed 1's first study, and no other yet
+
+    def claim_seed(sel, study, k, lock, say):
+        return (cf._FELLOW if (study.name, k) in fellows_so_far else cf._MINE), f"run-{study.name}-{k}"
+
+    def prepare(sel, p, k, run, accel):
+        return SimpleNamespace(plan=p, seed=k, member=SimpleNamespace(schedule=SimpleNamespace(epochs=1, batch_size=1)))
+
+    trained = []
+    monkeypatch.setattr(cf, "_claim_seed", claim_seed)
+    monkeypatch.setattr(cf, "_prepare", prepare)
+    monkeypatch.setattr(cf, "_train_group", lambda sel, seeds, *a: trained.append((seeds[0].seed, [s.plan.study.name for s in seeds])))
+    monkeypatch.setattr(cf, "_await_fellows", lambda *a: None)
+    plans = [SimpleNamespace(study=SimpleNamespace(name=f"m{j}"), seeds=[1, 2], data=None, counts=Counter()) for j in range(5)]
+    cf._train_seeds(SimpleNamespace(tracker=SimpleNamespace(uri="sqlite:///unused")), plans, None, cf._Says(print, print), None)
+    blocks = (["m0", "m1", "m2"], ["m3", "m4"])
+    # first pass: one block a seed (seed 1's second, as the fellow holds the first's head); then what is left
+    assert trained == [(1, blocks[1]), (2, blocks[0]), (1, ["m1", "m2"]), (2, blocks[1])]
+
+
 def test_study_without_complete_trial_and_missing_teacher(sweep, capsys):
     root, uri, mp = sweep
     c = _client(uri)

@@ -171,34 +171,45 @@ def _train_seeds(sel: Selection, plans: list[_Plan], teacher, says: _Says, accel
     """Seed by seed, claim the studies' runs of it (unless another confirm took one meanwhile) and train the claimed
     ones together, in one lockstep group per split and schedule; count what happened.
 
-    One of N worker processes (--processes N) first claims only its share of each seed's studies, so that the
-    workers split every seed, the last one included; then, in a second pass, whatever is still unclaimed (a
-    worker that never came, or died before claiming); then it waits for the seeds its fellow workers claimed."""
+    One of N worker processes (--processes N) first claims one block of each seed's studies: the seed's studies cut
+    into N blocks in a fixed order, a block claimed by claiming its first study, so the workers split every seed,
+    the last one included, and the same studies train together in every run whichever worker comes first (a seed's
+    groups are what its float rounding depends on: claimed one study at a time, the workers' claims interleaved
+    when they asked at once, and a study of the same configuration moved 5 points in one seed). Then, in a second
+    pass, it claims whatever is still unclaimed (a worker that never came, or died before claiming); then it waits
+    for the seeds its fellow workers claimed."""
     locks = {p.study.name: StudyLock(sel.tracker.uri, f"confirm:{p.study.name}") for p in plans}
     workers = processes_here()
     todo = [(k, p) for k in sorted({k for p in plans for k in p.seeds}) for p in plans if k in p.seeds]
     taken: set[int] = set()  # positions in todo: trained here, reused, or left to a fellow worker
     fellows: list[tuple[_Plan, int, str]] = []  # seeds a fellow worker claimed: (plan, seed, run)
+
+    def claim(i: int, k: int, groups: dict[tuple, list[_Seed]]) -> str:
+        p = todo[i][1]
+        taken.add(i)
+        whose, run = _claim_seed(sel, p.study, k, locks[p.study.name], says.progress)
+        if whose == _FELLOW:
+            fellows.append((p, k, run))
+        elif whose == _ELSEWHERE:
+            p.counts["reused"] += 1
+        else:
+            seed = _prepare(sel, p, k, run, accel)
+            sched = seed.member.schedule
+            groups.setdefault((id(p.data), sched.epochs, sched.batch_size), []).append(seed)
+        return whose
+
     try:
         for shared_out in ([True, False] if workers > 1 else [False]):
             for k in sorted({k for k, _ in todo}):
                 of_k = [i for i, (kk, _) in enumerate(todo) if kk == k]
-                quota = math.ceil(len(of_k) / workers) if shared_out else len(of_k)
+                size = math.ceil(len(of_k) / workers) if shared_out else len(of_k)
                 groups: dict[tuple, list[_Seed]] = {}
-                for i in of_k:
-                    if i in taken or sum(len(g) for g in groups.values()) >= quota:
-                        continue
-                    p = todo[i][1]
-                    taken.add(i)
-                    whose, run = _claim_seed(sel, p.study, k, locks[p.study.name], says.progress)
-                    if whose == _FELLOW:
-                        fellows.append((p, k, run))
-                    elif whose == _ELSEWHERE:
-                        p.counts["reused"] += 1
-                    else:
-                        seed = _prepare(sel, p, k, run, accel)
-                        sched = seed.member.schedule
-                        groups.setdefault((id(p.data), sched.epochs, sched.batch_size), []).append(seed)
+                for block in (of_k[j:j + size] for j in range(0, len(of_k), size)):
+                    if shared_out and (groups or block[0] in taken or claim(block[0], k, groups) != _MINE):
+                        continue  # one block a seed in the first pass, and only a block whose first study was free
+                    for i in block:
+                        if i not in taken:
+                            claim(i, k, groups)
                 for seeds in groups.values():
                     _train_group(sel, seeds, teacher, says, accel)
     finally:
