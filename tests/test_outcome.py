@@ -252,3 +252,75 @@ def test_out_of_memory_counts_the_same_in_budget_mlflow_and_report_alone_or_in_a
     report = StudyRuns(run=parents[0], trials=runs, confirms=[])
     assert report.epochs_trained() == spent.epochs == 4  # what the report counts == what the budget counts
     assert len(report._trained()) == spent.trials == 2
+
+
+# --------------------------------------------------------------------------- a member pruned in a --parallel group
+
+
+def _group_study(tmp_path, monkeypatch, name: str, epochs: int = 4):
+    from kdsweep.study.config import resolve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
+    (Path(tmp_path) / "mlruns").mkdir(exist_ok=True)
+    storage, tracking = f"sqlite:///{tmp_path}/mlruns/optuna.db", f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    cfg = resolve("ce", {"dataset": "digits", "data_size": 300, "trials": 2, "epochs": epochs, "device": "cpu",
+                         "parallel": 2, "study_name": name, "storage": storage, "tracking_uri": tracking})
+    return cfg, storage, tracking
+
+
+def test_a_member_pruned_in_a_group_is_ended_then_not_when_its_group_ends(tmp_path, monkeypatch):
+    """Trial 0 is pruned after its first epoch; while trial 1 goes on training in the same group, trial 0 is
+    already PRUNED in Optuna (counting its one epoch), its run closed, its heartbeat stopped."""
+    import threading
+
+    from kdsweep.study import trial as trial_module
+    from kdsweep.study.loop import run_study
+
+    cfg, storage, tracking = _group_study(tmp_path, monkeypatch, "pruned-early")
+    seen = []
+
+    def should_prune(trial, curve, completed):
+        if trial.number == 0:
+            return True
+        if len(curve) == 3:  # trial 1's third epoch: look at trial 0 as another worker would
+            (first,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == 0]
+            beating = any(t.name == f"kdsweep-heartbeat-{first._trial_id}" for t in threading.enumerate())
+            seen.append((first.state, first.user_attrs.get(EPOCHS_ATTR), beating))
+        return False
+
+    monkeypatch.setattr(trial_module, "should_prune", should_prune)
+    summary = run_study(cfg, say=lambda s: None)
+    assert seen == [(TrialState.PRUNED, 1, False)]
+    assert (summary["complete"], summary["pruned"], summary["epochs"]) == (1, 1, 5)
+    runs, _ = mlflow_runs(tracking, "pruned-early")
+    by_number = {int(r.data.tags["kdsweep.trial"]): r for r in runs}
+    assert by_number[0].data.tags[STATE_TAG] == "PRUNED" and by_number[0].data.metrics["epochs_trained"] == 1
+    assert by_number[1].data.tags[STATE_TAG] == "COMPLETE"
+    assert Spent.of(load_trials(storage, "pruned-early")).epochs == 5
+
+
+def test_an_interrupt_later_in_the_group_leaves_a_pruned_member_pruned(tmp_path, monkeypatch):
+    """Ctrl-C in trial 1's second epoch: trial 0, pruned before, keeps its end (counted); trial 1 is interrupted."""
+    from kdsweep.study import trial as trial_module
+    from kdsweep.study.loop import run_study
+
+    cfg, storage, tracking = _group_study(tmp_path, monkeypatch, "pruned-then-interrupted")
+
+    def should_prune(trial, curve, completed):
+        if trial.number == 0:
+            return True
+        if len(curve) == 2:
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(trial_module, "should_prune", should_prune)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg, say=lambda s: None)
+    first, second = sorted(load_trials(storage, "pruned-then-interrupted"), key=lambda t: t.number)
+    assert (first.state, first.user_attrs[EPOCHS_ATTR]) == (TrialState.PRUNED, 1)
+    assert (second.state, second.user_attrs[REASON_ATTR], second.user_attrs.get(EPOCHS_ATTR)) == \
+        (TrialState.FAIL, "interrupted", None)
+    runs, _ = mlflow_runs(tracking, "pruned-then-interrupted")
+    tags = {int(r.data.tags["kdsweep.trial"]): (r.info.status, r.data.tags[STATE_TAG]) for r in runs}
+    assert tags == {0: ("KILLED", "PRUNED"), 1: ("KILLED", "FAIL")}

@@ -97,6 +97,8 @@ class TrialRun:
     reports: Reports | None = None  # its epochs' val_acc on their way to Optuna
     curve: dict[int, float] = field(default_factory=dict)  # val_acc per epoch, as reported to Optuna
     seconds: float = 0.0  # training wall time so far
+    ending: bool = False  # its end is being or has been written (never twice)
+    outcome: oc.Outcome | None = None  # how it ended, once written
 
     @property
     def reported(self) -> list[int]:
@@ -234,6 +236,24 @@ def _shared(entries: list[Entry]) -> tuple[DeviceData, torch.nn.Module | None, S
     return first.data, next(iter(teachers.values()), None), first
 
 
+def _ending_when_pruned(ctx: StudyContext, tr: TrialRun, beat: Heartbeat) -> Callable:
+    """A group member's epoch callback that ends its trial as soon as it is pruned, not when its group ends:
+    its budget frees at once for the other workers, `kdsweep status` shows it pruned, and a kill -9 later
+    in the group cannot turn a decided trial into a lost one."""
+    on_epoch = _epoch_callback(ctx, tr)
+
+    def on_epoch_then_end(stats):
+        try:
+            on_epoch(stats)
+        except optuna.TrialPruned as e:
+            beat.stop()  # an ended trial takes no more beats
+            tr.ending = True
+            tr.outcome = _end(ctx, tr.trial, tr, ending(tr, e))
+            raise  # the group drops the member
+
+    return on_epoch_then_end
+
+
 def _train_group(entries: list[Entry], started: list[TrialRun]) -> list[TrainResult]:
     """Open every trial's run (into `started`) and train them in lockstep, each with its heartbeat."""
     data, teacher, first = _shared(entries)
@@ -242,13 +262,12 @@ def _train_group(entries: list[Entry], started: list[TrialRun]) -> list[TrainRes
                disable=not first.reporter.bars)
     try:
         with contextlib.ExitStack() as beats:
-            for ctx, t in entries:
-                beats.enter_context(Heartbeat(ctx.storage, t._trial_id, ctx.heartbeat))
+            hearts = [beats.enter_context(Heartbeat(ctx.storage, t._trial_id, ctx.heartbeat)) for ctx, t in entries]
             for ctx, t in entries:
                 started.append(_open(ctx, t))
                 _fill(ctx, started[-1])
-            members = [Member(tr.student, tr.method, tr.schedule, _epoch_callback(ctx, tr), rng=tr.rng)
-                       for (ctx, _), tr in zip(entries, started)]
+            members = [Member(tr.student, tr.method, tr.schedule, _ending_when_pruned(ctx, tr, beat), rng=tr.rng)
+                       for (ctx, _), tr, beat in zip(entries, started, hearts)]
             return train_students(members, teacher, data, cache=first.cache, accel=first.accel,
                                   progress=lambda e: bar.update(1), stop_on=(optuna.TrialPruned,))
     finally:
@@ -257,10 +276,11 @@ def _train_group(entries: list[Entry], started: list[TrialRun]) -> list[TrainRes
 
 def execute_group(entries: list[Entry]) -> list[oc.Outcome]:
     """Train claimed trials in lockstep on the same batches (--parallel; in a sweep, trials of several methods'
-    studies together); each reports, prunes and ends on its own, in its own study.
+    studies together); each reports, prunes and ends on its own, in its own study: a pruned member in the
+    epoch it is pruned, the others when the group has trained.
 
     An exception that stops the whole group (an out-of-memory error, Ctrl-C, a bug) ends every member
-    with the same row of the outcome table as it would end a lone trial.
+    not ended yet with the same row of the outcome table as it would end a lone trial.
     """
     started: list[TrialRun] = []
     error = None
@@ -272,6 +292,9 @@ def execute_group(entries: list[Entry]) -> list[oc.Outcome]:
         return _end_stopped_group(entries, started, error)
     outcomes: list[oc.Outcome] = []
     for i, ((ctx, _), tr, result) in enumerate(zip(entries, started, results)):
+        if tr.ending:  # pruned, and ended then
+            outcomes.append(tr.outcome)
+            continue
         try:
             end = ending(tr, result.stopped_by) if result.stopped_by is not None else _complete(ctx, tr, result)
         except BaseException as e:
@@ -282,15 +305,23 @@ def execute_group(entries: list[Entry]) -> list[oc.Outcome]:
             end = oc.Ending(error=e)
         if not oc.classify(end.error).goes_on:  # interrupted while closing: no trial may be left RUNNING
             for (later_ctx, _), later in zip(entries[i + 1:], started[i + 1:]):
-                _end(later_ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
+                if not later.ending:
+                    _end(later_ctx, later.trial, later, oc.Ending(error=end.error, epochs=len(later.reported)))
             raise end.error
     return outcomes
 
 
 def _end_stopped_group(entries: list[Entry], started: list[TrialRun], error: BaseException) -> list[oc.Outcome]:
-    """End every member of a group that `error` stopped, each as a lone trial stopped by it would end."""
+    """End every member of a group that `error` stopped, each as a lone trial stopped by it would end
+    (a member pruned before it was ended then)."""
     runs = {id(tr.trial): tr for tr in started}
-    outcomes = [_end(ctx, t, runs.get(id(t)), ending(runs.get(id(t)), error)) for ctx, t in entries]
+    outcomes = []
+    for ctx, t in entries:
+        tr = runs.get(id(t))
+        if tr is not None and tr.ending:
+            outcomes.append(tr.outcome or oc.classify(error))  # None: `error` landed while its end was written
+        else:
+            outcomes.append(_end(ctx, t, tr, ending(tr, error)))
     if not oc.classify(error).goes_on:
         raise error
     if oc.OUT_OF_MEMORY in outcomes:

@@ -98,9 +98,12 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------------- the study lock
