@@ -2,9 +2,10 @@
 
     python benchmarks/group_use.py DIR/optuna.db
 
-A group's trials are claimed together and all end when its last member stops (study/trial.py, execute_group):
-a member pruned after two epochs leaves the group's step at once, but its trial stays RUNNING, holding its whole
-per-trial budget, until the group ends. This prints, per group (one worker process's trials claimed within a
+A group's trials are claimed together and train in lockstep (study/trial.py, execute_group): a member pruned
+after two epochs leaves the group's step at once, and no trial takes its place (since the evening of 2026-12-06
+its trial also ends then; before, it stayed RUNNING, holding its whole per-trial budget, until the group
+ended). This prints, per group (one worker process's trials claimed within a
 second of each other, before the first of them ended), its size, the longest member's epochs, the member-epochs it trained and their share of
 size x longest ("use"), and its seconds; then the sweep's totals. A small use means the group ran most of its
 epochs with few members, where a member-epoch costs more (docs/performance.md, "What the targets of issue 20
