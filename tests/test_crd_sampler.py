@@ -16,7 +16,7 @@ import torch
 import kdsweep.methods.registry  # noqa: F401 - first: crd imported before the registry meets crd_seed003 half-made
 from kdsweep.methods import crd
 from kdsweep.methods.base import SampleIndex
-from kdsweep.methods.crd import NCE_K, draw_negatives, position_words
+from kdsweep.methods.crd import NCE_K, count_draws, draw_negatives, position_words
 from kdsweep.methods.registry import METHODS
 from kdsweep.models.zoo import Shapes
 
@@ -164,6 +164,68 @@ def test_members_of_a_study_in_lockstep_draw_each_steps_negatives_once(monkeypat
     assert calls == [0, 0, 1, 1, 2, 2]  # per step: once for the three of SEED, once for SEED + 1
 
 
+def _crd_member(seed: int, k: int = 64):
+    torch.manual_seed(seed)
+    shapes = Shapes((4, 2, 2), (8,), (10,))
+    m = METHODS["crd"]({"weight": 0.8}, shapes, shapes, 1)
+    m.nce_k = k
+    return m
+
+
+def _counting_draws(monkeypatch) -> list[int]:
+    calls, real = [], crd.draw_negatives
+
+    def counted(seed, step, words, total):
+        calls.append(int(step))
+        return real(seed, step, words, total)
+
+    monkeypatch.setattr(crd, "draw_negatives", counted)
+    return calls
+
+
+def test_a_studys_later_trials_take_each_steps_counts_as_kept(monkeypatch):
+    """Within kept_draws, trials of one seed that come one after another to the same steps draw each step once;
+    each gets the counts it would draw alone (int16, the same values). Outside it nothing is kept."""
+    calls = _counting_draws(monkeypatch)
+    index = SampleIndex(torch.tensor([3, 1, 4]), 40)
+    alone = [count_draws(new_draws(SEED, step, 3, 64, 40), 40) for step in range(3)]
+    with crd.kept_draws():
+        for trial in range(3):
+            m = _crd_member(SEED)
+            for step in range(3):
+                counts = m.draw(index, counts_only=True)[1]
+                assert torch.equal(counts.float(), alone[step]), (trial, step)
+    assert calls == [0, 1, 2]
+    assert crd._KEPT.counts == {}  # freed when the study ends
+    calls.clear()
+    for trial in range(2):
+        m = _crd_member(SEED)
+        for step in range(2):
+            m.draw(index, counts_only=True)
+    assert calls == [0, 1, 0, 1]
+
+
+def test_kept_counts_stop_at_their_limit_and_another_seed_replaces_them(monkeypatch):
+    calls = _counting_draws(monkeypatch)
+    index = SampleIndex(torch.tensor([3, 1, 4]), 40)
+    with crd.kept_draws(limit=2 * 3 * 40 * 2):  # two steps' int16 counts
+        for seed in (SEED, SEED, SEED + 1, SEED):
+            m = _crd_member(seed)
+            for _ in range(3):
+                m.draw(index, counts_only=True)
+            assert crd._KEPT.used <= 2 * 3 * 40 * 2
+    # SEED's steps 0 and 1 kept, not 2 (the second trial took it as the last draw); SEED + 1 drew all and
+    # replaced them, so SEED drew all again
+    assert calls == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    calls.clear()
+    with crd.kept_draws():
+        for _ in range(2):
+            m = _crd_member(SEED, k=40_000)  # a count could pass int16's range: never kept
+            for _ in range(2):
+                m.draw(index, counts_only=True)
+    assert calls == [0, 1, 0, 1]
+
+
 # ---------------------------------------------------------------- a new set every step
 
 @pytest.mark.parametrize("name, rows", [("new", 128), ("new", 100), ("old", 128)])
@@ -195,3 +257,35 @@ def test_the_old_sampler_fails_the_uniformity_test():
     # Its counts within a step are too even (z about -15) and its pooled counts uneven (z about -5).
     within, pooled, pairs = within_and_pooled(old_draws, 12, 128, NCE_K, N_CIFAR)
     assert abs(within) > Z_MAX and abs(pooled) > Z_MAX, (within, pooled, pairs)
+
+
+def test_a_crd_study_with_kept_counts_trains_the_same_trials_drawing_each_step_once(tmp_path, monkeypatch):
+    """Three trials of a crd study one after another: kept counts (what the study loop does) give every trial the
+    numbers it gets when each draws its own, and the study draws each step once instead of once a trial."""
+    import contextlib
+
+    from reliability_helpers import load_trials
+
+    from kdsweep.study import loop
+    from kdsweep.study.config import resolve
+
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))  # one teacher for both studies
+    calls = _counting_draws(monkeypatch)
+    values = {}
+    for kept in (True, False):
+        monkeypatch.chdir(tmp_path)
+        folder = tmp_path / f"kept-{kept}"
+        (folder / "mlruns").mkdir(parents=True)
+        if not kept:
+            monkeypatch.setattr(loop, "kept_draws", contextlib.nullcontext)
+        storage = f"sqlite:///{folder}/mlruns/optuna.db"
+        cfg = resolve("crd", {"dataset": "digits", "data_size": 300, "trials": 3, "epochs": 2, "pruner": "none",
+                              "device": "cpu", "study_name": "kept", "storage": storage,
+                              "tracking_uri": f"sqlite:///{folder}/mlruns/mlflow.db"})
+        calls.clear()
+        loop.run_study(cfg, say=lambda s: None)
+        trials = sorted(load_trials(storage, "kept"), key=lambda t: t.number)
+        values[kept] = [(t.params, t.value, t.user_attrs["test_acc"]) for t in trials]
+        steps = len(set(calls))
+        assert len(calls) == (steps if kept else 3 * steps), (kept, calls)
+    assert values[True] == values[False]

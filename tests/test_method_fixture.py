@@ -58,7 +58,7 @@ def test_method_matches_fixture(case):
     if cls.needs_index:  # crd: the fixture's banks and columns in place of the method's own draws
         m.memory_s, m.memory_t = _t(steps[0]["memory_s"]), _t(steps[0]["memory_t"])
         cols = iter(_t(d["cols"], torch.long) for d in steps)
-        m.draw = lambda index: (next(cols)[:, 1:], None)  # column 0 holds the batch's ids
+        m.draw = lambda index, counts_only=False: (next(cols)[:, 1:], None)  # column 0 holds the batch's ids
     for d, want in zip(steps, case["expected"]):
         s = Outputs(*(_t(d[f"s_{k}"]) for k in ("logits", "feature", "embedding")))
         t = Outputs(*(_t(d[f"t_{k}"]) for k in ("logits", "feature", "embedding")))

@@ -354,8 +354,8 @@ def test_value_matches_independent_reference(name, pair, nets):
         m.pre = {"memory_s": npy(m.memory_s), "memory_t": npy(m.memory_t)}
         draw = m.draw
 
-        def recorded(index):
-            neg, counts = draw(index)
+        def recorded(index, counts_only=False):
+            neg, counts = draw(index)  # the ids too, for the reference
             m.pre["cols"] = torch.cat([index.ids[:, None], neg], 1)
             return neg, counts
 

@@ -10,11 +10,14 @@ taken over those (B, N) scores, each weighted by how often it was drawn, rather 
 the same pass (_CountedNCE), which keeps no bank rows. Where N is above K (CIFAR-10), each step copies both
 banks (the rows autograd's backward pass needs stay as they were while the banks move in place: 2 x 23 MB
 per step on CIFAR-10). It keeps the negatives' mixed position counters, B x 16,384 int64
-(16 MB at B = 128). The banks are training state, not heads: they are left out of state_dict, so
+(16 MB at B = 128), and, in a study on a CPU, each step's counts for the study's later trials
+(int16, B x N a step: 0.78 GB for MNIST-1D's 30 epochs, at most 1 GiB a process; _KeptCounts). The banks are training state, not heads: they are left out of state_dict, so
 checkpoints and the extra-parameter count hold the projection heads only.
 """
 
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -107,6 +110,57 @@ def _ids(words: torch.Tensor, key: torch.Tensor, total: int, out: torch.Tensor |
 
 # The last negatives drawn, with their key: see CRD._negatives.
 _LAST_DRAW: tuple = (None, None)
+
+
+class _KeptCounts:
+    """Each step's counts of the counted loss, kept in int16 (exact: a count is at most K = 16,384) for the later
+    trials of a study that reach the same step: its trials share one seed, so steps repeat from trial to trial,
+    and on one CPU core drawing and counting a step costs about 8 ms, nearly as much as a member's loss. Only
+    within `kept_draws`, where the study loop knows trials repeat (confirmation's seeds never do), only on a CPU
+    (a GPU draws in a few kernels), and up to `limit` bytes: MNIST-1D's 30 epochs at batch 100 take 0.78 GB."""
+
+    def __init__(self):
+        self.limit, self.counts, self.used, self.family = 0, {}, 0, None
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        return self.counts.get(key)
+
+    def put(self, key: tuple, counts: torch.Tensor) -> None:
+        """Keep a step's counts; key: (seed, step, rows, K, total, device)."""
+        family = key[:1] + key[2:]
+        if self.limit == 0 or counts.device.type != "cpu" or key[3] > torch.iinfo(torch.int16).max:
+            return
+        if family != self.family:  # another seed or shape: the steps kept will not come again
+            self.clear()
+            self.family = family
+        if self.used + counts.numel() * 2 <= self.limit:  # the earliest steps: every trial of the study reaches them
+            self.counts[key] = counts.to(torch.int16)
+            self.used += counts.numel() * 2
+
+    def clear(self) -> None:
+        self.counts, self.used, self.family = {}, 0, None
+
+
+_KEPT = _KeptCounts()
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not reported (Windows): as a small machine
+        return 8 << 30
+
+
+@contextlib.contextmanager
+def kept_draws(limit: int | None = None):
+    """Keep crd's counted draws for the trials of a study that come to the same steps again (see _KeptCounts);
+    at most `limit` bytes, by default 1 GiB or a sixteenth of the machine's memory, whichever is less."""
+    _KEPT.limit = limit if limit is not None else min(1 << 30, _memory_bytes() // 16)
+    try:
+        yield
+    finally:
+        _KEPT.limit = 0
+        _KEPT.clear()
 
 
 def count_draws(neg: torch.Tensor, total: int) -> torch.Tensor:
@@ -218,9 +272,10 @@ class CRD(Method):
         """(B, 1 + K) bank rows: each sample's own id, then the step's K negatives (`draw`), as the paper lists them."""
         return torch.cat([index.ids[:, None], self.draw(index)[0]], 1)
 
-    def draw(self, index) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draw(self, index, counts_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This step's negatives, (B, K) ids drawn uniformly with replacement, and, where the loss takes them as
         counts (a bank of at most K rows), how often each bank row was drawn per sample (B, n), else None.
+        `counts_only`: the ids may be None where the counts were kept from an earlier trial (kept_draws).
 
         Drawn by `draw_negatives` from (seed, step, position) on the device: a torch.Generator cannot
         be traced into a captured graph, and the global stream must stay the trial's own.
@@ -232,35 +287,42 @@ class CRD(Method):
         rows, w = len(ids), self.words
         if w is None or w.shape[0] < rows or w.shape[1] != self.nce_k or w.device != ids.device:
             self.words = position_words(rows, self.nce_k, ids.device)  # made on the first (full) batch
-        drawn = self._negatives(rows, index.total)
+        drawn = self._negatives(rows, index.total, counts_only)
         self.draws.add_(1)
         self.steps += 1
         return drawn
 
-    def _negatives(self, rows: int, total: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _negatives(self, rows: int, total: int, counts_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This step's negatives, with their counts per bank row where the loss takes them (total <= K).
 
         They are a pure function of (seed, step, rows, total), and the trials of a study (one seed) step
         together in lockstep: the first to ask draws and counts them (about 10 ms at 100 x 16,384 on one CPU
         core, nearly half of a member's step) and the others reuse them. Counted on the host (`steps`, in
         step with the device counter `draws`), so sharing reads nothing back; not while compiling (a graph
-        must draw its own, and counts them in the loss)."""
+        must draw its own, and counts them in the loss). Within `kept_draws` the counts are also kept for the
+        study's later trials (_KeptCounts)."""
         global _LAST_DRAW
         if torch.compiler.is_compiling():
             return draw_negatives(self.seed, self.draws, self.words[:rows], total), None
         key = (self.seed, self.steps, rows, self.nce_k, total, self.draws.device)
         last_key, drawn = _LAST_DRAW
-        if last_key != key:
-            neg = draw_negatives(self.seed, self.draws, self.words[:rows], total)
-            drawn = (neg, count_draws(neg, total) if total <= self.nce_k else None)
-            _LAST_DRAW = (key, drawn)
+        if last_key == key:
+            return drawn
+        kept = _KEPT.get(key) if counts_only else None
+        if kept is not None:
+            return None, kept
+        neg = draw_negatives(self.seed, self.draws, self.words[:rows], total)
+        drawn = (neg, count_draws(neg, total) if total <= self.nce_k else None)
+        _LAST_DRAW = (key, drawn)
+        if drawn[1] is not None:
+            _KEPT.put(key, drawn[1])
         return drawn
 
     def _nce(self, v, bank, ids, neg, counts, z_name: str, n: int):
         """One direction's NCE loss of embeddings v against `bank`: positives `ids` (B,), negatives `neg` (B, K),
         taken as `counts` (B, n) where the bank has at most K rows (then by hand: _CountedNCE), else as the K
         drawn scores (`nce_loss`)."""
-        k = neg.shape[1]
+        k = neg.shape[1] if neg is not None else self.nce_k  # neg None: the counts were kept (kept_draws)
         if getattr(self, z_name) is None:  # the normalisation constant, fixed on first use: the mean drawn score * n
             with torch.no_grad():
                 e_all = torch.exp(v @ bank.t() / NCE_T)
@@ -280,7 +342,7 @@ class CRD(Method):
             n = index.total
             if self.memory_s is None or self.memory_s.shape[0] != n or self.memory_s.device != v_s.device:
                 self.init_memory(n, v_s.device)
-            neg, counts = self.draw(index)
+            neg, counts = self.draw(index, counts_only=n <= self.nce_k)
             if counts is None and n <= neg.shape[1]:  # not counted with the draw (while compiling): counted here
                 counts = count_draws(neg, n)
             # The banks move in place below. The counted loss keeps none of their rows for its backward pass; the
