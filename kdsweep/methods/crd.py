@@ -18,6 +18,7 @@ checkpoints and the extra-parameter count hold the projection heads only.
 import contextlib
 import math
 import os
+import threading
 
 import torch
 import torch.nn as nn
@@ -121,6 +122,7 @@ class _KeptCounts:
 
     def __init__(self):
         self.limit, self.counts, self.used, self.family = 0, {}, 0, None
+        self.lock = threading.Lock()  # a group's members may step on several worker threads
 
     def get(self, key: tuple) -> torch.Tensor | None:
         return self.counts.get(key)
@@ -130,14 +132,20 @@ class _KeptCounts:
         family = key[:1] + key[2:]
         if self.limit == 0 or counts.device.type != "cpu" or key[3] > torch.iinfo(torch.int16).max:
             return
-        if family != self.family:  # another seed or shape: the steps kept will not come again
-            self.clear()
-            self.family = family
-        if self.used + counts.numel() * 2 <= self.limit:  # the earliest steps: every trial of the study reaches them
-            self.counts[key] = counts.to(torch.int16)
-            self.used += counts.numel() * 2
+        with self.lock:
+            if family != self.family:  # another seed or shape: the steps kept will not come again
+                self._clear()
+                self.family = family
+            # the earliest steps: every trial of the study reaches them
+            if key not in self.counts and self.used + counts.numel() * 2 <= self.limit:
+                self.counts[key] = counts.to(torch.int16)
+                self.used += counts.numel() * 2
 
     def clear(self) -> None:
+        with self.lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self.counts, self.used, self.family = {}, 0, None
 
 
