@@ -11,8 +11,9 @@ the same pass (_CountedNCE), which keeps no bank rows. Where N is above K (CIFAR
 banks (the rows autograd's backward pass needs stay as they were while the banks move in place: 2 x 23 MB
 per step on CIFAR-10). It keeps the negatives' mixed position counters, B x 16,384 int64
 (16 MB at B = 128), and, in a study on a CPU, each step's counts for the study's later trials
-(int16, B x N a step: 0.78 GB for MNIST-1D's 30 epochs, at most 1 GiB a process; _KeptCounts). The banks are training state, not heads: they are left out of state_dict, so
-checkpoints and the extra-parameter count hold the projection heads only.
+(int16, B x N a step: 0.78 GB for MNIST-1D's 30 epochs, at most 1 GiB a process; _KeptCounts).
+The banks are training state, not heads: they are left out of state_dict, so checkpoints and the
+extra-parameter count hold the projection heads only.
 """
 
 import contextlib
