@@ -102,6 +102,52 @@ def test_kill_9_then_resume_recovers_the_trial_and_ends_with_exactly_n(tmp_path)
     assert [p.info.status for p in parents] == ["FINISHED"]
 
 
+# A study of two trials in one lockstep group whose trial 0 is pruned after its first epoch and whose process
+# kills itself (SIGKILL) in trial 1's third epoch; the decisions are patched in, so they land where they must.
+_KILLED_AFTER_A_PRUNE = """
+import os, signal, sys
+import kdsweep.study.trial as trial
+from kdsweep import cli
+
+def should_prune(t, curve, completed):
+    if t.number == 0:
+        return True
+    if len(curve) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return False
+
+trial.should_prune = should_prune
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two real processes: one killed, one resuming
+def test_a_member_pruned_before_its_group_is_killed_stays_pruned_and_is_not_retried(tmp_path):
+    """kill -9 after a group member was pruned: the resume finds it PRUNED and counted (it ended then), and
+    retries only the member that was still training."""
+    env, (storage, tracking) = cli_env(tmp_path), _stores(tmp_path)
+    args = STUDY[:STUDY.index("--epochs")] + ["--epochs", "5", "--pruner", "none", "--device", "cpu", "--trials", "2",
+                                              "--parallel", "2", "--study-name", "kp"]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_A_PRUNE, *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    before = {t.number: t for t in load_trials(storage, "kp")}
+    assert (before[0].state.name, before[0].user_attrs["kdsweep.epochs_trained"]) == ("PRUNED", 1)
+    assert before[1].state.name == "RUNNING"
+
+    out = run_cli(args, tmp_path, env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = {t.number: t for t in load_trials(storage, "kp")}
+    assert (after[0].state.name, after[0].user_attrs["kdsweep.epochs_trained"]) == ("PRUNED", 1)
+    assert after[1].state.name == "FAIL" and "is gone" in after[1].user_attrs["fail_reason"]
+    retries = [t for t in after.values() if t.user_attrs.get("kdsweep.retry_of") is not None]
+    assert [(t.user_attrs["kdsweep.retry_of"], t.state.name) for t in retries] == [(1, "COMPLETE")]
+    assert len(after) == 3  # the pruned trial counts toward --trials 2: nothing else was asked
+    runs, _ = mlflow_runs(tracking, "kp")
+    states = sorted((int(r.data.tags["kdsweep.trial"]), r.info.status) for r in runs)
+    assert states == [(0, "KILLED"), (1, "KILLED"), (2, "FINISHED")]
+
+
 # --------------------------------------------------------------------------- Ctrl-C
 
 
