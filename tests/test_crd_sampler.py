@@ -277,7 +277,7 @@ def test_a_crd_study_with_kept_counts_trains_the_same_trials_drawing_each_step_o
         folder = tmp_path / f"kept-{kept}"
         (folder / "mlruns").mkdir(parents=True)
         if not kept:
-            monkeypatch.setattr(loop, "kept_draws", contextlib.nullcontext)
+            monkeypatch.setattr(METHODS["crd"], "study_scope", classmethod(lambda cls: contextlib.nullcontext()))
         storage = f"sqlite:///{folder}/mlruns/optuna.db"
         cfg = resolve("crd", {"dataset": "digits", "data_size": 300, "trials": 3, "epochs": 2, "pruner": "none",
                               "device": "cpu", "study_name": "kept", "storage": storage,

@@ -12,12 +12,16 @@ A method declares
   * ``needs_index`` - set by methods that keep per-sample state across steps
                   (CRD's memory bank): ``forward`` then also gets ``index``,
                   the batch's rows in the training split (a SampleIndex).
+  * ``study_scope`` - held while a study's trials run: where a method keeps,
+                  for the study's later trials, what every trial computes
+                  alike (CRD: each step's negatives).
 
 The trainer never names a method: it only reads these declarations.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar, Mapping, NamedTuple
 
 import torch
@@ -54,6 +58,12 @@ class Method(nn.Module):
         if "feature" in cls.needs and not (student.spatial and teacher is not None and teacher.spatial):
             return f"{cls.name} needs spatial feature maps from both models"
         return None
+
+    @classmethod
+    def study_scope(cls) -> AbstractContextManager:
+        """Held while a study's trials run. Its trials share the study's seed, so they come to the same steps again;
+        a method whose steps compute something alike in every trial may keep it meanwhile."""
+        return nullcontext()
 
     def forward(self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int, **kw) -> dict[str, torch.Tensor]:
         # `t` is shared (teacher cache, lockstep trials): read it, never modify it in place.

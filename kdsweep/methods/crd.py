@@ -118,8 +118,9 @@ class _KeptCounts:
     """Each step's counts of the counted loss, kept in int16 (exact: a count is at most K = 16,384) for the later
     trials of a study that reach the same step: its trials share one seed, so steps repeat from trial to trial,
     and on one CPU core drawing and counting a step costs about 8 ms, nearly as much as a member's loss. Only
-    within `kept_draws`, where the study loop knows trials repeat (confirmation's seeds never do), only on a CPU
-    (a GPU draws in a few kernels), and up to `limit` bytes: MNIST-1D's 30 epochs at batch 100 take 0.78 GB."""
+    within `kept_draws` (crd's study_scope, held while a study's trials run; confirmation's seeds never repeat),
+    only on a CPU (a GPU draws in a few kernels), and up to `limit` bytes: MNIST-1D's 30 epochs at batch 100
+    take 0.78 GB."""
 
     def __init__(self):
         self.limit, self.counts, self.used, self.family = 0, {}, 0, None
@@ -264,6 +265,10 @@ class CRD(Method):
         self.seed = torch.initial_seed()
         self.steps = 0  # draws so far: `draws` as the host counts it
         self._gen: torch.Generator | None = None
+
+    @classmethod
+    def study_scope(cls):
+        return kept_draws()  # a study's trials draw the same negatives at the same steps
 
     def generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device != device:

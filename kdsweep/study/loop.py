@@ -32,7 +32,6 @@ from kdsweep.common.space import edge_warnings
 from kdsweep.common.uris import redact, scrub
 from kdsweep.data.device_data import DeviceData, check_split
 from kdsweep.data.dispatch import get_dataset
-from kdsweep.methods.crd import kept_draws
 from kdsweep.methods.registry import get_method
 from kdsweep.models import factory
 from kdsweep.models.zoo import count_params, tap_paths
@@ -604,7 +603,9 @@ def run_studies(cfgs: list[StudyConfig], say: Callable[[str], None] = print, rep
             _close_orphan_runs(ctx, finished_too=True)
             _say_where(ctx)
         ctxs = [opened[i] for i in range(len(cfgs))]
-        with kept_draws():  # a study's trials share its seed, so they come to crd's same draws again
+        with contextlib.ExitStack() as scopes:  # what a method keeps for its study's later trials (methods/base.py)
+            for method in dict.fromkeys(get_method(c.method) for c in cfgs):
+                scopes.enter_context(method.study_scope())
             _run_trials(ctxs)
     except KeyboardInterrupt:
         status = RUN_KILLED
