@@ -3,9 +3,10 @@ and eager against torch.compile, in turn in one run.
 
     PYTHONPATH=. python benchmarks/rkd_angle.py [--batch 100] [--rounds 3] [--steps 30]
 
-First, per member and step: `rkd_angle` (rkd._AngleLoss: a block of anchors at a time, its gradient computed in
-the same pass) against the same term as autograd differentiates it over the whole (B, B, B) tensor (the form
-kdsweep used before), alone and under vmap over 2 and 4 members, as a fused group's rkd members compute it.
+First, per member and step: `rkd_angle` in C (rkd._AngleKernel, where a C compiler builds it: one pass over the
+distinct terms), in torch's ops by hand (rkd._AngleLoss: a block of anchors at a time, its gradient computed in the
+same pass; $KDSWEEP_NATIVE=0) and as autograd differentiates it over the whole (B, B, B) tensor (the form kdsweep
+used before 2026-12-06), alone and under vmap over 2 and 4 members, as a fused group's rkd members compute it.
 
 Then torch.compile. The (B, B, B) angle term is most of rkd's cost a step on a CPU (benchmarks/loss_cost.py). A
 compiled kernel would fuse its passes; this prints what compiling costs once (the first call) and then per call, with the process set up as a
@@ -24,7 +25,8 @@ import time
 import torch
 from _timing import ms_per_call
 
-from kdsweep.methods.rkd import _parts, rkd_angle, rkd_distance
+from kdsweep.common import native
+from kdsweep.methods.rkd import _parts, in_c, rkd_angle, rkd_distance
 from kdsweep.training.devices import prepare_cpu
 
 
@@ -47,13 +49,29 @@ def hand_against_autograd(batch: int, rounds: int, steps: int) -> None:
             loss = torch.func.vmap(lambda a: fn(a, z_t))(z) if members > 1 else fn(z[0], z_t)
             loss.sum().backward()
 
-        ways = [("by hand", rkd_angle), ("autograd", by_autograd)]
+        ways = [("in C", rkd_angle), ("by hand", in_torch(rkd_angle)), ("autograd", by_autograd)]
         for r in range(rounds):
             took = {name: ms_per_call(lambda fn=fn: step(fn), steps) / members
                     for name, fn in (ways if r % 2 == 0 else ways[::-1])}
-            print(f"{members} member(s){' under vmap' if members > 1 else ''}, round {r + 1}: by hand "
-                  f"{took['by hand']:.2f} ms, autograd {took['autograd']:.2f} ms a member-step "
-                  f"({took['autograd'] / took['by hand']:.2f}x)", flush=True)
+            print(f"{members} member(s){' under vmap' if members > 1 else ''}, round {r + 1}: in C "
+                  f"{took['in C']:.2f} ms, by hand {took['by hand']:.2f} ms, autograd {took['autograd']:.2f} ms a "
+                  f"member-step (by hand {took['by hand'] / took['in C']:.2f}x C's)", flush=True)
+
+
+def in_torch(fn):
+    """fn with rkd's C kernel turned off ($KDSWEEP_NATIVE=0) while it runs."""
+    def call(*args):
+        before = os.environ.get(native.ENV)
+        os.environ[native.ENV] = "0"
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                del os.environ[native.ENV]
+            else:
+                os.environ[native.ENV] = before
+
+    return call
 
 
 def main() -> None:
@@ -64,7 +82,8 @@ def main() -> None:
     args = ap.parse_args()
     prepare_cpu(1)
     torch.manual_seed(0)
-    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; batch {args.batch}")
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; batch {args.batch}; "
+          f"the C kernel {'is' if in_c(torch.zeros(1)) else 'is NOT'} built here")
     hand_against_autograd(args.batch, args.rounds, args.steps)
     z_s, z_t = torch.randn(args.batch, 100), torch.randn(args.batch, 64)  # mlp100's and cnn1d's embedding widths
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
+from kdsweep.common import native
 from kdsweep.common.space import Float
 from kdsweep.methods import rkd
 from kdsweep.methods.base import SampleIndex
@@ -615,11 +616,18 @@ def _angle_term_by_autograd(z_s, z_t):
     return F.smooth_l1_loss(cosines(z_s), cosines(z_t))
 
 
+@pytest.mark.parametrize("path", ["torch", "c"])
 @pytest.mark.parametrize("n, rows", [(1, 1), (2, 1), (7, 3), (33, 5), (33, 33)])
-def test_rkd_angle_gradient_computed_by_hand_is_autograds(n, rows, monkeypatch):
-    """rkd's angle term computes its gradient itself, a block of `rows` anchors at a time (rkd._AngleLoss): loss and
-    gradient equal autograd's on the term as the paper writes it, alone, under vmap over members, and under no_grad."""
+def test_rkd_angle_gradient_computed_by_hand_is_autograds(n, rows, path, monkeypatch):
+    """rkd's angle term computes its gradient itself, in torch's ops a block of `rows` anchors at a time
+    (rkd._AngleLoss) or in C (rkd._AngleKernel): loss and gradient equal autograd's on the term as the paper writes
+    it, alone, under vmap over members, and under no_grad."""
     monkeypatch.setattr(rkd, "_CPU_BLOCK", rows * n * n)
+    if path == "torch":
+        monkeypatch.setenv(native.ENV, "0")
+    elif rkd._KERNEL.library() is None:
+        pytest.skip("the C kernel is not built here (no C compiler?)")
+    assert rkd.in_c(torch.zeros(n, 12, dtype=torch.float64)) == (path == "c")
     g = torch.Generator().manual_seed(n)
     z_s, z_t = torch.randn(3, n, 12, dtype=torch.float64, generator=g), torch.randn(n, 5, dtype=torch.float64, generator=g)
     weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)

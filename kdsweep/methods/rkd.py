@@ -1,8 +1,12 @@
 """RKD in the paper's form; the distance and angle terms are shared with `rkd_seed003`."""
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from kdsweep.common import native
 from kdsweep.common.space import Float
 from kdsweep.methods.base import Method
 from kdsweep.methods.registry import register
@@ -102,6 +106,44 @@ class _AngleLoss(torch.autograd.Function):
         return grad_total * dg, grad_total * dh, grad_total * du, None, None, None, None, None
 
 
+_POINTERS = [ctypes.c_void_p] * 9
+_KERNEL = native.Kernel(Path(__file__).with_name("rkd_angle.c"), {
+    "rkd_angle_f32": (ctypes.c_double, [ctypes.c_long, *_POINTERS]),
+    "rkd_angle_f64": (ctypes.c_double, [ctypes.c_long, *_POINTERS]),
+})
+
+
+class _AngleKernel(_AngleLoss):
+    """_AngleLoss in C (rkd_angle.c, built by common/native.py): one vectorised pass over the n^3 / 2 distinct terms
+    (the angles are symmetric in j and k), against nineteen passes over n^3; the same loss and gradient up to float
+    rounding. On a CPU only, in float32 or float64, on tensors with storage (not under make_fx or torch.compile).
+
+    Under vmap (a fused group's rkd members) each member calls the kernel in turn; the teacher's side, the same for
+    every member, is not copied."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(g, h, inv_d, g_t, h_t, inv_d_t, block: int, want_grad: bool):
+        lib = _KERNEL.library()
+        fn = lib.rkd_angle_f32 if g.dtype == torch.float32 else lib.rkd_angle_f64
+        args = [t.contiguous() for t in (g, h, inv_d, g_t, h_t, inv_d_t)]
+        dg, sh, su = (torch.zeros_like(args[0]) for _ in range(3))
+        total = fn(g.shape[0], *(t.data_ptr() for t in (*args, dg, sh, su)))
+        if not want_grad:  # as _AngleLoss: three empty tensors stand for the gradient
+            return g.new_tensor(total), *(g.new_zeros(0) for _ in range(3))
+        # as _AngleLoss finishes them: dh from both positions of h_ij, du through u_ij = 1 / d_ij
+        return g.new_tensor(total), dg, sh.mul_(-2), su.mul_(2).mul_(torch.where(inv_d == 0, 0, 1 / inv_d))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        def member(a, dim, b):
+            return a.select(dim, b) if dim is not None else a
+
+        outs = [_AngleKernel.apply(*(member(a, d, b) for a, d in zip(args, in_dims))) for b in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0, 0)
+
+
 # Anchors per block on a CPU: a (block, N, N) float32 block of about 512 KB (13 anchors at N = 100), so the tensors of
 # one block's forward and backward stay in a core's cache. One scratch timing at N = 100, forward and backward: 4.1 ms
 # a step, against 4.7 ms at 256 KB, 4.2 at 1 MB and 5.7 for the whole tensor at once.
@@ -114,7 +156,17 @@ def rkd_angle(z_s, z_t, eps: float = 1e-12):
     parts, target = _parts(z_s, eps), [p.detach() for p in _parts(z_t.detach(), eps)]
     block = max(1, _CPU_BLOCK // (n * n)) if z_s.device.type == "cpu" else n  # on a GPU: fewest kernels
     want_grad = torch.is_grad_enabled()  # not z_s.requires_grad: under vmap it reads False
-    return _AngleLoss.apply(*parts, *target, block, want_grad)[0] / max(n, 1) ** 3
+    angle = _AngleKernel if in_c(z_s) else _AngleLoss
+    return angle.apply(*parts, *target, block, want_grad)[0] / max(n, 1) ** 3
+
+
+def in_c(z: torch.Tensor) -> bool:
+    """Whether rkd_angle computes its term in C (_AngleKernel) for embeddings like z: on a CPU in float32 or float64,
+    not while torch.compile or make_fx traces it (a C call is not an operation they can record), and where the kernel
+    builds."""
+    return (z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()  # no make_fx mode
+            and _KERNEL.library() is not None)
 
 
 @register
