@@ -11,9 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from kdsweep.common import native
 from kdsweep.training.devices import sets_allocator
 
-# Steps as a lockstep group's worker thread takes them: rkd's angle term, forward and backward, at B = 100.
+# Steps as a lockstep group's worker thread takes them: rkd's angle term, forward and backward, at B = 100, in
+# torch's ops (KDSWEEP_NATIVE=0: its C kernel allocates no (B, B, B) temporaries, kdsweep/common/native.py).
 STEPS = """
 import resource, sys, torch
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +40,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 
 
 def _faults_a_step(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if not sets_allocator(k)}
+    env = {k: v for k, v in os.environ.items() if not sets_allocator(k)} | {native.ENV: "0"}
     out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     return float(out.stdout.split()[-1])
