@@ -1,6 +1,7 @@
 """crd's draw of negatives, as kdsweep computes it (32-bit words held in int64, on a CPU a block of rows at a time)
 against one pass over all rows and the same hash computed in int32 words (unsigned multiplies, masked shifts):
-the same ids, and which is faster on this machine.
+the same ids, and which is faster on this machine; then a step's draw and counts as the counted loss takes them,
+in torch's ops (draw_negatives, count_draws) and in C (counted_draws, crd_draw.c, where a C compiler builds it).
 
     python benchmarks/crd_draw.py [--rows 100] [--total 3600] [--threads 1]
 
@@ -69,6 +70,23 @@ def main() -> None:
           f"{ms_per_call(lambda: crd._ids(words, crd._key(0, step.add_(1)), args.total), args.steps):6.2f}")
     print(f"  int32, one pass over all:        "
           f"{ms_per_call(lambda: draw_int32(0, step.add_(1), words32, args.total), args.steps):6.2f}")
+    if not crd.counts_in_c(torch.device("cpu"), args.rows, crd.NCE_K):
+        print("draw and counts in C: the kernel is not built here (no C compiler?)")
+        return
+    at = [0]
+
+    def in_c() -> None:
+        at[0] += 1
+        crd.counted_draws(0, at[0], args.rows, crd.NCE_K, args.total)
+
+    assert torch.equal(crd.counted_draws(7, 3, args.rows, crd.NCE_K, args.total),
+                       crd.count_draws(crd.draw_negatives(7, torch.tensor(3), words, args.total), args.total))
+    print(f"ms per draw and counts ({args.rows} x {args.total}), the same counts from both:")
+    def in_torch() -> None:
+        crd.count_draws(crd.draw_negatives(0, step.add_(1), words, args.total), args.total)
+
+    print(f"  torch's ops (int64, in blocks):  {ms_per_call(in_torch, args.steps):6.2f}")
+    print(f"  C:                               {ms_per_call(in_c, args.steps):6.2f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kdsweep.methods.registry  # noqa: F401 - first: crd imported before the registry meets crd_seed003 half-made
+from kdsweep.common import native
 from kdsweep.methods import crd
 from kdsweep.methods.base import SampleIndex
 from kdsweep.methods.crd import NCE_K, count_draws, draw_negatives, position_words
@@ -173,14 +174,50 @@ def _crd_member(seed: int, k: int = 64):
 
 
 def _counting_draws(monkeypatch) -> list[int]:
-    calls, real = [], crd.draw_negatives
+    """The steps drawn, in torch's ops or in C."""
+    calls, real, real_c = [], crd.draw_negatives, crd.counted_draws
 
     def counted(seed, step, words, total):
         calls.append(int(step))
         return real(seed, step, words, total)
 
+    def counted_c(seed, step, rows, k, total):
+        calls.append(step)
+        return real_c(seed, step, rows, k, total)
+
     monkeypatch.setattr(crd, "draw_negatives", counted)
+    monkeypatch.setattr(crd, "counted_draws", counted_c)
     return calls
+
+
+@pytest.mark.parametrize("seed, step, rows, k, total", [(0, 0, 100, 16384, 3600), (SEED, 77, 37, 64, 40),
+                                                         (2**63 + 5, 2**32 + 3, 5, 5000, 45000), (7, 3, 3, 64, 1)])
+def test_counted_draws_in_c_are_the_torch_draws_counted(seed, step, rows, k, total):
+    """crd's C draw (crd_draw.c) gives the counts of draw_negatives' ids to the bit, for seeds and steps beyond 32
+    bits too; the host's key is the device's."""
+    if crd._KERNEL.library() is None:
+        pytest.skip("the C kernel is not built here (no C compiler?)")
+    assert crd.host_key(seed, step) == int(crd._key(seed, torch.tensor(step)))
+    want = count_draws(draw_negatives(seed, torch.tensor(step), position_words(rows, k, torch.device("cpu")), total), total)
+    assert torch.equal(crd.counted_draws(seed, step, rows, k, total), want)
+    assert crd.counts_in_c(torch.device("cpu"), rows, k)
+
+
+def test_a_training_step_counts_its_draws_in_c_where_it_can(monkeypatch):
+    """crd's counted loss takes its counts from the C draw on a CPU (where it builds), ids and all else in torch's ops:
+    the step's counts and loss are those of the torch draw."""
+    if crd._KERNEL.library() is None:
+        pytest.skip("the C kernel is not built here (no C compiler?)")
+    calls = _counting_draws(monkeypatch)
+    monkeypatch.setattr(crd, "_LAST_DRAW", (None, None))  # restored after: what this test draws stays its own
+    index = SampleIndex(torch.tensor([3, 1, 4]), 40)
+    m = _crd_member(SEED)
+    counts = m.draw(index, counts_only=True)[1]
+    assert torch.equal(counts, count_draws(new_draws(SEED, 0, 3, 64, 40), 40))
+    monkeypatch.setenv(native.ENV, "0")
+    crd._LAST_DRAW = (None, None)  # not the step just drawn: drawn again, in torch's ops
+    assert torch.equal(_crd_member(SEED).draw(index, counts_only=True)[1], counts)
+    assert calls == [0, 0]
 
 
 def test_a_studys_later_trials_take_each_steps_counts_as_kept(monkeypatch):
