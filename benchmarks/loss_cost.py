@@ -56,12 +56,17 @@ def main() -> None:
 
         print(f"{name:<18} {ms_per_call(step, args.steps):7.2f}", flush=True)
     words, step_no = crd.position_words(b, crd.NCE_K, torch.device("cpu")), torch.zeros((), dtype=torch.long)
+    in_c = crd.counts_in_c(torch.device("cpu"), b, crd.NCE_K)
 
     def draw() -> None:
-        crd.count_draws(crd.draw_negatives(0, step_no.add_(1), words, args.train), args.train)
+        step_no.add_(1)
+        if in_c:  # as crd's step draws them here: counts only, in C (crd_draw.c)
+            crd.counted_draws(0, int(step_no), b, crd.NCE_K, args.train)
+        else:
+            crd.count_draws(crd.draw_negatives(0, step_no, words, args.train), args.train)
 
-    print(f"{'(crd draw)':<18} {ms_per_call(draw, args.steps):7.2f}   its 16,384 negatives per sample and their counts, "
-          "included in crd's row")
+    print(f"{'(crd draw)':<18} {ms_per_call(draw, args.steps):7.2f}   its 16,384 negatives per sample and their counts "
+          f"({'in C' if in_c else 'in torch ops'}), included in crd's row")
 
 
 if __name__ == "__main__":
