@@ -8,8 +8,8 @@ fraction of a second; a library is built once per source, compiler and CPU, in t
 file is named after the CPU's flags too: a cache folder shared between machines keeps one file per kind of CPU.
 
 Where there is no compiler, the build fails, or $KDSWEEP_NATIVE is 0, `Kernel.library()` is None and the
-caller computes the same function with torch's ops; the reason is said once per process as a RuntimeWarning.
-Standard library only.
+caller computes the same function with torch's ops; a failure is said once per process, in one line on stderr
+(KDSWEEP_NATIVE=0 says nothing). Standard library only.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 
 from kdsweep.common.cache import cache_dir
@@ -68,8 +68,9 @@ class Kernel:
                 try:
                     self._lib = self._load()
                 except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                    warnings.warn(f"{self.source.name} not built ({e}); its loss runs in torch's ops instead, "
-                                  "several times slower on a CPU", RuntimeWarning, stacklevel=3)
+                    print(f"warning: {self.source.name} not built ({e}): that part of the loss runs in torch's ops, "
+                          f"several times slower on a CPU (install gcc or clang, or set CC; {ENV}=0 to not try)",
+                          file=sys.stderr, flush=True)
                 self._tried = True
         return self._lib
 
