@@ -194,10 +194,9 @@ def _counting_draws(monkeypatch) -> list[int]:
                                                          (2**63 + 5, 2**32 + 3, 5, 5000, 45000), (7, 3, 3, 64, 1)])
 def test_counted_draws_in_c_are_the_torch_draws_counted(seed, step, rows, k, total):
     """crd's C draw (crd_draw.c) gives the counts of draw_negatives' ids to the bit, for seeds and steps beyond 32
-    bits too; the host's key is the device's."""
+    bits too."""
     if crd._KERNEL.library() is None:
         pytest.skip("the C kernel is not built here (no C compiler?)")
-    assert crd.host_key(seed, step) == int(crd._key(seed, torch.tensor(step)))
     want = count_draws(draw_negatives(seed, torch.tensor(step), position_words(rows, k, torch.device("cpu")), total), total)
     assert torch.equal(crd.counted_draws(seed, step, rows, k, total), want)
     assert crd.counts_in_c(torch.device("cpu"), rows, k)

@@ -107,20 +107,6 @@ def _key(seed: int, step: torch.Tensor) -> torch.Tensor:
     return _mix32_(key ^ ((seed >> 32) & _MASK32))
 
 
-def _mix32(x: int) -> int:
-    """_mix32_ of one word, in Python ints."""
-    x ^= x >> 16
-    x = (x * 0x21F0AAAD) & _MASK32
-    x ^= x >> 15
-    x = (x * 0xD35A2D97) & _MASK32
-    return x ^ (x >> 15)
-
-
-def host_key(seed: int, step: int) -> int:
-    """_key of (seed, step), computed on the host from the host's step count: nothing read back."""
-    return _mix32(_mix32((step & _MASK32) ^ ((seed & _MASK32) ^ _GOLDEN)) ^ ((seed >> 32) & _MASK32))
-
-
 _KERNEL = native.Kernel(Path(__file__).with_name("crd_draw.c"), {
     "crd_counted_draws": (None, [ctypes.c_long, ctypes.c_long, ctypes.c_uint32, ctypes.c_long, ctypes.c_void_p]),
 })
@@ -138,7 +124,8 @@ def counted_draws(seed: int, step: int, rows: int, k: int, total: int) -> torch.
     in one C pass that writes only the (rows, total) counts (crd_draw.c): about 6x faster on one CPU core at
     100 x 16,384, where the hash's thirteen tensor passes over int64 words and the scatter were most of a draw."""
     counts = torch.zeros(rows, total, dtype=torch.float32)  # what the C writes, whatever torch's default dtype
-    _KERNEL.library().crd_counted_draws(rows, k, host_key(seed, step), total, counts.data_ptr())
+    key = int(_key(seed, torch.tensor(step)))  # from the host's step count, on the CPU: no device read back
+    _KERNEL.library().crd_counted_draws(rows, k, key, total, counts.data_ptr())
     return counts
 
 
