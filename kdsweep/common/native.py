@@ -9,12 +9,13 @@ file is named after the CPU's flags too: a cache folder shared between machines 
 
 Where there is no compiler, the build fails, or $KDSWEEP_NATIVE is 0, `Kernel.library()` is None and the
 caller computes the same function with torch's ops; a failure is said once per process, in one line on stderr
-(KDSWEEP_NATIVE=0 says nothing). Standard library only.
+(KDSWEEP_NATIVE=0 says nothing).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+
+import torch
 
 from kdsweep.common.cache import cache_dir
 
@@ -50,6 +53,14 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
+@functools.cache
+def _build_id(cc: str) -> str:
+    """What a library's file depends on besides its source: compiler, its version, flags and CPU (asked once a
+    process, not once a kernel)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    return "\0".join([cc, version, " ".join(FLAGS), _cpu_flags()])
+
+
 class Kernel:
     """The C file `source`, built and loaded on first use; `signatures`: function name -> (restype, argtypes)."""
 
@@ -60,9 +71,11 @@ class Kernel:
         self._lock = threading.Lock()
 
     def library(self) -> ctypes.CDLL | None:
-        """The loaded library, or None where it cannot be had (said once, as a warning)."""
-        if self._tried or not enabled():
-            return self._lib if enabled() else None
+        """The loaded library, or None where it cannot be had (a failure said once, on stderr)."""
+        if not enabled():
+            return None
+        if self._tried:
+            return self._lib
         with self._lock:
             if not self._tried:
                 try:
@@ -74,14 +87,17 @@ class Kernel:
                 self._tried = True
         return self._lib
 
+    def usable_for(self, device: torch.device) -> bool:
+        """Whether a caller on `device` may call the kernel: on a CPU, not while torch.compile or make_fx traces the
+        caller (a C call is not an operation they can record), and where the kernel builds."""
+        return (device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch._C._len_torch_dispatch_stack() and self.library() is not None)
+
     def _load(self) -> ctypes.CDLL:
         cc = _compiler()
         if cc is None:
             raise RuntimeError("no C compiler: set CC, or install gcc or clang")
-        code = self.source.read_bytes()
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
-                                        [code, cc, version, " ".join(FLAGS), _cpu_flags()])).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([self.source.read_bytes(), _build_id(cc).encode()])).hexdigest()[:16]
         folder = cache_dir() / "native"
         path = folder / f"{self.source.stem}-{key}.so"
         if not path.exists():

@@ -115,8 +115,7 @@ _KERNEL = native.Kernel(Path(__file__).with_name("crd_draw.c"), {
 def counts_in_c(device: torch.device, rows: int, k: int) -> bool:
     """Whether a step's counted draws are made in C (`counted_draws`): on a CPU, not while torch.compile or make_fx
     traces the step (a C call is not an operation they can record), and where the kernel builds."""
-    return (device.type == "cpu" and rows * k < 1 << 32 and not torch.compiler.is_compiling()
-            and not torch._C._len_torch_dispatch_stack() and _KERNEL.library() is not None)
+    return rows * k < 1 << 32 and _KERNEL.usable_for(device)
 
 
 def counted_draws(seed: int, step: int, rows: int, k: int, total: int) -> torch.Tensor:
@@ -142,7 +141,7 @@ _LAST_DRAW: tuple = (None, None)
 class _KeptCounts:
     """Each step's counts of the counted loss, kept in int16 (exact: a count is at most K = 16,384) for the later
     trials of a study that reach the same step: its trials share one seed, so steps repeat from trial to trial,
-    and on one CPU core drawing and counting a step costs about 8 ms, nearly as much as a member's loss. Only
+    and on one CPU core drawing and counting a step costs about 8 ms in torch's ops (1.4 ms in C: counted_draws). Only
     within `kept_draws` (crd's study_scope, held while a study's trials run; confirmation's seeds never repeat),
     only on a CPU (a GPU draws in a few kernels), and up to `limit` bytes: MNIST-1D's 30 epochs at batch 100
     take 0.78 GB."""
@@ -323,13 +322,17 @@ class CRD(Method):
         if self.draws is None or self.draws.device != ids.device:
             self.draws = torch.zeros((), dtype=torch.long, device=ids.device)
             self.steps = 0
-        rows, w = len(ids), self.words
-        if w is None or w.shape[0] < rows or w.shape[1] != self.nce_k or w.device != ids.device:
-            self.words = position_words(rows, self.nce_k, ids.device)  # made on the first (full) batch
-        drawn = self._negatives(rows, index.total, counts_only)
+        drawn = self._negatives(len(ids), index.total, counts_only)
         self.draws.add_(1)
         self.steps += 1
         return drawn
+
+    def _words(self, rows: int) -> torch.Tensor:
+        """position_words for `rows`, made on the first (full) batch the torch draw needs (the C draw needs none)."""
+        w, device = self.words, self.draws.device
+        if w is None or w.shape[0] < rows or w.shape[1] != self.nce_k or w.device != device:
+            self.words = position_words(rows, self.nce_k, device)
+        return self.words[:rows]
 
     def _negatives(self, rows: int, total: int, counts_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This step's negatives, with their counts per bank row where the loss takes them (total <= K).
@@ -342,7 +345,7 @@ class CRD(Method):
         the counts are also kept for the study's later trials (_KeptCounts)."""
         global _LAST_DRAW
         if torch.compiler.is_compiling():
-            return draw_negatives(self.seed, self.draws, self.words[:rows], total), None
+            return draw_negatives(self.seed, self.draws, self._words(rows), total), None
         key = (self.seed, self.steps, rows, self.nce_k, total, self.draws.device)
         last_key, drawn = _LAST_DRAW
         if last_key == key and (counts_only or drawn[0] is not None):
@@ -353,7 +356,7 @@ class CRD(Method):
         if counts_only and total <= self.nce_k and counts_in_c(self.draws.device, rows, self.nce_k):
             drawn = (None, counted_draws(self.seed, self.steps, rows, self.nce_k, total))
         else:
-            neg = draw_negatives(self.seed, self.draws, self.words[:rows], total)
+            neg = draw_negatives(self.seed, self.draws, self._words(rows), total)
             drawn = (neg, count_draws(neg, total) if total <= self.nce_k else None)
         _LAST_DRAW = (key, drawn)
         if drawn[1] is not None:

@@ -164,9 +164,7 @@ def in_c(z: torch.Tensor) -> bool:
     """Whether rkd_angle computes its term in C (_AngleKernel) for embeddings like z: on a CPU in float32 or float64,
     not while torch.compile or make_fx traces it (a C call is not an operation they can record), and where the kernel
     builds."""
-    return (z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()  # no make_fx mode
-            and _KERNEL.library() is not None)
+    return z.dtype in (torch.float32, torch.float64) and _KERNEL.usable_for(z.device)
 
 
 @register
