@@ -141,11 +141,12 @@ class SweepResult:
 def plan_sweep(methods: Sequence[str] | str, study_suffix: str | None = None, say: Callable[[str], None] = print,
                **settings_: Any) -> tuple[list, dict[str, str]]:
     """The sweep's study configs, every one checked (names, equal budgets, no conflicting study) before any training."""
+    from kdsweep.data.dispatch import get_dataset
     from kdsweep.methods.registry import METHODS
     from kdsweep.study.config import DEFAULT_TRIALS, resolve
     from kdsweep.study.optuna_storage import open_storage
     from kdsweep.study.pairs import pair_problem, study_conflict
-    from kdsweep.training.devices import resolve_device
+    from kdsweep.training.devices import prepare_cpu, resolve_device
 
     names = [n.strip() for n in methods.split(",")] if isinstance(methods, str) else list(methods)
     names = [n for n in names if n]
@@ -156,7 +157,9 @@ def plan_sweep(methods: Sequence[str] | str, study_suffix: str | None = None, sa
         raise UserError("--methods takes `all` or a comma-separated list of methods/study files")
     flags = _specs(_flags(settings_))
     configs = [resolve(n, flags) for n in names]  # every name checked before any training
-    resolve_device(configs[0].device)  # `--device cuda` without one: said before any study is planned or announced
+    device = resolve_device(configs[0].device)  # `--device cuda` without one: said before any study is planned or announced
+    if device.type == "cpu":  # the process's threads set before the pair checks below run torch
+        prepare_cpu(default=get_dataset(configs[0].dataset).cpu_threads)
     for cfg in configs:
         if flags.get("trials") is None and flags.get("budget_epochs") is None and cfg.trials == DEFAULT_TRIALS \
                 and cfg.budget_epochs is None:

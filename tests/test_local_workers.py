@@ -19,6 +19,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from reliability_helpers import cli_env, load_trials, mlflow_runs, run_cli, start_cli
 
+from kdsweep.common import processes
 from kdsweep.common.locks import StudyLock
 from kdsweep.common.processes import COMMAND_ENV, Owner, _start_time
 from kdsweep.study import local_workers
@@ -31,12 +32,52 @@ TINY = ["--dataset", "digits", "--device", "cpu", "--epochs", "2", "--sampler", 
 
 
 def test_each_worker_runs_the_users_command_with_flags_that_override_it(monkeypatch):
-    monkeypatch.setattr(local_workers, "cores", lambda: 8)
+    monkeypatch.setattr(processes, "cores", lambda: 8)
     argv = ["sweep", "--methods", "ce,pkt", "--parallel", "16"]
     assert local_workers.worker_argv(argv, 2, None, 0) == [*argv, "--processes", "1", "--cpu-workers", "4"]
     assert local_workers.worker_argv(argv, 2, None, 1) == [*argv, "--processes", "1", "--cpu-workers", "4", "--quiet"]
     assert local_workers.worker_argv(argv, 3, 2, 2) == [*argv, "--processes", "1", "--quiet"]  # the user's own count
     assert local_workers.worker_argv(argv, 16, None, 0)[-1] == "1"  # at least one thread each
+
+
+def test_a_worker_runs_torch_on_its_share_of_the_cores_from_its_first_op(tmp_path, monkeypatch):
+    """Two workers that each start on every core spin their idle threads against each other's work: on 2 cores a
+    sweep's pair checks took 1.8 s instead of 0.1, and a digits study trained on twice its cores. A worker's threads
+    are its share, unless the user set $OMP_NUM_THREADS, and are set before a sweep's or a study's pair check."""
+    import torch
+
+    from kdsweep import api
+    from kdsweep.study import pairs
+    from kdsweep.training.devices import prepare_cpu
+
+    class Checked(Exception):
+        pass
+
+    def check(cfg):
+        seen.append(torch.get_num_threads())
+        raise Checked
+
+    before, seen = torch.get_num_threads(), []
+    monkeypatch.setattr(processes, "cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert prepare_cpu() == 8 and prepare_cpu(default=1) == 1  # alone: every core, or the dataset's own
+        monkeypatch.setenv(processes.PROCESSES_ENV, "2")
+        assert prepare_cpu() == 4 and prepare_cpu(default=1) == 1 and prepare_cpu(default=6) == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert prepare_cpu(default=1) == 3  # the user's own choice
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        stores = {"storage": f"sqlite:///{tmp_path}/optuna.db", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+        for run in (lambda: api.plan_sweep("ce,pkt", dataset="digits", device="cpu", **stores),
+                    lambda: api.study("ce", dataset="digits", device="cpu", **stores)):
+            torch.set_num_threads(8)  # torch's own default: every core
+            monkeypatch.setattr(pairs, "pair_problem", check)
+            monkeypatch.setattr(study_loop, "check_pair", check)
+            with pytest.raises(Checked):
+                run()
+        assert seen == [4, 4]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_worker_of_several_claims_its_share_of_what_can_run_now(monkeypatch):
@@ -47,13 +88,13 @@ def test_a_worker_of_several_claims_its_share_of_what_can_run_now(monkeypatch):
 
     resume = [ctx(Budget(10, None, 5), 8, 0), ctx(Budget(None, 50, 5), 8, 0)]  # 2 + 2 trials left
     assert study_loop._share(resume, 16) == 16  # alone (no --processes): --parallel, as before
-    monkeypatch.setenv(local_workers.PROCESSES_ENV, "2")
+    monkeypatch.setenv(processes.PROCESSES_ENV, "2")
     assert study_loop._share(resume, 16) == 2  # the first to ask takes half, not all four
     after = [ctx(Budget(10, None, 5), 8, 1), ctx(Budget(None, 50, 5), 8, 1)]  # the first took them: 2 + 2 running
     assert study_loop._share(after, 16) == 2  # the second takes the other half
     fresh = [ctx(Budget(None, 240, 30), 0, 0) for _ in range(4)]  # a 4-method sweep of 8 trials each
     assert study_loop._share(fresh, 16) == 16 and study_loop._share(fresh, 8) == 8  # never above --parallel
-    monkeypatch.setenv(local_workers.PROCESSES_ENV, "3")
+    monkeypatch.setenv(processes.PROCESSES_ENV, "3")
     assert study_loop._share([ctx(Budget(10, None, 5), 9, 0)], 16) == 1  # at least one
     assert study_loop._share([ctx(Budget(None, None, 5), 0, 0)], 16) == 16  # no limit: nothing to share out
 
@@ -73,18 +114,18 @@ def test_each_worker_of_several_deals_from_its_own_slice_of_a_sweeps_studies_fir
         return "".join(sorted(t for _, t in study_loop._claim_group(studies, size, set(), turn)))
 
     assert group([8, 8, 8, 8], 16) == "AAAABBBBCCCCDDDD"  # alone: round-robin over every study
-    monkeypatch.setenv(local_workers.PROCESSES_ENV, "2")
-    monkeypatch.setenv(local_workers.INDEX_ENV, "0")
+    monkeypatch.setenv(processes.PROCESSES_ENV, "2")
+    monkeypatch.setenv(processes.INDEX_ENV, "0")
     assert group([8, 8, 8, 8], 16) == "AAAAAAAACCCCCCCC"  # the first worker's slice: A and C, dealt in turn
     assert group([8, 8, 8, 8], 5, turn=1) == "AACCC"  # taking turns within it (turn 0: AAACC)
     assert group([8, 8, 3, 8], 16) == "AAAAAAAABBBCCCDD"  # its slice short: the others' studies fill the group
-    monkeypatch.setenv(local_workers.INDEX_ENV, "1")
+    monkeypatch.setenv(processes.INDEX_ENV, "1")
     assert group([8, 8, 8, 8], 16) == "BBBBBBBBDDDDDDDD"
     assert group([8, 0, 8, 0], 4) == "AACC"  # its slice done: helps with the rest
-    monkeypatch.setenv(local_workers.PROCESSES_ENV, "3")
-    monkeypatch.setenv(local_workers.INDEX_ENV, "0")
+    monkeypatch.setenv(processes.PROCESSES_ENV, "3")
+    monkeypatch.setenv(processes.INDEX_ENV, "0")
     assert group([2, 2, 2, 2], 4) == "AADD"  # slices of 4 studies among 3 workers: A D | B | C
-    monkeypatch.setenv(local_workers.INDEX_ENV, "2")
+    monkeypatch.setenv(processes.INDEX_ENV, "2")
     assert group([2, 2, 2, 2], 2) == "CC"
 
 
@@ -106,7 +147,7 @@ def test_a_fellows_claim_is_read_whole_never_as_a_trial_running_elsewhere(tmp_pa
     opening the study meanwhile waits for the lock, so it never counts the half-made claim as running elsewhere
     (as the two-worker sweep below once said when its workers started a moment apart)."""
     monkeypatch.setenv(COMMAND_ENV, "the-command")
-    monkeypatch.setenv(local_workers.PROCESSES_ENV, "2")
+    monkeypatch.setenv(processes.PROCESSES_ENV, "2")
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(storage=url, study_name="s", direction="maximize")
     me = Owner.me()

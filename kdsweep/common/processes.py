@@ -13,6 +13,32 @@ from pathlib import Path
 from kdsweep.common.errors import UserError
 
 COMMAND_ENV = "KDSWEEP_WORKER_COMMAND"  # set for each worker of a --processes command: an id they share, and no one else
+PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many workers its command started
+INDEX_ENV = "KDSWEEP_WORKER_INDEX"  # set for each worker: which of them it is, from 0
+
+
+
+def processes_here() -> int:
+    """How many worker processes of one command this process is one of (1 when started alone); recorded with
+    every run, as the threads are, so costs are compared like with like."""
+    value = os.environ.get(PROCESSES_ENV, "")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
+def index_here() -> int:
+    """Which of its command's worker processes this one is, from 0 (0 when started alone)."""
+    value = os.environ.get(INDEX_ENV, "")
+    return int(value) if value.isdigit() and int(value) < processes_here() else 0
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_share(processes: int | None = None) -> int:
+    """The cores one of `processes` workers (default: this process's command's) may keep busy: its worker threads
+    on a CPU when the user gave no --cpu-workers, and at most its intra-op threads (training/devices.py)."""
+    return max(1, cores() // (processes or processes_here()))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -36,6 +36,7 @@ import torch
 from kdsweep.common import atomic
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import StudyLock
+from kdsweep.common.processes import processes_here
 from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
 from kdsweep.models import taps
@@ -51,7 +52,6 @@ from kdsweep.report.stored_studies import (
     split_data,
 )
 from kdsweep.study import outcome
-from kdsweep.study.local_workers import processes_here
 from kdsweep.study.trial import record_result
 from kdsweep.tracking import cleanup
 from kdsweep.tracking.tracker import Curves

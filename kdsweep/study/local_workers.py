@@ -29,36 +29,12 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from kdsweep.common.processes import COMMAND_ENV
+from kdsweep.common.processes import COMMAND_ENV, INDEX_ENV, PROCESSES_ENV, cpu_share
 
 ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this kdsweep: the workers import the same one
 # Not `python -m kdsweep.cli`: -m puts the working directory first on sys.path, so run from another clone a worker
 # would import that clone's kdsweep and train with other code than its command's.
 WORKER = f"import sys; sys.path.insert(0, {ROOT!r}); from kdsweep.cli import entry; entry()"
-PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many workers its command started
-INDEX_ENV = "KDSWEEP_WORKER_INDEX"  # set for each worker: which of them it is, from 0
-
-
-def processes_here() -> int:
-    """How many worker processes of one command this process is one of (1 when started alone); recorded with
-    every run, as the threads are, so costs are compared like with like."""
-    value = os.environ.get(PROCESSES_ENV, "")
-    return int(value) if value.isdigit() and int(value) >= 1 else 1
-
-
-def index_here() -> int:
-    """Which of its command's worker processes this one is, from 0 (0 when started alone)."""
-    value = os.environ.get(INDEX_ENV, "")
-    return int(value) if value.isdigit() and int(value) < processes_here() else 0
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpu_share(processes: int) -> int:
-    """Each worker's worker threads on a CPU when the user gave no --cpu-workers: the cores shared out."""
-    return max(1, cores() // processes)
 
 
 def worker_argv(argv: list[str], processes: int, cpu_workers: int | None, index: int) -> list[str]:

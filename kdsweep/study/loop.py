@@ -27,7 +27,7 @@ from kdsweep.common import digests, failures
 from kdsweep.common.bars import tqdm
 from kdsweep.common.errors import UserError
 from kdsweep.common.locks import StudyLock
-from kdsweep.common.processes import Owner
+from kdsweep.common.processes import Owner, index_here, processes_here
 from kdsweep.common.space import edge_warnings
 from kdsweep.common.uris import redact, scrub
 from kdsweep.data.device_data import DeviceData, check_split
@@ -35,7 +35,7 @@ from kdsweep.data.dispatch import get_dataset
 from kdsweep.methods.registry import get_method
 from kdsweep.models import factory
 from kdsweep.models.zoo import count_params, tap_paths
-from kdsweep.study import fixed_inputs, local_workers, store_agreement
+from kdsweep.study import fixed_inputs, store_agreement
 from kdsweep.study import outcome as oc
 from kdsweep.study.best import best_trial
 from kdsweep.study.budget import Spent
@@ -103,7 +103,7 @@ def _perf_setup(cfg: StudyConfig, device: torch.device) -> tuple[teacher_outputs
     params = {"parallel": cfg.parallel, "teacher_cache_mb": round(cache.budget / 2**20, 1), "channels_last": cfg.channels_last,
               "compile": cfg.compile, "cpu_threads": threads or "", "threads_per_student": (1 if cfg.cpu_workers != 0 else threads) if device.type == "cpu" else "",
               "cpu_workers": "" if device.type != "cpu" else cfg.cpu_workers if cfg.cpu_workers is not None else "auto",
-              "fused": "auto" if cfg.fused is None else cfg.fused, "processes": local_workers.processes_here()}
+              "fused": "auto" if cfg.fused is None else cfg.fused, "processes": processes_here()}
     return cache, accel, params
 
 
@@ -246,6 +246,9 @@ def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = Non
     recovering a trial and closing its run), as are runs closed as interrupted
     of trials Optuna completed (oc.closed_as_interrupted).
     """
+    trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
+    if not trials:  # a new study: every run found would be skipped below (no trial of it has ended)
+        return 0
     recovered = recovered or {}
     tags = {"kdsweep.role": "trial", "kdsweep.study": ctx.cfg.full_study_name}
     statuses = (RUN_RUNNING, RUN_FINISHED) if finished_too else (RUN_RUNNING,)
@@ -255,7 +258,6 @@ def _close_orphan_runs(ctx: StudyContext, recovered: dict[int, str] | None = Non
                                       statuses=(oc.INTERRUPTED.status,))
     for number in () if finished_too else recovered:
         runs += ctx.tracker.find_runs(ctx.experiment_id, {**tags, "kdsweep.trial": number}, statuses=(RUN_FINISHED,))
-    trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
     closed = 0
     for run in runs:
         try:
@@ -320,7 +322,7 @@ def _share(ctxs: list[StudyContext], size: int) -> int:
     (--processes), at most its 1/N of the trials that can run now (those left to claim and those the others run).
     Otherwise the first worker to ask takes every trial of a short resume and trains them on its one core while
     the others wait."""
-    n = local_workers.processes_here()
+    n = processes_here()
     if n == 1:
         return size
     now = [(c.cfg.budget, spent(c.study)) for c in ctxs]
@@ -340,7 +342,7 @@ def _seen_whole(ctx: StudyContext) -> tuple[list[optuna.trial.FrozenTrial], Spen
     with ctx.lock:
         trials = ctx.study.get_trials(deepcopy=False)
     now, fellows = Spent.of(trials), 0
-    if local_workers.processes_here() > 1 and now.running:
+    if processes_here() > 1 and now.running:
         owners = (Owner.from_attr(t.user_attrs.get(OWNER_ATTR)) for t in trials if t.state == RUNNING)
         fellows = sum(1 for o in owners if o is not None and o.is_fellow() and o.alive() is True)
     return trials, now, fellows
@@ -357,7 +359,7 @@ def _dealing_order(ctxs: list[StudyContext], turn: int) -> tuple[list[StudyConte
     its seed-003 form), so halves put the cheap ones in one worker, which then idles while the other ends (the
     4-method sweep's workers ended 1.2-3.6 s apart). The others' slices follow, so no worker idles while any
     study has room."""
-    n, i = local_workers.processes_here(), local_workers.index_here()
+    n, i = processes_here(), index_here()
 
     def turned(studies: list[StudyContext]) -> list[StudyContext]:
         return studies[turn % len(studies):] + studies[:turn % len(studies)] if studies else []
@@ -455,10 +457,10 @@ def _base_params(cfg: StudyConfig, data: DeviceData, device: torch.device, teach
 def _open_study(cfg: StudyConfig, say: Callable[[str], None], reporter: Reporter, resources: Resources) -> StudyContext:
     """Everything before the first trial, in the order of the module docstring; the context trials share.
     Stores, data and teacher come from `resources`: opened by the first study that needs them."""
-    check_pair(cfg)
     method_cls = get_method(cfg.method)
     device = resolve_device(cfg.device)
-    cache, accel, perf_params = _perf_setup(cfg, device)
+    cache, accel, perf_params = _perf_setup(cfg, device)  # the CPU threads first: the pair check runs torch
+    check_pair(cfg)
     storage = resources.storage(cfg.storage)
     if cfg.full_study_name != cfg.requested_study_name and cfg.full_study_name not in optuna.get_all_study_names(storage):
         say(f"study name {cfg.requested_study_name!r} is stored as {cfg.full_study_name!r}")  # once: when it is new
@@ -501,7 +503,7 @@ def _poll() -> float:
     end together: at 2 s the free core idled a second on average each time, and every command ended up to 2 s
     after its last trial. A look reads every open study's trials: 10 ms for the MNIST-1D verdict's 15 studies on
     SQLite."""
-    return 0.25 if local_workers.processes_here() > 1 else StudyContext.poll
+    return 0.25 if processes_here() > 1 else StudyContext.poll
 
 
 def _say_where(ctx: StudyContext) -> None:

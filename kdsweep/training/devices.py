@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.processes import cpu_share
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,17 @@ def teacher_dtype(device: torch.device) -> torch.dtype:
 
 def prepare_cpu(threads: int | None = None, default: int | None = None) -> int:
     """Set up this process for a CPU run and return its intra-op threads: `threads`, else $OMP_NUM_THREADS,
-    else `default` (a dataset's DatasetSpec.cpu_threads), else the cores this process may use. Also tells
-    glibc's allocator to keep freed memory (`keep_freed_memory`)."""
+    else `default` (a dataset's DatasetSpec.cpu_threads), else the cores this process may use; the last two
+    at most its share of them when it is one of a --processes command's workers. Also tells glibc's allocator
+    to keep freed memory (`keep_freed_memory`).
+
+    Called before a command's first torch op (its pair check builds both models): two workers that each
+    start with torch's default of every core spin their idle threads against each other's work, which made
+    a 2-core machine's sweep pair checks 1.8 s instead of 0.1 (docs/performance.md, "Workers' threads")."""
     keep_freed_memory()
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else default or len(os.sched_getaffinity(0))
+        threads = int(env) if env.isdigit() and int(env) > 0 else min(default or cpu_share(), cpu_share())
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 
@@ -120,7 +126,7 @@ def _cpu_workers(accel: Accel, device: torch.device, members: int, teacher: bool
     """Worker threads of a lockstep group on CPU (1: none, the plain loop with intra-op threads)."""
     if device.type != "cpu" or accel.compile or not (members >= 2 or teacher):
         return 1
-    n = len(os.sched_getaffinity(0)) if accel.cpu_workers is None else accel.cpu_workers
+    n = cpu_share() if accel.cpu_workers is None else accel.cpu_workers
     return max(1, n)
 
 
