@@ -378,7 +378,7 @@ def test_a_fusing_answer_measured_on_a_busy_machine_is_measured_again_when_it_is
     from kdsweep.training import fusing_memo, loop
 
     monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path))
-    monkeypatch.setattr(fusing_memo, "_cores", lambda: 2)
+    monkeypatch.setattr(fusing_memo.processes, "cores", lambda: 2)
     load = [9.0]
     monkeypatch.setattr(fusing_memo.os, "getloadavg", lambda: (load[0], load[0], load[0]))
     monkeypatch.setattr(loop, "_FUSING_PAYS", {})

@@ -17,7 +17,6 @@ PROCESSES_ENV = "KDSWEEP_WORKER_PROCESSES"  # set for each worker: how many work
 INDEX_ENV = "KDSWEEP_WORKER_INDEX"  # set for each worker: which of them it is, from 0
 
 
-
 def processes_here() -> int:
     """How many worker processes of one command this process is one of (1 when started alone); recorded with
     every run, as the threads are, so costs are compared like with like."""

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kdsweep.common.errors import UserError
+from kdsweep.common.processes import cores
 from kdsweep.common.torchvision_import import torchvision
 from kdsweep.data.builtin import RawData, default_data_dir
 from kdsweep.data.device_data import DeviceData
@@ -106,7 +107,7 @@ def default_workers(device: torch.device) -> int:
     """
     if device.type == "cpu":
         return 0
-    return min(4, max(1, len(os.sched_getaffinity(0)) - 1))
+    return min(4, max(1, cores() - 1))
 
 
 # ---------------------------------------------------------------------------------------------- measuring

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kdsweep.common import processes
 from kdsweep.common.atomic import atomic_write_text
 from kdsweep.common.cache import cache_dir
 
@@ -43,19 +44,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def question(student: torch.nn.Module, optimizer: object, memory_format: object, batch_shape: tuple[int, ...],
              methods: tuple[tuple[str, int], ...], workers: int) -> dict:
     """What the answer depends on, as plain JSON values (equal questions on equal machines get one file)."""
     cls = type(student)
     return {
-        "cpu": _cpu_model(), "cores": _cores(), "torch": torch.__version__,
+        "cpu": _cpu_model(), "cores": processes.cores(), "torch": torch.__version__,
         "student": f"{cls.__module__}.{cls.__qualname__}", "architecture": repr(student),
         "shapes": [[n, list(t.shape), str(t.dtype)] for n, t in [*student.named_parameters(),
                                                                 *student.named_buffers()]],
@@ -85,10 +79,10 @@ def recall(q: dict) -> dict | None:
 
 def contended(kept: dict) -> str | None:
     """Why a kept answer should be measured again now: it was measured on a busy machine and this one is quiet."""
-    then, cores = (kept.get("load") or [0.0])[0], _cores()
+    then, here = (kept.get("load") or [0.0])[0], processes.cores()
     now = os.getloadavg()[0]
-    if then > cores and now <= cores / 2:
-        return f"measured again: the kept answer was measured at load {then:.1f} on {cores} cores, the load is {now:.1f} now"
+    if then > here and now <= here / 2:
+        return f"measured again: the kept answer was measured at load {then:.1f} on {here} cores, the load is {now:.1f} now"
     return None
 
 
