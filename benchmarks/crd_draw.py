@@ -79,12 +79,12 @@ def main() -> None:
         at[0] += 1
         crd.counted_draws(0, at[0], args.rows, crd.NCE_K, args.total)
 
-    assert torch.equal(crd.counted_draws(7, 3, args.rows, crd.NCE_K, args.total),
-                       crd.count_draws(crd.draw_negatives(7, torch.tensor(3), words, args.total), args.total))
-    print(f"ms per draw and counts ({args.rows} x {args.total}), the same counts from both:")
     def in_torch() -> None:
         crd.count_draws(crd.draw_negatives(0, step.add_(1), words, args.total), args.total)
 
+    assert torch.equal(crd.counted_draws(7, 3, args.rows, crd.NCE_K, args.total),
+                       crd.count_draws(crd.draw_negatives(7, torch.tensor(3), words, args.total), args.total))
+    print(f"ms per draw and counts ({args.rows} x {args.total}), the same counts from both:")
     print(f"  torch's ops (int64, in blocks):  {ms_per_call(in_torch, args.steps):6.2f}")
     print(f"  C:                               {ms_per_call(in_c, args.steps):6.2f}")
 

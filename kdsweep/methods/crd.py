@@ -113,8 +113,8 @@ _KERNEL = native.Kernel(Path(__file__).with_name("crd_draw.c"), {
 
 
 def counts_in_c(device: torch.device, rows: int, k: int) -> bool:
-    """Whether a step's counted draws are made in C (`counted_draws`): on a CPU, not while torch.compile or make_fx
-    traces the step (a C call is not an operation they can record), and where the kernel builds."""
+    """Whether a step's counted draws are made in C (`counted_draws`): where the kernel may run
+    (native.Kernel.usable_for) and the positions fit its 32-bit words."""
     return rows * k < 1 << 32 and _KERNEL.usable_for(device)
 
 

@@ -161,9 +161,8 @@ def rkd_angle(z_s, z_t, eps: float = 1e-12):
 
 
 def in_c(z: torch.Tensor) -> bool:
-    """Whether rkd_angle computes its term in C (_AngleKernel) for embeddings like z: on a CPU in float32 or float64,
-    not while torch.compile or make_fx traces it (a C call is not an operation they can record), and where the kernel
-    builds."""
+    """Whether rkd_angle computes its term in C (_AngleKernel) for embeddings like z: in float32 or float64, where the
+    kernel may run (native.Kernel.usable_for)."""
     return z.dtype in (torch.float32, torch.float64) and _KERNEL.usable_for(z.device)
 
 

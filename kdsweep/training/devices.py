@@ -70,7 +70,7 @@ def prepare_cpu(threads: int | None = None, default: int | None = None) -> int:
 
     Called before a command's first torch op (its pair check builds both models): two workers that each
     start with torch's default of every core spin their idle threads against each other's work, which made
-    a 2-core machine's sweep pair checks 1.8 s instead of 0.1 (docs/performance.md, "Workers' threads")."""
+    a 2-core machine's sweep pair checks 1.8 s instead of under 0.1 (docs/performance.md, "Workers' threads")."""
     keep_freed_memory()
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
