@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Callable
 
-from kdsweep.common import failures
+from kdsweep.common import collector, failures
 from kdsweep.common.errors import UserError
 from kdsweep.data.catalog import DATASET_NAMES
 from kdsweep.study import local_workers
@@ -670,6 +670,7 @@ def release() -> None:
 
 def entry() -> None:
     """The `kdsweep` command: main(), and its status as the process's exit status."""
+    collector.pause()  # until training starts (common/collector.py)
     code = main()
     release()
     if code in (130, 143):

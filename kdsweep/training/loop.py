@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdsweep.common import collector
 from kdsweep.common.space import MOMENTUM
 from kdsweep.data.device_data import DeviceData
 from kdsweep.methods.base import Method, SampleIndex
@@ -380,6 +381,7 @@ class Lockstep:
     def __init__(self, members: Sequence[Member], teacher: Net | None, data: DeviceData, *,
                  cache: TeacherCache | None = None, accel: Accel | None = None,
                  stop_on: tuple[type[BaseException], ...] = ()):
+        collector.resume()  # a command's start-up ends with its first training (common/collector.py)
         self.data, self.device, self.stop_on = data, data.device, stop_on
         self.accel = accel or Accel()
         self.epochs, self.batch_size = _check_group(members)
