@@ -14,11 +14,12 @@ import sys
 import pytest
 import torch
 
+from kdsweep.common import native
 from kdsweep.data.dispatch import load_data
 from kdsweep.methods.registry import METHODS, get_method
 from kdsweep.models.factory import build_model
 from kdsweep.training.devices import Accel
-from kdsweep.training.fused import FusedOptimizer
+from kdsweep.training.fused import _ADAM, FusedOptimizer
 from kdsweep.training.loop import (
     Lockstep,
     Member,
@@ -247,9 +248,17 @@ def test_members_are_dealt_to_threads_and_groups_by_what_they_cost(costs, hands)
     assert _deal(list(range(len(costs))), 2) == [list(range(len(costs)))[0::2], list(range(len(costs)))[1::2]]
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
-def test_fused_optimizer_matches_torch_optim(kind):
-    """Three members, each with its own lr, momentum / beta1 and weight decay, under the cosine schedule."""
+@pytest.mark.parametrize("kind, path", [("sgd", "torch"), ("adam", "torch"), ("adamw", "torch"), ("adam", "c"),
+                                        ("adamw", "c")])
+def test_fused_optimizer_matches_torch_optim(kind, path, monkeypatch):
+    """Three members, each with its own lr, momentum / beta1 and weight decay, under the cosine schedule; Adam's
+    update in torch's ops or, on a CPU, in C (fused_adam.c; 1 - beta1 below and above 1/2 runs both forms of
+    lerp)."""
+    if path == "torch":
+        monkeypatch.setenv(native.ENV, "0")
+    elif _ADAM.library() is None:
+        pytest.skip("the C kernel is not built here (no C compiler?)")
+    assert _ADAM.usable_for(CPU) == (path == "c")
     torch.manual_seed(0)
     scheds = [Schedule(1, 8, lr, m, wd, kind) for lr, m, wd in ((0.1, 0.9, 5e-4), (0.03, 0.5, 0.0), (0.2, 0.0, 1e-2))]
     total = 7

@@ -30,8 +30,9 @@ import torch
 from kdsweep.common.cache import cache_dir
 
 ENV = "KDSWEEP_NATIVE"  # 0: never build or load a kernel (torch's ops everywhere)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
-# -ffp-contract=off: no fused multiply-adds, so each product is rounded as torch's ops round it;
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC"]
+# -ffp-contract=off: no fused multiply-adds but those written as fmaf, so each product is rounded as torch's ops round it;
+# -fno-math-errno: sqrtf need not set errno, so a loop calling it vectorises (its value is the same);
 # -fopenmp-simd: the loops' `omp simd` reductions vectorise without -ffast-math (no OpenMP runtime is linked).
 
 
