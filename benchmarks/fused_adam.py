@@ -16,11 +16,11 @@ import os
 import time
 
 import torch
-from group_composition import members, setup
+from group_composition import per_epoch, setup
 
 from kdsweep.common import native
 from kdsweep.training.fused import FusedOptimizer
-from kdsweep.training.loop import Accel, Lockstep, Schedule
+from kdsweep.training.loop import Schedule
 from kdsweep.training.teacher_outputs import TeacherCache
 
 
@@ -40,16 +40,6 @@ def update_ms(steps: int = 300) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def epoch_s(names: list[str], data, teacher, cache: TeacherCache, epochs: int) -> float:
-    group = Lockstep(members(names, data, teacher, epochs), teacher, data, accel=Accel(cpu_workers=1, fused=True),
-                     cache=cache)
-    group.epoch()  # the first holds the one-off set-up
-    start = time.perf_counter()
-    while group.epoch():
-        pass
-    return (time.perf_counter() - start) / (epochs - 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=6)
@@ -66,7 +56,7 @@ def main() -> None:
         for path, flag in (paths.items() if r % 2 == 0 else reversed(paths.items())):
             os.environ[native.ENV] = flag
             for label, value in [("update, ms", update_ms()),
-                                 *((f"{g}, s an epoch", epoch_s(n, data, teacher, cache, args.epochs))
+                                 *((f"{g}, s an epoch", per_epoch(n, data, teacher, args.epochs, cache))
                                    for g, n in groups.items())]:
                 seen.setdefault((label, path), []).append(value)
                 print(f"round {r + 1}, {path:<11} {label:<36} {value:.3f}", flush=True)

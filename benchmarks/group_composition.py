@@ -24,6 +24,7 @@ from kdsweep.methods.registry import METHODS
 from kdsweep.models.factory import build_model
 from kdsweep.training.devices import keep_freed_memory
 from kdsweep.training.loop import Accel, Lockstep, Member, Schedule
+from kdsweep.training.teacher_outputs import TeacherCache
 
 
 def setup(prefix: str):
@@ -48,8 +49,11 @@ def members(names: list[str], data, teacher, epochs: int) -> list[Member]:
     return out
 
 
-def per_epoch(names: list[str], data, teacher, epochs: int) -> float:
-    group = Lockstep(members(names, data, teacher, epochs), teacher, data, accel=Accel(cpu_workers=1, fused=True))
+def per_epoch(names: list[str], data, teacher, epochs: int, cache: TeacherCache | None = None) -> float:
+    """Seconds an epoch of one fused group of `names` on one thread, after its first; `cache`: the teacher's outputs
+    kept as a sweep keeps them (None: the teacher runs every step)."""
+    group = Lockstep(members(names, data, teacher, epochs), teacher, data, accel=Accel(cpu_workers=1, fused=True),
+                     cache=cache)
     group.epoch()  # the first holds the one-off set-up
     start = time.perf_counter()
     while group.epoch():
