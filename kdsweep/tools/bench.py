@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from kdsweep.common import collector
 from kdsweep.common.errors import UserError
 from kdsweep.common.processes import cores
 from kdsweep.common.torchvision_import import torchvision
@@ -359,6 +360,9 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     say(f"  T = {t_macs / 1e6:.1f} M MAC/image (teacher forward), S = 3 x {s_macs / 3e6:.1f} M MAC/image "
         f"(student forward + backward); load average before: {_load_avg()}")
     _warm_up(teacher, new_student(), data, b)
+    # The phases compare training, the reference's (and its DataLoader workers', forked from here) and kdsweep's: both
+    # with the collector on, start-up's objects frozen (common/collector.py), not the reference with it paused.
+    collector.resume()
     if device.type == "cpu":
         say(f"  resident memory before the runs: {_rss_mb():.0f} MB")
     ref, one, study, cache = _run_phases(cfg, device, teacher, new_student, raw, data, workers)
