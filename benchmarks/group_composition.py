@@ -1,11 +1,14 @@
 """One fused group of 16 MNIST-1D MLP students on one thread, timed per epoch, by how many methods it holds:
 why each worker of `--processes N` deals from its own slice of a sweep's studies (study/loop.py, `_dealing_order`).
 
-    python benchmarks/group_composition.py [--epochs 4] [--rounds 2] [--pairs]
+    python benchmarks/group_composition.py [--epochs 4] [--rounds 2] [--pairs] [--kept]
 
 The methods are those that serve the pair, without crd and rkd (whose losses dwarf the rest); each member
 takes its method's default hyperparameters. With --pairs, the groups the two workers of the 4-method sweep
-(ce, vanilla_kd, pkt, cosine) hold: the studies in halves, as they were dealt until 2026-12-06, or in turn.
+(ce, vanilla_kd, pkt, cosine) hold: the studies in halves, as they were dealt until 2026-12-06, or in turn,
+as they are dealt now; and two other ways to deal them: crossed (ce with cosine, vanilla_kd with pkt), or
+all four methods in each group. With --kept, the teacher's outputs are kept over the split, as a sweep keeps
+them (training/teacher_outputs.py); without, the teacher runs every step.
 The teacher is cnn1d with its random initial weights (a speed test: the losses cost the same); Adam, batch 100,
 kdsweep's malloc settings. Prints each composition's seconds per epoch after the first.
 """
@@ -65,14 +68,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--pairs", action="store_true", help="the 4-method sweep's worker groups, halves or in turn")
+    ap.add_argument("--pairs", action="store_true", help="the 4-method sweep's worker groups, dealt four ways")
+    ap.add_argument("--kept", action="store_true", help="the teacher's outputs kept over the split, as a sweep does")
     args = ap.parse_args()
     data, teacher = setup("kdsweep-group-composition-")
+    cache = TeacherCache(2**30) if args.kept else None
     if args.pairs:
         compositions = {"halves: ce, vanilla_kd x 8": ["ce", "vanilla_kd"] * 8,
                         "halves: pkt, cosine x 8": ["pkt", "cosine"] * 8,
                         "in turn: ce, pkt x 8": ["ce", "pkt"] * 8,
-                        "in turn: vanilla_kd, cosine x 8": ["vanilla_kd", "cosine"] * 8}
+                        "in turn: vanilla_kd, cosine x 8": ["vanilla_kd", "cosine"] * 8,
+                        "crossed: ce, cosine x 8": ["ce", "cosine"] * 8,
+                        "crossed: vanilla_kd, pkt x 8": ["vanilla_kd", "pkt"] * 8,
+                        "all four x 4": ["ce", "vanilla_kd", "pkt", "cosine"] * 4}
     else:
         probe = build_model("mlp100", data.in_shape, data.num_classes)
         cheap = [n for n in sorted(METHODS) if not n.startswith(("crd", "rkd"))
@@ -85,7 +93,7 @@ def main() -> None:
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     for r in range(args.rounds):
         for label, names in compositions.items():
-            seconds = per_epoch(names, data, teacher, args.epochs)
+            seconds = per_epoch(names, data, teacher, args.epochs, cache)
             print(f"round {r + 1}, {label:<32} {seconds:.3f} s an epoch", flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
